@@ -1,0 +1,107 @@
+"""DistillationConfig: every distillation knob, declared once, on top of TrainingArguments."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .losses import LOSS_TYPES, check_hyperparameters, normalize_loss_type
+
+
+def _parse_loss_type(value: Any) -> str | dict[str, float]:
+    """Accept a name, a mapping, JSON (``'{"forward_kl": 0.5, "mse": 0.5}'``) or ``"forward_kl=0.5,mse=0.5"``."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"loss_type: {text!r} is not valid JSON ({err.msg})") from None
+    if "=" in text:
+        weights = {}
+        for part in text.split(","):
+            name, sep, weight = part.partition("=")
+            try:
+                weights[name.strip()] = float(weight)
+            except ValueError:
+                raise ValueError(f"loss_type: cannot read {part!r}; write name=weight pairs like forward_kl=0.5,mse=0.5") from None
+        return weights
+    return text
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """TrainingArguments plus the distillation objective and the teacher.
+
+    The loss is ``alpha * divergence + (1 - alpha) * CE`` (see :func:`hf_kd.distillation_loss`), normalized by the
+    number of valid target positions across gradient accumulation and processes.
+    """
+
+    loss_type: dict | str = field(
+        default="forward_kl",
+        metadata={
+            "help": f"Divergence between teacher and student token distributions: one of {', '.join(LOSS_TYPES)}, or a "
+            'weighted mixture given as a mapping in YAML/Python, JSON (\'{"forward_kl": 0.5, "mse": 0.5}\') or '
+            "forward_kl=0.5,mse=0.5 on the command line. "
+        },
+    )
+    temperature: float = field(
+        default=1.0,  # 1 matches the teacher's own distribution; 2-4 exposes more of its "dark knowledge"
+        metadata={"help": "Softmax temperature T applied to teacher and student logits (not to mse, not to the CE). "},
+    )
+    alpha: float = field(
+        default=1.0,  # pure distillation; 0.5 is the classic Hinton mix with the label cross-entropy
+        metadata={"help": "Weight of the divergence in [0, 1]; the label cross-entropy gets 1 - alpha. "},
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Interpolation beta of the generalized JSD, m = beta * p_teacher + (1 - beta) * p_student. "
+            "0 and 1 give a zero loss (continuous in beta; use forward_kl / reverse_kl for the endpoints). "
+        },
+    )
+    skew_lambda: float = field(
+        default=0.1,  # DistiLLM's default skew
+        metadata={"help": "Skew lambda of skew_forward_kl / skew_reverse_kl (DistiLLM), in [0, 1]. "},
+    )
+    scale_by_temperature: bool = field(
+        default=True,
+        metadata={"help": "Multiply the divergences by T^2 so gradient magnitudes do not shrink as T grows (Hinton). "},
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Teacher model id or local path, used when the trainer is not given a teacher model. "},
+    )
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for the teacher's from_pretrained, as a mapping or JSON, e.g. "
+            '\'{"dtype": "bfloat16", "attn_implementation": "sdpa"}\'. Default dtype: bfloat16 on GPU, float32 on CPU. '
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.loss_type = _parse_loss_type(self.loss_type)
+        weights = normalize_loss_type(self.loss_type)  # raises a ValueError naming loss_type
+        if isinstance(self.loss_type, dict):
+            self.loss_type = weights
+        check_hyperparameters(
+            temperature=self.temperature, alpha=self.alpha, jsd_beta=self.jsd_beta, skew_lambda=self.skew_lambda
+        )
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"teacher_model_init_kwargs: not valid JSON ({err.msg})") from None
+        if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
+            raise ValueError("teacher_model_init_kwargs must be a mapping of from_pretrained keyword arguments")
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The objective as a ``{loss_type: weight}`` dict (a single name has weight 1)."""
+        return normalize_loss_type(self.loss_type)

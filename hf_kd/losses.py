@@ -1,0 +1,215 @@
+"""Distillation objectives as pure tensor functions.
+
+Everything here takes logits ``[..., V]`` and labels ``[...]`` that are already aligned position by position (a causal
+LM caller shifts first), and holds no trainer state. Masking and normalization live in exactly one place,
+:func:`distillation_loss`; the per-position divergences below return one value per row.
+
+Conventions (see the README's loss table):
+
+* ``p_t = softmax(teacher / T)``, ``p_s = softmax(student / T)``; every divergence is multiplied by ``T**2`` when
+  ``scale_by_temperature`` (Hinton et al.: keeps gradient magnitudes comparable across temperatures).
+* ``mse`` is the *mean over the vocabulary* of the squared raw-logit difference, temperature-free. With that
+  normalization ``T**2 * forward_kl -> mse / 2`` as ``T -> inf`` for zero-mean logits, so ``mse`` is exactly the
+  high-temperature limit of KD (Hinton et al. 2015; Kim et al. 2021) rather than a V-times larger cousin of it.
+* ``jsd`` is continuous in ``beta``: ``beta = 0`` and ``beta = 1`` both give 0 (TRL's ``generalized_jsd_loss``
+  special-cases them as forward/reverse KL instead).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities ``[N, V]`` -> ``[N]``; rows where p is exactly 0 contribute 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), computed in log space so that tiny probabilities do not underflow."""
+    if weight_a <= 0.0:
+        return log_b
+    if weight_a >= 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def per_position_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    weights: Mapping[str, float],
+    *,
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_lambda: float = 0.1,
+    scale_by_temperature: bool = True,
+) -> torch.Tensor:
+    """Weighted sum of divergences per position.
+
+    Args:
+        student_logits: ``[N, V]``, already in the compute dtype (float32 or float64).
+        teacher_logits: ``[N, V]``, same dtype. Never receives a gradient.
+        weights: ``{loss_type: weight}`` with names from :data:`LOSS_TYPES`.
+
+    Returns:
+        ``[N]`` tensor: ``sum_k weights[k] * divergence_k`` for each position.
+    """
+    teacher_logits = teacher_logits.detach()
+    t2 = temperature**2 if scale_by_temperature else 1.0
+    total = student_logits.new_zeros(student_logits.shape[:-1])
+    log_p_s = log_p_t = None
+    if any(name != "mse" for name in weights):
+        # One log-softmax each, shared by every divergence of the mixture.
+        log_p_s = torch.log_softmax(student_logits / temperature, dim=-1)
+        log_p_t = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    for name, weight in weights.items():
+        if weight == 0:
+            continue
+        if name == "forward_kl":
+            term = t2 * _kl(log_p_t, log_p_s)
+        elif name == "reverse_kl":
+            term = t2 * _kl(log_p_s, log_p_t)
+        elif name == "jsd":
+            log_m = _log_mix(log_p_t, log_p_s, jsd_beta)
+            term = student_logits.new_zeros(total.shape)
+            if jsd_beta > 0:  # a zero-weight term is skipped, not multiplied by 0 (0 * inf would be nan)
+                term = term + jsd_beta * _kl(log_p_t, log_m)
+            if jsd_beta < 1:
+                term = term + (1 - jsd_beta) * _kl(log_p_s, log_m)
+            term = t2 * term
+        elif name == "skew_forward_kl":
+            term = t2 * _kl(log_p_t, _log_mix(log_p_t, log_p_s, skew_lambda))
+        elif name == "skew_reverse_kl":
+            term = t2 * _kl(log_p_s, _log_mix(log_p_s, log_p_t, skew_lambda))
+        elif name == "tvd":
+            term = t2 * 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
+        elif name == "mse":
+            # Raw logits, mean over the vocab: the T -> inf limit of T^2 * forward_kl is mse / 2 (module docstring).
+            term = (student_logits - teacher_logits).pow(2).mean(-1)
+        else:  # unreachable after normalize_loss_type, kept so a new name cannot be silently ignored
+            raise ValueError(f"loss_type: unknown divergence {name!r}")
+        total = total + weight * term
+    return total
+
+
+def normalize_loss_type(loss_type: str | Mapping[str, float]) -> dict[str, float]:
+    """``"forward_kl"`` or ``{"forward_kl": 0.5, "mse": 0.5}`` -> a validated ``{name: weight}`` dict."""
+    weights = {loss_type: 1.0} if isinstance(loss_type, str) else dict(loss_type)
+    if not weights:
+        raise ValueError(f"loss_type: empty mixture; give a name from {', '.join(LOSS_TYPES)} or a {{name: weight}} map")
+    for name, weight in weights.items():
+        if name not in LOSS_TYPES:
+            raise ValueError(f"loss_type: unknown loss {name!r}; choose from {', '.join(LOSS_TYPES)}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"loss_type: weight of {name!r} must be a finite number >= 0, got {weight!r}")
+    if sum(weights.values()) == 0:
+        raise ValueError("loss_type: all mixture weights are 0; at least one must be positive")
+    return {name: float(weight) for name, weight in weights.items()}
+
+
+def check_hyperparameters(*, temperature: float, alpha: float, jsd_beta: float, skew_lambda: float) -> None:
+    """Raise a ValueError naming the first out-of-range knob (shared by the loss and DistillationConfig)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for name, value in (("alpha", alpha), ("jsd_beta", jsd_beta), ("skew_lambda", skew_lambda)):
+        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    loss_type: str | Mapping[str, float] = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    jsd_beta: float = 0.5,
+    skew_lambda: float = 0.1,
+    scale_by_temperature: bool = True,
+    return_components: bool = False,
+):
+    """``alpha * divergence + (1 - alpha) * CE``, summed over valid positions and normalized once.
+
+    Args:
+        student_logits: ``[..., V]`` student logits (any float dtype; computed in float32 at least).
+        teacher_logits: ``[..., V]`` teacher logits, same shape. No gradient flows to them.
+        labels: ``[...]`` target ids aligned with the logits (position i of ``labels`` is the target of position i of
+            the logits). Positions equal to ``ignore_index`` are excluded from both terms. ``None``: every position
+            counts and ``alpha`` must be 1 (there is no CE without labels).
+        loss_type: a name from :data:`LOSS_TYPES` or a ``{name: weight}`` mixture of them.
+        temperature: softens both distributions; ``T**2`` rescales the divergences when ``scale_by_temperature``.
+        alpha: weight of the divergence; ``1 - alpha`` weighs the cross-entropy of the student (at T = 1) on labels.
+        num_items_in_batch: the divisor (the number of valid positions across gradient-accumulation micro-batches and
+            processes, as the Trainer counts it). ``None``: the number of valid positions here.
+        return_components: also return the normalized divergence and CE (``None`` without labels).
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 inputs); with ``return_components`` a tuple
+        ``(total, divergence, ce)`` where ``total == alpha * divergence + (1 - alpha) * ce``.
+    """
+    weights = normalize_loss_type(loss_type)
+    check_hyperparameters(temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have "
+            "the same shape; align the vocabularies first (DistillationTrainer does it for padded vocabularies)"
+        )
+    if labels is None:
+        if alpha != 1:
+            raise ValueError(f"alpha={alpha} needs labels for the cross-entropy term; pass labels or set alpha=1")
+    elif labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must match the logits without their vocab dim {tuple(student_logits.shape[:-1])}"
+        )
+
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.reshape(-1, vocab)
+    if labels is not None:
+        flat_labels = labels.reshape(-1)
+        valid = flat_labels != ignore_index
+        # Drop masked rows before any [N, V] arithmetic: prompts and padding cost nothing past this point.
+        student, teacher, flat_labels = student[valid], teacher[valid], flat_labels[valid]
+    count = student.shape[0]
+    # Upcast after the row selection so that only the valid rows are ever copied to float32.
+    student, teacher = student.to(dtype), teacher.to(dtype)
+
+    if num_items_in_batch is None:
+        denominator = max(count, 1)  # all positions masked -> 0 / 1 = 0, never 0 / 0
+    elif torch.is_tensor(num_items_in_batch):
+        denominator = num_items_in_batch.to(device=student.device, dtype=dtype).clamp_min(1)
+    else:
+        denominator = max(num_items_in_batch, 1)
+
+    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):  # alpha = 0: CE only, divergence is logged
+        divergence = per_position_divergence(
+            student,
+            teacher,
+            weights,
+            temperature=temperature,
+            jsd_beta=jsd_beta,
+            skew_lambda=skew_lambda,
+            scale_by_temperature=scale_by_temperature,
+        ).sum() / denominator
+
+    ce = None
+    if labels is not None and (alpha < 1 or return_components):
+        if ((flat_labels < 0) | (flat_labels >= vocab)).any():
+            raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):  # monitoring-only CE keeps no graph
+            ce = F.cross_entropy(student, flat_labels, reduction="sum") / denominator
+    total = divergence if alpha == 1 else alpha * divergence + (1 - alpha) * ce
+    if return_components:
+        return total, divergence.detach(), None if ce is None else ce.detach()
+    return total

@@ -1,0 +1,264 @@
+"""DistillationTrainer: a Trainer whose loss matches a frozen teacher's token distributions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .config import DistillationConfig
+from .data import DistillationCollator
+from .losses import distillation_loss
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the Trainer's and every HF loss's convention for "not a target"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The innermost transformers model under DDP/accelerate and PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PeftModel
+        model = model.get_base_model()
+    return model
+
+
+def _vocab_size(model: nn.Module) -> int:
+    head = _unwrap(model).get_output_embeddings()
+    return head.weight.shape[0] if head is not None else _unwrap(model).config.vocab_size
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    inner = _unwrap(model)
+    return type(inner).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and not getattr(
+        inner.config, "is_encoder_decoder", False
+    )
+
+
+class DistillationTrainer(Trainer):
+    """Train ``model`` (the student) to match ``teacher_model`` with :func:`hf_kd.distillation_loss`.
+
+    Extension points (override one, call ``super()``; ``compute_loss`` itself never needs copying):
+
+    * :meth:`teacher_forward` -- how the frozen teacher is run (e.g. ask for hidden states).
+    * :meth:`student_forward` -- how the student is run.
+    * :meth:`distillation_terms` -- the loss terms from both outputs; add a key (``"hidden_loss"``) and fold it into
+      ``"loss"``: every ``*_loss`` key is logged for train and eval next to ``loss``.
+
+    Normalization is exact: every term is a sum over valid target positions divided by the number of valid positions
+    in the whole optimizer step (all gradient-accumulation micro-batches, all processes), so per-device batch 4 x GA 1
+    and batch 1 x GA 4 (or 2 processes x batch 2) produce the same update.
+    """
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the step's global token count itself
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = DistillationConfig(output_dir="hf_kd_output")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError("args must be a DistillationConfig (it holds the distillation knobs), not TrainingArguments")
+        if data_collator is None:
+            pad_id = getattr(processing_class, "pad_token_id", None)
+            data_collator = DistillationCollator(pad_token_id=pad_id if pad_id is not None else 0)
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError("no teacher: pass teacher_model= (a model or a path) or set teacher_model_name_or_path")
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if isinstance(teacher_model, str):
+            teacher_model = self._load_teacher(teacher_model)
+        teacher_model.requires_grad_(False)
+        teacher_model.eval()
+        if getattr(teacher_model, "config", None) is not None:
+            teacher_model.config.use_cache = False
+        self.shift_labels = _is_causal_lm(self.model)
+        self.vocab_size = self._shared_vocab_size(teacher_model)
+        # evaluation_mode: placed on the right device, never wrapped for gradients (no DDP reducer, no optimizer)
+        self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self._components: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._component_steps = 0
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+
+    def _load_teacher(self, path: str) -> PreTrainedModel:
+        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
+        init_kwargs.setdefault("dtype", torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        if isinstance(init_kwargs["dtype"], str) and init_kwargs["dtype"] != "auto":
+            init_kwargs["dtype"] = getattr(torch, init_kwargs["dtype"])
+        logger.info("loading teacher %s with %s", path, init_kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
+
+    def _shared_vocab_size(self, teacher: nn.Module) -> int | None:
+        """``None`` when the vocabularies match; else the shared prefix both logits are cut to (checked here)."""
+        student_vocab, teacher_vocab = _vocab_size(self.model), _vocab_size(teacher)
+        if student_vocab == teacher_vocab:
+            return None
+        shared = min(student_vocab, teacher_vocab)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # processors wrap one
+        if tokenizer is None or not hasattr(tokenizer, "__len__"):
+            raise ValueError(
+                f"teacher vocab ({teacher_vocab}) and student vocab ({student_vocab}) differ and no tokenizer was given "
+                "to prove the extra rows are padding; pass processing_class=tokenizer"
+            )
+        if len(tokenizer) > shared:
+            raise ValueError(
+                f"teacher vocab ({teacher_vocab}) and student vocab ({student_vocab}) differ and the tokenizer has "
+                f"{len(tokenizer)} tokens, more than the smaller model has rows ({shared}); these models do not share "
+                "a vocabulary -- pick a teacher/student pair from the same tokenizer family"
+            )
+        logger.warning(
+            "teacher vocab %d != student vocab %d: distilling over the shared first %d rows (the tokenizer has %d "
+            "tokens); dropped padding rows: teacher %d..%d, student %d..%d",
+            teacher_vocab, student_vocab, shared, len(tokenizer),
+            shared, teacher_vocab - 1, shared, student_vocab - 1,
+        )  # fmt: skip
+        return shared
+
+    # ---- the loss -----------------------------------------------------------------------------------------------
+
+    def target_labels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Labels aligned with the logits: ``labels[:, 1:]`` for causal LMs, padding and prompts at -100.
+
+        Missing labels are the input ids with padding masked (``attention_mask == 0``).
+        """
+        labels = inputs.get("labels")
+        if labels is None:
+            labels = inputs["input_ids"]
+            if inputs.get("attention_mask") is not None:
+                labels = labels.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+        # logits at position i predict the token at i + 1: the first label is never a target
+        return labels[..., 1:] if self.shift_labels else labels
+
+    def student_forward(self, model: nn.Module, inputs: Mapping[str, Any]):
+        """Run the student without labels (its own CE over full logits would be a wasted second pass)."""
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+
+    def teacher_forward(self, inputs: Mapping[str, Any]):
+        """Run the frozen teacher on the student's inputs; no graph is kept."""
+        self.teacher.eval()  # every step: nothing may switch dropout back on
+        with torch.no_grad():
+            return self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+
+    def distillation_terms(
+        self, student_outputs, teacher_outputs, labels: torch.Tensor, num_items_in_batch=None
+    ) -> dict[str, torch.Tensor]:
+        """``{"loss", "distill_loss", "ce_loss"}``: the objective and its components, normalized alike."""
+        student_logits, teacher_logits = student_outputs.logits, teacher_outputs.logits
+        if self.shift_labels:
+            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]  # pairs with labels[:, 1:]
+        if self.vocab_size is not None:  # padded vocabularies: keep the shared prefix (checked in __init__)
+            student_logits = student_logits[..., : self.vocab_size]
+            teacher_logits = teacher_logits[..., : self.vocab_size]
+        args = self.args
+        loss, distill, ce = distillation_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            loss_type=args.loss_weights,
+            temperature=args.temperature,
+            alpha=args.alpha,
+            ignore_index=IGNORE_INDEX,
+            num_items_in_batch=num_items_in_batch,
+            jsd_beta=args.jsd_beta,
+            skew_lambda=args.skew_lambda,
+            scale_by_temperature=args.scale_by_temperature,
+            return_components=True,
+        )
+        return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = self.target_labels(inputs)
+        if not model.training:
+            num_items_in_batch = None  # evaluation: per-batch means, token-weighted exactly in _record
+        student_outputs = self.student_forward(model, inputs)
+        teacher_outputs = self.teacher_forward(inputs)
+        terms = self.distillation_terms(student_outputs, teacher_outputs, labels, num_items_in_batch)
+        loss = terms["loss"]
+        if num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
+            loss = loss * self.accelerator.num_processes
+        self._record(terms, labels, model.training, counted=num_items_in_batch is not None)
+        return (loss, student_outputs) if return_outputs else loss
+
+    # ---- exact token counts ----------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch one optimizer step's micro-batches and count their target positions across all processes."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batch_samples:
+            return batch_samples, None
+        count = sum((self.target_labels(batch) != IGNORE_INDEX).sum() for batch in batch_samples).to(device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count).sum()
+        return batch_samples, count
+
+    # ---- logging ------------------------------------------------------------------------------------------------
+
+    def _record(self, terms: dict[str, torch.Tensor], labels: torch.Tensor, training: bool, counted: bool) -> None:
+        """Accumulate the ``*_loss`` components: per optimizer step in training, token-weighted sums in evaluation."""
+        mode = "train" if training else "eval"
+        bucket = self._components[mode]
+        if mode == "eval" or not counted:
+            tokens = (labels != IGNORE_INDEX).sum().to(torch.float64)
+            bucket["tokens"] = bucket.get("tokens", 0) + tokens
+        for name, value in terms.items():
+            if name == "loss" or not name.endswith("_loss") or value is None:
+                continue
+            value = value.detach().to(torch.float64)
+            if mode == "eval" or not counted:
+                value = value * tokens  # normalized per batch -> back to a sum, re-normalized at log time
+            bucket[name] = bucket.get(name, 0) + value
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._components["train"]:
+            steps = self.state.global_step - self._component_steps
+            self._component_steps = self.state.global_step
+            logs.update(self._reduce(self._components["train"], "", steps))
+        prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime") and k != "train_runtime"), None)
+        if prefix is not None and self._components["eval"]:
+            logs.update(self._reduce(self._components["eval"], f"{prefix}_", None))
+        super().log(logs, start_time)
+
+    def _reduce(self, bucket: dict[str, torch.Tensor], prefix: str, steps: int | None) -> dict[str, float]:
+        """Sum a bucket over processes and normalize it: by token count if one was kept, else per optimizer step."""
+        names = sorted(bucket)
+        device = self.args.device
+        values = torch.stack([torch.as_tensor(bucket[n], dtype=torch.float64, device=device) for n in names])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        totals = dict(zip(names, values.tolist()))
+        bucket.clear()
+        tokens = totals.pop("tokens", None)
+        if tokens is not None:
+            divisor = max(tokens, 1.0)
+        else:
+            divisor = max(steps or 1, 1)  # each step's values already sum to that step's global mean
+        return {f"{prefix}{name}": round(value / divisor, 6) for name, value in totals.items()}
