@@ -41,7 +41,8 @@ class DistillationConfig(TrainingArguments):
     number of valid target positions across gradient accumulation and processes.
     """
 
-    loss_type: dict | str = field(
+    # `dict | str | None` is the spelling HfArgumentParser reads as a string on the command line (parsed below)
+    loss_type: dict | str | None = field(
         default="forward_kl",
         metadata={
             "help": f"Divergence between teacher and student token distributions: one of {', '.join(LOSS_TYPES)}, or a "
@@ -86,6 +87,8 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.loss_type is None:
+            raise ValueError("loss_type is required: a name such as forward_kl or a {name: weight} mapping")
         self.loss_type = _parse_loss_type(self.loss_type)
         weights = normalize_loss_type(self.loss_type)  # raises a ValueError naming loss_type
         if isinstance(self.loss_type, dict):
