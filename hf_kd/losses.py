@@ -96,6 +96,9 @@ def per_position_divergence(
         else:  # unreachable after normalize_loss_type, kept so a new name cannot be silently ignored
             raise ValueError(f"loss_type: unknown divergence {name!r}")
         total = total + weight * term
+    if student_logits.requires_grad and not total.requires_grad:
+        # jsd_beta = 1 or skew_lambda = 1 make the loss a constant 0: keep it in the graph so backward still works
+        total = total + 0.0 * student_logits.sum(-1)
     return total
 
 
