@@ -73,6 +73,14 @@ class DistillationConfig(TrainingArguments):
         default=True,
         metadata={"help": "Multiply the divergences by T^2 so gradient magnitudes do not shrink as T grows (Hinton). "},
     )
+    loss_chunk_size: int | None = field(
+        default=1024,  # 1024 rows x 128k vocab x 4 B = 0.5 GB per float32 chunk buffer; smaller saves memory, not time
+        metadata={
+            "help": "Compute the loss from final hidden states in chunks of this many tokens, never building full "
+            "[tokens, vocab] logits (the fused path). 0 or None: the plain path on full logits. Models whose head is "
+            "not a plain linear layer fall back to the plain path with a logged reason. "
+        },
+    )
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Teacher model id or local path, used when the trainer is not given a teacher model. "},
@@ -96,6 +104,8 @@ class DistillationConfig(TrainingArguments):
         check_hyperparameters(
             temperature=self.temperature, alpha=self.alpha, jsd_beta=self.jsd_beta, skew_lambda=self.skew_lambda
         )
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be >= 0 (0 or None turns the fused loss off), got {self.loss_chunk_size}")
         if isinstance(self.teacher_model_init_kwargs, str):
             try:
                 self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +14,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .config import DistillationConfig
 from .data import DistillationCollator
+from .fused import fused_distillation_loss, lm_head_spec
 from .losses import distillation_loss
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _vocab_size(model: nn.Module) -> int:
     head = _unwrap(model).get_output_embeddings()
     return head.weight.shape[0] if head is not None else _unwrap(model).config.vocab_size
+
+
+@contextlib.contextmanager
+def _capture_final_hidden(model: nn.Module):
+    """Record the decoder's output (the post-norm hidden states that feed the lm_head) during a forward call.
+
+    The hook sits on the inner decoder, while the call itself still goes through every wrapper (DDP, PEFT, gradient
+    checkpointing), so gradient synchronization and adapters behave exactly as in a plain forward.
+    """
+    box: list[torch.Tensor] = []
+
+    def hook(_module, _args, output):
+        box.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = _unwrap(model).get_decoder().register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -96,6 +117,7 @@ class DistillationTrainer(Trainer):
             teacher_model.config.use_cache = False
         self.shift_labels = _is_causal_lm(self.model)
         self.vocab_size = self._shared_vocab_size(teacher_model)
+        self.use_fused_loss = self._can_fuse(teacher_model)
         # evaluation_mode: placed on the right device, never wrapped for gradients (no DDP reducer, no optimizer)
         self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self._components: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
@@ -137,6 +159,23 @@ class DistillationTrainer(Trainer):
         )  # fmt: skip
         return shared
 
+    def _can_fuse(self, teacher: nn.Module) -> bool:
+        """Whether the chunked loss applies to this pair; says why in the log when it was asked for but cannot."""
+        if not self.args.loss_chunk_size:
+            return False
+        reasons = []
+        if not self.shift_labels or not _is_causal_lm(teacher):
+            reasons.append("the fused loss is for causal LMs")
+        for role, model in (("student", self.model), ("teacher", teacher)):
+            spec, reason = lm_head_spec(model)
+            if spec is None:
+                reasons.append(f"{role}: {reason}")
+        if reasons:
+            logger.warning("loss_chunk_size=%d: using full logits instead (%s)", self.args.loss_chunk_size,
+                           "; ".join(reasons))
+            return False
+        return True
+
     # ---- the loss -----------------------------------------------------------------------------------------------
 
     def target_labels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -152,31 +191,37 @@ class DistillationTrainer(Trainer):
         # logits at position i predict the token at i + 1: the first label is never a target
         return labels[..., 1:] if self.shift_labels else labels
 
+    def _forward(self, model: nn.Module, inputs: Mapping[str, Any]):
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if not self.use_fused_loss:
+            return model(**model_inputs, use_cache=False)
+        # Fused path: logits for the last position only (B x V, negligible); the loss projects the captured final
+        # hidden states chunk by chunk instead of materializing [B, S, V] logits.
+        with _capture_final_hidden(model) as box:
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
+        outputs["final_hidden_state"] = box[-1]
+        return outputs
+
     def student_forward(self, model: nn.Module, inputs: Mapping[str, Any]):
-        """Run the student without labels (its own CE over full logits would be a wasted second pass)."""
-        return model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+        """Run the student without labels (its own CE over full logits would be a wasted second pass).
+
+        With the fused loss (``loss_chunk_size > 0``) the outputs carry ``final_hidden_state`` and ``logits`` hold
+        the last position only.
+        """
+        return self._forward(model, inputs)
 
     def teacher_forward(self, inputs: Mapping[str, Any]):
         """Run the frozen teacher on the student's inputs; no graph is kept."""
         self.teacher.eval()  # every step: nothing may switch dropout back on
         with torch.no_grad():
-            return self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+            return self._forward(self.teacher, inputs)
 
     def distillation_terms(
         self, student_outputs, teacher_outputs, labels: torch.Tensor, num_items_in_batch=None
     ) -> dict[str, torch.Tensor]:
         """``{"loss", "distill_loss", "ce_loss"}``: the objective and its components, normalized alike."""
-        student_logits, teacher_logits = student_outputs.logits, teacher_outputs.logits
-        if self.shift_labels:
-            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]  # pairs with labels[:, 1:]
-        if self.vocab_size is not None:  # padded vocabularies: keep the shared prefix (checked in __init__)
-            student_logits = student_logits[..., : self.vocab_size]
-            teacher_logits = teacher_logits[..., : self.vocab_size]
         args = self.args
-        loss, distill, ce = distillation_loss(
-            student_logits,
-            teacher_logits,
-            labels,
+        knobs = dict(
             loss_type=args.loss_weights,
             temperature=args.temperature,
             alpha=args.alpha,
@@ -187,7 +232,40 @@ class DistillationTrainer(Trainer):
             scale_by_temperature=args.scale_by_temperature,
             return_components=True,
         )
+        if self.use_fused_loss:
+            loss, distill, ce = self._fused_loss(student_outputs, teacher_outputs, labels, knobs)
+            return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
+        student_logits, teacher_logits = student_outputs.logits, teacher_outputs.logits
+        if self.shift_labels:
+            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]  # pairs with labels[:, 1:]
+        if self.vocab_size is not None:  # padded vocabularies: keep the shared prefix (checked in __init__)
+            student_logits = student_logits[..., : self.vocab_size]
+            teacher_logits = teacher_logits[..., : self.vocab_size]
+        loss, distill, ce = distillation_loss(student_logits, teacher_logits, labels, **knobs)
         return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
+
+    def _fused_loss(self, student_outputs, teacher_outputs, labels, knobs):
+        student_hidden = student_outputs["final_hidden_state"]
+        teacher_hidden = teacher_outputs["final_hidden_state"]
+        if self.shift_labels:  # hidden state at position i predicts the token at i + 1, as the logits would
+            student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
+        (student, _), (teacher, _) = lm_head_spec(self.model), lm_head_spec(self.teacher)
+        return fused_distillation_loss(
+            student_hidden,
+            student.weight,
+            teacher_hidden,
+            teacher.weight,
+            labels,
+            chunk_size=self.args.loss_chunk_size,
+            student_bias=student.bias,
+            teacher_bias=teacher.bias,
+            student_softcap=student.softcap,
+            teacher_softcap=teacher.softcap,
+            student_logit_scale=student.logit_scale,
+            teacher_logit_scale=teacher.logit_scale,
+            vocab_size=self.vocab_size,
+            **knobs,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = self.target_labels(inputs)

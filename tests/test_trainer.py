@@ -64,14 +64,17 @@ def four_examples():
     return rows
 
 
-def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, four_examples):
+@pytest.mark.parametrize("chunk", [0, 5], ids=["full_logits", "fused"])
+def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, four_examples, chunk):
     ds = Dataset.from_list(four_examples)
     weights = {}
     for name, bs, ga in (("b4ga1", 4, 1), ("b1ga4", 1, 4), ("b2ga2", 2, 2)):
         student = load_model(tiny_dir["student"])
-        args = make_args(tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, **LOSS_KW)
+        args = make_args(tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                         loss_chunk_size=chunk, **LOSS_KW)
         trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
                                       train_dataset=ds)
+        assert trainer.use_fused_loss == bool(chunk)
         trainer.train()
         weights[name] = {k: v.clone() for k, v in student.state_dict().items()}
         weights[name + "_loss"] = trainer.state.log_history[0]["loss"]
@@ -100,11 +103,12 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, four_examples):
     assert not torch.allclose(naive_step, reference.state_dict()[key], rtol=1e-4, atol=1e-5)
 
 
-def test_compute_loss_masks_like_the_model_cross_entropy(tmp_path, tiny_dir, four_examples):
+@pytest.mark.parametrize("chunk", [0, 4, 1024])
+def test_compute_loss_masks_like_the_model_cross_entropy(tmp_path, tiny_dir, four_examples, chunk):
     """alpha=0 leaves only the CE: it must equal the model's own shifted, masked cross-entropy."""
     student = load_model(tiny_dir["student"])
     trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, alpha=0.0))
+                                  args=make_args(tmp_path, alpha=0.0, loss_chunk_size=chunk))
     batch = DistillationCollator()(four_examples)
     ours = trainer.compute_loss(student, batch)
     reference = student(**batch).loss  # transformers' ForCausalLMLoss: shift + ignore -100
@@ -156,10 +160,11 @@ def test_missing_labels_are_input_ids_with_padding_masked(tmp_path, tiny_dir, fo
     torch.testing.assert_close(ours, loss_sum / count, rtol=1e-5, atol=1e-6)
 
 
-def test_padded_vocabularies_are_aligned(tmp_path, tiny_dir, tokenizer, four_examples, caplog):
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_padded_vocabularies_are_aligned(tmp_path, tiny_dir, tokenizer, four_examples, caplog, chunk):
     student, teacher = load_model(tiny_dir["student_padded"]), load_model(tiny_dir["teacher_padded"])  # 44 vs 48
     with caplog.at_level("WARNING", logger="hf_kd.trainer"):
-        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path),
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, loss_chunk_size=chunk),
                                       processing_class=tokenizer)
     assert trainer.vocab_size == 40 + 4  # min(44, 48): the tokenizer's 40 tokens fit in both
     assert "shared first 44" in caplog.text
@@ -238,3 +243,34 @@ def test_collator_pads_by_position():
     assert batch["labels"].tolist() == [[5, 1, 6], [-100, -100, -100]]  # the real token 1 stays a target
     with pytest.raises(ValueError, match="labels"):
         DistillationCollator()([{"input_ids": [1, 2], "labels": [1]}])
+
+
+def test_fused_and_full_logits_give_the_same_training(tmp_path, tiny_dir):
+    """Three optimizer steps with the chunked loss on and off: same logged losses, same student weights."""
+    ds = Dataset.from_list(variable_length_examples(12, seed=11))
+    runs = {}
+    for chunk in (0, 6):
+        student = load_model(tiny_dir["student"])
+        args = make_args(tmp_path / str(chunk), max_steps=3, loss_chunk_size=chunk,  # SGD: Adam's
+                         learning_rate=0.5, max_grad_norm=1.0,  # sign-like steps would amplify float32 rounding loss_type={"jsd": 0.5, "mse": 0.5}, alpha=0.8,
+                         temperature=1.5, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+        trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
+                                      train_dataset=ds)
+        trainer.train()
+        runs[chunk] = (student.state_dict(), [r for r in trainer.state.log_history if "loss" in r])
+    (w0, logs0), (w6, logs6) = runs[0], runs[6]
+    for a, b in zip(logs0, logs6, strict=True):
+        for key in ("loss", "distill_loss", "ce_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    for key, value in w0.items():
+        torch.testing.assert_close(w6[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fused_student_forward_does_not_build_full_logits(tmp_path, tiny_dir, four_examples):
+    student = load_model(tiny_dir["student"])
+    trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
+                                  args=make_args(tmp_path, loss_chunk_size=8))
+    batch = DistillationCollator()(four_examples)
+    outputs = trainer.student_forward(student, batch)
+    assert outputs.logits.shape[1] == 1  # last position only
+    assert outputs["final_hidden_state"].shape == (*batch["input_ids"].shape, 32)
