@@ -81,6 +81,14 @@ class DistillationConfig(TrainingArguments):
             "not a plain linear layer fall back to the plain path with a logged reason. "
         },
     )
+    task: str | None = field(
+        default=None,  # detected from the student's class (…ForCausalLM, …ForSequenceClassification, …)
+        metadata={
+            "help": "How logits align with labels: causal_lm (logits at i predict token i + 1, shifted), "
+            "classification (one logit vector per example: text, image or audio classifiers) or "
+            "token_classification (one per token, unshifted). Default: detected from the student's class. "
+        },
+    )
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Teacher model id or local path, used when the trainer is not given a teacher model. "},
@@ -104,6 +112,8 @@ class DistillationConfig(TrainingArguments):
         check_hyperparameters(
             temperature=self.temperature, alpha=self.alpha, jsd_beta=self.jsd_beta, skew_lambda=self.skew_lambda
         )
+        if self.task not in (None, "causal_lm", "classification", "token_classification"):
+            raise ValueError(f"task must be causal_lm, classification or token_classification, got {self.task!r}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0 or None turns the fused loss off), got {self.loss_chunk_size}")
         if isinstance(self.teacher_model_init_kwargs, str):

@@ -9,8 +9,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    Trainer,
+    default_data_collator,
+)
+from transformers.models.auto import modeling_auto
 
 from .config import DistillationConfig
 from .data import DistillationCollator
@@ -31,9 +40,38 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _vocab_size(model: nn.Module) -> int:
-    head = _unwrap(model).get_output_embeddings()
-    return head.weight.shape[0] if head is not None else _unwrap(model).config.vocab_size
+# task -> the Auto class that loads a teacher path for it. The task decides how logits align with labels:
+# causal_lm shifts by one; classification has one logit vector per example; token_classification one per token.
+TASKS = {
+    "causal_lm": AutoModelForCausalLM,
+    "classification": AutoModelForSequenceClassification,
+    "token_classification": AutoModelForTokenClassification,
+}
+_DETECT = (  # (transformers' class-name mapping, task): the student's class names its task
+    (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal_lm"),
+    (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, "token_classification"),
+    (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "classification"),
+    (modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, "classification"),
+    (modeling_auto.MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES, "classification"),
+)
+
+
+def detect_task(model: nn.Module) -> str | None:
+    """``causal_lm``, ``classification`` or ``token_classification`` from the model's class, else ``None``."""
+    inner = _unwrap(model)
+    if getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
+        return None  # seq2seq logits align with decoder labels unshifted: not a task handled here yet
+    name = type(inner).__name__
+    return next((task for names, task in _DETECT if name in names.values()), None)
+
+
+def _num_outputs(model: nn.Module, task: str) -> int:
+    """Size of the logits' last dim: lm_head rows for LMs (padded vocab), ``num_labels`` for classifiers."""
+    inner = _unwrap(model)
+    if task == "causal_lm":
+        head = inner.get_output_embeddings()
+        return head.weight.shape[0] if head is not None else inner.config.vocab_size
+    return inner.config.num_labels
 
 
 @contextlib.contextmanager
@@ -53,13 +91,6 @@ def _capture_final_hidden(model: nn.Module):
         yield box
     finally:
         handle.remove()
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    inner = _unwrap(model)
-    return type(inner).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and not getattr(
-        inner.config, "is_encoder_decoder", False
-    )
 
 
 class DistillationTrainer(Trainer):
@@ -94,9 +125,14 @@ class DistillationTrainer(Trainer):
             args = DistillationConfig(output_dir="hf_kd_output")
         if not isinstance(args, DistillationConfig):
             raise TypeError("args must be a DistillationConfig (it holds the distillation knobs), not TrainingArguments")
+        self.task = args.task or (detect_task(model) if model is not None else None)
+        if self.task is None:
+            raise ValueError(
+                f"cannot tell how {type(_unwrap(model)).__name__}'s logits align with its labels; set task to one of "
+                f"{', '.join(TASKS)} in DistillationConfig"
+            )
         if data_collator is None:
-            pad_id = getattr(processing_class, "pad_token_id", None)
-            data_collator = DistillationCollator(pad_token_id=pad_id if pad_id is not None else 0)
+            data_collator = self._default_collator(processing_class)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError("no teacher: pass teacher_model= (a model or a path) or set teacher_model_name_or_path")
@@ -115,7 +151,7 @@ class DistillationTrainer(Trainer):
         teacher_model.eval()
         if getattr(teacher_model, "config", None) is not None:
             teacher_model.config.use_cache = False
-        self.shift_labels = _is_causal_lm(self.model)
+        self.shift_labels = self.task == "causal_lm"
         self.vocab_size = self._shared_vocab_size(teacher_model)
         self.use_fused_loss = self._can_fuse(teacher_model)
         # evaluation_mode: placed on the right device, never wrapped for gradients (no DDP reducer, no optimizer)
@@ -125,19 +161,31 @@ class DistillationTrainer(Trainer):
 
     # ---- setup ------------------------------------------------------------------------------------------------
 
+    def _default_collator(self, processing_class):
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if self.task == "classification":  # one label per example: pad text if a tokenizer is given, else stack
+            return DataCollatorWithPadding(tokenizer) if hasattr(tokenizer, "pad") else default_data_collator
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        return DistillationCollator(pad_token_id=pad_id if pad_id is not None else 0)
+
     def _load_teacher(self, path: str) -> PreTrainedModel:
         init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
         init_kwargs.setdefault("dtype", torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         if isinstance(init_kwargs["dtype"], str) and init_kwargs["dtype"] != "auto":
             init_kwargs["dtype"] = getattr(torch, init_kwargs["dtype"])
         logger.info("loading teacher %s with %s", path, init_kwargs)
-        return AutoModelForCausalLM.from_pretrained(path, **init_kwargs)
+        return TASKS[self.task].from_pretrained(path, **init_kwargs)
 
     def _shared_vocab_size(self, teacher: nn.Module) -> int | None:
         """``None`` when the vocabularies match; else the shared prefix both logits are cut to (checked here)."""
-        student_vocab, teacher_vocab = _vocab_size(self.model), _vocab_size(teacher)
+        student_vocab, teacher_vocab = _num_outputs(self.model, self.task), _num_outputs(teacher, self.task)
         if student_vocab == teacher_vocab:
             return None
+        if self.task != "causal_lm":
+            raise ValueError(
+                f"the teacher has {teacher_vocab} labels and the student {student_vocab}; classifiers must share "
+                "their label set (set num_labels, id2label and label2id alike on both)"
+            )
         shared = min(student_vocab, teacher_vocab)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # processors wrap one
         if tokenizer is None or not hasattr(tokenizer, "__len__"):
@@ -164,7 +212,7 @@ class DistillationTrainer(Trainer):
         if not self.args.loss_chunk_size:
             return False
         reasons = []
-        if not self.shift_labels or not _is_causal_lm(teacher):
+        if self.task != "causal_lm" or detect_task(teacher) != "causal_lm":
             reasons.append("the fused loss is for causal LMs")
         for role, model in (("student", self.model), ("teacher", teacher)):
             spec, reason = lm_head_spec(model)
@@ -178,12 +226,18 @@ class DistillationTrainer(Trainer):
 
     # ---- the loss -----------------------------------------------------------------------------------------------
 
-    def target_labels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Labels aligned with the logits: ``labels[:, 1:]`` for causal LMs, padding and prompts at -100.
+    def target_labels(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Labels aligned with the logits, -100 where a position is not a target.
 
-        Missing labels are the input ids with padding masked (``attention_mask == 0``).
+        Causal LMs: ``labels[:, 1:]`` (missing labels are the input ids with padding masked). Classifiers: the labels
+        as given (one per example, or one per token), never shifted; ``None`` when a classification batch has no
+        labels (every example counts, and ``alpha`` must be 1).
         """
         labels = inputs.get("labels")
+        if labels is None and self.task == "token_classification":
+            raise ValueError("token classification needs labels (-100 on padding and sub-word continuations)")
+        if labels is None and self.task == "classification":
+            return None
         if labels is None:
             labels = inputs["input_ids"]
             if inputs.get("attention_mask") is not None:
@@ -193,6 +247,8 @@ class DistillationTrainer(Trainer):
 
     def _forward(self, model: nn.Module, inputs: Mapping[str, Any]):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.task != "causal_lm":
+            return model(**model_inputs)
         if not self.use_fused_loss:
             return model(**model_inputs, use_cache=False)
         # Fused path: logits for the last position only (B x V, negligible); the loss projects the captured final
@@ -278,7 +334,7 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
             loss = loss * self.accelerator.num_processes
-        self._record(terms, labels, model.training, counted=num_items_in_batch is not None)
+        self._record(terms, inputs, model.training, counted=num_items_in_batch is not None)
         return (loss, student_outputs) if return_outputs else loss
 
     # ---- exact token counts ----------------------------------------------------------------------------------
@@ -293,19 +349,26 @@ class DistillationTrainer(Trainer):
                 break
         if not batch_samples:
             return batch_samples, None
-        count = sum((self.target_labels(batch) != IGNORE_INDEX).sum() for batch in batch_samples).to(device)
+        count = sum(self._count_targets(batch) for batch in batch_samples).to(device)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.gather(count).sum()
         return batch_samples, count
 
+    def _count_targets(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        labels = self.target_labels(inputs)
+        if labels is None:  # unlabeled classification batch: every example is one target
+            first = next(v for v in inputs.values() if torch.is_tensor(v))
+            return torch.tensor(first.shape[0])
+        return (labels != IGNORE_INDEX).sum()
+
     # ---- logging ------------------------------------------------------------------------------------------------
 
-    def _record(self, terms: dict[str, torch.Tensor], labels: torch.Tensor, training: bool, counted: bool) -> None:
+    def _record(self, terms: dict[str, torch.Tensor], inputs, training: bool, counted: bool) -> None:
         """Accumulate the ``*_loss`` components: per optimizer step in training, token-weighted sums in evaluation."""
         mode = "train" if training else "eval"
         bucket = self._components[mode]
         if mode == "eval" or not counted:
-            tokens = (labels != IGNORE_INDEX).sum().to(torch.float64)
+            tokens = self._count_targets(inputs).to(torch.float64)
             bucket["tokens"] = bucket.get("tokens", 0) + tokens
         for name, value in terms.items():
             if name == "loss" or not name.endswith("_loss") or value is None:
