@@ -43,6 +43,12 @@ class LMHeadSpec:
     softcap: float | None  # Gemma 2/3 final_logit_softcapping
     logit_scale: float | None  # Cohere's logit_scale
 
+    def logits(self, hidden: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+        """The model's logits ``[c, V]`` (float32 at least) for a chunk of final hidden states ``[c, H]``."""
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logits = _project(hidden, _as_projection_weight(self.weight, dtype), self.bias, dtype)
+        return _finish_logits(logits, self.logit_scale, self.softcap)[:, :vocab_size]
+
 
 def lm_head_spec(model: nn.Module) -> tuple[LMHeadSpec | None, str]:
     """``(spec, "")`` for a causal LM whose head is a plain linear layer, else ``(None, reason)``.

@@ -25,6 +25,7 @@ from .config import DistillationConfig
 from .data import DistillationCollator
 from .fused import fused_distillation_loss, lm_head_spec
 from .losses import distillation_loss
+from .metrics import add_sums, agreement_sums, finalize_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class DistillationTrainer(Trainer):
         self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self._components: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._component_steps = 0
+        self._eval_sums: dict[str, torch.Tensor] = {}
 
     # ---- setup ------------------------------------------------------------------------------------------------
 
@@ -291,20 +293,21 @@ class DistillationTrainer(Trainer):
         if self.use_fused_loss:
             loss, distill, ce = self._fused_loss(student_outputs, teacher_outputs, labels, knobs)
             return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
-        student_logits, teacher_logits = student_outputs.logits, teacher_outputs.logits
-        if self.shift_labels:
-            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]  # pairs with labels[:, 1:]
-        if self.vocab_size is not None:  # padded vocabularies: keep the shared prefix (checked in __init__)
-            student_logits = student_logits[..., : self.vocab_size]
-            teacher_logits = teacher_logits[..., : self.vocab_size]
-        loss, distill, ce = distillation_loss(student_logits, teacher_logits, labels, **knobs)
+        loss, distill, ce = distillation_loss(*self._aligned(student_outputs, teacher_outputs), labels, **knobs)
         return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
 
+    def _aligned(self, student_outputs, teacher_outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student and teacher logits (or, fused, final hidden states) position-aligned with target_labels."""
+        key = "final_hidden_state" if self.use_fused_loss else "logits"
+        student, teacher = student_outputs[key], teacher_outputs[key]
+        if self.shift_labels:  # position i predicts the token at i + 1: pairs with labels[:, 1:]
+            student, teacher = student[:, :-1], teacher[:, :-1]
+        if self.vocab_size is not None and not self.use_fused_loss:  # padded vocabularies: the shared prefix
+            student, teacher = student[..., : self.vocab_size], teacher[..., : self.vocab_size]
+        return student, teacher
+
     def _fused_loss(self, student_outputs, teacher_outputs, labels, knobs):
-        student_hidden = student_outputs["final_hidden_state"]
-        teacher_hidden = teacher_outputs["final_hidden_state"]
-        if self.shift_labels:  # hidden state at position i predicts the token at i + 1, as the logits would
-            student_hidden, teacher_hidden = student_hidden[:, :-1], teacher_hidden[:, :-1]
+        student_hidden, teacher_hidden = self._aligned(student_outputs, teacher_outputs)
         (student, _), (teacher, _) = lm_head_spec(self.model), lm_head_spec(self.teacher)
         return fused_distillation_loss(
             student_hidden,
@@ -335,7 +338,29 @@ class DistillationTrainer(Trainer):
             # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
             loss = loss * self.accelerator.num_processes
         self._record(terms, inputs, model.training, counted=num_items_in_batch is not None)
+        if not model.training:
+            add_sums(self._eval_sums, self._agreement_sums(student_outputs, teacher_outputs, labels))
         return (loss, student_outputs) if return_outputs else loss
+
+    def _agreement_sums(self, student_outputs, teacher_outputs, labels) -> dict[str, torch.Tensor]:
+        """Evaluation metrics of this batch as sums (see hf_kd.metrics); chunked from hidden states when fused."""
+        calibration = self.task != "causal_lm"  # ECE for classifiers
+        student, teacher = self._aligned(student_outputs, teacher_outputs)
+        if not self.use_fused_loss:
+            return agreement_sums(student, teacher, labels, ignore_index=IGNORE_INDEX, calibration=calibration)
+        student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+        flat = labels.reshape(-1)
+        valid = flat != IGNORE_INDEX
+        student, teacher, flat = student[valid], teacher[valid], flat[valid]
+        (s_head, _), (t_head, _) = lm_head_spec(self.model), lm_head_spec(self.teacher)
+        sums: dict[str, torch.Tensor] = {}
+        chunk = self.args.loss_chunk_size
+        for start in range(0, max(flat.numel(), 1), chunk):  # never more than [chunk, V] logits at once
+            rows = slice(start, start + chunk)
+            with torch.no_grad():
+                s_logits, t_logits = s_head.logits(student[rows], self.vocab_size), t_head.logits(teacher[rows], self.vocab_size)
+            add_sums(sums, agreement_sums(s_logits, t_logits, flat[rows], calibration=calibration))
+        return sums
 
     # ---- exact token counts ----------------------------------------------------------------------------------
 
@@ -386,7 +411,23 @@ class DistillationTrainer(Trainer):
         prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime") and k != "train_runtime"), None)
         if prefix is not None and self._components["eval"]:
             logs.update(self._reduce(self._components["eval"], f"{prefix}_", None))
+        if prefix is not None and self._eval_sums:
+            logs.update({f"{prefix}_{k}": round(v, 6) for k, v in self._finalize_eval_sums().items()})
         super().log(logs, start_time)
+
+    def _finalize_eval_sums(self) -> dict[str, float]:
+        names = sorted(self._eval_sums)
+        values = [self._eval_sums[n].to(self.args.device, torch.float64).reshape(-1) for n in names]
+        flat = torch.cat(values)
+        if self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(flat, reduction="sum")  # one collective for every sum
+        self._eval_sums = {}
+        totals, offset = {}, 0
+        for name, value in zip(names, values):
+            part = flat[offset : offset + value.numel()].tolist()
+            totals[name] = part if name.endswith(("_count", "_confidence", "_correct")) and "_bin_" in name else part[0]
+            offset += value.numel()
+        return finalize_metrics(totals, language_model=self.task == "causal_lm")
 
     def _reduce(self, bucket: dict[str, torch.Tensor], prefix: str, steps: int | None) -> dict[str, float]:
         """Sum a bucket over processes and normalize it: by token count if one was kept, else per optimizer step."""
