@@ -24,6 +24,8 @@ def main(teacher, student, out, batch, ga):
     model = load_model(student)
     trainer = DistillationTrainer(model=model, teacher_model=load_model(teacher), args=args,
                                   train_dataset=Dataset.from_list(variable_length_examples(12, seed=7, max_len=16)))
+    # the teacher is a plain frozen replica: no DDP wrapper, no gradient buckets
+    assert not isinstance(trainer.teacher, torch.nn.parallel.DistributedDataParallel)
     trainer.train()
     if trainer.accelerator.is_main_process:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{out}/weights.pt")

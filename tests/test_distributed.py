@@ -41,3 +41,25 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_dir):
 
     initial = load_model(tiny_dir["student"]).state_dict()
     assert not torch.allclose(initial["lm_head.weight"], single_w["lm_head.weight"], atol=1e-4)
+
+
+def test_bf16_autocast_on_cpu_trains_and_stays_close_to_fp32(tmp_path, tiny_dir):
+    from datasets import Dataset
+    from test_trainer import make_args
+
+    from conftest import load_model, variable_length_examples
+    from hf_kd import DistillationTrainer
+
+    data = Dataset.from_list(variable_length_examples(8, seed=5))
+    losses = {}
+    for bf16 in (False, True):
+        student = load_model(tiny_dir["student"])
+        args = make_args(tmp_path / str(bf16), bf16=bf16, max_steps=2, learning_rate=0.1, temperature=2.0, alpha=0.5)
+        trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
+                                      train_dataset=data)
+        trainer.train()
+        losses[bf16] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert len(losses[True]) == 2
+    for low, full in zip(losses[True], losses[False]):
+        assert low == pytest.approx(full, rel=3e-2) and low != full  # bf16 autocast: close, not equal
