@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .losses import LOSS_TYPES, check_hyperparameters, normalize_loss_type
+from .sparse import sparse_weights
 
 
 def _parse_loss_type(value: Any) -> str | dict[str, float]:
@@ -91,13 +92,31 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Teacher model id or local path, used when the trainer is not given a teacher model. "},
+        metadata={
+            "help": "Teacher model id or local path, used when the trainer is not given a teacher model. 'self': the "
+            "student's own base model, run with its PEFT adapters disabled (self-distillation, one copy of the weights). "
+        },
     )
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={
             "help": "Keyword arguments for the teacher's from_pretrained, as a mapping or JSON, e.g. "
             '\'{"dtype": "bfloat16", "attn_implementation": "sdpa"}\'. Default dtype: bfloat16 on GPU, float32 on CPU. '
+        },
+    )
+    teacher_cache: str | None = field(
+        default=None,  # e.g. a 70B teacher cached once (hf-kd cache-teacher), reused by every student run and sweep
+        metadata={
+            "help": "A teacher cache directory (hf_kd.cache.build_teacher_cache): distill from the teacher's cached "
+            "top-k log-probabilities with no teacher model in memory. teacher_model_name_or_path, if set, must name "
+            "the cached teacher. mse is not available (the cache holds no raw logits). "
+        },
+    )
+    save_merged: bool = field(
+        default=False,  # adapters are MBs and load on the base model; a merged model loads with transformers alone
+        metadata={
+            "help": "For a PEFT student: save_model() writes the full model with the adapters merged in (a copy; the "
+            "trained model keeps its adapters) instead of the adapters. Checkpoints always hold the adapters. "
         },
     )
 
@@ -123,6 +142,10 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError(f"teacher_model_init_kwargs: not valid JSON ({err.msg})") from None
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
             raise ValueError("teacher_model_init_kwargs must be a mapping of from_pretrained keyword arguments")
+        if self.teacher_cache is not None:
+            sparse_weights(self.loss_type)  # raises a ValueError naming loss_type for mse
+            if self.teacher_model_name_or_path == "self":
+                raise ValueError("teacher_cache and teacher_model_name_or_path='self' exclude each other")
 
     @property
     def loss_weights(self) -> dict[str, float]:

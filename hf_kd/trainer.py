@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,13 +19,20 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     default_data_collator,
+    set_seed,
 )
 from transformers.models.auto import modeling_auto
+from transformers.trainer import TRAINING_ARGS_NAME
 
+from .adapters import SELF_TEACHER, adapters_disabled, is_peft_model, merged_copy, require_adapters, wrap_student
+from .cache import TeacherCache
+from .card import card_from_trainer
 from .config import DistillationConfig
 from .data import DistillationCollator
+from .distributed import prepare_teacher, teacher_is_sharded
 from .fused import fused_distillation_loss, lm_head_spec
 from .losses import distillation_loss
+from .sparse import sparse_distillation_loss
 from .metrics import add_sums, agreement_sums, finalize_metrics
 
 logger = logging.getLogger(__name__)
@@ -120,6 +128,8 @@ class DistillationTrainer(Trainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
+        peft_config=None,
+        recipe: Mapping[str, Any] | str | None = None,
         **kwargs,
     ):
         if args is None:
@@ -135,8 +145,19 @@ class DistillationTrainer(Trainer):
         if data_collator is None:
             data_collator = self._default_collator(processing_class)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError("no teacher: pass teacher_model= (a model or a path) or set teacher_model_name_or_path")
+        if teacher_model is None and args.teacher_cache is None:
+            raise ValueError("no teacher: pass teacher_model= (a model or a path), set teacher_model_name_or_path, or "
+                             "set teacher_cache")  # fmt: skip
+        if model is not None and teacher_model is model:
+            raise ValueError(
+                "teacher_model is the student object itself; for self-distillation pass teacher_model='self' and a "
+                "peft_config: the teacher is then the student's base model with its adapters disabled"
+            )
+        if peft_config is not None:  # wrapped before the Trainer builds its optimizer: only the adapters train
+            if model is None:
+                raise ValueError("peft_config needs the student as model= (model_init is not supported with it)")
+            set_seed(args.seed)  # the adapters' random init: reproducible, as if made after the Trainer's own seeding
+            model = wrap_student(model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
         super().__init__(
             model=model,
             args=args,
@@ -146,17 +167,37 @@ class DistillationTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
-        if isinstance(teacher_model, str):
-            teacher_model = self._load_teacher(teacher_model)
-        teacher_model.requires_grad_(False)
-        teacher_model.eval()
-        if getattr(teacher_model, "config", None) is not None:
-            teacher_model.config.use_cache = False
-        self.shift_labels = self.task == "causal_lm"
-        self.vocab_size = self._shared_vocab_size(teacher_model)
-        self.use_fused_loss = self._can_fuse(teacher_model)
-        # evaluation_mode: placed on the right device, never wrapped for gradients (no DDP reducer, no optimizer)
-        self.teacher = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.recipe = recipe  # embedded in the model card; the CLI passes the recipe it ran
+        self.teacher_cache = None  # a hf_kd.cache.TeacherCache when distilling from cached top-k log-probs
+        if args.teacher_cache is not None:
+            self._open_teacher_cache(teacher_model)  # sets teacher_cache, teacher, teacher_name, vocab_size, ...
+        else:
+            self.teacher_name = (  # for the model card: an id, a path or "self"
+                teacher_model if isinstance(teacher_model, str) else getattr(teacher_model, "name_or_path", None)
+            )
+            self.self_distillation = isinstance(teacher_model, str) and teacher_model == SELF_TEACHER
+            if self.self_distillation:
+                teacher_model = self._self_teacher()
+            elif isinstance(teacher_model, str):
+                teacher_model = self._load_teacher(teacher_model)
+            if not self.self_distillation:
+                teacher_model.requires_grad_(False)
+                teacher_model.eval()
+                if getattr(teacher_model, "config", None) is not None:
+                    teacher_model.config.use_cache = False
+            self.shift_labels = self.task == "causal_lm"
+            self.vocab_size = self._shared_vocab_size(teacher_model)
+            self.use_fused_loss = self._can_fuse(teacher_model)
+            if not self.self_distillation:  # DDP: a plain replica; FSDP / ZeRO-3: sharded like the student
+                self.teacher = prepare_teacher(self.accelerator, teacher_model)
+            else:
+                self.teacher = teacher_model  # the student's PeftModel itself: one copy of the weights
+        if args.save_merged and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ValueError("save_merged needs the whole student on one process; with FSDP/DeepSpeed save the "
+                             "adapters and merge them afterwards")
+        self.tokens_trained = 0  # target positions of this run's optimizer steps, all processes (for the model card)
+        self.steps_counted = 0  # optimizer steps in tokens_trained (fewer than global_step after a resume)
+        self._final_save = False  # set by save_model for a final save (not a checkpoint-N)
         self._components: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._component_steps = 0
         self._eval_sums: dict[str, torch.Tensor] = {}
@@ -177,6 +218,19 @@ class DistillationTrainer(Trainer):
             init_kwargs["dtype"] = getattr(torch, init_kwargs["dtype"])
         logger.info("loading teacher %s with %s", path, init_kwargs)
         return TASKS[self.task].from_pretrained(path, **init_kwargs)
+
+    def _self_teacher(self) -> nn.Module:
+        """Teacher ``"self"``: the student's PeftModel, run by :meth:`teacher_forward` with its adapters disabled."""
+        require_adapters(self.model)
+        if self.args.teacher_model_init_kwargs:
+            raise ValueError("teacher_model_init_kwargs do not apply to teacher 'self' (the student's own weights)")
+        if self.args.alpha == 1:
+            logger.warning(
+                "teacher 'self' with alpha=1: freshly initialized LoRA adapters (B = 0) make the student equal to its "
+                "teacher, so loss and gradients start at 0; use alpha < 1 to learn from the labels while the "
+                "divergence keeps the student close to its base model"
+            )
+        return self.accelerator.unwrap_model(self.model)
 
     def _shared_vocab_size(self, teacher: nn.Module) -> int | None:
         """``None`` when the vocabularies match; else the shared prefix both logits are cut to (checked here)."""
@@ -216,6 +270,8 @@ class DistillationTrainer(Trainer):
         reasons = []
         if self.task != "causal_lm" or detect_task(teacher) != "causal_lm":
             reasons.append("the fused loss is for causal LMs")
+        if teacher_is_sharded(self.accelerator):
+            reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")
         for role, model in (("student", self.model), ("teacher", teacher)):
             spec, reason = lm_head_spec(model)
             if spec is None:
@@ -225,6 +281,33 @@ class DistillationTrainer(Trainer):
                            "; ".join(reasons))
             return False
         return True
+
+    def _open_teacher_cache(self, teacher_model) -> None:
+        """Distill from ``args.teacher_cache``: no teacher model; the cache must fit this student, tokenizer and data."""
+        if self.task != "causal_lm":
+            raise ValueError(f"teacher_cache: cached teachers are for causal LMs, not task {self.task!r}")
+        if teacher_model is not None and not isinstance(teacher_model, str):
+            raise ValueError("teacher_cache replaces the teacher model: pass no teacher_model (a name to check is fine)")
+        cache = TeacherCache(self.args.teacher_cache)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self.vocab_size = cache.check_compatible(student_vocab=_num_outputs(self.model, self.task), tokenizer=tokenizer,
+                                                 teacher=teacher_model)  # fmt: skip
+        if self.train_dataset is not None and hasattr(self.train_dataset, "column_names"):  # not for iterable data
+            missing = cache.missing(self.train_dataset)
+            if missing:
+                raise ValueError(f"teacher cache {cache.path} has no row for {len(missing)} of the "
+                                 f"{len(self.train_dataset)} training examples (first: example {missing[0]}); build "
+                                 "it from this training data")  # fmt: skip
+        if self.args.loss_chunk_size:
+            logger.warning("teacher_cache: the sparse top-k loss uses the student's full logits (loss_chunk_size=%d "
+                           "does not apply)", self.args.loss_chunk_size)  # fmt: skip
+        logger.info("teacher cache %s: %d examples of %s, top-%d; evaluation logs no teacher-agreement metrics",
+                    cache.path, len(cache), cache.name_or_path, cache.k)  # fmt: skip
+        self.teacher_cache = self.teacher = cache
+        self.teacher_name = cache.name_or_path  # the model card names the cached teacher
+        self.self_distillation = False
+        self.shift_labels = True
+        self.use_fused_loss = False
 
     # ---- the loss -----------------------------------------------------------------------------------------------
 
@@ -269,7 +352,17 @@ class DistillationTrainer(Trainer):
         return self._forward(model, inputs)
 
     def teacher_forward(self, inputs: Mapping[str, Any]):
-        """Run the frozen teacher on the student's inputs; no graph is kept."""
+        """Run the frozen teacher on the student's inputs; no graph is kept.
+
+        Teacher ``"self"``: the student's own forward with its adapters disabled and dropout off, not through DDP
+        (without a gradient there is nothing to synchronize). A teacher cache: this batch's cached top-k rows, found by
+        the hash of each example's token ids (:meth:`hf_kd.cache.TeacherCache.lookup`).
+        """
+        if self.teacher_cache is not None:
+            return self.teacher_cache.lookup(inputs["input_ids"], inputs.get("attention_mask"), self.target_labels(inputs))
+        if self.self_distillation:
+            with torch.no_grad(), adapters_disabled(self.teacher) as base_model:
+                return self._forward(base_model, inputs)
         self.teacher.eval()  # every step: nothing may switch dropout back on
         with torch.no_grad():
             return self._forward(self.teacher, inputs)
@@ -290,6 +383,12 @@ class DistillationTrainer(Trainer):
             scale_by_temperature=args.scale_by_temperature,
             return_components=True,
         )
+        if self.teacher_cache is not None:  # the sparse top-k loss on the student's full logits
+            student = student_outputs["logits"][:, :-1]  # position i predicts the token at i + 1: pairs with labels
+            if self.vocab_size is not None:  # the cache covers the first vocab_size rows (the rest are padding)
+                student = student[..., : self.vocab_size]
+            loss, distill, ce = sparse_distillation_loss(student, **teacher_outputs, labels=labels, **knobs)
+            return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
         if self.use_fused_loss:
             loss, distill, ce = self._fused_loss(student_outputs, teacher_outputs, labels, knobs)
             return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
@@ -338,7 +437,7 @@ class DistillationTrainer(Trainer):
             # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
             loss = loss * self.accelerator.num_processes
         self._record(terms, inputs, model.training, counted=num_items_in_batch is not None)
-        if not model.training:
+        if not model.training and self.teacher_cache is None:  # agreement metrics need the teacher's full logits
             add_sums(self._eval_sums, self._agreement_sums(student_outputs, teacher_outputs, labels))
         return (loss, student_outputs) if return_outputs else loss
 
@@ -362,6 +461,43 @@ class DistillationTrainer(Trainer):
             add_sums(sums, agreement_sums(s_logits, t_logits, flat[rows], calibration=calibration))
         return sums
 
+    # ---- saving -------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student (a PEFT student: its adapters, or with ``save_merged`` the merged model) and a model card.
+
+        The Trainer writes its checkpoints with ``save_model(<checkpoint-N>, _internal_call=True)``: those keep the
+        adapters (training resumes from them) and get no card. Every other call (the user's, push_to_hub's) is final.
+        """
+        self._final_save = not (_internal_call and output_dir is not None)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._final_save = False
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if not (self._final_save and self.args.save_merged and is_peft_model(model)):
+            super()._save(output_dir, state_dict)
+        elif self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            merged_copy(model).save_pretrained(output_dir)  # a copy: the trained model keeps its unmerged adapters
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self._final_save and self.args.should_save:
+            card_from_trainer(self).save(os.path.join(output_dir, "README.md"))
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:  # fmt: skip
+        """Write the distillation card (:mod:`hf_kd.card`) to ``output_dir``; push_to_hub calls it before uploading."""
+        if not self.is_world_process_zero():
+            return
+        card = card_from_trainer(self, model_name=model_name, dataset=dataset, tags=tags,
+                                 finetuned_from=finetuned_from, license=license, language=language)  # fmt: skip
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
     # ---- exact token counts ----------------------------------------------------------------------------------
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -377,6 +513,8 @@ class DistillationTrainer(Trainer):
         count = sum(self._count_targets(batch) for batch in batch_samples).to(device)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.gather(count).sum()
+        self.tokens_trained = self.tokens_trained + count.detach()  # a tensor: no device sync per step
+        self.steps_counted += 1
         return batch_samples, count
 
     def _count_targets(self, inputs: Mapping[str, Any]) -> torch.Tensor:

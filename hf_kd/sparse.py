@@ -1,0 +1,174 @@
+"""The sparse distillation loss: a student's full logits against a teacher known only by its top-k log-probabilities.
+
+A teacher cache (:mod:`hf_kd.cache`) stores, per target position, the teacher's ``k`` most likely token ids, their
+log-probabilities at T = 1, and the log of the remaining mass (the *tail*, ``log(1 - sum(top-k probs))``). The loss
+compares the two models on ``k + 1`` buckets: the teacher's ``k`` ids, and one "rest" bucket for every other token.
+
+* **Teacher buckets**: ``[topk_logprobs, tail_logprob]``, exactly as cached.
+* **Student buckets**: the student's own distribution collapsed the same way: its log-probs at the teacher's ``k`` ids,
+  plus ``logsumexp`` of its log-probs over every other id (its mass outside the teacher's top-k).
+* **Temperature**: applied to the buckets of both models, ``softmax(bucket_log_probs / T)``. With ``k = V`` this is
+  exactly ``softmax(logits / T)``; with ``k < V`` it treats the rest bucket as one token whose "logit" is its log-mass,
+  which is exact at T = 1 and an approximation otherwise (the true tail at T would need the teacher's individual tail
+  log-probs, which the cache does not hold). Both models get the same transform, so a student equal to its teacher
+  has loss 0 at every temperature.
+* **Divergences**: every :data:`SPARSE_LOSS_TYPES` entry is the dense definition evaluated on the ``k + 1`` buckets
+  (:func:`hf_kd.losses.per_position_divergence`), ``T**2``-scaled alike. ``mse`` is refused: it compares raw logits,
+  which the cache does not hold.
+* **Empty tail** (``k = V``): the rest bucket's log-mass is :data:`EMPTY_TAIL` (``exp`` of it is exactly 0 in float32
+  and float64), so with ``k = V`` the loss and its gradients equal :func:`hf_kd.losses.distillation_loss`'s.
+
+The cross-entropy term uses the student's full logits, as in the dense loss. Masking and normalization follow
+:func:`hf_kd.losses.distillation_loss` exactly: a sum over positions whose label is not ``ignore_index``, divided
+once by ``num_items_in_batch`` (or the local count), never 0/0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .losses import check_hyperparameters, normalize_loss_type, per_position_divergence
+
+SPARSE_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+EMPTY_TAIL = -1.0e4  # log-mass of an empty rest bucket: finite (finite gradients), exp() underflows to exactly 0
+
+
+def student_bucket_log_probs(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The student's T = 1 log-probs collapsed onto the teacher's buckets.
+
+    Args:
+        student_logits: ``[N, V]`` (float32 or float64).
+        topk_ids: ``[N, k]`` distinct token ids per row, ``0 <= id < V``.
+
+    Returns:
+        ``[N, k + 1]``: ``log p_s(id)`` for each of the ``k`` ids, then ``log`` of the student's mass on every other id
+        (``EMPTY_TAIL + log(V)`` when ``k = V``: a mass that is exactly 0 after ``exp``).
+    """
+    log_p = torch.log_softmax(student_logits, dim=-1)
+    top = log_p.gather(-1, topk_ids)
+    in_topk = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, topk_ids, True)
+    # logsumexp over the ids outside the top-k, computed from the log-probs themselves (no 1 - sum cancellation); the
+    # finite fill keeps an empty tail finite so that no gradient is ever nan
+    tail = log_p.masked_fill(in_topk, EMPTY_TAIL).logsumexp(-1, keepdim=True)
+    return torch.cat([top, tail], dim=-1)
+
+
+def teacher_bucket_log_probs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
+    """``[N, k]`` top-k log-probs and ``[N]`` tail log-mass (as cached) -> ``[N, k + 1]`` bucket log-probs.
+
+    A tail of ``-inf`` (or below :data:`EMPTY_TAIL`) is raised to ``EMPTY_TAIL``; ``exp`` of both is 0.
+    """
+    return torch.cat([topk_logprobs, tail_logprob.clamp_min(EMPTY_TAIL).unsqueeze(-1)], dim=-1)
+
+
+def sparse_weights(loss_type: str | Mapping[str, float]) -> dict[str, float]:
+    """:func:`hf_kd.losses.normalize_loss_type`, refusing the types a top-k teacher cannot define."""
+    weights = normalize_loss_type(loss_type)
+    for name in weights:
+        if name not in SPARSE_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type: {name!r} compares raw teacher logits, which a top-k teacher cache does not hold; with a "
+                f"cache use {', '.join(SPARSE_LOSS_TYPES)} (or distill from the live teacher)"
+            )
+    return weights
+
+
+def sparse_distillation_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    loss_type: str | Mapping[str, float] = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    jsd_beta: float = 0.5,
+    skew_lambda: float = 0.1,
+    scale_by_temperature: bool = True,
+    return_components: bool = False,
+):
+    """``alpha * divergence + (1 - alpha) * CE`` against a top-k teacher, summed over valid positions, normalized once.
+
+    Args:
+        student_logits: ``[..., V]`` student logits (computed in float32 at least).
+        topk_ids: ``[..., k]`` the teacher's top-k token ids per position (distinct, in ``[0, V)``; any int dtype).
+        topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at T = 1. No gradient flows to them.
+        tail_logprob: ``[...]`` log of the teacher's remaining mass, ``log(1 - sum(exp(topk_logprobs)))``.
+        labels: ``[...]`` target ids aligned with the logits; ``ignore_index`` positions count in neither term (their
+            teacher entries are never read). ``None``: every position counts and ``alpha`` must be 1.
+        loss_type, temperature, alpha, num_items_in_batch, jsd_beta, skew_lambda, scale_by_temperature,
+        return_components: as in :func:`hf_kd.losses.distillation_loss`; ``loss_type`` names come from
+            :data:`SPARSE_LOSS_TYPES` (``mse`` needs raw logits and is refused).
+
+    Returns:
+        A scalar tensor; with ``return_components`` a tuple ``(total, divergence, ce)`` (``ce`` is ``None`` without
+        labels). With ``k = V`` this equals ``distillation_loss(student_logits, teacher_logits, labels, ...)`` for the
+        teacher whose log-softmax the cache holds, in value and gradient.
+    """
+    weights = sparse_weights(loss_type)
+    check_hyperparameters(temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
+    positions = student_logits.shape[:-1]
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != positions or tail_logprob.shape != positions:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must be [..., k] and "
+            f"tail_logprob {tuple(tail_logprob.shape)} [...], for the positions {tuple(positions)} of the student logits"
+        )
+    if labels is None:
+        if alpha != 1:
+            raise ValueError(f"alpha={alpha} needs labels for the cross-entropy term; pass labels or set alpha=1")
+    elif labels.shape != positions:
+        raise ValueError(f"labels {tuple(labels.shape)} must match the logits without their vocab dim {tuple(positions)}")
+
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    vocab, k = student_logits.shape[-1], topk_ids.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    ids = topk_ids.reshape(-1, k).long()
+    teacher_top, teacher_tail = topk_logprobs.detach().reshape(-1, k), tail_logprob.detach().reshape(-1)
+    if labels is not None:
+        flat_labels = labels.reshape(-1)
+        valid = flat_labels != ignore_index
+        # Drop masked rows first: prompts and padding (whose cache entries are fillers) cost nothing past this point.
+        student, ids, flat_labels = student[valid], ids[valid], flat_labels[valid]
+        teacher_top, teacher_tail = teacher_top[valid], teacher_tail[valid]
+    count = student.shape[0]
+    student = student.to(dtype)
+    teacher = teacher_bucket_log_probs(teacher_top.to(dtype), teacher_tail.to(dtype))
+
+    # the same divisor as distillation_loss
+    if num_items_in_batch is None:
+        denominator = max(count, 1)  # all positions masked -> 0 / 1 = 0, never 0 / 0
+    elif torch.is_tensor(num_items_in_batch):
+        denominator = num_items_in_batch.to(device=student.device, dtype=dtype).clamp_min(1)
+    else:
+        denominator = max(num_items_in_batch, 1)
+
+    if ((ids < 0) | (ids >= vocab)).any():
+        raise ValueError(f"topk_ids: ids must be in [0, {vocab}), the student's vocabulary")
+    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):  # alpha = 0: CE only, divergence is logged
+        # per_position_divergence applies log_softmax(buckets / T) to both: temperature on the k + 1 buckets
+        divergence = per_position_divergence(
+            student_bucket_log_probs(student, ids),
+            teacher,
+            weights,
+            temperature=temperature,
+            jsd_beta=jsd_beta,
+            skew_lambda=skew_lambda,
+            scale_by_temperature=scale_by_temperature,
+        ).sum() / denominator
+
+    ce = None
+    if labels is not None and (alpha < 1 or return_components):
+        if ((flat_labels < 0) | (flat_labels >= vocab)).any():
+            raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):  # monitoring-only CE keeps no graph
+            ce = F.cross_entropy(student, flat_labels, reduction="sum") / denominator
+    total = divergence if alpha == 1 else alpha * divergence + (1 - alpha) * ce
+    if return_components:
+        return total, divergence.detach(), None if ce is None else ce.detach()
+    return total
