@@ -44,10 +44,15 @@ class LMHeadSpec:
     logit_scale: float | None  # Cohere's logit_scale
 
     def logits(self, hidden: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-        """The model's logits ``[c, V]`` (float32 at least) for a chunk of final hidden states ``[c, H]``."""
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        logits = _project(hidden, _as_projection_weight(self.weight, dtype), self.bias, dtype)
-        return _finish_logits(logits, self.logit_scale, self.softcap)[:, :vocab_size]
+        """The model's logits ``[c, vocab_size or V]`` (float32 at least) for a chunk of final hidden states ``[c, H]``.
+
+        Casts a bf16 weight to float32 on every call (on CPU): call it on chunks of rows, not row by row.
+        """
+        dtype = torch.promote_types(torch.promote_types(hidden.dtype, self.weight.dtype), torch.float32)
+        bias = None if self.bias is None else self.bias[:vocab_size].to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):  # no bf16 matmul under the Trainer's autocast
+            logits = _project(hidden, _as_projection_weight(self.weight[:vocab_size], dtype), bias, dtype)
+        return _finish_logits(logits, self.logit_scale, self.softcap)
 
 
 def lm_head_spec(model: nn.Module) -> tuple[LMHeadSpec | None, str]:
@@ -208,7 +213,8 @@ def _check_inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
             f"student_hidden {tuple(s_hidden.shape)} and teacher_hidden {tuple(t_hidden.shape)} must have the same "
             "positions (all dims but the last)"
         )
-    for side, hidden, weight, bias in (("student", s_hidden, s_weight, s_bias), ("teacher", t_hidden, t_weight, t_bias)):
+    sides = (("student", s_hidden, s_weight, s_bias), ("teacher", t_hidden, t_weight, t_bias))
+    for side, hidden, weight, bias in sides:
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(
                 f"{side}_weight {tuple(weight.shape)} must be [vocab, {hidden.shape[-1]}] to match {side}_hidden "
@@ -233,7 +239,8 @@ def _check_inputs(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
             raise ValueError(f"alpha={alpha} needs labels for the cross-entropy term; pass labels or set alpha=1")
     elif labels.shape != s_hidden.shape[:-1]:
         raise ValueError(
-            f"labels {tuple(labels.shape)} must match student_hidden without its hidden dim {tuple(s_hidden.shape[:-1])}"
+            f"labels {tuple(labels.shape)} must match student_hidden without its hidden dim "
+            f"{tuple(s_hidden.shape[:-1])}"
         )
     return s_vocab
 
@@ -271,7 +278,8 @@ class _FusedDistillation(torch.autograd.Function):
         sums, grads = _chunked_loss(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, plan, wanted)
         # Divide by the denominator in float32 before the cast to a bf16 parameter dtype: the incoming gradient is
         # then 1 (or a small integer) and the backward multiplication is exact.
-        grads = [None if g is None else g.div_(denominator).to(like.dtype) for g, like in zip(grads, (s_hidden, s_weight, s_bias))]
+        likes = (s_hidden, s_weight, s_bias)
+        grads = [None if g is None else g.div_(denominator).to(like.dtype) for g, like in zip(grads, likes)]
         ctx.save_for_backward(*grads)
         total, divergence, ce = (value / denominator for value in sums)
         ctx.mark_non_differentiable(divergence, ce)  # logged components are detached, as in distillation_loss
@@ -388,7 +396,7 @@ def _as_projection_weight(weight, dtype):
 
 @functools.cache
 def _mm_emits(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(..., out_dtype=out_dtype)`` runs on ``device`` for ``in_dtype`` inputs (CUDA, torch >= 2.8)."""
+    """Whether ``torch.mm(..., out_dtype=out_dtype)`` runs on ``device`` for ``in_dtype`` inputs (CUDA only)."""
     if device.type != "cuda" or in_dtype not in (torch.bfloat16, torch.float16) or out_dtype != torch.float32:
         return False
     try:
