@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import check_hyperparameters, normalize_loss_type, per_position_divergence
+from .losses import check_hyperparameters, normalize_loss_type, normalizer, per_position_divergence
 
 # model_type -> how its *ForCausalLM.forward turns the final (post-norm) hidden state into logits, read off
 # transformers 5.23's modeling files. Anything else (Granite divides by logits_scaling, MiniCPM3 scales the hidden
@@ -175,12 +175,7 @@ def fused_distillation_loss(
         student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
     )  # fmt: skip
     # Normalization exactly as in distillation_loss: sum over valid positions / (num_items_in_batch or count).
-    if num_items_in_batch is None:
-        denominator = max(count, 1)  # all positions masked -> 0 / 1 = 0, never 0 / 0
-    elif torch.is_tensor(num_items_in_batch):
-        denominator = num_items_in_batch.to(device=s_hidden.device, dtype=dtype).clamp_min(1)
-    else:
-        denominator = max(num_items_in_batch, 1)
+    denominator = normalizer(count, num_items_in_batch, device=s_hidden.device, dtype=dtype)
 
     teacher = (t_hidden, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
     student = (s_hidden, student_weight, student_bias)

@@ -126,6 +126,16 @@ def check_hyperparameters(*, temperature: float, alpha: float, jsd_beta: float, 
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
+def normalizer(count: int, num_items_in_batch, *, device, dtype) -> float | torch.Tensor:
+    """The one divisor of every hf_kd loss: ``num_items_in_batch`` when given (the Trainer's global count of target
+    positions in the optimizer step), else the ``count`` of valid positions here; at least 1, never 0 / 0."""
+    if num_items_in_batch is None:
+        return max(count, 1)  # all positions masked -> 0 / 1 = 0
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device=device, dtype=dtype).clamp_min(1)
+    return max(num_items_in_batch, 1)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -188,12 +198,7 @@ def distillation_loss(
     # Upcast after the row selection so that only the valid rows are ever copied to float32.
     student, teacher = student.to(dtype), teacher.to(dtype)
 
-    if num_items_in_batch is None:
-        denominator = max(count, 1)  # all positions masked -> 0 / 1 = 0, never 0 / 0
-    elif torch.is_tensor(num_items_in_batch):
-        denominator = num_items_in_batch.to(device=student.device, dtype=dtype).clamp_min(1)
-    else:
-        denominator = max(num_items_in_batch, 1)
+    denominator = normalizer(count, num_items_in_batch, device=student.device, dtype=dtype)
 
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):  # alpha = 0: CE only, divergence is logged
         divergence = per_position_divergence(
