@@ -28,31 +28,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
-from .losses import check_hyperparameters, normalize_loss_type, per_position_divergence
+from .losses import check_hyperparameters, normalize_loss_type, normalizer, per_position_divergence
 
 SPARSE_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 EMPTY_TAIL = -1.0e4  # log-mass of an empty rest bucket: finite (finite gradients), exp() underflows to exactly 0
 
 
-def student_bucket_log_probs(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+def student_bucket_log_probs(student_log_probs: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """The student's T = 1 log-probs collapsed onto the teacher's buckets.
 
     Args:
-        student_logits: ``[N, V]`` (float32 or float64).
+        student_log_probs: ``[N, V]`` ``log_softmax`` of the student logits (float32 or float64).
         topk_ids: ``[N, k]`` distinct token ids per row, ``0 <= id < V``.
 
     Returns:
         ``[N, k + 1]``: ``log p_s(id)`` for each of the ``k`` ids, then ``log`` of the student's mass on every other id
         (``EMPTY_TAIL + log(V)`` when ``k = V``: a mass that is exactly 0 after ``exp``).
     """
-    log_p = torch.log_softmax(student_logits, dim=-1)
-    top = log_p.gather(-1, topk_ids)
-    in_topk = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, topk_ids, True)
-    # logsumexp over the ids outside the top-k, computed from the log-probs themselves (no 1 - sum cancellation); the
-    # finite fill keeps an empty tail finite so that no gradient is ever nan
-    tail = log_p.masked_fill(in_topk, EMPTY_TAIL).logsumexp(-1, keepdim=True)
+    top = student_log_probs.gather(-1, topk_ids)
+    # logsumexp over the ids outside the top-k: the top-k overwritten by EMPTY_TAIL (exp -> 0), which sums the rest
+    # directly (no 1 - sum(top) cancellation) and keeps an empty tail finite, so that no gradient is ever nan
+    tail = student_log_probs.scatter(-1, topk_ids, EMPTY_TAIL).logsumexp(-1, keepdim=True)
     return torch.cat([top, tail], dim=-1)
 
 
@@ -117,13 +114,13 @@ def sparse_distillation_loss(
     if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != positions or tail_logprob.shape != positions:
         raise ValueError(
             f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must be [..., k] and "
-            f"tail_logprob {tuple(tail_logprob.shape)} [...], for the positions {tuple(positions)} of the student logits"
+            f"tail_logprob {tuple(tail_logprob.shape)} [...] for the {tuple(positions)} positions of the student"
         )
     if labels is None:
         if alpha != 1:
             raise ValueError(f"alpha={alpha} needs labels for the cross-entropy term; pass labels or set alpha=1")
     elif labels.shape != positions:
-        raise ValueError(f"labels {tuple(labels.shape)} must match the logits without their vocab dim {tuple(positions)}")
+        raise ValueError(f"labels {tuple(labels.shape)} must match the logits without the vocab dim {tuple(positions)}")
 
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     vocab, k = student_logits.shape[-1], topk_ids.shape[-1]
@@ -141,19 +138,15 @@ def sparse_distillation_loss(
     teacher = teacher_bucket_log_probs(teacher_top.to(dtype), teacher_tail.to(dtype))
 
     # the same divisor as distillation_loss
-    if num_items_in_batch is None:
-        denominator = max(count, 1)  # all positions masked -> 0 / 1 = 0, never 0 / 0
-    elif torch.is_tensor(num_items_in_batch):
-        denominator = num_items_in_batch.to(device=student.device, dtype=dtype).clamp_min(1)
-    else:
-        denominator = max(num_items_in_batch, 1)
+    denominator = normalizer(count, num_items_in_batch, device=student.device, dtype=dtype)
 
     if ((ids < 0) | (ids >= vocab)).any():
         raise ValueError(f"topk_ids: ids must be in [0, {vocab}), the student's vocabulary")
+    log_p = torch.log_softmax(student, dim=-1)  # one [N, V] log-softmax, shared by the buckets and the CE
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):  # alpha = 0: CE only, divergence is logged
         # per_position_divergence applies log_softmax(buckets / T) to both: temperature on the k + 1 buckets
         divergence = per_position_divergence(
-            student_bucket_log_probs(student, ids),
+            student_bucket_log_probs(log_p, ids),
             teacher,
             weights,
             temperature=temperature,
@@ -167,7 +160,7 @@ def sparse_distillation_loss(
         if ((flat_labels < 0) | (flat_labels >= vocab)).any():
             raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):  # monitoring-only CE keeps no graph
-            ce = F.cross_entropy(student, flat_labels, reduction="sum") / denominator
+            ce = -log_p.gather(-1, flat_labels.unsqueeze(-1)).sum() / denominator
     total = divergence if alpha == 1 else alpha * divergence + (1 - alpha) * ce
     if return_components:
         return total, divergence.detach(), None if ce is None else ce.detach()

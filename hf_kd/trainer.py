@@ -283,11 +283,11 @@ class DistillationTrainer(Trainer):
         return True
 
     def _open_teacher_cache(self, teacher_model) -> None:
-        """Distill from ``args.teacher_cache``: no teacher model; the cache must fit this student, tokenizer and data."""
+        """Distill from ``args.teacher_cache`` (no teacher model); the cache must fit this student, tokenizer, data."""
         if self.task != "causal_lm":
             raise ValueError(f"teacher_cache: cached teachers are for causal LMs, not task {self.task!r}")
         if teacher_model is not None and not isinstance(teacher_model, str):
-            raise ValueError("teacher_cache replaces the teacher model: pass no teacher_model (a name to check is fine)")
+            raise ValueError("teacher_cache replaces the teacher model: pass no teacher_model (a name is checked)")
         cache = TeacherCache(self.args.teacher_cache)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.vocab_size = cache.check_compatible(student_vocab=_num_outputs(self.model, self.task), tokenizer=tokenizer,
@@ -359,7 +359,8 @@ class DistillationTrainer(Trainer):
         the hash of each example's token ids (:meth:`hf_kd.cache.TeacherCache.lookup`).
         """
         if self.teacher_cache is not None:
-            return self.teacher_cache.lookup(inputs["input_ids"], inputs.get("attention_mask"), self.target_labels(inputs))
+            targets = self.target_labels(inputs)
+            return self.teacher_cache.lookup(inputs["input_ids"], inputs.get("attention_mask"), targets)
         if self.self_distillation:
             with torch.no_grad(), adapters_disabled(self.teacher) as base_model:
                 return self._forward(base_model, inputs)

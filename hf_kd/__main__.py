@@ -1,0 +1,8 @@
+"""`python -m hf_kd ...` (and `accelerate launch -m hf_kd train ...`) is `hf-kd ...`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

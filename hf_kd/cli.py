@@ -1,0 +1,268 @@
+"""`hf-kd train | check | demo` (also `python -m hf_kd ...` and `accelerate launch -m hf_kd train ...`).
+
+Exit codes: 0 success; 1 `check` found a problem; 2 the recipe, its data or the command line is wrong (one line on
+stderr, ``error: <file>: <key>: <problem>``, no traceback).
+
+The output directory of `train` is described by OUTPUT_DIR_HELP below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+from .adapters import SELF_TEACHER
+from .data import DataError
+from .recipe import Recipe, RecipeError, load_recipe
+
+logger = logging.getLogger("hf_kd")
+
+COMPLETE_MARKER = "training_complete.json"
+OUTPUT_DIR_HELP = (
+    "output_dir: checkpoints go to output_dir/checkpoint-* while training; the final student (weights, config, "
+    "tokenizer) is written to output_dir after the last step, and only then output_dir/training_complete.json "
+    "(recipe, metrics, versions). A directory without that file is not a finished run. A finished output_dir is "
+    "never trained over (--overwrite_output_dir); an unfinished one is resumed with --resume_from_checkpoint true."
+)
+
+
+# ---- train --------------------------------------------------------------------------------------------------------
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    return sorted((p for p in found if p.rsplit("-", 1)[-1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[-1]))
+
+
+def _resume_target(value: str | None) -> str | bool | None:
+    """``resume_from_checkpoint``: ``true`` resumes from the last checkpoint in output_dir, a path from that one."""
+    if value is None or str(value).lower() in ("", "false", "no", "none"):
+        return None
+    return True if str(value).lower() in ("true", "yes", "last") else str(value)
+
+
+def prepare_output_dir(recipe: Recipe, args, resume, overwrite: bool) -> None:
+    """Refuse to train over a finished run or to silently restart an unfinished one (all processes agree)."""
+    out = args.output_dir
+    finished = os.path.exists(os.path.join(out, COMPLETE_MARKER))
+    checkpoints = _checkpoints(out)
+    key = "training.output_dir"
+    if overwrite and resume:
+        raise RecipeError(recipe.path, key, "--overwrite_output_dir and --resume_from_checkpoint contradict each other")
+    if finished and not overwrite:
+        raise RecipeError(recipe.path, key, f"{out} already holds a finished run ({COMPLETE_MARKER}); choose another "
+                                            "--output_dir, or pass --overwrite_output_dir to replace it")  # fmt: skip
+    if checkpoints and not resume and not overwrite:
+        raise RecipeError(recipe.path, key, f"{out} holds checkpoints of an unfinished run (last: "
+                          f"{os.path.basename(checkpoints[-1])}); pass --resume_from_checkpoint true to continue it, or "
+                          "--overwrite_output_dir to start over")  # fmt: skip
+    if resume is True and not checkpoints:
+        raise RecipeError(recipe.path, "training.resume_from_checkpoint", f"no checkpoint-* in {out} to resume from")
+    if isinstance(resume, str) and not os.path.isdir(resume):
+        raise RecipeError(recipe.path, "training.resume_from_checkpoint", f"no such directory: {resume}")
+    if overwrite:
+        with args.main_process_first(local=False, desc="clearing the previous run"):
+            if args.process_index == 0:  # the marker goes first: a half-overwritten dir must never look finished
+                if finished:
+                    os.remove(os.path.join(out, COMPLETE_MARKER))
+                for path in checkpoints:
+                    shutil.rmtree(path)
+
+
+def _load(loader, name: str, key: str, recipe: Recipe, **kwargs):
+    try:
+        return loader(name, **kwargs)
+    except OSError as err:  # missing repo, offline without a cache, gated model: a recipe-level problem
+        raise RecipeError(recipe.path, key, str(err).strip().splitlines()[0]) from None
+
+
+def load_student(recipe: Recipe):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    section = recipe.student
+    dtype = section.dtype or "float32"  # fp32 master weights; bf16: true in training autocasts the compute
+    kwargs = {**section.init_kwargs, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    return _load(AutoModelForCausalLM.from_pretrained, section.name_or_path, "student.name_or_path", recipe, **kwargs)
+
+
+def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
+    """Train the recipe's student; returns the metrics written to ``training_complete.json``."""
+    from transformers import AutoTokenizer
+
+    from .data import prepare_datasets
+    from .trainer import DistillationTrainer
+
+    args = recipe.training_args()
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
+    resume = _resume_target(args.resume_from_checkpoint)
+    prepare_output_dir(recipe, args, resume, overwrite)
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, recipe.student.tokenizer or recipe.student.name_or_path,
+                      "student.tokenizer", recipe)  # fmt: skip
+    teacher_name = recipe.teacher.tokenizer or recipe.teacher.name_or_path
+    teacher_tokenizer = None  # self-distillation: one model, one tokenizer, nothing to compare
+    if teacher_name != SELF_TEACHER:
+        teacher_tokenizer = _load(AutoTokenizer.from_pretrained, teacher_name, "teacher.tokenizer", recipe)
+    with args.main_process_first(desc="dataset preparation"):  # rank 0 tokenizes and caches, the others reuse it
+        train_dataset, eval_dataset = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed)
+    logger.info("train: %d examples%s", len(train_dataset),
+                f", eval: {len(eval_dataset)} examples" if eval_dataset is not None else "")  # fmt: skip
+
+    peft_config = None
+    if recipe.peft is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**recipe.peft)
+    trainer = DistillationTrainer(
+        model=load_student(recipe),
+        args=args,  # holds teacher_model_name_or_path / _init_kwargs: the trainer loads the frozen teacher
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,  # saved with the student; proves padded vocab rows are padding
+        peft_config=peft_config,
+        recipe=recipe.to_dict(),  # embedded in the model card
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # every process: FSDP / ZeRO-3 gather their shards here
+    metrics = {"train": result.metrics}
+    if eval_dataset is not None:
+        metrics["eval"] = trainer.evaluate()
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        _write_marker(args.output_dir, recipe, metrics, trainer.state.global_step, time.time() - started)
+        logger.info("finished: the student is in %s (%s written)", args.output_dir, COMPLETE_MARKER)
+    return metrics
+
+
+def _write_marker(output_dir: str, recipe: Recipe, metrics: dict, step: int, seconds: float) -> None:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    payload = {
+        "recipe": os.path.abspath(recipe.path),
+        "resolved_recipe": recipe.to_dict(),
+        "global_step": step,
+        "train_seconds": round(seconds, 1),
+        "metrics": metrics,
+        "versions": {"hf_kd": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    path = os.path.join(output_dir, COMPLETE_MARKER)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)  # atomic: the marker is either absent or complete
+
+
+# ---- check ----------------------------------------------------------------------------------------------------------
+
+
+def run_check(recipe: Recipe) -> int:
+    from .check import check_recipe
+
+    report = check_recipe(recipe)
+    for line in report.lines:
+        print(line)
+    for line in report.unchecked:
+        print(f"not checked: {line}")
+    return 1 if report.failed else 0
+
+
+# ---- cache-teacher --------------------------------------------------------------------------------------------------
+
+
+def run_cache_teacher(recipe: Recipe, args) -> int:
+    """Cache the teacher's top-k log-probs over the recipe's tokenized train and eval data (hf_kd.cache)."""
+    from .cache import build_from_recipe
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
+    try:
+        cache = build_from_recipe(recipe, args.output, k=args.k, batch_size=args.batch_size,
+                                  shard_size=args.shard_size)  # fmt: skip
+    except ValueError as err:  # another build's settings in --output, k > vocab size
+        raise RecipeError(recipe.path, "--output", str(err)) from None
+    meta = cache.metadata
+    print(f"{cache.path}: {meta['num_examples']} examples, {meta['num_positions']} positions, "
+          f"{meta['bytes_per_position']} bytes per position (k={cache.k}); train with --teacher_cache {cache.path}")
+    return 0
+
+
+# ---- entry point ----------------------------------------------------------------------------------------------------
+
+OVERRIDES_HELP = (
+    "Any DistillationConfig / TrainingArguments field overrides the recipe's training section, e.g. "
+    "--max_steps 10 --output_dir out --learning_rate 1e-5 --loss_type reverse_kl --bf16 false."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-kd",
+        description="Knowledge distillation for Hugging Face causal LMs.",
+        epilog="Multi-GPU: accelerate launch [--config_file recipes/accelerate/fsdp.yaml] -m hf_kd train RECIPE",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,demo,cache-teacher}")
+    train = sub.add_parser("train", help="distill a student as a recipe says", description=OVERRIDES_HELP,
+                           allow_abbrev=False, epilog=OUTPUT_DIR_HELP)  # fmt: skip
+    train.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="delete the completion marker and checkpoints of a previous run in output_dir first")  # fmt: skip
+    check = sub.add_parser("check", help="validate a recipe; inspect configs, tokenizers and memory without weights",
+                           description=OVERRIDES_HELP, allow_abbrev=False)  # fmt: skip
+    check.add_argument("recipe")
+    demo = sub.add_parser("demo", help="a CPU-only end-to-end distillation run on synthetic data (a few minutes)",
+                          allow_abbrev=False)  # fmt: skip
+    demo.add_argument("--output_dir", default="hf_kd_demo_output", help="where the results and best student go")
+    demo.add_argument("--fast", action="store_true", help="a much smaller setting (seconds; used by the tests)")
+    demo.add_argument("--seed", type=int, default=0)
+    cache = sub.add_parser("cache-teacher", help="run the recipe's teacher over its data once and store its top-k "
+                           "log-probs (then train with --teacher_cache PATH)", description=OVERRIDES_HELP,
+                           allow_abbrev=False)  # fmt: skip
+    cache.add_argument("recipe")
+    cache.add_argument("--output", required=True, help="the cache directory (resumed if it holds an unfinished build)")
+    cache.add_argument("--k", type=int, default=64,
+                       help="ids kept per position: 8k + 4 bytes each; the loss is exact at k = vocab size")  # fmt: skip
+    cache.add_argument("--batch_size", type=int, default=8, help="examples per teacher forward")
+    cache.add_argument("--shard_size", type=int, default=1000, help="examples per shard: the unit of resumption")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from .demo import run_demo
+
+        run_demo(output_dir=args.output_dir, fast=args.fast, seed=args.seed)
+        return 0
+    try:
+        recipe = load_recipe(args.recipe, rest)
+        if args.command == "check":
+            return run_check(recipe)
+        if args.command == "cache-teacher":
+            return run_cache_teacher(recipe, args)
+        run_train(recipe, overwrite=args.overwrite_output_dir)
+        return 0
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"error: {args.recipe}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""A recipe YAML -> validated dataclasses, before any model or dataset is touched.
+
+A recipe has five top-level sections::
+
+    teacher:  {name_or_path, tokenizer, dtype, init_kwargs}
+    student:  {name_or_path, tokenizer, dtype, init_kwargs}
+    data:     {dataset, split, format, ..., max_length, packing, eval_split | eval_size}
+    training: any DistillationConfig / TrainingArguments field (loss_type, temperature, learning_rate, ...)
+    peft:     optional LoraConfig keyword arguments
+
+Every problem is a :class:`RecipeError` whose message is ``<file>: <key>: <problem>``. YAML's ``2e-5`` is the
+*string* '2e-5' (YAML 1.1 wants a dot), so every value is coerced through the type of the field it sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .data import DATA_EXTENSIONS
+
+DATA_FORMATS = ("text", "prompt_completion", "messages", "tokenized")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+# these raise on a machine without a GPU; `hf-kd check` on a laptop still validates a GPU recipe
+HARDWARE_FIELDS = ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval", "tf32")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class RecipeError(ValueError):
+    """A recipe problem, printed by the CLI as ``error: <file>: <key>: <problem>`` (exit code 2)."""
+
+    def __init__(self, file: str, key: str, problem: str):
+        self.file, self.key, self.problem = file, key, problem
+        super().__init__(f"{file}: {key}: {problem}")
+
+
+@dataclass
+class ModelSection:
+    """The teacher or the student."""
+
+    name_or_path: str  # a Hub id (org/name), a local save_pretrained directory, or (teacher) "self" with a peft section
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: str | None = None  # None: teacher bfloat16 on GPU / float32 on CPU; student float32 (fp32 master weights)
+    init_kwargs: dict = field(default_factory=dict)  # more from_pretrained kwargs, e.g. attn_implementation
+
+
+@dataclass
+class DataSection:
+    """Where the examples come from and how they become token ids."""
+
+    dataset: str  # a Hub dataset id, a local .json/.jsonl/.parquet/.csv/.txt file, or a local directory
+    subset: str | None = None  # the Hub dataset's configuration name, if it has several
+    split: str = "train"  # a Hub/directory split; a single local file is always the split "train"
+    format: str = "text"  # text | prompt_completion | messages | tokenized
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"  # a list of {role, content}, rendered with the student's chat template
+    completion_only: bool = True  # prompt / non-assistant tokens get label -100 (no CE and no KD on them)
+    add_eos: bool = True  # append EOS to text and completions so the student learns to stop
+    max_length: int = 2048  # longer examples are truncated (packing: the length of each packed block)
+    packing: bool = False  # concatenate examples into max_length blocks (attention crosses example boundaries)
+    eval_split: str | None = None  # a split of the same dataset, or a local data file
+    eval_size: float = 0.0  # if no eval_split: hold out this fraction (< 1) or number (>= 1) of train examples
+    max_samples: int | None = None  # use only the first N training examples (smoke tests)
+    max_eval_samples: int | None = None  # evaluate on the first N eval examples (evaluation runs every eval_steps)
+    num_proc: int | None = None  # worker processes for tokenization
+    tokenizer_check_samples: int = 64  # examples tokenized by both tokenizers to prove they agree
+
+
+@dataclass
+class Recipe:
+    path: str
+    teacher: ModelSection
+    student: ModelSection
+    data: DataSection
+    training: dict[str, Any]  # coerced DistillationConfig keyword arguments (validated)
+    peft: dict[str, Any] | None = None  # LoraConfig keyword arguments (validated)
+
+    def training_args(self, check_hardware: bool = True):
+        """The DistillationConfig, teacher included. ``check_hardware=False`` turns bf16/fp16/tf32 off instead of
+        failing on a machine without a GPU (validation and `hf-kd check`; ``self.training`` keeps the asked values)."""
+        return _build_config(self.path, self._config_kwargs(), neutralize_hardware=not check_hardware)
+
+    def _config_kwargs(self) -> dict[str, Any]:
+        init_kwargs = dict(self.teacher.init_kwargs)
+        if self.teacher.dtype is not None:
+            init_kwargs["dtype"] = self.teacher.dtype
+        return {
+            **self.training,
+            "teacher_model_name_or_path": self.teacher.name_or_path,
+            "teacher_model_init_kwargs": init_kwargs or None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "teacher": dataclasses.asdict(self.teacher),
+            "student": dataclasses.asdict(self.student),
+            "data": dataclasses.asdict(self.data),
+            "training": self.training,
+            "peft": self.peft,
+        }
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, coerce and validate a recipe; ``overrides`` are command-line training flags (``["--max_steps", "10"]``)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise RecipeError(path, "recipe", "no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "yaml"
+        raise RecipeError(path, where, f"invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(path, "recipe", "expected a mapping with teacher, student, data and training sections")
+    _reject_unknown(path, "", raw, ("teacher", "student", "data", "training", "peft"))
+    for name in ("teacher", "student", "data"):
+        if name not in raw:
+            raise RecipeError(path, name, "required section missing")
+
+    teacher = _section(path, "teacher", raw["teacher"], ModelSection)
+    student = _section(path, "student", raw["student"], ModelSection)
+    for name, model in (("teacher", teacher), ("student", student)):
+        _check_model(path, name, model)
+    data = _section(path, "data", raw["data"], DataSection)
+    _check_data(path, data)
+
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise RecipeError(path, "training", f"expected a mapping of DistillationConfig fields, got {_kind(training)}")
+    training = coerce_training(path, training)
+    training.update(parse_overrides(path, overrides or []))
+    for key in ("teacher_model_name_or_path", "teacher_model_init_kwargs"):
+        if key in training:
+            raise RecipeError(path, f"training.{key}", "set the teacher in the teacher: section instead")
+    if not training.get("output_dir"):
+        raise RecipeError(path, "training.output_dir", "required: set it in the recipe or pass --output_dir")
+    recipe = Recipe(path=path, teacher=teacher, student=student, data=data, training=training)
+
+    config = recipe.training_args(check_hardware=False)
+    has_eval = data.eval_split is not None or data.eval_size > 0
+    if config.eval_strategy != "no" and not has_eval:
+        raise RecipeError(path, "training.eval_strategy", "evaluation needs data.eval_split or data.eval_size")
+
+    peft = raw.get("peft")
+    if peft is not None:
+        recipe.peft = _check_peft(path, peft)
+    if teacher.name_or_path == "self" and recipe.peft is None:
+        raise RecipeError(path, "teacher.name_or_path", "'self' (the student's base model, adapters disabled) needs a "
+                                                         "peft section: without adapters teacher and student are one model")  # fmt: skip
+    return recipe
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _reject_unknown(path: str, prefix: str, mapping: dict, known) -> None:
+    for key in mapping:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            suffix = f" (did you mean {hint[0]!r}?)" if hint else f"; expected one of: {', '.join(known)}"
+            raise RecipeError(path, f"{prefix}{key}", f"unknown key{suffix}")
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` converted to the simple type ``hint`` (str, int, float, bool, dict, or one of them | None)."""
+    args = typing.get_args(hint)
+    if args:  # X | None
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if value is None:
+        raise ValueError("must not be null")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError(f"expected a number, got {value!r}")
+        if hint is int:
+            if float(number) != int(number):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(number)
+        return float(number)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {_kind(value)} {value!r}")
+    if hint is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ValueError(f"expected a mapping, got {_kind(value)}")
+    raise TypeError(f"unsupported field type {hint!r}")  # a new section field with a type _coerce does not know
+
+
+def _section(path: str, name: str, raw: Any, cls):
+    if not isinstance(raw, dict):
+        raise RecipeError(path, name, f"expected a mapping, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(path, f"{name}.", raw, list(fields))
+    values = {}
+    for key, f in fields.items():
+        if key not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(path, f"{name}.{key}", "required key missing")
+            continue
+        try:
+            values[key] = _coerce(raw[key], hints[key])
+        except ValueError as err:
+            raise RecipeError(path, f"{name}.{key}", str(err)) from None
+    return cls(**values)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or (os.sep != "/" and os.sep in name) or os.path.exists(name)
+
+
+def _check_model(path: str, name: str, model: ModelSection) -> None:
+    for key in ("name_or_path", "tokenizer"):
+        value = getattr(model, key)
+        if value is None:
+            continue
+        if _looks_local(value):
+            if not os.path.isdir(os.path.expanduser(value)):
+                raise RecipeError(path, f"{name}.{key}", f"no such directory: {os.path.abspath(value)}")
+        elif not _HUB_ID.match(value):
+            raise RecipeError(path, f"{name}.{key}", f"{value!r} is neither a local directory nor a Hub id (org/name)")
+    if model.dtype is not None and model.dtype not in DTYPES:
+        raise RecipeError(path, f"{name}.dtype", f"{model.dtype!r} is not one of {', '.join(DTYPES)}")
+    for key, why in (
+        ("dtype", f"use {name}.dtype"),
+        ("torch_dtype", f"use {name}.dtype"),
+        ("device_map", "accelerate places the models on devices; remove it"),
+        ("pretrained_model_name_or_path", f"use {name}.name_or_path"),
+    ):
+        if key in model.init_kwargs:
+            raise RecipeError(path, f"{name}.init_kwargs.{key}", why)
+
+
+def _check_data(path: str, data: DataSection) -> None:
+    if data.format not in DATA_FORMATS:
+        raise RecipeError(path, "data.format", f"{data.format!r} is not one of {', '.join(DATA_FORMATS)}")
+    for key in ("dataset", "eval_split"):
+        value = getattr(data, key)
+        if value is None:
+            continue
+        if _is_data_file(value) or _looks_local(value):
+            if not os.path.exists(os.path.expanduser(value)):
+                raise RecipeError(path, f"data.{key}", f"no such file: {os.path.abspath(value)}")
+        elif key == "dataset" and not _HUB_ID.match(value):
+            raise RecipeError(path, "data.dataset", f"{value!r} is neither a local file nor a Hub dataset id")
+    if data.max_length < 2:
+        raise RecipeError(path, "data.max_length", f"must be >= 2 (one input and one target), got {data.max_length}")
+    if data.eval_size < 0 or (data.eval_size >= 1 and not float(data.eval_size).is_integer()):
+        raise RecipeError(path, "data.eval_size", f"must be a fraction in [0, 1) or a whole number, got {data.eval_size}")
+    if data.eval_split is not None and data.eval_size > 0:
+        raise RecipeError(path, "data.eval_size", "give eval_split or eval_size, not both")
+    for key in ("max_samples", "max_eval_samples", "num_proc", "tokenizer_check_samples"):
+        value = getattr(data, key)
+        if value is not None and value < (0 if key == "tokenizer_check_samples" else 1):
+            raise RecipeError(path, f"data.{key}", f"must be positive, got {value}")
+
+
+def _is_data_file(value: str) -> bool:
+    return os.path.splitext(value)[1].lower() in DATA_EXTENSIONS
+
+
+def _check_peft(path: str, peft: Any) -> dict[str, Any]:
+    if not isinstance(peft, dict):
+        raise RecipeError(path, "peft", f"expected a mapping of LoraConfig arguments, got {_kind(peft)}")
+    from peft import LoraConfig  # only recipes with a peft section pay for the import
+
+    known = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
+    _reject_unknown(path, "peft.", peft, known)
+    try:
+        LoraConfig(**peft)  # target_modules / task_type left out are filled in by the trainer from the student
+    except (TypeError, ValueError) as err:
+        raise RecipeError(path, "peft", str(err).splitlines()[0]) from None
+    return dict(peft)
+
+
+# ---- the training section: every DistillationConfig field ------------------------------------------------------------
+
+
+def _training_parser():
+    """HfArgumentParser(DistillationConfig) whose defaults are suppressed: parsing yields only the flags given."""
+    from transformers import HfArgumentParser
+
+    from .config import DistillationConfig
+
+    parser = HfArgumentParser(DistillationConfig, allow_abbrev=False)
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS
+            action.required = False
+    return parser
+
+
+def _training_actions() -> dict[str, argparse.Action]:
+    """The primary ``--name`` action of every field (not the ``--no_name`` negation of booleans)."""
+    return {a.dest: a for a in _training_parser()._actions if a.option_strings and a.option_strings[0] == f"--{a.dest}"}
+
+
+def coerce_training(path: str, training: dict[str, Any]) -> dict[str, Any]:
+    """Coerce YAML values through the DistillationConfig field types, the way the command line is parsed."""
+    from .config import DistillationConfig
+
+    actions = _training_actions()
+    hints = typing.get_type_hints(DistillationConfig)
+    _reject_unknown(path, "training.", training, list(actions))
+    out = {}
+    for key, value in training.items():
+        try:
+            out[key] = _coerce_training_value(value, actions[key], hints.get(key))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+            raise RecipeError(path, f"training.{key}", str(err)) from None
+    return out
+
+
+def _coerce_training_value(value: Any, action: argparse.Action, hint: Any) -> Any:
+    allowed = typing.get_args(hint) or (hint,)
+    allowed = tuple(typing.get_origin(a) or a for a in allowed)  # list[str] -> list
+    kind = action.type
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ValueError("must not be null")
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [kind(str(v)) if kind is not None else v for v in items]
+    if kind in (int, float):
+        return _coerce(value, kind)
+    if kind is not None and kind.__name__ == "string_to_bool":
+        return _coerce(value, bool)
+    if action.choices is not None:
+        choice = kind(str(value)) if kind is not None and isinstance(value, (str, int, float)) else value
+        if choice not in action.choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(str(c) for c in action.choices)}")
+        return choice
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        if isinstance(value, allowed):
+            return value
+        raise ValueError(f"expected {' or '.join(a.__name__ for a in allowed if a is not type(None))}, got {_kind(value)}")
+    if isinstance(value, (bool, int, float)) and str in allowed:
+        return str(value)  # e.g. `resume_from_checkpoint: true`, `run_name: 7`
+    raise ValueError(f"unexpected {_kind(value)} {value!r}")
+
+
+def parse_overrides(path: str, argv: list[str]) -> dict[str, Any]:
+    """``["--max_steps", "10", "--bf16"]`` -> ``{"max_steps": 10, "bf16": True}`` (only the flags given)."""
+    if not argv:
+        return {}
+    parser = _training_parser()
+    known = sorted({a.option_strings[0] for a in parser._actions if a.option_strings})
+    for i, arg in enumerate(argv):
+        if arg.startswith("-") and not _is_number(arg) and arg.split("=", 1)[0] not in known:
+            name = arg.split("=", 1)[0]
+            hint = difflib.get_close_matches(name, known, n=1)
+            problem = "not a DistillationConfig / TrainingArguments field" + (f" (did you mean {hint[0]}?)" if hint else "")
+            raise RecipeError(path, name, problem)
+        if i == 0 and not arg.startswith("-"):
+            raise RecipeError(path, arg, "unexpected argument; overrides look like --max_steps 10")
+
+    def error(message):  # argparse would print usage and exit; report it like every other recipe problem
+        match = re.match(r"argument (--[\w-]+)[^:]*: (.*)", message)
+        raise RecipeError(path, *(match.groups() if match else ("command line", message)))
+
+    parser.error = error
+    namespace, rest = parser.parse_known_args(argv)
+    if rest:
+        raise RecipeError(path, rest[0], "unexpected argument; overrides look like --max_steps 10")
+    return vars(namespace)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _build_config(path: str, kwargs: dict[str, Any], neutralize_hardware: bool):
+    from .config import DistillationConfig
+
+    if neutralize_hardware:
+        kwargs = {**kwargs, **{k: False for k in HARDWARE_FIELDS if k in kwargs}}
+    try:
+        return DistillationConfig(**kwargs)
+    except (ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0]
+        first = re.split(r"[\s:=]", message.lstrip("-"), maxsplit=1)[0]
+        key = f"training.{first}" if first in kwargs else "training"
+        raise RecipeError(path, key, message) from None
