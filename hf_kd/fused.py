@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import check_hyperparameters, normalize_loss_type, normalizer, per_position_divergence
+from .sparse import sparse_weights, student_bucket_log_probs, teacher_bucket_log_probs
 
 # model_type -> how its *ForCausalLM.forward turns the final (post-norm) hidden state into logits, read off
 # transformers 5.23's modeling files. Anything else (Granite divides by logits_scaling, MiniCPM3 scales the hidden
@@ -190,6 +191,82 @@ def fused_distillation_loss(
     return total
 
 
+def fused_sparse_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    chunk_size: int = 1024,
+    loss_type: str | Mapping[str, float] = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    jsd_beta: float = 0.5,
+    skew_lambda: float = 0.1,
+    scale_by_temperature: bool = True,
+    return_components: bool = False,
+    student_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    student_logit_scale: float | None = None,
+    vocab_size: int | None = None,
+):
+    """:func:`hf_kd.sparse.sparse_distillation_loss` on student logits built chunk by chunk from hidden states.
+
+    The student side is :func:`fused_distillation_loss`'s (``student_hidden`` ``[..., H]``, ``student_weight``
+    ``[V, H]``, bias, softcap, logit scale, ``vocab_size`` cut); the teacher is a cache's rows: ``topk_ids`` and
+    ``topk_logprobs`` ``[..., k]``, ``tail_logprob`` ``[...]`` (see :mod:`hf_kd.sparse` for the tail bucket). Same value
+    and gradients as the sparse loss on full logits, without ever holding ``[N, V]``.
+    """
+    weights = sparse_weights(loss_type)
+    check_hyperparameters(temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
+    positions, k = student_hidden.shape[:-1], topk_ids.shape[-1]
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != positions or tail_logprob.shape != positions:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must be [..., k] and "
+            f"tail_logprob {tuple(tail_logprob.shape)} [...] for the {tuple(positions)} positions of student_hidden"
+        )
+    # the student against itself checks shapes, labels, alpha, chunk_size and vocab_size like the dense loss
+    vocab = _check_inputs(
+        student_hidden, student_weight, student_bias, student_hidden, student_weight, student_bias, labels, alpha,
+        vocab_size, chunk_size, {"student_softcap": student_softcap, "student_logit_scale": student_logit_scale},
+    )  # fmt: skip
+    dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, student_weight.dtype), torch.float32)
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher = (topk_ids.reshape(-1, k).long(), topk_logprobs.detach().reshape(-1, k), tail_logprob.detach().reshape(-1))
+    flat_labels = None
+    if labels is not None:
+        flat_labels = labels.reshape(-1)
+        valid = flat_labels != ignore_index
+        # Drop masked rows first: their cache entries are fillers and they never reach a matmul.
+        s_hidden, flat_labels, teacher = s_hidden[valid], flat_labels[valid], tuple(t[valid] for t in teacher)
+    if ((teacher[0] < 0) | (teacher[0] >= vocab)).any():
+        raise ValueError(f"topk_ids: ids must be in [0, {vocab}), the student's vocabulary")
+    need_divergence = alpha > 0 or return_components
+    need_ce = labels is not None and (alpha < 1 or return_components)
+    if need_ce and ((flat_labels < 0) | (flat_labels >= vocab)).any():
+        raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
+    plan = _Plan(
+        weights=weights, temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew_lambda=skew_lambda,
+        scale_by_temperature=scale_by_temperature, vocab=vocab, chunk_size=chunk_size, dtype=dtype,
+        need_divergence=need_divergence, need_ce=need_ce, student_softcap=student_softcap, teacher_softcap=None,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=None, sparse=True,
+    )  # fmt: skip
+    denominator = normalizer(s_hidden.shape[0], num_items_in_batch, device=s_hidden.device, dtype=dtype)
+    student = (s_hidden, student_weight, student_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student):
+        total, divergence, ce = _FusedDistillation.apply(*student, teacher, None, None, flat_labels, plan, denominator)
+    else:
+        sums, _ = _chunked_loss(*student, teacher, None, None, flat_labels, plan, (False, False, False))
+        total, divergence, ce = (value / denominator for value in sums)
+    if return_components:
+        return total, divergence if need_divergence else None, ce if need_ce else None
+    return total
+
+
 # ---- validation ---------------------------------------------------------------------------------------------------
 
 
@@ -262,6 +339,7 @@ class _Plan:
     teacher_softcap: float | None
     student_logit_scale: float | None
     teacher_logit_scale: float | None
+    sparse: bool = False  # the teacher is cached top-k rows (ids, log-probs, tail), not hidden states
 
 
 class _FusedDistillation(torch.autograd.Function):
@@ -302,7 +380,7 @@ def _chunked_loss(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
         # Cast each weight once per call (rows past vocab are never needed: logits are cut to the shared prefix).
         s_w = s_weight.detach()[:vocab].to(dtype)
         s_b = None if s_bias is None else s_bias.detach()[:vocab].to(dtype)
-        t_w = _as_projection_weight(t_weight[:vocab], dtype) if plan.need_divergence else None
+        t_w = _as_projection_weight(t_weight[:vocab], dtype) if plan.need_divergence and not plan.sparse else None
         t_b = None if t_bias is None else t_bias[:vocab].to(dtype)
 
         sums = {name: torch.zeros((), dtype=dtype, device=device) for name in ("objective", "divergence", "ce")}
@@ -316,7 +394,10 @@ def _chunked_loss(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
             hidden = s_hidden[rows].detach().to(dtype)
             student = _project(hidden, s_w, s_b, dtype)  # [chunk, vocab] float32, straight from the matmul
             teacher = None
-            if plan.need_divergence:
+            if plan.need_divergence and plan.sparse:  # cached (ids, log-probs, tail) of these rows -> k + 1 buckets
+                ids, top, tail = (t[rows] for t in t_hidden)
+                teacher = (ids, teacher_bucket_log_probs(top.to(dtype), tail.to(dtype)))
+            elif plan.need_divergence:
                 teacher = _project(t_hidden[rows], t_w, t_b, dtype)
                 teacher = _finish_logits(teacher, plan.teacher_logit_scale, plan.teacher_softcap)
             chunk_labels = None if labels is None else labels[rows]
@@ -340,8 +421,12 @@ def _chunk_loss(student, teacher, labels, plan: _Plan, sums: dict, want_grad: bo
         divergence = ce = None
         if plan.need_divergence:
             with torch.set_grad_enabled(want_grad and plan.alpha > 0):
+                student_in = logits
+                if plan.sparse:  # the student's log-probs collapsed onto the teacher's top-k + rest buckets
+                    ids, teacher = teacher
+                    student_in = student_bucket_log_probs(torch.log_softmax(logits, dim=-1), ids)
                 divergence = per_position_divergence(
-                    logits,
+                    student_in,
                     teacher,
                     plan.weights,
                     temperature=plan.temperature,

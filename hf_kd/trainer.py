@@ -30,7 +30,7 @@ from .card import card_from_trainer
 from .config import DistillationConfig
 from .data import DistillationCollator
 from .distributed import prepare_teacher, teacher_is_sharded
-from .fused import fused_distillation_loss, lm_head_spec
+from .fused import fused_distillation_loss, fused_sparse_distillation_loss, lm_head_spec
 from .losses import distillation_loss
 from .sparse import sparse_distillation_loss
 from .metrics import add_sums, agreement_sums, finalize_metrics
@@ -263,16 +263,19 @@ class DistillationTrainer(Trainer):
         )  # fmt: skip
         return shared
 
-    def _can_fuse(self, teacher: nn.Module) -> bool:
-        """Whether the chunked loss applies to this pair; says why in the log when it was asked for but cannot."""
+    def _can_fuse(self, teacher: nn.Module | None) -> bool:
+        """Whether the chunked loss applies to this pair (``teacher=None``: a cached teacher, the student alone); says
+        why in the log when it was asked for but cannot."""
         if not self.args.loss_chunk_size:
             return False
         reasons = []
-        if self.task != "causal_lm" or detect_task(teacher) != "causal_lm":
+        if self.task != "causal_lm" or (teacher is not None and detect_task(teacher) != "causal_lm"):
             reasons.append("the fused loss is for causal LMs")
         if teacher_is_sharded(self.accelerator):
             reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")
         for role, model in (("student", self.model), ("teacher", teacher)):
+            if model is None:
+                continue
             spec, reason = lm_head_spec(model)
             if spec is None:
                 reasons.append(f"{role}: {reason}")
@@ -298,16 +301,13 @@ class DistillationTrainer(Trainer):
                 raise ValueError(f"teacher cache {cache.path} has no row for {len(missing)} of the "
                                  f"{len(self.train_dataset)} training examples (first: example {missing[0]}); build "
                                  "it from this training data")  # fmt: skip
-        if self.args.loss_chunk_size:
-            logger.warning("teacher_cache: the sparse top-k loss uses the student's full logits (loss_chunk_size=%d "
-                           "does not apply)", self.args.loss_chunk_size)  # fmt: skip
         logger.info("teacher cache %s: %d examples of %s, top-%d; evaluation logs no teacher-agreement metrics",
                     cache.path, len(cache), cache.name_or_path, cache.k)  # fmt: skip
         self.teacher_cache = self.teacher = cache
         self.teacher_name = cache.name_or_path  # the model card names the cached teacher
         self.self_distillation = False
         self.shift_labels = True
-        self.use_fused_loss = False
+        self.use_fused_loss = self._can_fuse(None)  # the sparse loss chunked over the student's lm_head
 
     # ---- the loss -----------------------------------------------------------------------------------------------
 
@@ -384,6 +384,21 @@ class DistillationTrainer(Trainer):
             scale_by_temperature=args.scale_by_temperature,
             return_components=True,
         )
+        if self.teacher_cache is not None and self.use_fused_loss:  # the sparse top-k loss, chunked
+            student, _ = lm_head_spec(self.model)
+            loss, distill, ce = fused_sparse_distillation_loss(
+                student_outputs["final_hidden_state"][:, :-1],  # position i predicts the token at i + 1
+                student.weight,
+                **teacher_outputs,
+                labels=labels,
+                chunk_size=self.args.loss_chunk_size,
+                student_bias=student.bias,
+                student_softcap=student.softcap,
+                student_logit_scale=student.logit_scale,
+                vocab_size=self.vocab_size,
+                **knobs,
+            )
+            return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
         if self.teacher_cache is not None:  # the sparse top-k loss on the student's full logits
             student = student_outputs["logits"][:, :-1]  # position i predicts the token at i + 1: pairs with labels
             if self.vocab_size is not None:  # the cache covers the first vocab_size rows (the rest are padding)

@@ -95,7 +95,9 @@ def test_training_from_cache_reproduces_the_live_teacher(tmp_path, tiny_dir, pea
     data = Dataset.from_list(rows)
     loss_kw = LOSS_KW if k == 40 else dict(loss_type="forward_kl", temperature=1.0, alpha=0.7)
     runs, evals = {}, {}
-    for name, extra in (("live", {}), ("cache", {"teacher_cache": caches[k].path})):
+    variants = [("live", {}), ("cache", {"teacher_cache": caches[k].path}),
+                ("cache_full_logits", {"teacher_cache": caches[k].path, "loss_chunk_size": 0})]  # fmt: skip
+    for name, extra in variants:
         student = load_model(tiny_dir["student"])
         args = make_args(tmp_path / name, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                          **loss_kw, **extra)  # fmt: skip
@@ -104,9 +106,17 @@ def test_training_from_cache_reproduces_the_live_teacher(tmp_path, tiny_dir, pea
         trainer.train()
         runs[name] = student.state_dict(), [r for r in trainer.state.log_history if "loss" in r]
         evals[name] = trainer.evaluate(Dataset.from_list(rows[:6]))  # cached rows too
-        if name == "cache":
+        if name != "live":
             assert isinstance(trainer.teacher, TeacherCache)  # no teacher model in memory
             assert trainer.teacher_name == os.path.abspath(peaked_teacher)
+            assert trainer.use_fused_loss == (name == "cache")  # chunked over the student's lm_head by default
+    # the chunked sparse loss and the sparse loss on full logits train the same student
+    (w_fused, logs_fused), (w_full, logs_full) = runs["cache"], runs["cache_full_logits"]
+    for fused, full in zip(logs_fused, logs_full, strict=True):
+        for key in ("loss", "distill_loss", "ce_loss", "grad_norm"):
+            assert fused[key] == pytest.approx(full[key], rel=1e-5), key
+    for name in w_fused:
+        torch.testing.assert_close(w_fused[name], w_full[name], rtol=1e-4, atol=1e-6)
     (w_live, logs_live), (w_cache, logs_cache) = runs["live"], runs["cache"]
     rel = 1e-5 if k == 40 else 0.03
     for live, cached in zip(logs_live, logs_cache, strict=True):

@@ -148,3 +148,26 @@ def test_refusals(batch):
         sparse_distillation_loss(student, *cached, None, alpha=0.5)
     with pytest.raises(ValueError, match=r"in \[0, 13\)"):
         sparse_distillation_loss(student, cached[0] + V, *cached[1:], labels)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_fused_sparse_equals_sparse_on_full_logits(chunk_size, alpha):
+    """The chunked path (hidden @ W.T per chunk) gives the full-logit sparse loss: value and every gradient."""
+    from hf_kd import fused_sparse_distillation_loss
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    ids, top, tail = _cached(3 * torch.randn(2, 5, V, generator=g, dtype=torch.float64), K)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[0, :3] = -100
+    knobs = dict(loss_type={"forward_kl": 0.7, "jsd": 0.3}, temperature=2.0, alpha=alpha, num_items_in_batch=11)
+    expected = sparse_distillation_loss(hidden @ weight.T, ids, top, tail, labels, **knobs)
+    want = torch.autograd.grad(expected, (hidden, weight))
+    got = fused_sparse_distillation_loss(hidden, weight, ids, top, tail, labels, chunk_size=chunk_size, **knobs)
+    grads = torch.autograd.grad(got, (hidden, weight))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert expected.item() > 0
