@@ -414,6 +414,10 @@ class DistillationTrainer(Trainer):
     def _aligned(self, student_outputs, teacher_outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher logits (or, fused, final hidden states) position-aligned with target_labels."""
         key = "final_hidden_state" if self.use_fused_loss else "logits"
+        for role, outputs in (("student", student_outputs), ("teacher", teacher_outputs)):
+            if key not in outputs:
+                raise KeyError(f"{role}_forward returned no {key!r}; the fused loss needs the final hidden states: "
+                               f"build on super().{role}_forward(...), or set loss_chunk_size=0 for full logits")
         student, teacher = student_outputs[key], teacher_outputs[key]
         if self.shift_labels:  # position i predicts the token at i + 1: pairs with labels[:, 1:]
             student, teacher = student[:, :-1], teacher[:, :-1]

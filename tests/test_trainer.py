@@ -236,6 +236,26 @@ def test_subclass_adds_a_logged_term(tmp_path, tiny_dir, four_examples):
     assert trainer.state.log_history[0]["hidden_loss"] == pytest.approx(0.125)
 
 
+class RawTeacherTrainer(DistillationTrainer):
+    """A teacher_forward override that returns the model's outputs (full logits, no final hidden state)."""
+
+    def teacher_forward(self, inputs):
+        with torch.no_grad():
+            return self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
+
+
+def test_overridden_teacher_forward_with_full_logits(tmp_path, tiny_dir, four_examples):
+    batch = DistillationCollator()(four_examples)
+    student = load_model(tiny_dir["student"])
+    fused = RawTeacherTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=make_args(tmp_path))
+    with pytest.raises(KeyError, match="teacher_forward returned no 'final_hidden_state'.*loss_chunk_size=0"):
+        fused.compute_loss(student, batch)
+    full = RawTeacherTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
+                             args=make_args(tmp_path, loss_chunk_size=0))  # fmt: skip
+    plain = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=make_args(tmp_path))
+    assert full.compute_loss(student, batch).item() == pytest.approx(plain.compute_loss(student, batch).item(), rel=1e-5)
+
+
 def test_collator_pads_by_position():
     batch = DistillationCollator(pad_token_id=1)([{"input_ids": [5, 1, 6]}, {"input_ids": [7], "labels": [-100]}])
     assert batch["input_ids"].tolist() == [[5, 1, 6], [7, 1, 1]]
