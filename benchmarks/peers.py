@@ -1,7 +1,8 @@
 """hf_kd side by side with its peers: TRL's GKDTrainer (off-policy) and a plain SFT step, on the same models and data.
 
-    python benchmarks/peers.py             # V in {32000, 128256}, sequence 512 (about 6 minutes on a 2-core CPU)
+    python benchmarks/peers.py             # V in {32000, 128256}, sequence 512 (about 5 minutes on a 2-core CPU)
     python benchmarks/peers.py --quick     # V=32000, sequence 256, seconds to a minute
+    python benchmarks/peers.py --threads 1 # on a CPU shared with other jobs: one thread, steadier timings (~2x slower)
     python benchmarks/peers.py --device cuda --batch-size 8 --seq-len 2048
     pip install -e ".[bench]"              # trl and matplotlib; without trl the GKD cells are skipped
 
@@ -17,7 +18,8 @@ one vocabulary size, run in a fresh subprocess so that peaks do not leak between
   (its forward KL), which is the same objective: every KD trainer's loss on the first batch is checked to agree.
 
 Step time is the median over the optimizer steps after ``--warmup`` (``on_step_begin`` to ``on_step_end``: forward,
-backward, AdamW; data loading excluded); tokens/s counts target positions, ``batch * (seq_len - 1)``. Peak memory is
+backward, AdamW; data loading excluded); the minimum is reported beside it because on a shared CPU the spread between
+steps can reach 2x (the load average is printed with the table). tokens/s counts target positions, ``batch * (seq_len - 1)``. Peak memory is
 the peak above the memory with both models loaded and the trainer built (optimizer state, gradients, activations,
 logits): on CPU the resident-set high-water mark (``VmHWM``, the kernel's ``ru_maxrss``, reset through
 ``/proc/self/clear_refs`` right before the steps so that setup cannot hide a peak), on CUDA
@@ -38,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -75,6 +78,7 @@ class Setup:
     warmup: int = 1  # untimed first steps (allocator and optimizer-state warm-up)
     chunk_size: int = 256  # loss_chunk_size of the fused cell
     device: str = "cpu"
+    threads: int = 0  # torch threads on CPU; 0: torch's default (all cores)
 
 
 # ---- models, data, trainers -------------------------------------------------------------------------------------
@@ -120,18 +124,18 @@ def _tokenizer():
 
 def _common_args(setup: Setup, out_dir: str) -> dict:
     cuda = setup.device.startswith("cuda")
-    return dict(
-        output_dir=out_dir, max_steps=setup.warmup + setup.steps, per_device_train_batch_size=setup.batch_size,
-        learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=10**6, save_strategy="no", report_to="none",
-        disable_tqdm=True, use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, seed=0,
-    )  # fmt: skip
+    return {
+        "output_dir": out_dir, "max_steps": setup.warmup + setup.steps, "per_device_train_batch_size": setup.batch_size,
+        "learning_rate": 1e-4, "lr_scheduler_type": "constant", "logging_steps": 10**6, "save_strategy": "no",
+        "report_to": "none", "disable_tqdm": True, "use_cpu": not cuda, "bf16": cuda, "dataloader_num_workers": 0, "seed": 0,
+    }  # fmt: skip
 
 
 def _trainer(method: str, setup: Setup, teacher, student, data, out_dir: str, callbacks):
     """The Trainer of one method; every one gets the same student, data, collator, optimizer and schedule."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    common = dict(model=student, train_dataset=data, data_collator=default_data_collator, callbacks=callbacks)
+    common = {"model": student, "train_dataset": data, "data_collator": default_data_collator, "callbacks": callbacks}
     if method == "sft":
         return Trainer(args=TrainingArguments(**_common_args(setup, out_dir)), **common)
     if method in ("hf_kd_fused", "hf_kd_unfused"):
@@ -142,8 +146,7 @@ def _trainer(method: str, setup: Setup, teacher, student, data, out_dir: str, ca
                                   loss_chunk_size=chunk)  # fmt: skip
         return DistillationTrainer(teacher_model=teacher, args=args, **common)
     if method == "trl_gkd":
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
-
+        GKDConfig, GKDTrainer = gkd_classes()
         # lmbda=0: never on-policy; seq_kd=False: never teacher-generated; beta=0: generalized JSD -> forward KL.
         # temperature only affects GKD's sampling (its loss runs at T=1), so 1.0 is the same objective as hf_kd's.
         args = GKDConfig(**_common_args(setup, out_dir), lmbda=0.0, seq_kd=False, beta=0.0, temperature=1.0,
@@ -203,6 +206,8 @@ def measure(method: str, setup: Setup) -> dict:
     from transformers.trainer_callback import PrinterCallback
     from transformers.utils import logging as hf_logging
 
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
     hf_logging.set_verbosity_error()
     logging.getLogger("hf_kd").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -222,7 +227,7 @@ def measure(method: str, setup: Setup) -> dict:
             sync()
             start = time.perf_counter()
             with torch.no_grad():
-                teacher(**batch).logits  # full [B, S, V] logits, as any KD step needs them (fused: chunk by chunk)
+                _ = teacher(**batch).logits  # full [B, S, V] logits, as any KD step needs them (fused: chunk by chunk)
             sync()
             times.append(time.perf_counter() - start)
         loss_at_init = None
@@ -248,7 +253,8 @@ def measure(method: str, setup: Setup) -> dict:
     step = statistics.median(times[setup.warmup :])
     return {
         "method": method, "vocab": setup.vocab, "step_s": step, "step_times_s": times,
-        "tokens_per_s": setup.batch_size * (setup.seq_len - 1) / step, "peak_bytes": peak, "loss_at_init": loss_at_init,
+        "min_step_s": min(times[setup.warmup :]), "tokens_per_s": setup.batch_size * (setup.seq_len - 1) / step,
+        "peak_bytes": peak, "loss_at_init": loss_at_init,
     }  # fmt: skip
 
 
@@ -269,15 +275,24 @@ def _loss_at_init(trainer, method: str, data, setup: Setup) -> float:
 def run_cell(method: str, setup: Setup) -> dict:
     """:func:`measure` in a fresh interpreter (peaks and allocator state do not leak between cells)."""
     command = [sys.executable, __file__, "--worker", method, "--setup", json.dumps(asdict(setup))]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{method} V={setup.vocab} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def gkd_classes():
+    """``(GKDConfig, GKDTrainer)``: in ``trl.experimental.gkd`` since TRL 1.0, top-level ``trl`` before."""
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        from trl import GKDConfig, GKDTrainer
+    return GKDConfig, GKDTrainer
+
+
 def trl_available() -> bool:
     try:
-        from trl.experimental.gkd import GKDTrainer  # noqa: F401
+        gkd_classes()
     except ImportError:
         return False
     return True
@@ -287,23 +302,35 @@ def trl_available() -> bool:
 
 
 def loss_agreement(vocab: int = 1000, seed: int = 0) -> dict | None:
-    """max |hf_kd - TRL| of forward / reverse KL at T=1 vs ``generalized_jsd_loss`` with beta 0 / 1, same logits."""
+    """hf_kd's forward / reverse KL at T=1 vs TRL's ``generalized_jsd_loss`` at beta 0 / 1 on the same logits.
+
+    Which KL each beta is comes from TRL's source, not its docs: beta=0 is ``F.kl_div(log p_s, log p_t)`` =
+    KL(teacher || student) (forward), beta=1 is KL(student || teacher) (reverse). Both are also compared with a float64
+    reference written here from the definition, so a swapped convention shows up as a large ``vs_reference`` on one side.
+    """
     if not trl_available():
         return None
     import torch
-    from trl.experimental.gkd import GKDTrainer
 
     from hf_kd import distillation_loss
 
+    _, GKDTrainer = gkd_classes()
     g = torch.Generator().manual_seed(seed)
     student, teacher = 3 * torch.randn(2, 2, 64, vocab, generator=g, dtype=torch.float64)
     labels = torch.randint(0, vocab, (2, 64), generator=g)
     labels[:, :5] = -100  # a prompt that neither loss may count
+    mask = labels != -100
+    log_s, log_t = student[mask].log_softmax(-1), teacher[mask].log_softmax(-1)
+    reference = {  # KL(p || q) = sum_v p (log p - log q), mean over the unmasked positions
+        "forward_kl": (log_t.exp() * (log_t - log_s)).sum(-1).mean().item(),  # KL(teacher || student)
+        "reverse_kl": (log_s.exp() * (log_s - log_t)).sum(-1).mean().item(),  # KL(student || teacher)
+    }
     result = {}
     for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0)):
-        ours = distillation_loss(student, teacher, labels, loss_type=name, temperature=1.0)
-        theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels, beta=beta, temperature=1.0)
-        result[name] = {"hf_kd": ours.item(), "trl": theirs.item(), "abs_diff": abs(ours - theirs).item()}
+        ours = distillation_loss(student, teacher, labels, loss_type=name, temperature=1.0).item()
+        theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels, beta=beta, temperature=1.0).item()
+        result[name] = {"trl_beta": beta, "hf_kd": ours, "trl": theirs, "reference": reference[name],
+                        "abs_diff": abs(ours - theirs), "trl_vs_reference": abs(theirs - reference[name])}  # fmt: skip
     return result
 
 
@@ -359,17 +386,17 @@ def _x(value) -> str:
 
 def markdown(cells: dict, ratio: dict, setup: Setup, header: str) -> str:
     lines = [header, "",
-             "| V | method | step (s) | tokens/s | peak (GB) | step x TRL | peak x TRL | KD / (SFT + teacher fwd) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| V | method | step (s) | min step (s) | tokens/s | peak (GB) | step x TRL | peak x TRL | KD / (SFT + teacher fwd) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for vocab, by_method in cells.items():
         for method in METHODS:
             cell = by_method.get(method)
             if cell is None:
-                lines.append(f"| {vocab} | {LABELS[method]} | not run (TRL not installed) | | | | | |")
+                lines.append(f"| {vocab} | {LABELS[method]} | not run (TRL not installed) | | | | | | |")
                 continue
             r = ratio.get(vocab, {}).get(method, {})
             lines.append(
-                f"| {vocab} | {LABELS[method]} | {cell['step_s']:.3f} | {cell['tokens_per_s']:,.0f} | "
+                f"| {vocab} | {LABELS[method]} | {cell['step_s']:.3f} | {cell['min_step_s']:.3f} | {cell['tokens_per_s']:,.0f} | "
                 f"{cell['peak_bytes'] / GB:.3f} | {_x(r.get('step_vs_trl'))} | {_x(r.get('peak_vs_trl'))} | "
                 f"{_x(r.get('overhead'))} |"
             )
@@ -397,7 +424,7 @@ def plot(cells: dict, path: Path, title: str) -> str:
         ax.set_xticks(range(len(vocabs)), [f"V={v}" for v in vocabs])
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -410,11 +437,11 @@ def report(cells: dict, setup: Setup, out_dir: Path, stem: str, seconds: float) 
     ratio = ratios(cells)
     checks = targets(ratio)
     agreement = loss_agreement()
-    where = machine(setup.device)
+    where = machine(setup.device) + (f", {setup.threads} torch thread(s)" if setup.threads else "")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = (f"{where}; {setup.device}; teacher h={setup.teacher[0]} L={setup.teacher[1]}, student "
               f"h={setup.student[0]} L={setup.student[1]}, batch {setup.batch_size} x {setup.seq_len} tokens, "
-              f"forward KL T=1; median of {setup.steps} steps after {setup.warmup} warm-up; peak above models loaded")  # fmt: skip
+              f"forward KL T=1; step: median (and min) of {setup.steps} steps after {setup.warmup} warm-up; peak above models loaded; ratios from the medians")  # fmt: skip
     table = markdown(cells, ratio, setup, header)
     lines = [table, ""]
     for name, check in checks.items():
@@ -428,9 +455,10 @@ def report(cells: dict, setup: Setup, out_dir: Path, stem: str, seconds: float) 
     if agreement is None:
         lines.append("loss check vs TRL's generalized_jsd_loss: TRL not installed")
     else:
-        lines.append("hf_kd vs TRL generalized_jsd_loss, float64, T=1: "
-                     + ", ".join(f"{name} (beta={b}) |diff| {agreement[name]['abs_diff']:.1e}"
-                                 for name, b in (("forward_kl", 0), ("reverse_kl", 1))))  # fmt: skip
+        for name, a in agreement.items():
+            lines.append(f"{name} vs TRL generalized_jsd_loss(beta={a['trl_beta']:g}), float64, T=1, same logits: "
+                         f"hf_kd {a['hf_kd']:.10f}, TRL {a['trl']:.10f}, from the definition {a['reference']:.10f}; "
+                         f"|hf_kd - TRL| {a['abs_diff']:.1e}, |TRL - definition| {a['trl_vs_reference']:.1e}")  # fmt: skip
     if load is not None:
         lines.append(f"load average during the run (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
                      f"{os.cpu_count()} CPUs; wall time {seconds:.0f} s")  # fmt: skip
@@ -443,7 +471,7 @@ def report(cells: dict, setup: Setup, out_dir: Path, stem: str, seconds: float) 
     }  # fmt: skip
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     (out_dir / f"{stem}.md").write_text(text + "\n", encoding="utf-8")
-    print(plot(cells, out_dir / f"{stem}.png", header[:160]))
+    print(plot(cells, out_dir / f"{stem}.png", header))
     return results
 
 
@@ -481,6 +509,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps per cell (the median is kept)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores); 1 on a CPU shared "
+                        "with other jobs, where extra threads spin against them and timings swing 2x")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON, markdown and PNG go")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
@@ -492,7 +522,7 @@ def main() -> None:
         return
     vocabs = [int(v) for v in args.vocabs.split(",")]
     setup = Setup(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                  device=args.device)  # fmt: skip
+                  device=args.device, threads=args.threads)  # fmt: skip
     stem = "peers"
     if args.quick:
         vocabs, setup.seq_len, setup.steps, stem = [32000], 256, 2, "peers_quick"

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .adapters import SELF_TEACHER
-from .data import DataError, check_tokenizers_agree, load_raw_dataset
+from .data import DataError, check_tokenizers_agree, is_empty_tokenizer, load_raw_dataset
 from .recipe import Recipe
 
 GiB = 1024**3
@@ -54,16 +54,18 @@ def _fetch(loader, name: str):
         return None, str(err).strip().splitlines()[0][:200]
 
 
-def meta_model(config):
-    """The causal LM of ``config`` on the meta device: exact parameter counts and head layout, no memory."""
-    from transformers import AutoModelForCausalLM
+def meta_model(config, task: str = "causal_lm"):
+    """The model of ``config`` for ``task`` on the meta device: exact parameter counts and head layout, no memory."""
+    from .trainer import TASKS
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return TASKS[task].from_config(config)
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """``(parameters, output rows)``; tied weights are counted once."""
+def count_parameters(model, task: str = "causal_lm") -> tuple[int, int]:
+    """``(parameters, output rows)``: rows of the LM head, or a classifier's classes; tied weights are counted once."""
+    if task != "causal_lm":
+        return sum(p.numel() for p in model.parameters()), model.config.num_labels
     head = model.get_output_embeddings()
     rows = head.weight.shape[0] if head is not None else model.config.vocab_size
     return sum(p.numel() for p in model.parameters()), rows
@@ -186,6 +188,9 @@ def estimate_memory(recipe: Recipe, args, teacher: Found, student: Found, shared
          f"{tokens} tokens)", activations),
         ("teacher forward (transient)", teacher_transient),
     ]  # fmt: skip
+    if recipe.task != "causal_lm":  # one logit vector per example
+        rows.append((f"classifier logits and loss ({teacher.rows} classes)", args.per_device_train_batch_size * teacher.rows * 16))
+        return rows
     chunk = args.loss_chunk_size
     fused = bool(chunk) and all(lm_head_spec(f.model)[0] is not None for f in (teacher, student))
     if fused:  # per chunk: both chunks' float32 logits, the loss's buffers; plus the float32 [V, H] head gradient
@@ -218,10 +223,13 @@ def check_recipe(recipe: Recipe) -> Report:
         if config is None:
             report.unchecked.append(f"{role} config ({section.name_or_path}): {why}")
             continue
-        model = meta_model(config)
-        found[role] = Found(config, model, *count_parameters(model))
+        if recipe.task == "classification" and role == "student" and "teacher" in found:
+            config.num_labels = found["teacher"].config.num_labels  # what hf-kd train gives the student's head
+        model = meta_model(config, recipe.task)
+        found[role] = Found(config, model, *count_parameters(model, recipe.task))
+        rows = "vocab rows" if recipe.task == "causal_lm" else "classes"
         report.add(f"{role:8s}{section.name_or_path}: {config.model_type}, {_count(found[role].params)} parameters, "
-                   f"{found[role].rows} vocab rows")  # fmt: skip
+                   f"{found[role].rows} {rows}")  # fmt: skip
     if recipe.teacher.name_or_path == SELF_TEACHER and "student" in found:
         found["teacher"] = found["student"]
 
@@ -233,11 +241,18 @@ def check_recipe(recipe: Recipe) -> Report:
         tokenizer, why = _fetch(AutoTokenizer.from_pretrained, name)
         if tokenizer is None:
             report.unchecked.append(f"{role} tokenizer ({name}): {why}")
+        elif is_empty_tokenizer(tokenizer):
+            report.fail(f"{role} tokenizer ({name}): no tokenizer files, only {len(tokenizer)} special tokens; set "
+                        f"{role}.tokenizer")  # fmt: skip
         else:
             tokenizers[role] = tokenizer
 
     shared = None
-    if "teacher" in found and "student" in found:
+    if recipe.task == "classification" and "teacher" in found:
+        shared = found["teacher"].rows  # the student's head is built with the teacher's label set (hf_kd.cli)
+        labels = ", ".join(str(found["teacher"].config.id2label.get(i, i)) for i in range(shared))
+        report.add(f"labels: {shared} classes ({labels}), taken by the student's classification head from the teacher")
+    elif "teacher" in found and "student" in found:
         t_rows, s_rows = found["teacher"].rows, found["student"].rows
         shared = min(t_rows, s_rows)
         if t_rows == s_rows:
@@ -254,7 +269,7 @@ def check_recipe(recipe: Recipe) -> Report:
     if len(tokenizers) == 2:
         _check_tokenizers(recipe, tokenizers["student"], tokenizers["teacher"], report)
 
-    if shared is not None:
+    if shared is not None and "teacher" in found and "student" in found:
         rows = estimate_memory(recipe, args, found["teacher"], found["student"], shared)
         total = sum(b for _, b in rows)
         report.add(f"memory per GPU, rough (DDP or one GPU, per_device_train_batch_size={args.per_device_train_batch_size}"

@@ -18,7 +18,7 @@ import sys
 import time
 
 from .adapters import SELF_TEACHER
-from .data import DataError
+from .data import DataError, is_empty_tokenizer
 from .recipe import Recipe, RecipeError, load_recipe
 
 logger = logging.getLogger("hf_kd")
@@ -47,7 +47,7 @@ def _resume_target(value: str | None) -> str | bool | None:
     return True if str(value).lower() in ("true", "yes", "last") else str(value)
 
 
-def prepare_output_dir(recipe: Recipe, args, resume, overwrite: bool) -> None:
+def check_output_dir(recipe: Recipe, args, resume, overwrite: bool) -> None:
     """Refuse to train over a finished run or to silently restart an unfinished one (all processes agree)."""
     out = args.output_dir
     finished = os.path.exists(os.path.join(out, COMPLETE_MARKER))
@@ -66,13 +66,18 @@ def prepare_output_dir(recipe: Recipe, args, resume, overwrite: bool) -> None:
         raise RecipeError(recipe.path, "training.resume_from_checkpoint", f"no checkpoint-* in {out} to resume from")
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise RecipeError(recipe.path, "training.resume_from_checkpoint", f"no such directory: {resume}")
-    if overwrite:
-        with args.main_process_first(local=False, desc="clearing the previous run"):
-            if args.process_index == 0:  # the marker goes first: a half-overwritten dir must never look finished
-                if finished:
-                    os.remove(os.path.join(out, COMPLETE_MARKER))
-                for path in checkpoints:
-                    shutil.rmtree(path)
+
+
+def clear_previous_run(args) -> None:
+    """--overwrite_output_dir: remove the marker, then the checkpoints. Called once the data and models have loaded,
+    so a recipe that fails on its data leaves the previous run intact."""
+    out = args.output_dir
+    with args.main_process_first(local=False, desc="clearing the previous run"):
+        if args.process_index == 0:  # the marker goes first: a half-overwritten dir must never look finished
+            if os.path.exists(os.path.join(out, COMPLETE_MARKER)):
+                os.remove(os.path.join(out, COMPLETE_MARKER))
+            for path in _checkpoints(out):
+                shutil.rmtree(path)
 
 
 def _load(loader, name: str, key: str, recipe: Recipe, **kwargs):
@@ -82,20 +87,44 @@ def _load(loader, name: str, key: str, recipe: Recipe, **kwargs):
         raise RecipeError(recipe.path, key, str(err).strip().splitlines()[0]) from None
 
 
+def load_tokenizer(recipe: Recipe, name: str, key: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer.from_pretrained, name, key, recipe)
+    if is_empty_tokenizer(tokenizer):
+        raise RecipeError(recipe.path, key, f"{name} holds no tokenizer files (transformers built an empty tokenizer: "
+                          f"{len(tokenizer)} special tokens, no vocabulary); set {key} to one that has them")  # fmt: skip
+    return tokenizer
+
+
 def load_student(recipe: Recipe):
+    """The student, loaded with the Auto class of the recipe's task; a classifier gets the teacher's label set."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .trainer import TASKS
 
     section = recipe.student
     dtype = section.dtype or "float32"  # fp32 master weights; bf16: true in training autocasts the compute
     kwargs = {**section.init_kwargs, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
-    return _load(AutoModelForCausalLM.from_pretrained, section.name_or_path, "student.name_or_path", recipe, **kwargs)
+    if recipe.task == "classification" and recipe.teacher.name_or_path != SELF_TEACHER:
+        # a base checkpoint (google/bert_uncased_L-4_H-256_A-4) gets a new head with the teacher's classes, in its order
+        teacher = _load(AutoConfig.from_pretrained, recipe.teacher.name_or_path, "teacher.name_or_path", recipe)
+        kwargs = {"num_labels": teacher.num_labels, "id2label": teacher.id2label, "label2id": teacher.label2id, **kwargs}
+    loader = TASKS[recipe.task].from_pretrained
+    return _load(loader, section.name_or_path, "student.name_or_path", recipe, **kwargs)
+
+
+def check_labels(recipe: Recipe, datasets: dict, num_labels: int) -> None:
+    """Classification: every label is a class of the model (a string or out-of-range label fails here, not in CUDA)."""
+    for key, dataset in datasets.items():
+        if dataset is not None and len(dataset) and max(dataset["labels"]) >= num_labels:
+            raise RecipeError(recipe.path, "data.label_field", f"{key} data has label {max(dataset['labels'])}, but the "
+                              f"teacher has {num_labels} classes (labels are 0..{num_labels - 1})")  # fmt: skip
 
 
 def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     """Train the recipe's student; returns the metrics written to ``training_complete.json``."""
-    from transformers import AutoTokenizer
-
     from .data import prepare_datasets
     from .trainer import DistillationTrainer
 
@@ -103,26 +132,28 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
     resume = _resume_target(args.resume_from_checkpoint)
-    prepare_output_dir(recipe, args, resume, overwrite)
+    check_output_dir(recipe, args, resume, overwrite)
 
-    tokenizer = _load(AutoTokenizer.from_pretrained, recipe.student.tokenizer or recipe.student.name_or_path,
-                      "student.tokenizer", recipe)  # fmt: skip
+    tokenizer = load_tokenizer(recipe, recipe.student.tokenizer or recipe.student.name_or_path, "student.tokenizer")
     teacher_name = recipe.teacher.tokenizer or recipe.teacher.name_or_path
     teacher_tokenizer = None  # self-distillation: one model, one tokenizer, nothing to compare
     if teacher_name != SELF_TEACHER:
-        teacher_tokenizer = _load(AutoTokenizer.from_pretrained, teacher_name, "teacher.tokenizer", recipe)
+        teacher_tokenizer = load_tokenizer(recipe, teacher_name, "teacher.tokenizer")
     with args.main_process_first(desc="dataset preparation"):  # rank 0 tokenizes and caches, the others reuse it
         train_dataset, eval_dataset = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed)
     logger.info("train: %d examples%s", len(train_dataset),
                 f", eval: {len(eval_dataset)} examples" if eval_dataset is not None else "")  # fmt: skip
 
+    student = load_student(recipe)
+    if recipe.task == "classification":
+        check_labels(recipe, {"train": train_dataset, "eval": eval_dataset}, student.config.num_labels)
     peft_config = None
     if recipe.peft is not None:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**recipe.peft)
     trainer = DistillationTrainer(
-        model=load_student(recipe),
+        model=student,
         args=args,  # holds teacher_model_name_or_path / _init_kwargs: the trainer loads the frozen teacher
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -130,12 +161,14 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
         peft_config=peft_config,
         recipe=recipe.to_dict(),  # embedded in the model card
     )
+    if overwrite:
+        clear_previous_run(args)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # every process: FSDP / ZeRO-3 gather their shards here
     metrics = {"train": result.metrics}
-    if eval_dataset is not None:
+    if eval_dataset is not None:  # before saving: the model card written by save_model() shows the final eval losses
         metrics["eval"] = trainer.evaluate()
+    trainer.save_model()  # every process: FSDP / ZeRO-3 gather their shards here
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         _write_marker(args.output_dir, recipe, metrics, trainer.state.global_step, time.time() - started)
@@ -209,7 +242,7 @@ OVERRIDES_HELP = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-kd",
-        description="Knowledge distillation for Hugging Face causal LMs.",
+        description="Knowledge distillation for Hugging Face causal LMs (and text classifiers).",
         epilog="Multi-GPU: accelerate launch [--config_file recipes/accelerate/fsdp.yaml] -m hf_kd train RECIPE",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,demo,cache-teacher}")

@@ -85,6 +85,12 @@ def load_raw_dataset(source: str, split: str = "train", subset: str | None = Non
     return datasets.load_dataset(source, subset, split=split, streaming=streaming)
 
 
+def is_empty_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` has special tokens only: what transformers builds from a directory with a config and no
+    tokenizer files (every word then becomes the unknown token)."""
+    return len(tokenizer) <= len(set(tokenizer.all_special_ids))
+
+
 def _with_eos(ids: list[int], tokenizer, add_eos: bool) -> list[int]:
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and (not ids or ids[-1] != eos):
@@ -94,6 +100,8 @@ def _with_eos(ids: list[int], tokenizer, add_eos: bool) -> list[int]:
 
 def encode_example(example: dict[str, Any], tokenizer, data, chat_template: str | None = None) -> dict[str, list[int]]:
     """One raw example -> ``{"input_ids", "labels"}`` (not truncated); labels are -100 where nothing is learned.
+
+    ``classification``: the tokenizer's output (truncated to ``data.max_length``) and one integer ``labels``.
 
     ``chat_template`` overrides the tokenizer's own (the tokenizer check renders the teacher's view with the student's
     template: the teacher is fed the student's token ids, whatever its own template would have produced).
@@ -105,7 +113,9 @@ def encode_example(example: dict[str, Any], tokenizer, data, chat_template: str 
         # tokenized apart and concatenated: the prompt/completion boundary is exact, whatever the merges
         prompt = tokenizer(example[data.prompt_field], add_special_tokens=True)["input_ids"]
         completion = tokenizer(example[data.completion_field], add_special_tokens=False)["input_ids"]
-        completion = _with_eos(completion, tokenizer, data.add_eos)
+        # an empty completion stays empty: EOS alone would teach the student to stop at once (prompt-only data is
+        # then refused as having no trainable tokens instead of training on nothing but EOS)
+        completion = _with_eos(completion, tokenizer, data.add_eos) if completion else completion
         masked = [IGNORE_INDEX] * len(prompt) if data.completion_only else prompt
         return {"input_ids": prompt + completion, "labels": masked + completion}
     if data.format == "messages":
@@ -114,6 +124,14 @@ def encode_example(example: dict[str, Any], tokenizer, data, chat_template: str 
         ids = list(example["input_ids"])
         labels = example.get("labels")
         return {"input_ids": ids, "labels": list(ids) if labels is None else list(labels)}
+    if data.format == "classification":  # one label per example; truncated here, so a BERT [SEP] survives it
+        texts = [example[data.text_field]] + ([example[data.text_pair_field]] if data.text_pair_field else [])
+        encoded = dict(tokenizer(*texts, truncation=True, max_length=data.max_length))
+        label = example[data.label_field]
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise DataError("data.label_field", f"labels must be class ids 0, 1, ... in the teacher's label order, got "
+                                                f"{label!r} (an unlabeled split, such as GLUE's test splits, has -1)")  # fmt: skip
+        return {**encoded, "labels": label}
     raise DataError("data.format", f"unknown format {data.format!r}")
 
 
@@ -158,6 +176,8 @@ def _required_columns(data) -> list[tuple[str, str]]:
         "prompt_completion": [("data.prompt_field", data.prompt_field), ("data.completion_field", data.completion_field)],
         "messages": [("data.messages_field", data.messages_field)],
         "tokenized": [("data.format", "input_ids")],
+        "classification": [("data.text_field", data.text_field), ("data.label_field", data.label_field)]
+        + ([("data.text_pair_field", data.text_pair_field)] if data.text_pair_field else []),
     }[data.format]
 
 
@@ -180,6 +200,9 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing"):
     """Encode, truncate to ``data.max_length`` (or pack into blocks of it), drop examples left with no target."""
     check_columns(dataset, data, tokenizer)
     max_length, packing = data.max_length, data.packing
+    if data.format == "classification":  # every example is one target: nothing to mask, truncate or drop
+        return dataset.map(lambda example: encode_example(example, tokenizer, data), remove_columns=dataset.column_names,
+                           num_proc=data.num_proc, desc=desc)  # fmt: skip
 
     def encode(example):
         encoded = encode_example(example, tokenizer, data)
@@ -258,16 +281,29 @@ def check_tokenizers_agree(student_tokenizer, teacher_tokenizer, examples: list[
     return f"{len(examples)} sample examples ({tokens} tokens) tokenize identically with both tokenizers"
 
 
+def _load_or_explain(key: str, *args):
+    """:func:`load_raw_dataset`, its failure (unreachable Hub id, malformed file, missing split) as a DataError."""
+    import datasets
+
+    try:
+        return load_raw_dataset(*args)
+    except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as err:
+        cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
+        why = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(key, f"cannot load {args[0]!r}: {why}") from None
+
+
 def prepare_datasets(data, tokenizer, teacher_tokenizer=None, seed: int = 0):
     """Load, check and tokenize the train (and eval) data of a recipe -> ``(train, eval or None)``."""
-    raw = load_raw_dataset(data.dataset, data.split, data.subset)
+    raw = _load_or_explain("data.dataset", data.dataset, data.split, data.subset)
     check_columns(raw, data, tokenizer)
     if data.max_samples is not None:
         raw = raw.select(range(min(data.max_samples, len(raw))))
     raw_eval = None
     if data.eval_split is not None:
         is_file = os.path.splitext(data.eval_split)[1].lower() in DATA_EXTENSIONS or os.path.isdir(data.eval_split)
-        raw_eval = load_raw_dataset(data.eval_split) if is_file else load_raw_dataset(data.dataset, data.eval_split, data.subset)
+        source = (data.eval_split,) if is_file else (data.dataset, data.eval_split, data.subset)
+        raw_eval = _load_or_explain("data.eval_split", *source)
     elif data.eval_size > 0:
         size = data.eval_size if data.eval_size < 1 else int(data.eval_size)
         if len(raw) < 2 or (size >= 1 and size >= len(raw)):

@@ -5,7 +5,7 @@ A recipe has five top-level sections::
     teacher:  {name_or_path, tokenizer, dtype, init_kwargs}
     student:  {name_or_path, tokenizer, dtype, init_kwargs}
     data:     {dataset, split, format, ..., max_length, packing, eval_split | eval_size}
-    training: any DistillationConfig / TrainingArguments field (loss_type, temperature, learning_rate, ...)
+    training: any DistillationConfig / TrainingArguments field (loss_type, temperature, learning_rate, task, ...)
     peft:     optional LoraConfig keyword arguments
 
 Every problem is a :class:`RecipeError` whose message is ``<file>: <key>: <problem>``. YAML's ``2e-5`` is the
@@ -28,7 +28,8 @@ import yaml
 
 from .data import DATA_EXTENSIONS
 
-DATA_FORMATS = ("text", "prompt_completion", "messages", "tokenized")
+DATA_FORMATS = ("text", "prompt_completion", "messages", "tokenized", "classification")
+RECIPE_TASKS = ("causal_lm", "classification")  # training.task; token_classification: the Python API only, for now
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 # these raise on a machine without a GPU; `hf-kd check` on a laptop still validates a GPU recipe
 HARDWARE_FIELDS = ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval", "tf32")
@@ -60,8 +61,10 @@ class DataSection:
     dataset: str  # a Hub dataset id, a local .json/.jsonl/.parquet/.csv/.txt file, or a local directory
     subset: str | None = None  # the Hub dataset's configuration name, if it has several
     split: str = "train"  # a Hub/directory split; a single local file is always the split "train"
-    format: str = "text"  # text | prompt_completion | messages | tokenized
-    text_field: str = "text"
+    format: str = "text"  # text | prompt_completion | messages | tokenized | classification (training.task too)
+    text_field: str = "text"  # classification: the text to classify
+    text_pair_field: str | None = None  # classification: a second text (e.g. NLI's hypothesis), encoded as a pair
+    label_field: str = "label"  # classification: an integer class id, in the teacher's label order
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"  # a list of {role, content}, rendered with the student's chat template
@@ -85,6 +88,11 @@ class Recipe:
     data: DataSection
     training: dict[str, Any]  # coerced DistillationConfig keyword arguments (validated)
     peft: dict[str, Any] | None = None  # LoraConfig keyword arguments (validated)
+
+    @property
+    def task(self) -> str:
+        """``causal_lm`` (the default) or ``classification``: which Auto class loads the student and the teacher."""
+        return self.training.get("task") or "causal_lm"
 
     def training_args(self, check_hardware: bool = True):
         """The DistillationConfig, teacher included. ``check_hardware=False`` turns bf16/fp16/tf32 off instead of
@@ -153,6 +161,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     recipe = Recipe(path=path, teacher=teacher, student=student, data=data, training=training)
 
     config = recipe.training_args(check_hardware=False)
+    _check_task(path, recipe)
     has_eval = data.eval_split is not None or data.eval_size > 0
     if config.eval_strategy != "no" and not has_eval:
         raise RecipeError(path, "training.eval_strategy", "evaluation needs data.eval_split or data.eval_size")
@@ -287,6 +296,20 @@ def _check_data(path: str, data: DataSection) -> None:
             raise RecipeError(path, f"data.{key}", f"must be positive, got {value}")
 
 
+def _check_task(path: str, recipe: Recipe) -> None:
+    task, data_format = recipe.task, recipe.data.format
+    if task not in RECIPE_TASKS:
+        raise RecipeError(path, "training.task", f"{task!r} is not available in recipes ({', '.join(RECIPE_TASKS)}); "
+                                                 "use DistillationTrainer from Python")  # fmt: skip
+    if task == "classification" and data_format != "classification":
+        raise RecipeError(path, "data.format", "training.task classification reads a text and a label per example: "
+                                               "set data.format: classification")  # fmt: skip
+    if task != "classification" and data_format == "classification":
+        raise RecipeError(path, "training.task", "data.format classification needs training.task: classification")
+    if data_format == "classification" and recipe.data.packing:
+        raise RecipeError(path, "data.packing", "a classification example has one label: it cannot be packed")
+
+
 def _is_data_file(value: str) -> bool:
     return os.path.splitext(value)[1].lower() in DATA_EXTENSIONS
 
@@ -298,11 +321,20 @@ def _check_peft(path: str, peft: Any) -> dict[str, Any]:
 
     known = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
     _reject_unknown(path, "peft.", peft, known)
+    hints = typing.get_type_hints(LoraConfig)
+    peft = dict(peft)
+    for key, value in peft.items():
+        simple = [a for a in (typing.get_args(hints[key]) or (hints[key],)) if a is not type(None)]
+        if len(simple) == 1 and simple[0] in (int, float, bool):  # `lora_dropout: 5e-2` is the string '5e-2' in YAML
+            try:
+                peft[key] = _coerce(value, hints[key])
+            except ValueError as err:
+                raise RecipeError(path, f"peft.{key}", str(err)) from None
     try:
         LoraConfig(**peft)  # target_modules / task_type left out are filled in by the trainer from the student
     except (TypeError, ValueError) as err:
         raise RecipeError(path, "peft", str(err).splitlines()[0]) from None
-    return dict(peft)
+    return peft
 
 
 # ---- the training section: every DistillationConfig field ------------------------------------------------------------
@@ -419,4 +451,6 @@ def _build_config(path: str, kwargs: dict[str, Any], neutralize_hardware: bool):
         message = str(err).strip().splitlines()[0]
         first = re.split(r"[\s:=]", message.lstrip("-"), maxsplit=1)[0]
         key = f"training.{first}" if first in kwargs else "training"
+        if key != "training" and message.startswith(f"{first}: "):  # "loss_type: unknown loss": the key is said once
+            message = message[len(first) + 2 :]
         raise RecipeError(path, key, message) from None

@@ -181,3 +181,39 @@ def test_teacher_sees_the_student_chat_template(tok):
     examples = [{"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}]
     summary = check_tokenizers_agree(tok, make_tokenizer(chat_template=None), examples, DataSection(dataset="x", format="messages"))
     assert "1 sample examples (6 tokens)" in summary
+
+
+def test_prompt_only_data_is_an_error_even_with_eos(tok):
+    """An empty completion gets no EOS: prompt-only data is refused, not trained on nothing but EOS."""
+    rows = [{"prompt": "w1 w2", "completion": ""}] * 3
+    data = DataSection(dataset="x", format="prompt_completion")
+    assert encode_example(rows[0], tok, data) == {"input_ids": ids("w1 w2"), "labels": [-100, -100]}
+    with pytest.raises(DataError, match="no trainable tokens"):
+        tokenize_dataset(Dataset.from_list(rows), tok, data)
+
+
+def test_unloadable_data_is_a_data_error(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "w1"}\n{not json\n')
+    with pytest.raises(DataError, match=r"^data.dataset: cannot load '.*bad.jsonl': JSON parse error"):
+        prepare_datasets(DataSection(dataset=str(bad)), tok)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "w1"}\n')
+    with pytest.raises(DataError, match=r"^data.dataset: cannot load 'hf-kd-test/no-such-dataset'"):
+        prepare_datasets(DataSection(dataset="hf-kd-test/no-such-dataset"), tok)  # offline: HF_HUB_OFFLINE=1
+    with pytest.raises(DataError, match=r"^data.eval_split: cannot load"):
+        prepare_datasets(DataSection(dataset=str(good), eval_split=str(bad)), tok)
+
+
+def test_classification_format(tok):
+    data = DataSection(dataset="x", format="classification", text_field="premise", text_pair_field="hypothesis",
+                       max_length=4)  # fmt: skip
+    rows = [{"premise": "w1 w2 w3", "hypothesis": "w4 w5", "label": 2}, {"premise": "w6", "hypothesis": "w7", "label": 0}]
+    out = tokenize_dataset(Dataset.from_list(rows), tok, data)
+    assert out["labels"] == [2, 0]  # one label per example, never -100 or shifted
+    assert [len(x) for x in out["input_ids"]] == [4, 2]  # truncated by the tokenizer to max_length
+    assert out["input_ids"][1] == ids("w6 w7")
+    with pytest.raises(DataError, match="data.label_field: the dataset has no column 'label'"):
+        tokenize_dataset(Dataset.from_list([{"premise": "w1", "hypothesis": "w2"}]), tok, data)
+    with pytest.raises(DataError, match="data.label_field: labels must be class ids"):
+        encode_example({"premise": "w1", "hypothesis": "w2", "label": "positive"}, tok, data)

@@ -1,0 +1,149 @@
+"""benchmarks/peers.py and benchmarks/quality.py: the arithmetic behind their tables, and small end-to-end runs.
+
+Only the loss check against TRL needs TRL (the ``bench`` extra); everything else runs without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """benchmarks/ is a folder of scripts, not a package: import one by path."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+peers = _load("peers")
+quality = _load("quality")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """measure() and quality.run() quiet the hf_kd and transformers loggers for their tables; later tests need them."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    level, verbosity = logging.getLogger("hf_kd").level, hf_logging.get_verbosity()
+    yield
+    logging.getLogger("hf_kd").setLevel(level)
+    hf_logging.set_verbosity(verbosity)
+
+
+def _cell(step: float, peak_gb: float) -> dict:
+    return {"step_s": step, "min_step_s": step, "tokens_per_s": 1.0, "peak_bytes": peak_gb * peers.GB}
+
+
+def test_ratios_and_targets_from_synthetic_cells():
+    cells = {
+        32000: {"sft": _cell(1.0, 1), "teacher_forward": _cell(0.5, 1), "hf_kd_fused": _cell(3.0, 2),
+                "hf_kd_unfused": _cell(4.0, 4), "trl_gkd": _cell(4.0, 4)},
+        128256: {"sft": _cell(2.0, 1), "teacher_forward": _cell(1.0, 1), "hf_kd_fused": _cell(3.0, 1),
+                 "hf_kd_unfused": _cell(6.0, 5), "trl_gkd": _cell(5.0, 4)},
+    }  # fmt: skip
+    ratio = peers.ratios(cells)
+    fused = ratio[128256]["hf_kd_fused"]
+    assert fused["step_vs_trl"] == pytest.approx(3.0 / 5.0)
+    assert fused["peak_vs_trl"] == pytest.approx(1 / 4)
+    assert fused["overhead"] == pytest.approx(3.0 / (2.0 + 1.0))  # KD / (SFT + teacher forward)
+    assert ratio[32000]["hf_kd_unfused"]["overhead"] == pytest.approx(4.0 / 1.5)
+    assert ratio[128256]["trl_gkd"]["step_vs_trl"] == pytest.approx(1.0)
+
+    checks = peers.targets(ratio)  # judged at the largest vocabulary, on the fused cell
+    assert {c["vocab"] for c in checks.values()} == {128256}
+    assert checks["step_vs_trl"]["met"] is True  # 0.6 <= 0.7
+    assert checks["peak_vs_trl"]["met"] is True  # 0.25 <= 0.5
+    assert checks["overhead"]["met"] is True  # 1.0 <= 1.05
+    cells[128256]["hf_kd_fused"] = _cell(3.6, 2.1)
+    checks = peers.targets(peers.ratios(cells))
+    assert [checks[k]["met"] for k in ("step_vs_trl", "peak_vs_trl", "overhead")] == [False, False, False]
+
+
+def test_without_trl_the_trl_ratios_are_not_measured_and_the_table_says_so():
+    cells = {32000: {"sft": _cell(1.0, 1), "teacher_forward": _cell(0.5, 1), "hf_kd_fused": _cell(1.5, 1)}}
+    ratio = peers.ratios(cells)
+    assert ratio[32000]["hf_kd_fused"] == {"step_vs_trl": None, "peak_vs_trl": None, "overhead": pytest.approx(1.0)}
+    checks = peers.targets(ratio)
+    assert checks["step_vs_trl"]["met"] is None and checks["overhead"]["met"] is True
+    table = peers.markdown(cells, ratio, peers.Setup(), "header")
+    assert "TRL GKD (lmbda=0) | not run" in table
+    assert all(row.count("|") == table.splitlines()[2].count("|") for row in table.splitlines()[2:])
+
+
+def test_peak_memory_sees_an_allocation_made_after_start():
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii"):
+            pass
+    except OSError:
+        pytest.skip("no writable /proc/self/clear_refs: the CPU peak cannot be reset here")
+    memory = peers.PeakMemory("cpu")
+    memory.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert memory.peak() >= 60 * 2**20
+    del block
+
+
+def test_kd_cells_run_and_agree_on_the_first_batch_loss():
+    setup = peers.Setup(vocab=300, seq_len=16, batch_size=2, teacher=(64, 1), student=(32, 1), steps=1, warmup=1)
+    fused, unfused = (peers.measure(m, setup) for m in ("hf_kd_fused", "hf_kd_unfused"))
+    for cell in (fused, unfused):
+        assert len(cell["step_times_s"]) == 2 and cell["step_s"] > 0 and cell["peak_bytes"] >= 0
+        assert cell["tokens_per_s"] == pytest.approx(2 * 15 / cell["step_s"])
+    assert fused["loss_at_init"] == pytest.approx(unfused["loss_at_init"], rel=1e-5)
+
+
+def test_loss_agreement_with_trl_generalized_jsd():
+    pytest.importorskip("trl")
+    agreement = peers.loss_agreement(vocab=200)
+    assert set(agreement) == {"forward_kl", "reverse_kl"}
+    for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0)):
+        a = agreement[name]
+        assert a["trl_beta"] == beta
+        assert a["abs_diff"] < 1e-10 and a["trl_vs_reference"] < 1e-10, a
+    # the check can tell the two KLs apart: on these logits they differ by far more than the tolerance
+    assert abs(agreement["forward_kl"]["reference"] - agreement["reverse_kl"]["reference"]) > 1e-3
+    # and inside the trainers (shift, mask, normalization): GKDTrainer with lmbda=0, beta=0 is hf_kd's objective
+    setup = peers.Setup(vocab=300, seq_len=16, batch_size=2, teacher=(64, 1), student=(32, 1), steps=1, warmup=0)
+    gkd, ours = (peers.measure(m, setup) for m in ("trl_gkd", "hf_kd_unfused"))
+    assert gkd["loss_at_init"] == pytest.approx(ours["loss_at_init"], rel=1e-5)
+
+
+def test_quality_data_has_the_demo_layout(tmp_path):
+    from hf_kd.demo import SPECIALS, build_tokenizer
+
+    seqs = torch.tensor([[0, 3, 5, 1], [2, 2, 4, 0]])
+    data = quality.tokenized(seqs, build_tokenizer(6), str(tmp_path), "t")
+    assert data["input_ids"] == (seqs + len(SPECIALS)).tolist()  # symbol k is token "s<k>", no EOS
+    assert data["labels"] == [[-100, -100, 8, 4], [-100, -100, 7, 3]]  # the two prompt symbols are not targets
+
+
+def test_quality_summary_is_mean_sample_std_and_excess_nats():
+    m = quality.summarize([2.0, 4.0], entropy=math.log(2.0))
+    assert m["mean"] == pytest.approx(3.0) and m["std"] == pytest.approx(math.sqrt(2.0))  # n - 1 in the denominator
+    assert m["excess_nats"] == pytest.approx(math.log(2.0) / 2)  # mean of log(ppl) - entropy: 0 and log 2
+    assert quality.summarize([5.0], entropy=0.0)["std"] == 0.0
+
+
+def test_quality_quick_path_gives_finite_perplexities(tmp_path):
+    from hf_kd.demo import FAST
+
+    s = replace(FAST, teacher_seqs=64, student_seqs=32, test_seqs=16, teacher_steps=4, student_steps=2, batch_size=8)
+    results = quality.run(s, seeds=[0], out_dir=tmp_path, stem="q")
+    assert set(results["methods"]) == set(quality.METHODS)
+    assert results["floor_ppl"] >= 1 and math.isfinite(results["teacher_ppl"])
+    for m in results["methods"].values():
+        assert len(m["ppl"]) == 1 and math.isfinite(m["ppl"][0]) and m["ppl"][0] >= 1
+    assert (tmp_path / "q.json").exists() and "student: logit MSE" in (tmp_path / "q.md").read_text()

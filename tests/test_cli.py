@@ -1,0 +1,323 @@
+"""`hf-kd train | check` on tiny local models: exit codes, error lines, the output directory's life cycle."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import SPECIALS, WORDS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_kd.cli import COMPLETE_MARKER, main
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def prompt_completion_rows(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(8)]
+        rows.append({"prompt": " ".join(words[:3]), "completion": " ".join(words[3:])})
+    return rows
+
+
+def write_recipe(path, tiny_dir, data: dict, teacher: str = "teacher", student: str = "student",
+                 teacher_tokenizer: str | None = None, **training) -> str:  # fmt: skip
+    recipe = {
+        "teacher": {"name_or_path": tiny_dir[teacher], "tokenizer": teacher_tokenizer or tiny_dir["tokenizer"]},
+        "student": {"name_or_path": tiny_dir[student], "tokenizer": tiny_dir["tokenizer"]},
+        "data": {"format": "prompt_completion", "max_length": 16, **data},
+        "training": {"output_dir": str(path.parent / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                     "learning_rate": "1e-3", "logging_steps": 1, "save_strategy": "no", "use_cpu": True,
+                     "report_to": "none", "disable_tqdm": True, **training},
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_data")
+    return {
+        "train": write_jsonl(root / "train.jsonl", prompt_completion_rows(24)),
+        "prompt_only": write_jsonl(root / "prompt_only.jsonl", [{"prompt": "w1 w2", "completion": ""}] * 8),
+    }
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error_line(err: str, start: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith(start), err
+    assert "Traceback" not in err
+    assert sum(line.startswith("error:") for line in lines) == 1
+
+
+# ---- bad input: exit 2, one line, no traceback, nothing that looks finished ------------------------------------------
+
+
+def test_bad_recipe_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("teacher: {name_or_path: org/t}\nstudent: {name_or_path: org/s}\ndata: {dataset: org/d}\n"
+                    "training: {output_dir: out, learning_rat: 1.0e-5}\n")  # fmt: skip
+    for command in ("train", "check", "cache-teacher"):
+        extra = ["--output", tmp_path / "cache"] if command == "cache-teacher" else []
+        code, _, err = run([command, path, *extra], capsys)
+        assert code == 2
+        assert err == f"error: {path}: training.learning_rat: unknown key (did you mean 'learning_rate'?)\n"
+    code, _, err = run(["train", path.with_name("missing.yaml")], capsys)
+    assert (code, err) == (2, f"error: {path.with_name('missing.yaml')}: recipe: no such file\n")
+
+
+def test_python_m_hf_kd_entry_point(tmp_path):
+    """The real entry point (`python -m hf_kd`, what `accelerate launch -m hf_kd` runs): exit 2 and one line."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("teacher: {name_or_path: org/t}\nstudent: {name_or_path: org/s}\ndata: {dataset: org/d}\n"
+                    "training: {output_dir: out}\n")  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "hf_kd", "train", str(path), "--max_stepz", "10"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: {path}: --max_stepz: not a DistillationConfig / TrainingArguments field (did you mean --max_steps?)\n"
+
+
+def test_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_dir, files, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["prompt_only"]})
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: data: no trainable tokens: all 8 examples")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_tokenizers_that_disagree_are_refused(tmp_path, tiny_dir, files, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = SPECIALS + WORDS
+    vocab[5], vocab[6] = vocab[6], vocab[5]  # the same strings, two ids exchanged
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = str(tmp_path / "other_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(other)
+    rows = [{"prompt": "w1", "completion": "w2 w3"}] * 4  # w2 and w3 are ids 5 and 6
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, teacher_tokenizer=other)
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: tokenizers: the teacher and student tokenizers disagree on sample "
+                               "example 0 at token 1: the student has id 5 ('w2'), the teacher id 6 ('w2')")  # fmt: skip
+    assert not os.path.exists(tmp_path / "out")
+
+
+# ---- a full run and the output directory's life cycle ---------------------------------------------------------------
+
+
+def read_marker(out) -> dict:
+    with open(os.path.join(out, COMPLETE_MARKER)) as f:
+        return json.load(f)
+
+
+def test_train_end_to_end_and_output_dir_life_cycle(tmp_path, tiny_dir, files, capsys):
+    # evaluation only at the end (eval_strategy no): the card must still show the final eval losses
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"], "eval_size": 4},
+                        save_strategy="steps", save_steps=2)  # fmt: skip
+    out = str(tmp_path / "out")
+    code, _, err = run(["train", path, "--max_steps", "3"], capsys)
+    assert code == 0, err
+
+    marker = read_marker(out)
+    assert marker["global_step"] == 3 and marker["resolved_recipe"]["training"]["max_steps"] == 3
+    eval_loss = marker["metrics"]["eval"]["eval_loss"]
+    student = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("w3") == 6
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir["student"])
+    assert not torch.equal(student.lm_head.weight, original.lm_head.weight)  # it trained
+    with open(os.path.join(out, "README.md")) as f:
+        card = f.read()
+    assert "| total (`loss`) | " in card and f"| {eval_loss:.4f} |" in card  # the final evaluation is in the card
+    assert "- distillation" in card and "from_pretrained" in card
+    assert os.path.isdir(os.path.join(out, "checkpoint-2"))
+
+    # a finished run is never trained over ...
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: training.output_dir: {out} already holds a finished run")
+    # ... --overwrite_output_dir with bad data fails before touching it ...
+    bad = write_recipe(tmp_path / "bad.yaml", tiny_dir, {"dataset": files["prompt_only"]})
+    code, _, err = run(["train", bad, "--overwrite_output_dir"], capsys)
+    assert code == 2 and "no trainable tokens" in err
+    assert read_marker(out)["global_step"] == 3
+    code, _, err = run(["train", path, "--overwrite_output_dir", "--resume_from_checkpoint", "true"], capsys)
+    assert code == 2 and "contradict each other" in err
+
+    # an unfinished run (checkpoints, no marker) is refused, then resumed on request
+    unfinished = str(tmp_path / "unfinished")
+    os.makedirs(unfinished)
+    shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(unfinished, "checkpoint-2"))
+    code, _, err = run(["train", path, "--output_dir", unfinished], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: training.output_dir: {unfinished} holds checkpoints of an unfinished "
+                               "run (last: checkpoint-2); pass --resume_from_checkpoint true")  # fmt: skip
+    code, _, err = run(["train", path, "--output_dir", unfinished, "--resume_from_checkpoint", "true", "--max_steps", "4"],
+                       capsys)  # fmt: skip
+    assert code == 0, err
+    assert read_marker(unfinished)["global_step"] == 4
+    assert read_marker(unfinished)["metrics"]["train"]["train_runtime"] > 0
+
+    # ... and --overwrite_output_dir replaces a finished run
+    code, _, err = run(["train", path, "--overwrite_output_dir", "--max_steps", "1", "--save_strategy", "no"], capsys)
+    assert code == 0, err
+    assert read_marker(out)["global_step"] == 1
+    assert not os.path.exists(os.path.join(out, "checkpoint-2"))  # the old run's checkpoints went first
+
+
+def test_resume_without_checkpoints_is_refused(tmp_path, tiny_dir, files, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]})
+    code, _, err = run(["train", path, "--resume_from_checkpoint", "true"], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: training.resume_from_checkpoint: no checkpoint-* in ")
+
+
+# ---- check ------------------------------------------------------------------------------------------------------------
+
+
+def test_check_local_recipe(tmp_path, tiny_dir, files, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]})
+    code, out, _ = run(["check", path], capsys)
+    assert code == 0, out
+    assert f"recipe {path}: valid" in out
+    assert f"teacher {tiny_dir['teacher']}: llama, " in out and "40 vocab rows" in out
+    assert "vocab: teacher and student both have 40 rows" in out
+    assert "tokenizers: identical vocabularies (40 tokens)" in out
+    assert "tokenizers: 24 sample examples" in out and "tokenize identically with both tokenizers" in out
+    assert "memory per GPU, rough" in out and "student weights+grads+AdamW (16 B/param)" in out and "total" in out
+    assert "not checked" not in out
+
+
+def test_check_padded_vocabularies_and_a_vocab_too_small(tmp_path, tiny_dir, files, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher="teacher_padded",
+                        student="student_padded")  # fmt: skip
+    code, out, _ = run(["check", path], capsys)
+    assert code == 0, out
+    assert "vocab: teacher 48 rows, student 44 rows, tokenizer 40 tokens -> distilling over the shared first 44 rows" in out
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher="teacher_small")
+    code, out, _ = run(["check", path], capsys)
+    assert code == 1
+    assert "FAIL vocab: teacher 32 rows, student 40 rows, tokenizer 40 tokens" in out
+
+
+def test_check_offline_hub_recipe_says_what_it_could_not_check(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "hub.yaml"
+    path.write_text("teacher: {name_or_path: hf-kd-test/no-such-teacher}\nstudent: {name_or_path: hf-kd-test/no-such-student}\n"
+                    "data: {dataset: hf-kd-test/no-such-data}\ntraining: {output_dir: out, bf16: true}\n")  # fmt: skip
+    code, out, err = run(["check", path], capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    unchecked = [line for line in out.splitlines() if line.startswith("not checked: ")]
+    assert [line.split(" (")[0] for line in unchecked] == [
+        "not checked: teacher config", "not checked: student config", "not checked: teacher tokenizer",
+        "not checked: student tokenizer", "not checked: memory estimate: needs both configs",
+    ]  # fmt: skip
+    assert "HF_HUB_OFFLINE is set" in unchecked[0]
+
+
+# ---- classification (training.task: classification) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory, tiny_dir):
+    """A 3-class BERT teacher and a base BERT student without a classifier head (like google/bert_uncased_L-4_H-256_A-4)."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("bert_cli")
+
+    def config(hidden, **kwargs):
+        return BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4,
+                          intermediate_size=2 * hidden, max_position_embeddings=64, **kwargs)  # fmt: skip
+
+    torch.manual_seed(0)
+    labels = {0: "neg", 1: "neu", 2: "pos"}
+    BertForSequenceClassification(config(48, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()}))\
+        .save_pretrained(root / "teacher")  # fmt: skip
+    BertForMaskedLM(config(32)).save_pretrained(root / "student")
+    rng = random.Random(0)
+    rows = [{"sentence": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))), "label": rng.randrange(3)}
+            for _ in range(20)]  # fmt: skip
+    return {"teacher": str(root / "teacher"), "student": str(root / "student"), "tokenizer": tiny_dir["tokenizer"],
+            "data": write_jsonl(root / "sst.jsonl", rows), "root": root}  # fmt: skip
+
+
+def write_classification_recipe(path, pair, data: str, **training) -> str:
+    recipe = {
+        "teacher": {"name_or_path": pair["teacher"], "tokenizer": pair["tokenizer"]},
+        "student": {"name_or_path": pair["student"], "tokenizer": pair["tokenizer"]},
+        "data": {"dataset": data, "format": "classification", "text_field": "sentence", "max_length": 16, "eval_size": 4},
+        "training": {"output_dir": str(path.parent / "out"), "task": "classification", "temperature": 2.0, "alpha": 0.5,
+                     "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": "1e-3", "loss_chunk_size": 0,
+                     "use_cpu": True, "report_to": "none", "disable_tqdm": True, **training},
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)
+
+
+def test_train_and_check_a_classifier(tmp_path, bert_pair, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    path = write_classification_recipe(tmp_path / "r.yaml", bert_pair, bert_pair["data"])
+    code, out, _ = run(["check", path], capsys)
+    assert code == 0, out
+    assert f"student {bert_pair['student']}: bert, " in out and "3 classes" in out
+    assert "labels: 3 classes (neg, neu, pos), taken by the student's classification head from the teacher" in out
+    assert "tokenizers: 20 sample examples" in out and "classifier logits and loss (3 classes)" in out
+
+    code, _, err = run(["train", path], capsys)
+    assert code == 0, err
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert student.config.id2label == {0: "neg", 1: "neu", 2: "pos"}  # the teacher's classes, in its order
+    assert "eval_loss" in read_marker(tmp_path / "out")["metrics"]["eval"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification" in card
+
+
+@pytest.mark.parametrize("label, problem", [(3, "train data has label 3, but the teacher has 3 classes"),
+                                            (-1, "labels must be class ids 0, 1, ...")])  # fmt: skip
+def test_classification_labels_are_checked(tmp_path, bert_pair, capsys, label, problem):
+    rows = [{"sentence": "w1 w2", "label": 0}] * 4 + [{"sentence": "w3", "label": label}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    path = write_classification_recipe(tmp_path / "r.yaml", bert_pair, data, eval_strategy="no")
+    with open(path) as f:
+        recipe = yaml.safe_load(f)
+    recipe["data"]["eval_size"] = 0
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f)
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: data.label_field: ")
+    assert problem in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_directory_without_tokenizer_files_is_refused(tmp_path, tiny_dir, files, capsys):
+    """transformers builds an empty tokenizer (special tokens only) from a BERT checkpoint without tokenizer files."""
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path / "bare")
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher_tokenizer=str(tmp_path / "bare"))
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: teacher.tokenizer: {tmp_path / 'bare'} holds no tokenizer files")

@@ -1,0 +1,230 @@
+"""Recipes: every shipped YAML validates offline; every kind of mistake is one line naming the file and the key."""
+
+import re
+from pathlib import Path
+
+import pytest
+from transformers import CONFIG_MAPPING
+
+from hf_kd.recipe import RecipeError, load_recipe, parse_overrides
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
+
+# file -> (teacher, student, model_type of both, loss_type, has a peft section). A new recipe gets a row here.
+EXPECTED = {
+    "qwen2.5-7b-to-0.5b.yaml": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", "forward_kl", False),
+    "qwen2.5-7b-to-1.5b-mse.yaml": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", "mse", False),
+    "llama-3.1-8b-to-3.2-1b.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "llama",
+                                    "forward_kl", False),
+    "llama-3.1-8b-to-3.2-3b-lora.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-3B-Instruct", "llama",
+                                         "forward_kl", True),
+    "qwen3-8b-to-0.6b.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B", "qwen3", "skew_forward_kl", False),
+    "gemma-2-9b-to-2b.yaml": ("google/gemma-2-9b-it", "google/gemma-2-2b-it", "gemma2", "forward_kl", False),
+    "bert-base-to-small-sst2.yaml": ("textattack/bert-base-uncased-SST-2", "google/bert_uncased_L-4_H-256_A-4", "bert",
+                                     "forward_kl", False),
+}
+# the model_type a Hub id belongs to, read off its name (no download)
+FAMILIES = {r"Qwen/Qwen2\.5-": "qwen2", r"Qwen/Qwen3-": "qwen3", r"meta-llama/Llama-3\.": "llama", r"google/gemma-2-": "gemma2",
+            r"(textattack/bert-base-uncased|google/bert_uncased)": "bert"}  # fmt: skip
+
+
+def family(model_id: str) -> str:
+    return next(kind for pattern, kind in FAMILIES.items() if re.match(pattern, model_id))
+
+
+def header(path: Path) -> str:
+    lines = path.read_text().splitlines()
+    return "\n".join(line for line in lines[: next(i for i, l in enumerate(lines) if l and not l.startswith("#"))])
+
+
+def test_every_shipped_recipe_is_listed():
+    assert set(SHIPPED) == set(EXPECTED), "add a row to EXPECTED for a new recipe (and remove it for a deleted one)"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_validates_offline(name):
+    recipe = load_recipe(RECIPES / name)
+    args = recipe.training_args(check_hardware=False)  # bf16 off on this CPU; the recipe keeps what it asked for
+    teacher, student, model_type, loss_type, has_peft = EXPECTED[name]
+    assert (recipe.teacher.name_or_path, recipe.student.name_or_path) == (teacher, student)
+    assert family(teacher) == family(student) == model_type  # one family: one tokenizer, ids mean the same strings
+    assert model_type in CONFIG_MAPPING  # this transformers knows the architecture
+    assert args.loss_weights == {loss_type: 1.0}
+    assert (recipe.peft is not None) == has_peft
+    assert isinstance(args.learning_rate, float) and 0 < args.learning_rate < 1e-3
+    assert args.teacher_model_name_or_path == teacher
+    assert args.output_dir.startswith("outputs/")
+    assert recipe.data.eval_split and args.eval_strategy == "steps"
+    if recipe.task == "causal_lm":  # UltraChat: chat format, completion-only
+        assert recipe.data.format == "messages" and recipe.data.completion_only
+    else:
+        assert (recipe.task, recipe.data.format, args.task) == ("classification", "classification", "classification")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_header_documents_the_launch(name):
+    text = header(RECIPES / name)
+    assert f"hf-kd check recipes/{name}" in text
+    assert f"accelerate launch -m hf_kd train recipes/{name}" in text
+    assert "Sized for:" in text and "GiB" in text  # hardware and expected memory
+
+
+def test_recipe_headers_note_what_is_special_about_the_pair():
+    qwen = header(RECIPES / "qwen2.5-7b-to-0.5b.yaml")
+    assert "152064" in qwen and "151936" in qwen  # padded vocab sizes differ: the core aligns the shared rows
+    gemma = header(RECIPES / "gemma-2-9b-to-2b.yaml")
+    assert "softcapping" in gemma
+    assert load_recipe(RECIPES / "gemma-2-9b-to-2b.yaml").teacher.init_kwargs == {"attn_implementation": "eager"}
+    lora = load_recipe(RECIPES / "llama-3.1-8b-to-3.2-3b-lora.yaml")
+    assert lora.peft["r"] == 64 and lora.peft["target_modules"] == "all-linear"
+    sst2 = load_recipe(RECIPES / "bert-base-to-small-sst2.yaml")
+    assert (sst2.data.dataset, sst2.data.subset, sst2.data.text_field) == ("nyu-mll/glue", "sst2", "sentence")
+    assert sst2.data.eval_split == "validation"  # GLUE's test split is unlabeled (-1)
+
+
+# ---- mistakes ------------------------------------------------------------------------------------------------------
+
+BASE = """\
+teacher:
+  name_or_path: org/teacher
+student:
+  name_or_path: org/student
+data:
+  dataset: org/dataset
+training:
+  output_dir: out
+"""
+
+
+def write(tmp_path, text: str = BASE, name: str = "recipe.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def error(path, overrides=None) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    return str(info.value)
+
+
+def test_minimal_recipe_and_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path))
+    assert recipe.training == {"output_dir": "out"}
+    assert recipe.data.format == "text" and recipe.data.max_length == 2048
+    assert recipe.training_args(check_hardware=False).loss_type == "forward_kl"
+
+
+def test_yaml_2e_5_is_coerced_to_a_float(tmp_path):
+    text = BASE + "  learning_rate: 2e-5\n  max_steps: 1e3\n  warmup_steps: 0.03\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.training["learning_rate"] == 2e-05 and type(recipe.training["learning_rate"]) is float
+    assert recipe.training["max_steps"] == 1000 and type(recipe.training["max_steps"]) is int
+    assert recipe.training_args(check_hardware=False).learning_rate == 2e-05
+    lora = load_recipe(write(tmp_path, BASE + "peft:\n  r: 8\n  lora_dropout: 5e-2\n"))
+    assert lora.peft["lora_dropout"] == 0.05  # the same trap in the peft section
+
+
+@pytest.mark.parametrize(
+    "edit, key, problem",
+    [
+        ("trainng:\n  max_steps: 1\n", "trainng", "unknown key (did you mean 'training'?)"),
+        ("  learning_rat: 1.0e-5\n", "training.learning_rat", "unknown key (did you mean 'learning_rate'?)"),
+        ("data:\n  dataset: org/dataset\n  max_lenght: 512\n", "data.max_lenght", "did you mean 'max_length'?"),
+        ("peft:\n  r: 8\n  lora_alpah: 16\n", "peft.lora_alpah", "did you mean 'lora_alpha'?"),
+        ("  max_steps: ten\n", "training.max_steps", "expected a number, got 'ten'"),
+        ("  max_steps: 2.5\n", "training.max_steps", "expected an integer"),
+        ("  bf16: maybe\n", "training.bf16", "expected true or false"),
+        ("  loss_type: forward_kll\n", "training.loss_type", "unknown loss 'forward_kll'"),
+        ("  alpha: 1.5\n", "training.alpha", "alpha must be in [0, 1], got 1.5"),
+        ("  temperature: 0\n", "training.temperature", "> 0"),
+        ("  lr_scheduler_type: cosinee\n", "training.lr_scheduler_type", "'cosinee' is not one of"),
+        ("  eval_strategy: steps\n", "training.eval_strategy", "needs data.eval_split or data.eval_size"),
+        ("  teacher_model_name_or_path: org/x\n", "training.teacher_model_name_or_path", "teacher: section"),
+        ("data:\n  dataset: ./missing.jsonl\n", "data.dataset", "no such file"),
+        ("data:\n  dataset: org/dataset\n  format: chat\n", "data.format", "'chat' is not one of text, prompt_completion"),
+        ("data:\n  dataset: org/dataset\n  max_length: 1\n", "data.max_length", "must be >= 2"),
+        ("data:\n  dataset: org/dataset\n  eval_size: 1.5\n", "data.eval_size", "fraction"),
+        ("teacher:\n  name_or_path: org/teacher\n  dtype: bf16\n", "teacher.dtype", "'bf16' is not one of"),
+        ("student:\n  name_or_path: ./no_such_dir\n", "student.name_or_path", "no such directory"),
+        ("teacher:\n  name_or_path: org/t\n  init_kwargs: {torch_dtype: bfloat16}\n", "teacher.init_kwargs.torch_dtype",
+         "use teacher.dtype"),
+        ("teacher:\n  name_or_path: self\n", "teacher.name_or_path", "needs a peft section"),
+        ("peft:\n  r: many\n", "peft.r", "expected a number"),
+        ("data: [a, b]\n", "data", "expected a mapping, got list"),
+        ("  task: classification\n", "data.format", "set data.format: classification"),
+        ("data:\n  dataset: org/dataset\n  format: classification\n", "training.task", "needs training.task: classification"),
+        ("  task: token_classification\n", "training.task", "'token_classification' is not available in recipes"),
+        ("  task: regression\n", "training.task", "task must be causal_lm, classification or token_classification"),
+    ],
+)
+def test_mistake_is_one_line_naming_file_and_key(tmp_path, edit, key, problem):
+    text = BASE
+    section = edit.split(":", 1)[0]
+    if not edit.startswith(" ") and f"\n{section}:" in "\n" + BASE:  # replace that section of BASE
+        text = re.sub(rf"(^|\n){section}:\n(  .*\n)*", r"\1", BASE)
+    path = write(tmp_path, text + edit)
+    message = error(path)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_missing_pieces(tmp_path):
+    assert error(write(tmp_path, BASE.replace("student:\n  name_or_path: org/student\n", ""))).endswith(
+        "student: required section missing"
+    )
+    assert "training.output_dir: required" in error(write(tmp_path, BASE.replace("  output_dir: out\n", "")))
+    assert error(str(tmp_path / "nope.yaml")) == f"{tmp_path / 'nope.yaml'}: recipe: no such file"
+    assert ": line 2: invalid YAML" in error(write(tmp_path, "teacher: {name_or_path: org/t\nstudent: x\n"))
+    assert error(write(tmp_path, "- a list\n")).endswith("expected a mapping with teacher, student, data and training sections")
+
+
+def test_local_paths_are_checked(tmp_path, tiny_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "w1"}\n')
+    text = (f"teacher:\n  name_or_path: {tiny_dir['teacher']}\nstudent:\n  name_or_path: {tiny_dir['student']}\n"
+            f"  tokenizer: {tiny_dir['tokenizer']}\ndata:\n  dataset: {data}\n  eval_split: {tmp_path / 'eval.jsonl'}\n"
+            "training:\n  output_dir: out\n")  # fmt: skip
+    assert error(write(tmp_path, text)).endswith(f"data.eval_split: no such file: {tmp_path / 'eval.jsonl'}")
+    recipe = load_recipe(write(tmp_path, text.replace("  eval_split: ", "  # ")))
+    assert recipe.student.tokenizer == tiny_dir["tokenizer"] and recipe.data.dataset == str(data)
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, BASE + "  max_steps: 100\n  learning_rate: 2e-5\n")
+    recipe = load_recipe(path, ["--max_steps", "10", "--output_dir", "elsewhere", "--bf16", "--loss_type",
+                                "forward_kl=0.5,mse=0.5", "--learning_rate=1e-4"])  # fmt: skip
+    assert recipe.training == {"output_dir": "elsewhere", "max_steps": 10, "learning_rate": 1e-4, "bf16": True,
+                               "loss_type": "forward_kl=0.5,mse=0.5"}  # fmt: skip
+    assert recipe.training_args(check_hardware=False).loss_weights == {"forward_kl": 0.5, "mse": 0.5}
+    # --output_dir supplies a recipe that has none
+    assert load_recipe(write(tmp_path, BASE.replace("  output_dir: out\n", "")), ["--output_dir", "o"]).training == {"output_dir": "o"}
+    assert parse_overrides(path, ["--bf16", "false", "--seed", "3"]) == {"bf16": False, "seed": 3}
+
+
+@pytest.mark.parametrize(
+    "argv, key, problem",
+    [
+        (["--max_stepz", "10"], "--max_stepz", "not a DistillationConfig / TrainingArguments field (did you mean --max_steps?)"),
+        (["--max_steps", "x"], "--max_steps", "invalid int value: 'x'"),
+        (["--max_steps"], "--max_steps", "expected one argument"),
+        (["10"], "10", "unexpected argument"),
+        (["--alpha", "2"], "training.alpha", "alpha must be in [0, 1]"),
+    ],
+)
+def test_bad_overrides(tmp_path, argv, key, problem):
+    path = write(tmp_path)
+    message = error(path, argv)
+    assert message.startswith(f"{path}: {key}: ") and problem in message, message
+
+
+def test_classification_recipe(tmp_path):
+    text = BASE + "  task: classification\n" + "data:\n  dataset: org/dataset\n  format: classification\n  text_field: sentence\n"
+    text = text.replace("data:\n  dataset: org/dataset\n", "", 1)  # BASE's data section
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.task == "classification" and recipe.data.label_field == "label"
+    assert load_recipe(write(tmp_path)).task == "causal_lm"
+    packed = text + "  packing: true\n"
+    assert "data.packing: a classification example has one label" in error(write(tmp_path, packed))
