@@ -152,15 +152,19 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**recipe.peft)
-    trainer = DistillationTrainer(
-        model=student,
-        args=args,  # holds teacher_model_name_or_path / _init_kwargs: the trainer loads the frozen teacher
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,  # saved with the student; proves padded vocab rows are padding
-        peft_config=peft_config,
-        recipe=recipe.to_dict(),  # embedded in the model card
-    )
+    try:
+        trainer = DistillationTrainer(
+            model=student,
+            args=args,  # holds teacher_model_name_or_path / _init_kwargs (or teacher_cache): the trainer loads the teacher
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,  # saved with the student; proves padded vocab rows are padding
+            peft_config=peft_config,
+            recipe=recipe.to_dict(),  # embedded in the model card
+        )
+    except ValueError as err:  # a pair that cannot be distilled (vocabularies, label sets, a cache of other data)
+        key = "teacher.cache" if args.teacher_cache else "teacher"
+        raise RecipeError(recipe.path, key, str(err).strip().splitlines()[0]) from None
     if overwrite:
         clear_previous_run(args)
     started = time.time()
@@ -220,8 +224,11 @@ def run_cache_teacher(recipe: Recipe, args) -> int:
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
+    output = args.output or recipe.teacher.cache
+    if not output:
+        raise RecipeError(recipe.path, "--output", "where should the cache go? pass --output DIR or set teacher.cache")
     try:
-        cache = build_from_recipe(recipe, args.output, k=args.k, batch_size=args.batch_size,
+        cache = build_from_recipe(recipe, output, k=args.k, batch_size=args.batch_size,
                                   shard_size=args.shard_size)  # fmt: skip
     except ValueError as err:  # another build's settings in --output, k > vocab size
         raise RecipeError(recipe.path, "--output", str(err)) from None
@@ -263,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "log-probs (then train with --teacher_cache PATH)", description=OVERRIDES_HELP,
                            allow_abbrev=False)  # fmt: skip
     cache.add_argument("recipe")
-    cache.add_argument("--output", required=True, help="the cache directory (resumed if it holds an unfinished build)")
+    cache.add_argument("--output", help="the cache directory (default: the recipe's teacher.cache; an unfinished build "
+                       "there is resumed)")
     cache.add_argument("--k", type=int, default=64,
                        help="ids kept per position: 8k + 4 bytes each; the loss is exact at k = vocab size")  # fmt: skip
     cache.add_argument("--batch_size", type=int, default=8, help="examples per teacher forward")

@@ -52,6 +52,7 @@ class ModelSection:
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: str | None = None  # None: teacher bfloat16 on GPU / float32 on CPU; student float32 (fp32 master weights)
     init_kwargs: dict = field(default_factory=dict)  # more from_pretrained kwargs, e.g. attn_implementation
+    cache: str | None = None  # teacher only: a hf-kd cache-teacher directory; training then loads no teacher model
 
 
 @dataclass
@@ -103,7 +104,9 @@ class Recipe:
         init_kwargs = dict(self.teacher.init_kwargs)
         if self.teacher.dtype is not None:
             init_kwargs["dtype"] = self.teacher.dtype
+        cache = {"teacher_cache": self.teacher.cache} if self.teacher.cache else {}
         return {
+            **cache,  # a --teacher_cache override (in self.training) wins over the recipe's teacher.cache
             **self.training,
             "teacher_model_name_or_path": self.teacher.name_or_path,
             "teacher_model_init_kwargs": init_kwargs or None,
@@ -145,6 +148,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     student = _section(path, "student", raw["student"], ModelSection)
     for name, model in (("teacher", teacher), ("student", student)):
         _check_model(path, name, model)
+    if student.cache is not None:
+        raise RecipeError(path, "student.cache", "only the teacher can be cached (hf-kd cache-teacher); remove it")
     data = _section(path, "data", raw["data"], DataSection)
     _check_data(path, data)
 

@@ -259,3 +259,36 @@ def test_cli_caches_a_recipe_and_trains_from_it(tmp_path, tiny_dir, capsys):
     marker = json.load(open(tmp_path / "out" / "training_complete.json"))
     assert marker["global_step"] == 2 and marker["resolved_recipe"]["training"]["teacher_cache"] == str(cache_dir)
     assert marker["metrics"]["eval"]["eval_distill_loss"] > 0  # the eval examples were found in the cache too
+
+
+def test_recipe_teacher_cache_section(tmp_path, tiny_dir, capsys):
+    """teacher.cache in a recipe: cache-teacher writes there without --output, train reads it; mistakes exit 2."""
+    from hf_kd.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"w{i % 37} w{(3 * i) % 37} w5"}) + "\n" for i in range(6)))
+    cache_dir = tmp_path / "cache"
+
+    def recipe(name, teacher_extra="", student_extra=""):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"teacher: {{name_or_path: {tiny_dir['teacher']}, tokenizer: {tiny_dir['tokenizer']}{teacher_extra}}}\n"
+            f"student: {{name_or_path: {tiny_dir['student']}, tokenizer: {tiny_dir['tokenizer']}{student_extra}}}\n"
+            f"data: {{dataset: {data}, tokenizer_check_samples: 0}}\n"
+            f"training: {{output_dir: {tmp_path / name}, max_steps: 1, per_device_train_batch_size: 3, "
+            "use_cpu: true, report_to: none, save_strategy: 'no'}\n"
+        )
+        return str(path)
+
+    cached = recipe("cached", f", cache: {cache_dir}")
+    assert main(["train", cached]) == 2  # not built yet
+    assert "teacher.cache" in capsys.readouterr().err and not (tmp_path / "cached" / "training_complete.json").exists()
+    assert main(["cache-teacher", cached, "--k", "4"]) == 0
+    assert (cache_dir / "hf_kd_cache.json").exists()
+    assert main(["train", cached]) == 0
+    marker = json.load(open(tmp_path / "cached" / "training_complete.json"))
+    assert marker["resolved_recipe"]["teacher"]["cache"] == str(cache_dir)
+    assert main(["cache-teacher", recipe("nowhere")]) == 2  # neither --output nor teacher.cache
+    assert "--output" in capsys.readouterr().err
+    assert main(["train", recipe("student_cache", student_extra=f", cache: {cache_dir}")]) == 2
+    assert "student.cache: only the teacher can be cached" in capsys.readouterr().err
