@@ -67,8 +67,9 @@ def per_position_divergence(
     log_p_s = log_p_t = None
     if any(name != "mse" for name in weights):
         # One log-softmax each, shared by every divergence of the mixture.
-        log_p_s = torch.log_softmax(student_logits / temperature, dim=-1)
-        log_p_t = torch.log_softmax(teacher_logits / temperature, dim=-1)
+        # (T = 1 skips two [N, V] divisions)
+        log_p_s = torch.log_softmax(student_logits if temperature == 1 else student_logits / temperature, dim=-1)
+        log_p_t = torch.log_softmax(teacher_logits if temperature == 1 else teacher_logits / temperature, dim=-1)
     for name, weight in weights.items():
         if weight == 0:
             continue
