@@ -17,13 +17,16 @@ one vocabulary size, run in a fresh subprocess so that peaks do not leak between
 * ``TRL GKD``: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (always off-policy), ``seq_kd=False``, ``beta=0``
   (its forward KL), which is the same objective: every KD trainer's loss on the first batch is checked to agree.
 
+TRL's own ``DistillationTrainer`` (``trl.DistillationTrainer``, TRL 1.16) is not a cell: it generates completions from
+prompts on-policy (vLLM or ``generate``), so it has no off-policy step to compare with on the same fixed token data.
+
 Step time is the median over the optimizer steps after ``--warmup`` (``on_step_begin`` to ``on_step_end``: forward,
 backward, AdamW; data loading excluded); the minimum is reported beside it because on a shared CPU the spread between
-steps can reach 2x (the load average is printed with the table). tokens/s counts target positions, ``batch * (seq_len - 1)``. Peak memory is
-the peak above the memory with both models loaded and the trainer built (optimizer state, gradients, activations,
-logits): on CPU the resident-set high-water mark (``VmHWM``, the kernel's ``ru_maxrss``, reset through
-``/proc/self/clear_refs`` right before the steps so that setup cannot hide a peak), on CUDA
-``torch.cuda.max_memory_allocated``. The overhead ratio is KD step / (SFT step + teacher forward): 1 means distilling
+steps can reach 2x (the load average is printed with the table). tokens/s counts target positions,
+``batch * (seq_len - 1)``. Peak memory is the peak above the memory with both models loaded and the trainer built
+(optimizer state, gradients, activations, logits): on CPU the resident-set high-water mark (``VmHWM``, the kernel's
+``ru_maxrss``, reset through ``/proc/self/clear_refs`` right before the steps so that setup cannot hide a peak), on
+CUDA ``torch.cuda.max_memory_allocated``. The overhead ratio is KD step / (SFT step + teacher forward): 1 means distilling
 costs exactly one student training step plus one teacher forward.
 """
 
@@ -127,7 +130,8 @@ def _common_args(setup: Setup, out_dir: str) -> dict:
     return {
         "output_dir": out_dir, "max_steps": setup.warmup + setup.steps, "per_device_train_batch_size": setup.batch_size,
         "learning_rate": 1e-4, "lr_scheduler_type": "constant", "logging_steps": 10**6, "save_strategy": "no",
-        "report_to": "none", "disable_tqdm": True, "use_cpu": not cuda, "bf16": cuda, "dataloader_num_workers": 0, "seed": 0,
+        "report_to": "none", "disable_tqdm": True, "use_cpu": not cuda, "bf16": cuda, "dataloader_num_workers": 0,
+        "seed": 0,
     }  # fmt: skip
 
 
@@ -396,7 +400,8 @@ def markdown(cells: dict, ratio: dict, setup: Setup, header: str) -> str:
                 continue
             r = ratio.get(vocab, {}).get(method, {})
             lines.append(
-                f"| {vocab} | {LABELS[method]} | {cell['step_s']:.3f} | {cell['min_step_s']:.3f} | {cell['tokens_per_s']:,.0f} | "
+                f"| {vocab} | {LABELS[method]} | {cell['step_s']:.3f} | {cell['min_step_s']:.3f} | "
+                f"{cell['tokens_per_s']:,.0f} | "
                 f"{cell['peak_bytes'] / GB:.3f} | {_x(r.get('step_vs_trl'))} | {_x(r.get('peak_vs_trl'))} | "
                 f"{_x(r.get('overhead'))} |"
             )
@@ -441,7 +446,8 @@ def report(cells: dict, setup: Setup, out_dir: Path, stem: str, seconds: float) 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = (f"{where}; {setup.device}; teacher h={setup.teacher[0]} L={setup.teacher[1]}, student "
               f"h={setup.student[0]} L={setup.student[1]}, batch {setup.batch_size} x {setup.seq_len} tokens, "
-              f"forward KL T=1; step: median (and min) of {setup.steps} steps after {setup.warmup} warm-up; peak above models loaded; ratios from the medians")  # fmt: skip
+              f"forward KL T=1; step: median (and min) of {setup.steps} steps after {setup.warmup} warm-up; peak above "
+              "models loaded; ratios from the medians")  # fmt: skip
     table = markdown(cells, ratio, setup, header)
     lines = [table, ""]
     for name, check in checks.items():

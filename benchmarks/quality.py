@@ -1,7 +1,7 @@
 """Does the choice of KD loss matter? A small-scale repeat of Kim et al. (2021), "Comparing Kullback-Leibler Divergence
 and Mean Squared Error Loss in Knowledge Distillation", on the demo's synthetic task (hf_kd/demo.py).
 
-    python benchmarks/quality.py            # the demo's Settings, 3 seeds, about 10 minutes on a 2-core CPU
+    python benchmarks/quality.py            # the demo's Settings, 3 seeds, about 5 minutes on a 2-core CPU
     python benchmarks/quality.py --quick    # the demo's FAST settings, 1 seed, seconds
     python benchmarks/quality.py --seeds 5 --steps 600
 
