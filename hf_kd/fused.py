@@ -465,9 +465,9 @@ def _forward_kl_closed_form(student, teacher, labels, plan: _Plan, sums: dict, w
     """
     temperature, alpha = plan.temperature, plan.alpha
     scale = plan.weights["forward_kl"] * (temperature**2 if plan.scale_by_temperature else 1.0)
-    grad = None
+    want_div_grad, want_ce_grad = want_grad and alpha > 0, want_grad and alpha < 1
+    divergence = ce = grad = None
     log_p1 = None  # log_softmax(student) at T = 1, shared by the KL (when T = 1) and the CE
-    divergence = ce = None
     if plan.need_divergence:
         log_ps = torch.log_softmax(student if temperature == 1 else student / temperature, dim=-1)
         log_pt = torch.log_softmax(teacher if temperature == 1 else teacher / temperature, dim=-1)
@@ -475,17 +475,24 @@ def _forward_kl_closed_form(student, teacher, labels, plan: _Plan, sums: dict, w
         divergence = scale * (p_t * (log_pt - log_ps)).sum()  # finite teacher logits: p_t > 0 everywhere
         if temperature == 1:
             log_p1 = log_ps
-        if want_grad and alpha > 0:
-            grad = log_ps.exp_().sub_(p_t).mul_(alpha * scale / temperature)  # log_ps is not needed any more
     if plan.need_ce:
-        if log_p1 is None or (grad is not None and log_p1 is log_ps):  # log_ps was consumed in place above
+        if log_p1 is None:
             log_p1 = torch.log_softmax(student, dim=-1)
         ce = -log_p1.gather(-1, labels.unsqueeze(-1)).sum()
-        if want_grad and alpha < 1:
-            g_ce = log_p1.exp_()
-            g_ce.scatter_add_(-1, labels.unsqueeze(-1), g_ce.new_full((labels.shape[0], 1), -1.0))
-            g_ce.mul_(1 - alpha)
+    # gradient = a * softmax(s/T) - b * p_t + c * (softmax(s) - onehot(y)), built in place in one [chunk, V] buffer
+    a, b = (alpha * scale / temperature, alpha * scale / temperature) if want_div_grad else (0.0, 0.0)
+    c = (1 - alpha) if want_ce_grad else 0.0
+    if want_div_grad and temperature == 1:  # softmax(s/T) is softmax(s): one buffer for both terms
+        grad = log_ps.exp_().mul_(a + c)
+        grad.sub_(p_t.mul_(b))
+    else:
+        if want_div_grad:
+            grad = log_ps.exp_().mul_(a).sub_(p_t.mul_(b))
+        if want_ce_grad:
+            g_ce = log_p1.exp_().mul_(c)
             grad = g_ce if grad is None else grad.add_(g_ce)
+    if want_ce_grad:
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((labels.shape[0], 1), -c))
     if alpha == 1:
         objective = divergence
     elif alpha == 0:
