@@ -111,6 +111,8 @@ def load_student(recipe: Recipe):
         # a base checkpoint (google/bert_uncased_L-4_H-256_A-4) gets a new head with the teacher's classes, in its order
         teacher = _load(AutoConfig.from_pretrained, recipe.teacher.name_or_path, "teacher.name_or_path", recipe)
         kwargs = {"num_labels": teacher.num_labels, "id2label": teacher.id2label, "label2id": teacher.label2id, **kwargs}
+        # a student fine-tuned on other classes: its head is re-initialized for the teacher's (transformers warns)
+        kwargs.setdefault("ignore_mismatched_sizes", True)
     loader = TASKS[recipe.task].from_pretrained
     return _load(loader, section.name_or_path, "student.name_or_path", recipe, **kwargs)
 

@@ -193,8 +193,10 @@ def distillation_loss(
     if labels is not None:
         flat_labels = labels.reshape(-1)
         valid = flat_labels != ignore_index
-        # Drop masked rows before any [N, V] arithmetic: prompts and padding cost nothing past this point.
-        student, teacher, flat_labels = student[valid], teacher[valid], flat_labels[valid]
+        # Drop masked rows before any [N, V] arithmetic: prompts and padding cost nothing past this point (and
+        # nothing is copied when every row counts).
+        if not bool(valid.all()):
+            student, teacher, flat_labels = student[valid], teacher[valid], flat_labels[valid]
     count = student.shape[0]
     # Upcast after the row selection so that only the valid rows are ever copied to float32.
     student, teacher = student.to(dtype), teacher.to(dtype)

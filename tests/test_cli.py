@@ -294,6 +294,20 @@ def test_train_and_check_a_classifier(tmp_path, bert_pair, capsys):
     assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification" in card
 
 
+def test_a_student_fine_tuned_on_other_classes_gets_the_teachers_head(tmp_path, bert_pair, capsys):
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=5)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "student5")
+    pair = {**bert_pair, "student": str(tmp_path / "student5")}
+    code, _, err = run(["train", write_classification_recipe(tmp_path / "r.yaml", pair, bert_pair["data"])], capsys)
+    assert code == 0, err
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert student.config.num_labels == 3 and student.classifier.weight.shape == (3, 32)
+
+
 @pytest.mark.parametrize("label, problem", [(3, "train data has label 3, but the teacher has 3 classes"),
                                             (-1, "labels must be class ids 0, 1, ...")])  # fmt: skip
 def test_classification_labels_are_checked(tmp_path, bert_pair, capsys, label, problem):
