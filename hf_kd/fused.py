@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import check_hyperparameters, normalize_loss_type, normalizer, per_position_divergence
-from .sparse import sparse_weights, student_bucket_log_probs, teacher_bucket_log_probs
+from .sparse import check_cache_shapes, sparse_weights, student_bucket_log_probs, teacher_bucket_log_probs
 
 # model_type -> how its *ForCausalLM.forward turns the final (post-norm) hidden state into logits, read off
 # transformers 5.23's modeling files. Anything else (Granite divides by logits_scaling, MiniCPM3 scales the hidden
@@ -179,7 +179,12 @@ def fused_distillation_loss(
     denominator = normalizer(count, num_items_in_batch, device=s_hidden.device, dtype=dtype)
 
     teacher = (t_hidden, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
-    student = (s_hidden, student_weight, student_bias)
+    return _run((s_hidden, student_weight, student_bias), teacher, flat_labels, plan, denominator, return_components)
+
+
+def _run(student, teacher, flat_labels, plan: _Plan, denominator, return_components: bool):
+    """The chunked loss of prepared inputs: ``student`` (hidden, weight, bias), ``teacher`` (hidden, weight, bias, or
+    for a cache (ids, log-probs, tail), None, None) -> what the public functions return."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student):
         # total = (alpha * sum_div + (1 - alpha) * sum_ce) / denominator = alpha * div + (1 - alpha) * ce
         total, divergence, ce = _FusedDistillation.apply(*student, *teacher, flat_labels, plan, denominator)
@@ -187,7 +192,7 @@ def fused_distillation_loss(
         sums, _ = _chunked_loss(*student, *teacher, flat_labels, plan, (False, False, False))
         total, divergence, ce = (value / denominator for value in sums)
     if return_components:
-        return total, divergence if need_divergence else None, ce if need_ce else None
+        return total, divergence if plan.need_divergence else None, ce if plan.need_ce else None
     return total
 
 
@@ -223,12 +228,8 @@ def fused_sparse_distillation_loss(
     """
     weights = sparse_weights(loss_type)
     check_hyperparameters(temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
-    positions, k = student_hidden.shape[:-1], topk_ids.shape[-1]
-    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != positions or tail_logprob.shape != positions:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must be [..., k] and "
-            f"tail_logprob {tuple(tail_logprob.shape)} [...] for the {tuple(positions)} positions of student_hidden"
-        )
+    k = topk_ids.shape[-1]
+    check_cache_shapes(student_hidden.shape[:-1], topk_ids, topk_logprobs, tail_logprob)
     # the student against itself checks shapes, labels, alpha, chunk_size and vocab_size like the dense loss
     vocab = _check_inputs(
         student_hidden, student_weight, student_bias, student_hidden, student_weight, student_bias, labels, alpha,
@@ -256,15 +257,8 @@ def fused_sparse_distillation_loss(
         student_logit_scale=student_logit_scale, teacher_logit_scale=None, sparse=True,
     )  # fmt: skip
     denominator = normalizer(s_hidden.shape[0], num_items_in_batch, device=s_hidden.device, dtype=dtype)
-    student = (s_hidden, student_weight, student_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student):
-        total, divergence, ce = _FusedDistillation.apply(*student, teacher, None, None, flat_labels, plan, denominator)
-    else:
-        sums, _ = _chunked_loss(*student, teacher, None, None, flat_labels, plan, (False, False, False))
-        total, divergence, ce = (value / denominator for value in sums)
-    if return_components:
-        return total, divergence if need_divergence else None, ce if need_ce else None
-    return total
+    return _run((s_hidden, student_weight, student_bias), (teacher, None, None), flat_labels, plan, denominator,
+                return_components)  # fmt: skip
 
 
 # ---- validation ---------------------------------------------------------------------------------------------------
@@ -415,7 +409,7 @@ def _chunked_loss(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
 
 def _chunk_loss(student, teacher, labels, plan: _Plan, sums: dict, want_grad: bool):
     """Add one chunk's sums to ``sums``; return d(objective)/d(raw student logits) ``[chunk, vocab]`` if wanted."""
-    if _closed_form_applies(plan) and (teacher is None or bool(torch.isfinite(teacher).all())):
+    if _closed_form_applies(plan):
         return _forward_kl_closed_form(student, teacher, labels, plan, sums, want_grad)
     student.requires_grad_(want_grad)
     with torch.set_grad_enabled(want_grad):
@@ -461,7 +455,7 @@ def _forward_kl_closed_form(student, teacher, labels, plan: _Plan, sums: dict, w
     """``_chunk_loss`` for ``w * T^2 * KL(p_t || p_s)`` (+ CE) with its gradient written out (~2.5x faster on CPU):
 
     d/ds [w * c * KL(softmax(t/T) || softmax(s/T))] = w * c / T * (softmax(s/T) - softmax(t/T)), c = T^2 or 1;
-    d/ds CE(s, y) = softmax(s) - onehot(y). Tests hold it to the autograd path of every other loss type.
+    d/ds CE(s, y) = softmax(s) - onehot(y). Tests hold it to the autograd path it replaces.
     """
     temperature, alpha = plan.temperature, plan.alpha
     scale = plan.weights["forward_kl"] * (temperature**2 if plan.scale_by_temperature else 1.0)
@@ -471,8 +465,10 @@ def _forward_kl_closed_form(student, teacher, labels, plan: _Plan, sums: dict, w
     if plan.need_divergence:
         log_ps = torch.log_softmax(student if temperature == 1 else student / temperature, dim=-1)
         log_pt = torch.log_softmax(teacher if temperature == 1 else teacher / temperature, dim=-1)
+        # a teacher logit of -inf: p_t = 0 there, and a finite floor makes p_t * (log_pt - log_ps) exactly 0, not nan
+        log_pt.clamp_min_(torch.finfo(log_pt.dtype).min)
         p_t = log_pt.exp()
-        divergence = scale * (p_t * (log_pt - log_ps)).sum()  # finite teacher logits: p_t > 0 everywhere
+        divergence = scale * (p_t * (log_pt - log_ps)).sum()  # as a difference: no cancellation when KL is small
         if temperature == 1:
             log_p1 = log_ps
     if plan.need_ce:

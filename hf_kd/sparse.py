@@ -73,6 +73,15 @@ def sparse_weights(loss_type: str | Mapping[str, float]) -> dict[str, float]:
     return weights
 
 
+def check_cache_shapes(positions: torch.Size, topk_ids, topk_logprobs, tail_logprob) -> None:
+    """Raise a ValueError unless the cached rows are ``[*positions, k]``, ``[*positions, k]`` and ``[*positions]``."""
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != positions or tail_logprob.shape != positions:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must be [..., k] and "
+            f"tail_logprob {tuple(tail_logprob.shape)} [...] for the {tuple(positions)} positions of the student"
+        )
+
+
 def sparse_distillation_loss(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -111,11 +120,7 @@ def sparse_distillation_loss(
     weights = sparse_weights(loss_type)
     check_hyperparameters(temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
     positions = student_logits.shape[:-1]
-    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != positions or tail_logprob.shape != positions:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must be [..., k] and "
-            f"tail_logprob {tuple(tail_logprob.shape)} [...] for the {tuple(positions)} positions of the student"
-        )
+    check_cache_shapes(positions, topk_ids, topk_logprobs, tail_logprob)
     if labels is None:
         if alpha != 1:
             raise ValueError(f"alpha={alpha} needs labels for the cross-entropy term; pass labels or set alpha=1")

@@ -413,3 +413,24 @@ def test_forward_kl_closed_form_equals_autograd(monkeypatch, temperature, alpha,
     for got, want in ((total, ref_total), (div, ref_div), (ce, ref_ce), *zip(grads, ref_grads)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert div.item() > 0 and ce.item() > 0
+
+
+def test_forward_kl_closed_form_with_minus_inf_teacher_logits():
+    """A teacher logit of -inf (p_t = 0 there) contributes 0, as in distillation_loss, not nan."""
+    from hf_kd import fused_distillation_loss
+
+    g = torch.Generator().manual_seed(4)
+    s_hidden = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    s_weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t_hidden, t_weight = torch.randn(9, 6, generator=g, dtype=torch.float64), torch.randn(11, 6, generator=g, dtype=torch.float64)
+    t_bias = torch.zeros(11, dtype=torch.float64)
+    t_bias[[2, 7]] = float("-inf")  # two ids the teacher rules out
+    labels = torch.randint(0, 11, (9,), generator=g)
+    kw = dict(loss_type="forward_kl", temperature=2.0, alpha=0.6)
+    want = distillation_loss(s_hidden @ s_weight.T, t_hidden @ t_weight.T + t_bias, labels, **kw)
+    want_grads = torch.autograd.grad(want, (s_hidden, s_weight))
+    got = fused_distillation_loss(s_hidden, s_weight, t_hidden, t_weight, labels, teacher_bias=t_bias, chunk_size=4, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (s_hidden, s_weight)), want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(got)
