@@ -124,10 +124,7 @@ def loss_bytes_per_logit(args, dtype: torch.dtype = torch.bfloat16) -> float:
     teacher = torch.randn(n, vocab, generator=generator).to(dtype)
     labels = torch.randint(0, vocab, (n,), generator=generator)
     with _PeakBytes() as tracker:
-        loss = distillation_loss(
-            student, teacher, labels, loss_type=args.loss_weights, temperature=args.temperature, alpha=args.alpha,
-            jsd_beta=args.jsd_beta, skew_lambda=args.skew_lambda, scale_by_temperature=args.scale_by_temperature,
-        )  # fmt: skip
+        loss = distillation_loss(student, teacher, labels, **args.objective.loss_kwargs())
         loss.backward()
     return tracker.peak / (n * vocab)
 

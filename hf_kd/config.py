@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .losses import LOSS_TYPES, check_hyperparameters, normalize_loss_type
+from .losses import LOSS_TYPES, Objective
 from .sparse import sparse_weights
 
 
@@ -125,12 +125,9 @@ class DistillationConfig(TrainingArguments):
         if self.loss_type is None:
             raise ValueError("loss_type is required: a name such as forward_kl or a {name: weight} mapping")
         self.loss_type = _parse_loss_type(self.loss_type)
-        weights = normalize_loss_type(self.loss_type)  # raises a ValueError naming loss_type
+        objective = self.objective  # raises a ValueError naming the first bad knob
         if isinstance(self.loss_type, dict):
-            self.loss_type = weights
-        check_hyperparameters(
-            temperature=self.temperature, alpha=self.alpha, jsd_beta=self.jsd_beta, skew_lambda=self.skew_lambda
-        )
+            self.loss_type = dict(objective.weights)
         if self.task not in (None, "causal_lm", "classification", "token_classification"):
             raise ValueError(f"task must be causal_lm, classification or token_classification, got {self.task!r}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
@@ -148,6 +145,18 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError("teacher_cache and teacher_model_name_or_path='self' exclude each other")
 
     @property
+    def objective(self) -> Objective:
+        """The loss knobs as one validated, immutable value (what every loss path takes)."""
+        return Objective(
+            loss_type=self.loss_type,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            jsd_beta=self.jsd_beta,
+            skew_lambda=self.skew_lambda,
+            scale_by_temperature=self.scale_by_temperature,
+        )
+
+    @property
     def loss_weights(self) -> dict[str, float]:
         """The objective as a ``{loss_type: weight}`` dict (a single name has weight 1)."""
-        return normalize_loss_type(self.loss_type)
+        return dict(self.objective.weights)

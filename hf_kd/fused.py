@@ -13,85 +13,16 @@ its head cannot be fused so that the caller falls back to full logits.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .models import LMHeadSpec, as_projection_weight, finish_logits, lm_head_spec, project  # noqa: F401 (re-export)
 from .losses import check_hyperparameters, normalize_loss_type, normalizer, per_position_divergence
 from .sparse import check_cache_shapes, sparse_weights, student_bucket_log_probs, teacher_bucket_log_probs
-
-# model_type -> how its *ForCausalLM.forward turns the final (post-norm) hidden state into logits, read off
-# transformers 5.23's modeling files. Anything else (Granite divides by logits_scaling, MiniCPM3 scales the hidden
-# state, FalconH1 multiplies by lm_head_multiplier, ...) falls back to full logits rather than risk a wrong loss.
-_PLAIN_HEADS = {
-    "gemma", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3",
-}  # fmt: skip
-_SOFTCAPPED_HEADS = {"gemma2", "gemma3_text"}  # cap * tanh(lm_head(h) / cap), cap = config.final_logit_softcapping
-_SCALED_HEADS = {"cohere", "cohere2"}  # lm_head(h) * config.logit_scale
-
-
-@dataclass(frozen=True)
-class LMHeadSpec:
-    """What turns a final hidden state ``h`` into logits: ``softcap(scale * (h @ weight.T + bias))``."""
-
-    weight: torch.Tensor  # [V, H], the output-embedding parameter itself (tied to the input embedding for Gemma)
-    bias: torch.Tensor | None  # [V] or None
-    softcap: float | None  # Gemma 2/3 final_logit_softcapping
-    logit_scale: float | None  # Cohere's logit_scale
-
-    def logits(self, hidden: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-        """The model's logits ``[c, vocab_size or V]`` (float32 at least) for a chunk of final hidden states ``[c, H]``.
-
-        Casts a bf16 weight to float32 on every call (on CPU): call it on chunks of rows, not row by row.
-        """
-        dtype = torch.promote_types(torch.promote_types(hidden.dtype, self.weight.dtype), torch.float32)
-        bias = None if self.bias is None else self.bias[:vocab_size].to(dtype)
-        with torch.autocast(hidden.device.type, enabled=False):  # no bf16 matmul under the Trainer's autocast
-            logits = _project(hidden, _as_projection_weight(self.weight[:vocab_size], dtype), bias, dtype)
-        return _finish_logits(logits, self.logit_scale, self.softcap)
-
-
-def lm_head_spec(model: nn.Module) -> tuple[LMHeadSpec | None, str]:
-    """``(spec, "")`` for a causal LM whose head is a plain linear layer, else ``(None, reason)``.
-
-    ``model`` may be wrapped by DDP/accelerate (``.module``) and PEFT (``get_base_model()``). The reason is a sentence
-    meant for a log line when the caller falls back to full logits.
-    """
-    while hasattr(model, "module"):  # DDP / accelerate wrappers
-        model = model.module
-    if hasattr(model, "get_base_model"):  # PeftModel
-        model = model.get_base_model()
-    name = type(model).__name__
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _PLAIN_HEADS | _SOFTCAPPED_HEADS | _SCALED_HEADS:
-        return None, (
-            f"{name} (model_type {model_type!r}) is not known to compute logits as lm_head(hidden) with at most a "
-            "logit scale or softcap; using full logits"
-        )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        return None, f"{name} has no output embeddings; using full logits"
-    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
-        return None, f"{name}'s lm_head is wrapped by a PEFT adapter layer ({type(head).__name__}); using full logits"
-    if type(head) is not nn.Linear:  # subclasses include quantized layers (bitsandbytes) whose weight is packed
-        return None, f"{name}'s lm_head is a {type(head).__name__}, not a plain nn.Linear; using full logits"
-    weight = head.weight
-    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dim() != 2 or weight.numel() == 0:
-        # FSDP2 (DTensor) and ZeRO-3 (empty placeholder) shard the weight outside the module's own forward
-        return None, (
-            f"{name}'s lm_head weight is a {type(weight).__name__} of shape {tuple(weight.shape)} (sharded or "
-            "quantized?); using full logits"
-        )
-    softcap = getattr(config, "final_logit_softcapping", None) if model_type in _SOFTCAPPED_HEADS else None
-    scale = getattr(config, "logit_scale", None) if model_type in _SCALED_HEADS else None
-    return LMHeadSpec(weight=weight, bias=head.bias, softcap=softcap, logit_scale=scale), ""
-
 
 def fused_distillation_loss(
     student_hidden: torch.Tensor,
@@ -374,7 +305,7 @@ def _chunked_loss(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
         # Cast each weight once per call (rows past vocab are never needed: logits are cut to the shared prefix).
         s_w = s_weight.detach()[:vocab].to(dtype)
         s_b = None if s_bias is None else s_bias.detach()[:vocab].to(dtype)
-        t_w = _as_projection_weight(t_weight[:vocab], dtype) if plan.need_divergence and not plan.sparse else None
+        t_w = as_projection_weight(t_weight[:vocab], dtype) if plan.need_divergence and not plan.sparse else None
         t_b = None if t_bias is None else t_bias[:vocab].to(dtype)
 
         sums = {name: torch.zeros((), dtype=dtype, device=device) for name in ("objective", "divergence", "ce")}
@@ -386,14 +317,14 @@ def _chunked_loss(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels
         for start in range(0, s_hidden.shape[0], plan.chunk_size):
             rows = slice(start, start + plan.chunk_size)
             hidden = s_hidden[rows].detach().to(dtype)
-            student = _project(hidden, s_w, s_b, dtype)  # [chunk, vocab] float32, straight from the matmul
+            student = project(hidden, s_w, s_b, dtype)  # [chunk, vocab] float32, straight from the matmul
             teacher = None
             if plan.need_divergence and plan.sparse:  # cached (ids, log-probs, tail) of these rows -> k + 1 buckets
                 ids, top, tail = (t[rows] for t in t_hidden)
                 teacher = (ids, teacher_bucket_log_probs(top.to(dtype), tail.to(dtype)))
             elif plan.need_divergence:
-                teacher = _project(t_hidden[rows], t_w, t_b, dtype)
-                teacher = _finish_logits(teacher, plan.teacher_logit_scale, plan.teacher_softcap)
+                teacher = project(t_hidden[rows], t_w, t_b, dtype)
+                teacher = finish_logits(teacher, plan.teacher_logit_scale, plan.teacher_softcap)
             chunk_labels = None if labels is None else labels[rows]
             d_logits = _chunk_loss(student, teacher, chunk_labels, plan, sums, want_any)
             if d_logits is None:
@@ -413,7 +344,7 @@ def _chunk_loss(student, teacher, labels, plan: _Plan, sums: dict, want_grad: bo
         return _forward_kl_closed_form(student, teacher, labels, plan, sums, want_grad)
     student.requires_grad_(want_grad)
     with torch.set_grad_enabled(want_grad):
-        logits = _finish_logits(student, plan.student_logit_scale, plan.student_softcap)
+        logits = finish_logits(student, plan.student_logit_scale, plan.student_softcap)
         divergence = ce = None
         if plan.need_divergence:
             with torch.set_grad_enabled(want_grad and plan.alpha > 0):
@@ -501,40 +432,3 @@ def _forward_kl_closed_form(student, teacher, labels, plan: _Plan, sums: dict, w
     if not want_grad:
         return None
     return grad if grad is not None else torch.zeros_like(student)
-
-
-def _finish_logits(logits, logit_scale, softcap):
-    """Cohere's ``* logit_scale``, then Gemma's ``cap * tanh(x / cap)``, in the order transformers applies them."""
-    if logit_scale is not None:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
-def _project(hidden, weight, bias, dtype):
-    """``hidden [c, H] @ weight[V, H].T (+ bias [V])`` -> ``[c, V]`` in ``dtype``, accumulated in at least float32."""
-    if weight.dtype != dtype:  # CUDA bf16/fp16 teacher weight: float32 output from the matmul itself, no copy of W
-        logits = torch.mm(hidden.to(weight.dtype), weight.T, out_dtype=dtype)
-        return logits if bias is None else logits.add_(bias)
-    hidden = hidden.to(dtype)
-    return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-
-
-def _as_projection_weight(weight, dtype):
-    """The teacher weight as :func:`_project` takes it: kept in bf16/fp16 where the GPU matmul can emit ``dtype``."""
-    if weight.dtype != dtype and _mm_emits(weight.device, weight.dtype, dtype):
-        return weight
-    return weight.to(dtype)  # once per call, never per chunk
-
-
-@functools.cache
-def _mm_emits(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(..., out_dtype=out_dtype)`` runs on ``device`` for ``in_dtype`` inputs (CUDA only)."""
-    if device.type != "cuda" or in_dtype not in (torch.bfloat16, torch.float16) or out_dtype != torch.float32:
-        return False
-    try:
-        probe = torch.ones(2, 2, device=device, dtype=in_dtype)
-        return torch.mm(probe, probe, out_dtype=out_dtype).dtype == out_dtype
-    except (RuntimeError, TypeError):
-        return False

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
+IGNORE_INDEX = -100  # the Trainer's and every HF loss's convention for "not a target"
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -127,6 +130,73 @@ def check_hyperparameters(*, temperature: float, alpha: float, jsd_beta: float, 
             raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The whole objective, validated once: ``alpha * sum_k w_k * D_k(p_t || p_s) + (1 - alpha) * CE``.
+
+    Built from :class:`hf_kd.DistillationConfig` (``args.objective``) or from the keyword arguments of the public
+    losses (same names); every loss path (dense, sparse, fused, metrics, ``hf-kd check``) reads its knobs
+    from here, so none of them re-spells them.
+    """
+
+    loss_type: str | Mapping[str, float] = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 1.0
+    jsd_beta: float = 0.5
+    skew_lambda: float = 0.1
+    scale_by_temperature: bool = True
+    ignore_index: int = IGNORE_INDEX
+    weights: Mapping[str, float] = field(init=False, repr=False, compare=False)  # {name: weight}, read-only
+
+    def __post_init__(self):
+        weights = normalize_loss_type(self.loss_type)  # raises a ValueError naming loss_type
+        check_hyperparameters(
+            temperature=self.temperature, alpha=self.alpha, jsd_beta=self.jsd_beta, skew_lambda=self.skew_lambda
+        )
+        object.__setattr__(self, "weights", MappingProxyType(weights))
+        if not isinstance(self.loss_type, str):  # a caller's dict must not change the objective afterwards
+            object.__setattr__(self, "loss_type", MappingProxyType(dict(weights)))
+
+    def loss_kwargs(self) -> dict:
+        """The keyword arguments of the public loss functions that reproduce this objective."""
+        return {
+            "loss_type": dict(self.weights), "temperature": self.temperature, "alpha": self.alpha,
+            "jsd_beta": self.jsd_beta, "skew_lambda": self.skew_lambda,
+            "scale_by_temperature": self.scale_by_temperature, "ignore_index": self.ignore_index,
+        }  # fmt: skip
+
+    @property
+    def temperature_scale(self) -> float:
+        """The factor on every divergence: ``T**2`` when ``scale_by_temperature``, else 1."""
+        return self.temperature**2 if self.scale_by_temperature else 1.0
+
+    def divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """``[N, V]`` student and teacher logits (or bucket log-probs) -> ``[N]`` weighted divergence per row."""
+        return per_position_divergence(
+            student,
+            teacher,
+            self.weights,
+            temperature=self.temperature,
+            jsd_beta=self.jsd_beta,
+            skew_lambda=self.skew_lambda,
+            scale_by_temperature=self.scale_by_temperature,
+        )
+
+    def needs_divergence(self, return_components: bool) -> bool:
+        return self.alpha > 0 or return_components  # alpha = 0: the divergence is only computed to be logged
+
+    def needs_ce(self, has_labels: bool, return_components: bool) -> bool:
+        return has_labels and (self.alpha < 1 or return_components)
+
+    def combine(self, divergence, ce):
+        """``alpha * divergence + (1 - alpha) * ce``; a term with weight 0 is not touched (it may be ``None``)."""
+        if self.alpha == 1:
+            return divergence
+        if self.alpha == 0:
+            return ce
+        return self.alpha * divergence + (1 - self.alpha) * ce
+
+
 def normalizer(count: int, num_items_in_batch, *, device, dtype) -> float | torch.Tensor:
     """The one divisor of every hf_kd loss: ``num_items_in_batch`` when given (the Trainer's global count of target
     positions in the optimizer step), else the ``count`` of valid positions here; at least 1, never 0 / 0."""
@@ -171,8 +241,7 @@ def distillation_loss(
         A scalar tensor (float32, or float64 for float64 inputs); with ``return_components`` a tuple
         ``(total, divergence, ce)`` where ``total == alpha * divergence + (1 - alpha) * ce``.
     """
-    weights = normalize_loss_type(loss_type)
-    check_hyperparameters(temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
+    objective = Objective(loss_type, temperature, alpha, jsd_beta, skew_lambda, scale_by_temperature, ignore_index)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have "
@@ -204,23 +273,15 @@ def distillation_loss(
     denominator = normalizer(count, num_items_in_batch, device=student.device, dtype=dtype)
 
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):  # alpha = 0: CE only, divergence is logged
-        divergence = per_position_divergence(
-            student,
-            teacher,
-            weights,
-            temperature=temperature,
-            jsd_beta=jsd_beta,
-            skew_lambda=skew_lambda,
-            scale_by_temperature=scale_by_temperature,
-        ).sum() / denominator
+        divergence = objective.divergence(student, teacher).sum() / denominator
 
     ce = None
-    if labels is not None and (alpha < 1 or return_components):
+    if objective.needs_ce(labels is not None, return_components):
         if ((flat_labels < 0) | (flat_labels >= vocab)).any():
             raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):  # monitoring-only CE keeps no graph
             ce = F.cross_entropy(student, flat_labels, reduction="sum") / denominator
-    total = divergence if alpha == 1 else alpha * divergence + (1 - alpha) * ce
+    total = objective.combine(divergence, ce)
     if return_components:
         return total, divergence.detach(), None if ce is None else ce.detach()
     return total

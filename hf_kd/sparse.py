@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .losses import check_hyperparameters, normalize_loss_type, normalizer, per_position_divergence
+from .losses import Objective, normalize_loss_type, normalizer
 
 SPARSE_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 EMPTY_TAIL = -1.0e4  # log-mass of an empty rest bucket: finite (finite gradients), exp() underflows to exactly 0
@@ -117,8 +117,8 @@ def sparse_distillation_loss(
         labels). With ``k = V`` this equals ``distillation_loss(student_logits, teacher_logits, labels, ...)`` for the
         teacher whose log-softmax the cache holds, in value and gradient.
     """
-    weights = sparse_weights(loss_type)
-    check_hyperparameters(temperature=temperature, alpha=alpha, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
+    objective = Objective(loss_type, temperature, alpha, jsd_beta, skew_lambda, scale_by_temperature, ignore_index)
+    sparse_weights(objective.weights)  # refuses mse
     positions = student_logits.shape[:-1]
     check_cache_shapes(positions, topk_ids, topk_logprobs, tail_logprob)
     if labels is None:
@@ -150,23 +150,15 @@ def sparse_distillation_loss(
     log_p = torch.log_softmax(student, dim=-1)  # one [N, V] log-softmax, shared by the buckets and the CE
     with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):  # alpha = 0: CE only, divergence is logged
         # per_position_divergence applies log_softmax(buckets / T) to both: temperature on the k + 1 buckets
-        divergence = per_position_divergence(
-            student_bucket_log_probs(log_p, ids),
-            teacher,
-            weights,
-            temperature=temperature,
-            jsd_beta=jsd_beta,
-            skew_lambda=skew_lambda,
-            scale_by_temperature=scale_by_temperature,
-        ).sum() / denominator
+        divergence = objective.divergence(student_bucket_log_probs(log_p, ids), teacher).sum() / denominator
 
     ce = None
-    if labels is not None and (alpha < 1 or return_components):
+    if objective.needs_ce(labels is not None, return_components):
         if ((flat_labels < 0) | (flat_labels >= vocab)).any():
             raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):  # monitoring-only CE keeps no graph
             ce = -log_p.gather(-1, flat_labels.unsqueeze(-1)).sum() / denominator
-    total = divergence if alpha == 1 else alpha * divergence + (1 - alpha) * ce
+    total = objective.combine(divergence, ce)
     if return_components:
         return total, divergence.detach(), None if ce is None else ce.detach()
     return total
