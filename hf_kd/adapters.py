@@ -15,21 +15,17 @@ import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
-from transformers.models.auto import modeling_auto
+
+from .models import task_of_class
 
 logger = logging.getLogger(__name__)
 
 SELF_TEACHER = "self"  # teacher_model / teacher_model_name_or_path value: the student's own base model
-_TASK_TYPES = (  # PEFT task type by the student's class: SEQ_CLS / TOKEN_CLS also train the new classifier head
-    (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "CAUSAL_LM"),
-    (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "SEQ_CLS"),
-    (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, "TOKEN_CLS"),
-)
 
 
 def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` (possibly under DDP/accelerate wrappers) is a :class:`peft.PeftModel`."""
-    while hasattr(model, "module"):
+    while hasattr(model, "module"):  # not models.unwrap: that one also strips the PeftModel
         model = model.module
     return isinstance(model, PeftModel)
 
@@ -65,9 +61,9 @@ def wrap_student(model: nn.Module, peft_config, gradient_checkpointing: bool = F
     changes = {}
     if getattr(peft_config, "target_modules", ()) is None and not peft_config.is_prompt_learning:
         changes["target_modules"] = default_target_modules(model)
-    task_type = next((task for names, task in _TASK_TYPES if type(model).__name__ in names.values()), None)
-    if peft_config.task_type is None and task_type is not None:
-        changes["task_type"] = task_type
+    task = task_of_class(type(model).__name__)
+    if peft_config.task_type is None and task is not None:
+        changes["task_type"] = task.peft_task_type
     if changes:
         peft_config = dataclasses.replace(peft_config, **changes)  # the caller's config object stays as it was
     if is_quantized(model):

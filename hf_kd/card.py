@@ -14,19 +14,12 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from .losses import Objective
+from .models import TASKS
+
 TAGS = ["distillation", "hf_kd"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "org/name" or "name"; a local path is not one
 _SECRET_KEY = re.compile(r"token|secret|password", re.IGNORECASE)  # e.g. training.hub_token: never publish it
-# task -> (pipeline tag, transformers Auto class, peft Auto class)
-_TASKS = {
-    "causal_lm": ("text-generation", "AutoModelForCausalLM", "AutoPeftModelForCausalLM"),
-    "classification": (
-        "text-classification", "AutoModelForSequenceClassification", "AutoPeftModelForSequenceClassification"
-    ),
-    "token_classification": (
-        "token-classification", "AutoModelForTokenClassification", "AutoPeftModelForTokenClassification"
-    ),
-}  # fmt: skip
 SAVED_AS = {  # kind -> what the directory holds
     "adapters": "PEFT adapters (load them on top of the base model)",
     "merged": "a full model: the student's base model with its adapters merged in",
@@ -58,9 +51,7 @@ def distillation_card(
     teacher: str | None,
     kind: str,
     task: str = "causal_lm",
-    loss_weights: Mapping[str, float],
-    temperature: float,
-    alpha: float,
+    objective: Objective,
     hyperparameters: Mapping[str, Any] | None = None,
     datasets: Sequence[str] = (),
     steps: int = 0,
@@ -82,13 +73,14 @@ def distillation_card(
         base_model: the student's starting checkpoint. ``teacher``: the teacher's id or path (``"self"``: the
             student's own base model with adapters disabled).
         kind: ``"adapters"``, ``"merged"`` or ``"full"`` (see ``SAVED_AS``).
-        loss_weights: ``{loss_type: weight}``. ``hyperparameters``: more rows for the objective table.
+        objective: the loss (:class:`hf_kd.losses.Objective`). ``hyperparameters``: more rows for the table.
         target_tokens: positions with a label trained on, in the last ``target_token_steps`` (default: all) steps.
         losses: :func:`final_losses` of the run. ``recipe``: the recipe, embedded as YAML (secrets removed).
     """
     if kind not in SAVED_AS:
         raise ValueError(f"kind must be one of {', '.join(SAVED_AS)}, got {kind!r}")
-    pipeline_tag, auto_class, peft_auto_class = _TASKS.get(task, _TASKS["causal_lm"])
+    spec = TASKS.get(task, TASKS["causal_lm"])
+    pipeline_tag, auto_class, peft_auto_class = spec.pipeline_tag, spec.auto_class, spec.peft_auto_class
     all_tags = list(dict.fromkeys([*TAGS, *(["peft"] if kind == "adapters" else []), *tags]))
     data = ModelCardData(
         model_name=model_name,
@@ -104,16 +96,22 @@ def distillation_card(
         teacher_text = f"its own base model `{base_model}` (self-distillation: adapters disabled)"
     else:
         teacher_text = f"`{teacher}`" if teacher else "a teacher model given without a name"
-    objective = " + ".join(f"{weight:g} x {name}" for name, weight in loss_weights.items())
+    mixture = " + ".join(f"{weight:g} x {name}" for name, weight in objective.weights.items())
+    alpha, knobs = objective.alpha, {}
+    if "jsd" in objective.weights:
+        knobs["jsd_beta"] = objective.jsd_beta
+    if any(name.startswith("skew_") for name in objective.weights):
+        knobs["skew_lambda"] = objective.skew_lambda
+    knobs["T^2 scaling"] = objective.scale_by_temperature
     rows = [
         ("student (base model)", f"`{base_model}`"),
         ("teacher", teacher_text),
         ("saved as", SAVED_AS[kind]),
         ("loss", f"`{alpha:g} * divergence + {1 - alpha:g} * cross-entropy`" if alpha < 1 else "`divergence`"),
-        ("divergence (loss_type)", objective),
-        ("temperature", f"{temperature:g}"),
+        ("divergence (loss_type)", mixture),
+        ("temperature", f"{objective.temperature:g}"),
         ("alpha", f"{alpha:g}"),
-        *((key, f"{value}") for key, value in (hyperparameters or {}).items()),
+        *((key, f"{value}") for key, value in {**knobs, **(hyperparameters or {})}.items()),
         ("datasets", ", ".join(f"`{d}`" for d in datasets) if datasets else "not recorded"),
         ("optimizer steps", f"{steps}" + (f" ({epochs:.3g} epoch{'' if epochs == 1 else 's'})" if epochs else "")),
     ]
@@ -225,34 +223,26 @@ def card_from_trainer(trainer, *, model_name: str | None = None, dataset=None, t
     else:
         base_model = getattr(model, "name_or_path", None) or None
     repo = args.hub_model_id or os.path.abspath(args.output_dir)
-    weights = args.loss_weights
     hyperparameters = {}
-    if "jsd" in weights:
-        hyperparameters["jsd_beta"] = args.jsd_beta
-    if any(name.startswith("skew_") for name in weights):
-        hyperparameters["skew_lambda"] = args.skew_lambda
-    hyperparameters["T^2 scaling"] = args.scale_by_temperature
     hyperparameters["learning rate"] = args.learning_rate
     hyperparameters["batch size (per device x accumulation x processes)"] = (
         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {args.world_size}"
     )
-    tokens = getattr(trainer, "tokens_trained", None)
+    tokens = trainer.accounting.tokens_trained
     return distillation_card(
         model_name=model_name or (args.hub_model_id or os.path.abspath(args.output_dir)).split("/")[-1],
         repo=repo,
         base_model=finetuned_from or base_model,
-        teacher=trainer.teacher_name,
+        teacher=trainer.teacher.name,
         kind=kind,
         task=getattr(trainer, "task", "causal_lm"),
-        loss_weights=weights,
-        temperature=args.temperature,
-        alpha=args.alpha,
+        objective=trainer.objective,
         hyperparameters=hyperparameters,
         datasets=_as_list(dataset) or _recipe_datasets(trainer.recipe),
         steps=state.global_step,
         epochs=state.epoch,
         target_tokens=None if tokens is None else int(tokens),
-        target_token_steps=getattr(trainer, "steps_counted", None),
+        target_token_steps=trainer.accounting.steps_counted,
         input_tokens=state.num_input_tokens_seen or None,
         losses=final_losses(state.log_history),
         recipe=trainer.recipe,

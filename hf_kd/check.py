@@ -56,10 +56,10 @@ def _fetch(loader, name: str):
 
 def meta_model(config, task: str = "causal_lm"):
     """The model of ``config`` for ``task`` on the meta device: exact parameter counts and head layout, no memory."""
-    from .trainer import TASKS
+    from .models import TASKS
 
     with torch.device("meta"):
-        return TASKS[task].from_config(config)
+        return TASKS[task].load_class().from_config(config)
 
 
 def count_parameters(model, task: str = "causal_lm") -> tuple[int, int]:
@@ -155,7 +155,7 @@ def estimate_memory(recipe: Recipe, args, teacher: Found, student: Found, shared
     saved values per token and layer. The loss is the fused chunked path when ``loss_chunk_size`` is set and both
     heads are plain (see hf_kd.fused), else full logits.
     """
-    from .fused import lm_head_spec
+    from .models import lm_head_spec
 
     t_bytes = _BYTES.get(_dtype_name(recipe.teacher.dtype, teacher.config, "bfloat16"), 2)  # the trainer's GPU default
     s_bytes = _BYTES.get(_dtype_name(recipe.student.dtype, student.config, "float32"), 4)

@@ -19,6 +19,7 @@ import time
 
 from .adapters import SELF_TEACHER
 from .data import DataError, is_empty_tokenizer
+from .config import SetupError
 from .recipe import Recipe, RecipeError, load_recipe
 
 logger = logging.getLogger("hf_kd")
@@ -99,22 +100,21 @@ def load_tokenizer(recipe: Recipe, name: str, key: str):
 
 def load_student(recipe: Recipe):
     """The student, loaded with the Auto class of the recipe's task; a classifier gets the teacher's label set."""
-    import torch
     from transformers import AutoConfig
 
-    from .trainer import TASKS
+    from .models import load_model
 
     section = recipe.student
-    dtype = section.dtype or "float32"  # fp32 master weights; bf16: true in training autocasts the compute
-    kwargs = {**section.init_kwargs, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    # fp32 master weights; bf16: true in training autocasts the compute
+    kwargs = {**section.init_kwargs, "dtype": section.dtype or "float32"}
     if recipe.task == "classification" and recipe.teacher.name_or_path != SELF_TEACHER:
         # a base checkpoint (google/bert_uncased_L-4_H-256_A-4) gets a new head with the teacher's classes, in its order
         teacher = _load(AutoConfig.from_pretrained, recipe.teacher.name_or_path, "teacher.name_or_path", recipe)
         kwargs = {"num_labels": teacher.num_labels, "id2label": teacher.id2label, "label2id": teacher.label2id, **kwargs}
         # a student fine-tuned on other classes: its head is re-initialized for the teacher's (transformers warns)
         kwargs.setdefault("ignore_mismatched_sizes", True)
-    loader = TASKS[recipe.task].from_pretrained
-    return _load(loader, section.name_or_path, "student.name_or_path", recipe, **kwargs)
+    return _load(load_model, section.name_or_path, "student.name_or_path", recipe, task=recipe.task,
+                 init_kwargs=kwargs)  # fmt: skip
 
 
 def check_labels(recipe: Recipe, datasets: dict, num_labels: int) -> None:
@@ -123,6 +123,20 @@ def check_labels(recipe: Recipe, datasets: dict, num_labels: int) -> None:
         if dataset is not None and len(dataset) and max(dataset["labels"]) >= num_labels:
             raise RecipeError(recipe.path, "data.label_field", f"{key} data has label {max(dataset['labels'])}, but the "
                               f"teacher has {num_labels} classes (labels are 0..{num_labels - 1})")  # fmt: skip
+
+
+# DistillationConfig field (or trainer argument) -> where a recipe sets it; any other field sits under training:
+_RECIPE_KEYS = {
+    "teacher_model_name_or_path": "teacher.name_or_path",
+    "teacher_model_init_kwargs": "teacher.init_kwargs",
+    "teacher_cache": "teacher.cache",
+    "peft_config": "peft",
+}
+
+
+def recipe_key(field: str) -> str:
+    """The recipe key of a :class:`hf_kd.config.SetupError`'s field, for the one-line error."""
+    return _RECIPE_KEYS.get(field, f"training.{field}")
 
 
 def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
@@ -164,9 +178,8 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
             peft_config=peft_config,
             recipe=recipe.to_dict(),  # embedded in the model card
         )
-    except ValueError as err:  # a pair that cannot be distilled (vocabularies, label sets, a cache of other data)
-        key = "teacher.cache" if args.teacher_cache else "teacher"
-        raise RecipeError(recipe.path, key, str(err).strip().splitlines()[0]) from None
+    except SetupError as err:  # a pair that cannot be distilled (vocabularies, label sets, a cache of other data)
+        raise RecipeError(recipe.path, recipe_key(err.field), err.problem.strip().splitlines()[0]) from None
     if overwrite:
         clear_previous_run(args)
     started = time.time()

@@ -12,6 +12,15 @@ from .losses import LOSS_TYPES, Objective
 from .sparse import sparse_weights
 
 
+class SetupError(ValueError):
+    """A setting that cannot work for this model pair, data or engine, naming the :class:`DistillationConfig` field (or
+    trainer argument) to change, so that the CLI can point at the recipe key it came from."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"{field}: {problem}")
+
+
 def _parse_loss_type(value: Any) -> str | dict[str, float]:
     """Accept a name, a mapping, JSON (``'{"forward_kl": 0.5, "mse": 0.5}'``) or ``"forward_kl=0.5,mse=0.5"``."""
     if not isinstance(value, str):

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from .losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 @dataclass

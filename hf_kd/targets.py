@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .losses import Objective
+from .metrics import add_sums, agreement_sums
 from .models import LMHeadSpec
 
 
@@ -47,3 +48,90 @@ class StudentHidden:
 
 
 TeacherSignal = TeacherLogits | TeacherHidden | TeacherTopK
+
+
+def objective_terms(
+    student: torch.Tensor | StudentHidden,
+    teacher: TeacherSignal,
+    labels: torch.Tensor | None,
+    objective: Objective,
+    *,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(total, divergence, ce)`` of ``objective`` for a student and a teacher signal, aligned with ``labels``.
+
+    A :class:`StudentHidden` runs the chunked loss (:func:`hf_kd.fused.fused_objective`, ``chunk_size`` rows at a
+    time) against any teacher signal; full student logits ``[..., V]`` run :func:`hf_kd.distillation_loss`, or
+    :func:`hf_kd.sparse_distillation_loss` against a top-k teacher. ``vocab_size`` cuts both sides to a shared prefix.
+    """
+    from .losses import distillation_loss
+    from .sparse import sparse_distillation_loss
+
+    if isinstance(student, StudentHidden):
+        from .fused import fused_objective  # fused imports this module's signals
+
+        return fused_objective(student, teacher, labels, objective, num_items_in_batch=num_items_in_batch,
+                               chunk_size=chunk_size or 256, vocab_size=vocab_size, return_components=True)  # fmt: skip
+    kwargs = {**objective.loss_kwargs(), "num_items_in_batch": num_items_in_batch, "return_components": True}
+    student = student[..., :vocab_size]  # padded vocabularies: the shared prefix (vocab_size None keeps all)
+    if isinstance(teacher, TeacherTopK):
+        return sparse_distillation_loss(student, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob,
+                                        labels, **kwargs)  # fmt: skip
+    teacher_logits = teacher.logits if isinstance(teacher, TeacherLogits) else full_logits(teacher.hidden, teacher.head)
+    return distillation_loss(student, teacher_logits[..., :vocab_size], labels, **kwargs)
+
+
+def full_logits(hidden: torch.Tensor, head: LMHeadSpec, chunk_size: int | None = None) -> torch.Tensor:
+    """``[..., H]`` final hidden states -> ``[..., V]`` logits (float32 at least), ``chunk_size`` rows at a time so that
+    no float32 copy of more than a chunk of intermediate values exists besides the result."""
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])
+    chunk = chunk_size or max(flat.shape[0], 1)
+    with torch.no_grad():
+        parts = [head.logits(flat[start : start + chunk]) for start in range(0, flat.shape[0], chunk)]
+    logits = torch.cat(parts) if parts else head.logits(flat)
+    return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+
+
+@torch.no_grad()
+def agreement(
+    student: torch.Tensor | StudentHidden,
+    teacher: TeacherSignal,
+    labels: torch.Tensor | None,
+    *,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    calibration: bool = False,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """The teacher-agreement sums of :func:`hf_kd.metrics.agreement_sums` over the valid positions, built
+    ``chunk_size`` rows at a time from hidden states (never ``[N, V]`` at once); ``{}`` for a top-k teacher."""
+    if isinstance(teacher, TeacherTopK):
+        return {}  # top-k rows hold no full distribution to agree with
+    student_rows = student.hidden if isinstance(student, StudentHidden) else student
+    teacher_rows = teacher.hidden if isinstance(teacher, TeacherHidden) else teacher.logits
+    student_rows = student_rows.reshape(-1, student_rows.shape[-1])
+    teacher_rows = teacher_rows.reshape(-1, teacher_rows.shape[-1])
+    flat = None
+    if labels is not None:
+        flat = labels.reshape(-1)
+        valid = flat != ignore_index
+        student_rows, teacher_rows, flat = student_rows[valid], teacher_rows[valid], flat[valid]
+    count = student_rows.shape[0]
+    chunk = chunk_size or max(count, 1)
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(0, max(count, 1), chunk):
+        rows = slice(start, start + chunk)
+        s_logits = _logits(student, student_rows[rows], vocab_size)
+        t_logits = _logits(teacher, teacher_rows[rows], vocab_size)
+        part = agreement_sums(s_logits, t_logits, None if flat is None else flat[rows], calibration=calibration)
+        add_sums(sums, part)
+    return sums
+
+
+def _logits(signal, rows: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """A chunk of a signal's rows as logits cut to ``vocab_size``: projected through the head for hidden states."""
+    if isinstance(signal, (StudentHidden, TeacherHidden)):
+        return signal.head.logits(rows, vocab_size)
+    return rows[..., :vocab_size]

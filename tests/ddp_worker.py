@@ -49,8 +49,8 @@ def main(teacher, student, out, batch, ga, engine="ddp"):
     trainer = DistillationTrainer(model=model, teacher_model=teacher_model, args=args,
                                   train_dataset=Dataset.from_list(variable_length_examples(12, seed=7, max_len=16)))
     # the teacher is never wrapped for gradients: no DDP wrapper, no gradient buckets
-    assert not isinstance(trainer.teacher, torch.nn.parallel.DistributedDataParallel)
-    local_teacher = sum(_local_numel(p) for p in trainer.teacher.parameters())
+    assert not isinstance(trainer.teacher_model, torch.nn.parallel.DistributedDataParallel)
+    local_teacher = sum(_local_numel(p) for p in trainer.teacher_model.parameters())
     trainer.train()
     sharded = engine in ("fsdp", "zero3")
     if sharded:

@@ -107,8 +107,8 @@ def test_training_from_cache_reproduces_the_live_teacher(tmp_path, tiny_dir, pea
         runs[name] = student.state_dict(), [r for r in trainer.state.log_history if "loss" in r]
         evals[name] = trainer.evaluate(Dataset.from_list(rows[:6]))  # cached rows too
         if name != "live":
-            assert isinstance(trainer.teacher, TeacherCache)  # no teacher model in memory
-            assert trainer.teacher_name == os.path.abspath(peaked_teacher)
+            assert trainer.teacher_model is None and isinstance(trainer.teacher.cache, TeacherCache)  # no teacher model in memory
+            assert trainer.teacher.name == os.path.abspath(peaked_teacher)
             assert trainer.use_fused_loss == (name == "cache")  # chunked over the student's lm_head by default
     # the chunked sparse loss and the sparse loss on full logits train the same student
     (w_fused, logs_fused), (w_full, logs_full) = runs["cache"], runs["cache_full_logits"]

@@ -15,15 +15,14 @@ from test_trainer import make_args
 
 from hf_kd import DistillationTrainer
 from hf_kd.card import distillation_card, final_losses
+from hf_kd.losses import Objective
 
 CARD_KW = dict(
     model_name="tiny-kd",
     repo="me/tiny-kd",
     base_model="Qwen/Qwen2.5-0.5B-Instruct",
     teacher="Qwen/Qwen2.5-7B-Instruct",
-    loss_weights={"forward_kl": 0.5, "mse": 0.5},
-    temperature=2.0,
-    alpha=0.9,
+    objective=Objective(loss_type={"forward_kl": 0.5, "mse": 0.5}, temperature=2.0, alpha=0.9),
     datasets=["org/chat-data", "./local.jsonl"],
     steps=10,
     epochs=1.0,

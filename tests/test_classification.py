@@ -52,14 +52,14 @@ def test_sequence_classification_loss_by_hand(tmp_path, saved_pair):
     args = make_args(tmp_path, teacher_model_name_or_path=str(root / "teacher"), **KW)
     trainer = DistillationTrainer(model=student, args=args, processing_class=tok)
     assert trainer.task == "classification" and not trainer.use_fused_loss
-    assert type(trainer.teacher).__name__ == "BertForSequenceClassification"  # loaded with the student's task
+    assert type(trainer.teacher_model).__name__ == "BertForSequenceClassification"  # loaded with the student's task
     rows = texts(5)
     batch = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
     batch["labels"] = torch.tensor([r["label"] for r in rows])
     ours = trainer.compute_loss(student, dict(batch))
     s = student(**{k: v for k, v in batch.items() if k != "labels"}).logits  # [5, 3]
     with torch.no_grad():
-        t = trainer.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        t = trainer.teacher_model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     # float64 reference from the definition: alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE, mean over examples
     s64, t64, T = s.double(), t.double(), 3.0
     p_t = torch.softmax(t64 / T, -1)

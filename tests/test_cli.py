@@ -122,6 +122,25 @@ def test_tokenizers_that_disagree_are_refused(tmp_path, tiny_dir, files, capsys)
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("case", ["self_with_init_kwargs", "vocab_too_small"])
+def test_a_trainer_setup_error_names_the_recipe_key_it_comes_from(tmp_path, tiny_dir, files, capsys, case):
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]},
+                        teacher="teacher_small" if case == "vocab_too_small" else "teacher")  # fmt: skip
+    recipe = yaml.safe_load(open(path))
+    if case == "self_with_init_kwargs":
+        recipe["teacher"] = {"name_or_path": "self", "init_kwargs": {"attn_implementation": "eager"}}
+        recipe["peft"] = {"r": 4, "lora_alpha": 8}
+        recipe["training"]["alpha"] = 0.5
+        expected = f"error: {path}: teacher.init_kwargs: does not apply to teacher 'self'"
+    else:
+        expected = f"error: {path}: teacher.name_or_path: teacher vocab (32) and student vocab (40) differ"
+    open(path, "w").write(yaml.safe_dump(recipe, sort_keys=False))
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, expected)
+    assert not os.path.exists(os.path.join(tmp_path / "out", COMPLETE_MARKER))
+
+
 # ---- a full run and the output directory's life cycle ---------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_kd import DistillationCollator, DistillationTrainer, distillation_loss
 from hf_kd.adapters import qlora_quantization_config
+from hf_kd.teachers import SelfTeacher
 
 LOSS_KW = dict(loss_type={"forward_kl": 0.5, "tvd": 0.5}, temperature=2.0, alpha=0.6)
 
@@ -87,12 +88,12 @@ def test_self_teacher_is_the_base_model_with_adapters_off(tmp_path, tiny_dir, ba
                                   args=make_args(tmp_path, teacher_model_name_or_path="self", loss_chunk_size=chunk,
                                                  learning_rate=0.1, **kw),
                                   train_dataset=Dataset.from_list(variable_length_examples(8, seed=9)))
-    assert trainer.self_distillation and trainer.use_fused_loss == bool(chunk)
+    assert isinstance(trainer.teacher, SelfTeacher) and trainer.use_fused_loss == bool(chunk)
 
     # one copy of the weights: the teacher is the student's module, whose base tensors are the loaded model's own
-    assert trainer.teacher is trainer.model
+    assert trainer.teacher_model is trainer.model
     model_storages = {p.data_ptr() for p in trainer.model.parameters()}
-    assert {p.data_ptr() for p in trainer.teacher.parameters()} <= model_storages
+    assert {p.data_ptr() for p in trainer.teacher_model.parameters()} <= model_storages
     assert {name: t.data_ptr() for name, t in base_weights(trainer.model).items()} == pointers
     assert len(model_storages) == len(pointers) + 2 * 2 * 2  # + lora_A, lora_B on q_proj, v_proj in 2 layers
 
@@ -151,7 +152,7 @@ def test_lora_student_trains_only_adapters_and_saves_them(tmp_path, tiny_dir, ba
     assert isinstance(trainer.model, PeftModel)
     assert config.target_modules is None  # the caller's config is not modified
     assert trainer.model.peft_config["default"].target_modules == {"q_proj", "v_proj"}  # PEFT's Llama default
-    assert not any("lora_" in name for name, _ in trainer.teacher.named_parameters())  # the teacher is never wrapped
+    assert not any("lora_" in name for name, _ in trainer.teacher_model.named_parameters())  # the teacher is never wrapped
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     initial = load_model(tiny_dir["student"]).state_dict()

@@ -138,8 +138,8 @@ def test_teacher_from_path_with_init_kwargs(tmp_path, tiny_dir):
     args = make_args(tmp_path, teacher_model_name_or_path=tiny_dir["teacher"],
                      teacher_model_init_kwargs={"dtype": "float64"})
     trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), args=args)
-    assert next(trainer.teacher.parameters()).dtype == torch.float64
-    assert not trainer.teacher.training
+    assert next(trainer.teacher_model.parameters()).dtype == torch.float64
+    assert not trainer.teacher_model.training
 
 
 def test_missing_labels_are_input_ids_with_padding_masked(tmp_path, tiny_dir, four_examples):
@@ -241,19 +241,21 @@ class RawTeacherTrainer(DistillationTrainer):
 
     def teacher_forward(self, inputs):
         with torch.no_grad():
-            return self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
+            return self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
 
 
 def test_overridden_teacher_forward_with_full_logits(tmp_path, tiny_dir, four_examples):
+    """The override knows nothing of the fused path's final hidden states: both paths take its full logits."""
     batch = DistillationCollator()(four_examples)
     student = load_model(tiny_dir["student"])
-    fused = RawTeacherTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=make_args(tmp_path))
-    with pytest.raises(KeyError, match="teacher_forward returned no 'final_hidden_state'.*loss_chunk_size=0"):
-        fused.compute_loss(student, batch)
-    full = RawTeacherTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                             args=make_args(tmp_path, loss_chunk_size=0))  # fmt: skip
-    plain = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=make_args(tmp_path))
-    assert full.compute_loss(student, batch).item() == pytest.approx(plain.compute_loss(student, batch).item(), rel=1e-5)
+    plain = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
+                                args=make_args(tmp_path, loss_chunk_size=0, **LOSS_KW))  # fmt: skip
+    expected = plain.compute_loss(student, batch)
+    for chunk in (5, 0):
+        raw = RawTeacherTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
+                                args=make_args(tmp_path, loss_chunk_size=chunk, **LOSS_KW))  # fmt: skip
+        assert raw.use_fused_loss == bool(chunk)
+        torch.testing.assert_close(raw.compute_loss(student, batch), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_collator_pads_by_position():
