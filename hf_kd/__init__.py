@@ -4,12 +4,13 @@ from .config import DistillationConfig
 from .cache import TeacherCache, build_teacher_cache
 from .data import DistillationCollator
 from .fused import fused_distillation_loss, fused_sparse_distillation_loss
-from .losses import LOSS_TYPES, distillation_loss
+from .losses import LOSS_TYPES, Objective, distillation_loss
 from .sparse import sparse_distillation_loss
 from .trainer import DistillationTrainer
 
 __all__ = [
     "LOSS_TYPES",
+    "Objective",
     "DistillationCollator",
     "DistillationConfig",
     "DistillationTrainer",

@@ -1,0 +1,60 @@
+"""The README's Python snippets run as written, with the Hub models swapped for tiny local ones of the same kind."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_model, variable_length_examples
+
+from hf_kd import DistillationCollator, DistillationConfig, DistillationTrainer
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def block_with(marker: str) -> str:
+    found = [block for block in python_blocks() if marker in block]
+    assert len(found) == 1, f"expected one README python block with {marker!r}, found {len(found)}"
+    return found[0]
+
+
+def test_python_in_15_lines(tmp_path, tiny_dir, monkeypatch):
+    models = {}
+    for role in ("student", "teacher"):  # each directory a model and its tokenizer, as on the Hub
+        models[role] = shutil.copytree(tiny_dir[role], tmp_path / role)
+        for name in os.listdir(tiny_dir["tokenizer"]):
+            shutil.copy(os.path.join(tiny_dir["tokenizer"], name), models[role])
+    code = block_with("DistillationTrainer(model=student, teacher_model=")
+    code = code.replace('"Qwen/Qwen2.5-0.5B-Instruct"', repr(str(models["student"])))
+    code = code.replace('"Qwen/Qwen2.5-7B-Instruct"', repr(str(models["teacher"])))
+    monkeypatch.chdir(tmp_path)  # output_dir="student-kd" lands here
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 10
+    # 10 steps < logging_steps (500): the end-of-training summary carries the run's means
+    assert {"train_loss", "train_distill_loss", "train_ce_loss"} <= set(trainer.state.log_history[-1])
+    assert next(trainer.teacher_model.parameters()).dtype == torch.bfloat16  # teacher_model_init_kwargs applied
+    assert (tmp_path / "student-kd" / "model.safetensors").exists() and (tmp_path / "student-kd" / "README.md").exists()
+
+
+def test_extension_point_snippet(tmp_path, tiny_dir):
+    namespace = {"DistillationTrainer": DistillationTrainer, "torch": torch,
+                 "my_hidden_term": lambda s, t: s.logits.new_tensor(0.5)}  # fmt: skip
+    exec(compile(block_with("class HiddenKD(DistillationTrainer)"), "README.md", "exec"), namespace)
+    batch = DistillationCollator()(variable_length_examples(3, seed=4))
+    student = load_model(tiny_dir["student"])
+    losses = {}
+    for chunk in (0, 8):  # the override returns plain outputs; the fused path takes them as well
+        args = DistillationConfig(output_dir=str(tmp_path), loss_chunk_size=chunk, use_cpu=True, report_to="none")
+        trainer = namespace["HiddenKD"](model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args)
+        plain = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args)
+        losses[chunk] = trainer.compute_loss(student, batch)
+        assert losses[chunk].item() == pytest.approx(plain.compute_loss(student, batch).item() + 0.1 * 0.5, rel=1e-5)
+    assert losses[8].item() == pytest.approx(losses[0].item(), rel=1e-5)
