@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .losses import LOSS_TYPES, Objective
+from .models import TASKS
 from .sparse import sparse_weights
 
 
@@ -137,8 +138,8 @@ class DistillationConfig(TrainingArguments):
         objective = self.objective  # raises a ValueError naming the first bad knob
         if isinstance(self.loss_type, dict):
             self.loss_type = dict(objective.weights)
-        if self.task not in (None, "causal_lm", "classification", "token_classification"):
-            raise ValueError(f"task must be causal_lm, classification or token_classification, got {self.task!r}")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0 or None turns the fused loss off), got {self.loss_chunk_size}")
         if isinstance(self.teacher_model_init_kwargs, str):
