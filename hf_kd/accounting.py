@@ -14,6 +14,7 @@ accumulation and processes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import torch
@@ -50,6 +51,8 @@ class Accounting:
         self._window_steps = 0
         self._run: dict[str, torch.Tensor] = {}  # training components of this whole run
         self._uncounted: dict[str, torch.Tensor] = {}  # training terms without a step count (token-weighted)
+        self._generation: dict[str, torch.Tensor] = {}  # generated completions since the last training log
+        self._window_started = time.perf_counter()
         self._eval: dict[str, torch.Tensor] = {}  # evaluation: loss and components weighted by tokens, + "tokens"
         self._agreement: dict[str, torch.Tensor] = {}  # evaluation: hf_kd.metrics sums
 
@@ -74,6 +77,16 @@ class Accounting:
         self._add(self._window, terms, names, None)
         self._add(self._run, terms, names, None)
 
+    def record_generation(self, stats: tuple[torch.Tensor, torch.Tensor] | None, seconds: float = 0.0) -> None:
+        """A micro-batch of a run that generates: ``(lengths, ended)`` per completion if it was generated, else None."""
+        add = {"micro_batches": 1.0, "generated_batches": 0.0, "seconds": seconds}
+        if stats is not None:
+            lengths, ended = stats
+            add.update(generated_batches=1.0, completions=float(lengths.numel()), tokens=lengths.sum().item(),
+                       ended=ended.sum().item())  # fmt: skip
+        for name, value in add.items():
+            self._generation[name] = self._generation.get(name, 0.0) + value
+
     def record_eval(self, terms: Mapping[str, torch.Tensor | None], tokens: torch.Tensor,
                     agreement: Mapping[str, torch.Tensor] | None) -> None:  # fmt: skip
         """An evaluation batch: its per-batch means weighted back by its ``tokens`` target positions."""
@@ -93,10 +106,28 @@ class Accounting:
     # ---- reporting ----------------------------------------------------------------------------------------------
 
     def train_logs(self) -> dict[str, float]:
-        """The components of the steps since the last call, each the mean of its steps' global means."""
+        """The components of the steps since the last call, each the mean of its steps' global means; with generated
+        completions also their mean length, the fraction that ended with EOS, the fraction of micro-batches generated
+        and the share of the window's wall time spent generating."""
         logs = self._means(self._window, self._window_steps)
         self._window_steps = 0
         logs.update({k: v for k, v in self._means(self._uncounted, None).items() if k != "loss"})
+        if self._generation:
+            logs.update(self._generation_logs(time.perf_counter() - self._window_started))
+        self._window_started = time.perf_counter()
+        return logs
+
+    def _generation_logs(self, wall_seconds: float) -> dict[str, float]:
+        names = sorted(self._generation)
+        values = torch.tensor([self._generation[n] for n in names], dtype=torch.float64, device=self._device)
+        processes = self._reduce_sum(torch.ones((), dtype=torch.float64, device=self._device)).item()
+        totals = dict(zip(names, self._reduce_sum(values).tolist()))
+        self._generation = {}
+        logs = {"generated_fraction": totals["generated_batches"] / max(totals["micro_batches"], 1.0),
+                "generation_time_share": totals["seconds"] / processes / max(wall_seconds, 1e-9)}  # fmt: skip
+        if totals.get("completions"):
+            logs["completion_length"] = totals["tokens"] / totals["completions"]
+            logs["completion_eos_fraction"] = totals["ended"] / totals["completions"]
         return logs
 
     def run_logs(self, prefix: str = "train_") -> dict[str, float]:

@@ -224,6 +224,10 @@ def card_from_trainer(trainer, *, model_name: str | None = None, dataset=None, t
         base_model = getattr(model, "name_or_path", None) or None
     repo = args.hub_model_id or os.path.abspath(args.output_dir)
     hyperparameters = {}
+    if args.generates:  # on-policy / sequence-level KD: what the completions were and how they were sampled
+        hyperparameters["lmbda (on-policy fraction)"] = args.lmbda
+        hyperparameters["seq_kd (teacher completions)"] = args.seq_kd
+        hyperparameters["generation"] = ", ".join(f"{k}={v}" for k, v in args.generation_settings().items())
     hyperparameters["learning rate"] = args.learning_rate
     hyperparameters["batch size (per device x accumulation x processes)"] = (
         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {args.world_size}"

@@ -156,7 +156,8 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     if teacher_name != SELF_TEACHER:
         teacher_tokenizer = load_tokenizer(recipe, teacher_name, "teacher.tokenizer")
     with args.main_process_first(desc="dataset preparation"):  # rank 0 tokenizes and caches, the others reuse it
-        train_dataset, eval_dataset = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed)
+        train_dataset, eval_dataset = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed,
+                                                       every_batch_generated=args.every_batch_generated)  # fmt: skip
     logger.info("train: %d examples%s", len(train_dataset),
                 f", eval: {len(eval_dataset)} examples" if eval_dataset is not None else "")  # fmt: skip
 

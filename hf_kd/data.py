@@ -118,6 +118,15 @@ def encode_example(example: dict[str, Any], tokenizer, data, chat_template: str 
         completion = _with_eos(completion, tokenizer, data.add_eos) if completion else completion
         masked = [IGNORE_INDEX] * len(prompt) if data.completion_only else prompt
         return {"input_ids": prompt + completion, "labels": masked + completion}
+    if data.format == "prompt":  # prompt-only: every target is generated (lmbda 1 or seq_kd)
+        prompt = example[data.prompt_field]
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:  # a conversation so far: rendered up to the assistant's turn, which generation writes
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                 chat_template=chat_template)  # fmt: skip
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
     if data.format == "messages":
         return _encode_messages(example[data.messages_field], tokenizer, data.completion_only, chat_template)
     if data.format == "tokenized":
@@ -174,6 +183,7 @@ def _required_columns(data) -> list[tuple[str, str]]:
     return {
         "text": [("data.text_field", data.text_field)],
         "prompt_completion": [("data.prompt_field", data.prompt_field), ("data.completion_field", data.completion_field)],
+        "prompt": [("data.prompt_field", data.prompt_field)],
         "messages": [("data.messages_field", data.messages_field)],
         "tokenized": [("data.format", "input_ids")],
         "classification": [("data.text_field", data.text_field), ("data.label_field", data.label_field)]
@@ -196,8 +206,9 @@ def count_targets(labels: list[int]) -> int:
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
-def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing"):
-    """Encode, truncate to ``data.max_length`` (or pack into blocks of it), drop examples left with no target."""
+def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing", keep_prompt_only: bool = False):
+    """Encode, truncate to ``data.max_length`` (or pack into blocks of it), drop examples left with no target (unless
+    ``keep_prompt_only``: every batch is generated, so a prompt is all an example needs)."""
     check_columns(dataset, data, tokenizer)
     max_length, packing = data.max_length, data.packing
     if data.format == "classification":  # every example is one target: nothing to mask, truncate or drop
@@ -215,6 +226,8 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing"):
     tokenized = dataset.map(encode, remove_columns=dataset.column_names, num_proc=data.num_proc, desc=desc)
     if packing:
         tokenized = pack_dataset(tokenized, max_length)
+    if keep_prompt_only:
+        return tokenized
     keep = tokenized.filter(lambda batch: [count_targets(x) > 0 for x in batch["labels"]], batched=True,
                             desc="Dropping examples without targets")  # fmt: skip
     if len(keep) == 0:
@@ -293,8 +306,17 @@ def _load_or_explain(key: str, *args):
         raise DataError(key, f"cannot load {args[0]!r}: {why}") from None
 
 
-def prepare_datasets(data, tokenizer, teacher_tokenizer=None, seed: int = 0):
-    """Load, check and tokenize the train (and eval) data of a recipe -> ``(train, eval or None)``."""
+def prepare_datasets(data, tokenizer, teacher_tokenizer=None, seed: int = 0, every_batch_generated: bool = False):
+    """Load, check and tokenize the train (and eval) data of a recipe -> ``(train, eval or None)``.
+
+    ``every_batch_generated`` (``lmbda: 1`` or ``seq_kd``): training examples need only a prompt.
+    """
+    if data.format == "prompt" and not every_batch_generated:
+        raise DataError("data.format", "prompt-only data has no completions to distill on: set training.lmbda: 1 "
+                        "(on-policy) or training.seq_kd: true (teacher completions)")  # fmt: skip
+    if data.format == "prompt" and (data.eval_split is not None or data.eval_size > 0):
+        raise DataError("data.eval_size" if data.eval_size > 0 else "data.eval_split", "prompt-only data has no "
+                        "targets to evaluate on: drop the eval set, or evaluate with prompt_completion data")  # fmt: skip
     raw = _load_or_explain("data.dataset", data.dataset, data.split, data.subset)
     check_columns(raw, data, tokenizer)
     if data.max_samples is not None:
@@ -315,6 +337,6 @@ def prepare_datasets(data, tokenizer, teacher_tokenizer=None, seed: int = 0):
     if teacher_tokenizer is not None and data.tokenizer_check_samples > 0:
         sample = raw.select(range(min(data.tokenizer_check_samples, len(raw))))
         logger.info(check_tokenizers_agree(tokenizer, teacher_tokenizer, list(sample), data))
-    train = tokenize_dataset(raw, tokenizer, data, desc="Tokenizing train")
+    train = tokenize_dataset(raw, tokenizer, data, desc="Tokenizing train", keep_prompt_only=every_batch_generated)
     evaluation = tokenize_dataset(raw_eval, tokenizer, data, desc="Tokenizing eval") if raw_eval is not None else None
     return train, evaluation

@@ -28,7 +28,7 @@ import yaml
 
 from .data import DATA_EXTENSIONS
 
-DATA_FORMATS = ("text", "prompt_completion", "messages", "tokenized", "classification")
+DATA_FORMATS = ("text", "prompt_completion", "prompt", "messages", "tokenized", "classification")
 RECIPE_TASKS = ("causal_lm", "classification")  # training.task; token_classification: the Python API only, for now
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 # these raise on a machine without a GPU; `hf-kd check` on a laptop still validates a GPU recipe
@@ -62,11 +62,12 @@ class DataSection:
     dataset: str  # a Hub dataset id, a local .json/.jsonl/.parquet/.csv/.txt file, or a local directory
     subset: str | None = None  # the Hub dataset's configuration name, if it has several
     split: str = "train"  # a Hub/directory split; a single local file is always the split "train"
-    format: str = "text"  # text | prompt_completion | messages | tokenized | classification (training.task too)
+    # text | prompt_completion | prompt (prompt only: generated completions) | messages | tokenized | classification
+    format: str = "text"
     text_field: str = "text"  # classification: the text to classify
     text_pair_field: str | None = None  # classification: a second text (e.g. NLI's hypothesis), encoded as a pair
     label_field: str = "label"  # classification: an integer class id, in the teacher's label order
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"  # prompt_completion: a text; prompt: a text, or messages ending before the answer
     completion_field: str = "completion"
     messages_field: str = "messages"  # a list of {role, content}, rendered with the student's chat template
     completion_only: bool = True  # prompt / non-assistant tokens get label -100 (no CE and no KD on them)

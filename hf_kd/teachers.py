@@ -14,8 +14,9 @@ trainer turns model outputs into a signal itself, so an override of ``teacher_fo
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -45,6 +46,11 @@ class Teacher:
         """The teacher's view of a batch, without a graph. ``targets``: the aligned labels (a cache looks them up)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[nn.Module]:
+        """The module that writes sequence-level KD completions (``seq_kd``)."""
+        yield self.model
+
 
 class ModelTeacher(Teacher):
     def __init__(self, model: nn.Module, name: str | None, vocab_size: int | None):
@@ -69,12 +75,22 @@ class SelfTeacher(Teacher):
         with torch.no_grad(), adapters_disabled(self.model) as base_model:
             return forward(base_model, inputs)
 
+    @contextlib.contextmanager
+    def generating(self):
+        with adapters_disabled(self.model) as base_model:
+            yield base_model
+
 
 class CachedTeacher(Teacher):
     """This batch's cached top-k rows, found by the hash of each example's token ids (:meth:`TeacherCache.lookup`)."""
 
     def __init__(self, cache: TeacherCache, vocab_size: int | None):
         self.cache, self.name, self.vocab_size = cache, cache.name_or_path, vocab_size
+
+    @contextlib.contextmanager
+    def generating(self):
+        raise SetupError("seq_kd", "a teacher cache cannot generate completions; distill from the live teacher")
+        yield  # unreachable: a generator, so that this is a context manager like the others
 
     def run(self, inputs, forward, targets):
         rows = self.cache.lookup(inputs["input_ids"], inputs.get("attention_mask"), targets)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from .card import card_from_trainer
 from .config import DistillationConfig, SetupError
 from .data import DistillationCollator
 from .distributed import teacher_is_sharded
+from .generation import complete, completion_batch, completion_stats, eos_ids, generation_config, on_policy, prompts_of
 from .losses import IGNORE_INDEX
 from .models import TASKS, capture_final_hidden, detect_task, lm_head_spec, unwrap
 from .targets import StudentHidden, TeacherHidden, TeacherLogits, TeacherTopK, agreement, full_logits, objective_terms
@@ -109,6 +111,10 @@ class DistillationTrainer(Trainer):
             raise SetupError("save_merged", "needs the whole student on one process; with FSDP/DeepSpeed save the "
                              "adapters and merge them afterwards")  # fmt: skip
         self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task == "causal_lm")
+        if args.generates:
+            self._check_generation()
+            settings = args.generation_settings()  # the EOS ids that end a completion, for the logs
+            self._completion_eos = eos_ids(generation_config(unwrap(self.model), settings, None))
         self._wants_full_logits = False  # set while a prediction loop returns logits (see evaluation_loop)
         self._final_save = False  # set by save_model for a final save (not a checkpoint-N)
 
@@ -145,6 +151,22 @@ class DistillationTrainer(Trainer):
                            "; ".join(reasons))  # fmt: skip
             return False
         return True
+
+    def _check_generation(self) -> None:
+        """On-policy / seq_kd: what generation needs of the task, the engine and the data."""
+        field = "lmbda" if self.args.lmbda > 0 else "seq_kd"
+        if self.task != "causal_lm":
+            raise SetupError(field, f"generated completions are for causal LMs, not task {self.task!r}")
+        if teacher_is_sharded(self.accelerator):
+            raise SetupError(field, "generation under FSDP / ZeRO-3 (sharded weights) is not supported; train with "
+                             "DDP (plain multi-GPU) or DeepSpeed ZeRO-1/2, or set lmbda 0 and seq_kd false")  # fmt: skip
+        data = self.train_dataset
+        if not self.args.every_batch_generated and data is not None and "labels" in getattr(data, "column_names", ()):
+            sample = data.select(range(min(len(data), 256)))["labels"]
+            if not any(label != IGNORE_INDEX for row in sample for label in row[1:]):
+                raise SetupError(field, f"the training data is prompt-only (no target labels in its first {len(sample)} "
+                                 "examples) but some batches use the dataset's completions (lmbda < 1, no seq_kd); set "
+                                 "lmbda 1 or seq_kd true, or give completions")  # fmt: skip
 
     def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -323,10 +345,43 @@ class DistillationTrainer(Trainer):
 
     # ---- exact token counts and logs ------------------------------------------------------------------------------
 
-    def prepare_batch(self, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Rewrite one collated micro-batch before it is counted and trained on (identity here). A subclass that
-        generates completions does it here, so that the step's token count is taken from the batch the loss sees."""
-        return inputs
+    def prepare_batch(self, inputs: Mapping[str, Any], index: int) -> Mapping[str, Any]:
+        """Micro-batch ``index`` of this optimizer step as the loss will see it: the dataset's completions, the
+        student's own (with probability ``lmbda``), or the teacher's (``seq_kd``). Runs before the step's targets are
+        counted, so the normalization follows the batch that is trained on."""
+        if not self.args.generates:
+            return inputs
+        student_turn = on_policy(self.args.seed, self.state.global_step, index, self.args.lmbda)
+        if not (student_turn or self.args.seq_kd):
+            self.accounting.record_generation(None)
+            return inputs
+        started = time.perf_counter()
+        inputs = self._prepare_inputs(inputs)
+        with self.autocast_smart_context_manager():  # bf16 / fp16 training: generate in the same precision
+            if student_turn:  # the student as it is now: PEFT adapters on
+                generated = self.generate_completions(self.accelerator.unwrap_model(self.model), inputs)
+            else:
+                with self.teacher.generating() as teacher:
+                    generated = self.generate_completions(teacher, inputs)
+        self.accounting.record_generation(completion_stats(generated, self._completion_eos), time.perf_counter() - started)
+        return generated
+
+    def generate_completions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Cut each example at its prompt, complete it with ``model.generate``, and return the batch the loss sees:
+        right-padded ``input_ids`` / ``attention_mask``, and ``labels`` that are -100 on the prompt and the padding,
+        the generated tokens up to and including the EOS that ended each completion as targets.
+
+        The override point for another generation engine (vLLM, an inference server): return the same three tensors.
+        """
+        prompts = prompts_of(inputs)
+        config = generation_config(model, self.args.generation_settings(), self._pad_token_id())
+        device = inputs["input_ids"].device
+        return completion_batch(prompts, complete(model, prompts, config, device), config.pad_token_id, device)
+
+    def _pad_token_id(self) -> int | None:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return pad if pad is not None else getattr(unwrap(self.model).config, "pad_token_id", None)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch one optimizer step's micro-batches, prepare them, and count their target positions on all processes."""
@@ -338,7 +393,7 @@ class DistillationTrainer(Trainer):
                 break
         if not batch_samples:
             return batch_samples, None
-        batch_samples = [self.prepare_batch(batch) for batch in batch_samples]
+        batch_samples = [self.prepare_batch(batch, index) for index, batch in enumerate(batch_samples)]
         local = sum(self._count_targets(batch) for batch in batch_samples).to(device)
         return batch_samples, self.accounting.count_step(local)
 

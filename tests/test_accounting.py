@@ -111,7 +111,7 @@ def test_compute_metrics_and_predict_get_the_plain_trainers_logits(tmp_path, tin
 class TruncatingTrainer(DistillationTrainer):
     """Rewrites each micro-batch before the loss (as on-policy generation does): only the first 4 targets count."""
 
-    def prepare_batch(self, inputs):
+    def prepare_batch(self, inputs, index):
         return {**inputs, "labels": truncate(inputs["labels"])}
 
 

@@ -141,6 +141,34 @@ def test_a_trainer_setup_error_names_the_recipe_key_it_comes_from(tmp_path, tiny
     assert not os.path.exists(os.path.join(tmp_path / "out", COMPLETE_MARKER))
 
 
+def test_generation_combinations_that_cannot_work_are_refused(tmp_path, tiny_dir, files, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, lmbda=0.5)
+    recipe = yaml.safe_load(open(path))
+    recipe["teacher"]["cache"] = str(tmp_path)  # a cache cannot score the student's samples
+    open(path, "w").write(yaml.safe_dump(recipe, sort_keys=False))
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: training.lmbda: a teacher cache cannot score new samples")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1 w2 w3"}] * 4)
+    path = write_recipe(tmp_path / "p.yaml", tiny_dir, {"dataset": prompts, "format": "prompt"}, lmbda=0.5)
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: data.format: prompt-only data has no completions to distill on")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_on_policy_recipe_on_prompt_only_data_trains(tmp_path, tiny_dir, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"w{i} w{i + 1} w{i + 2}"} for i in range(8)])
+    path = write_recipe(tmp_path / "p.yaml", tiny_dir, {"dataset": prompts, "format": "prompt"}, lmbda=1.0,
+                        max_new_tokens=4, loss_type="reverse_kl")  # fmt: skip
+    code, _, err = run(["train", path], capsys)
+    assert code == 0, err
+    marker = read_marker(tmp_path / "out")
+    assert marker["global_step"] == 2 and marker["resolved_recipe"]["training"]["lmbda"] == 1.0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "lmbda (on-policy fraction) | 1" in card and "max_new_tokens=4" in card
+
+
 # ---- a full run and the output directory's life cycle ---------------------------------------------------------------
 
 

@@ -44,6 +44,20 @@ def test_two_ranks_match_one_rank(tmp_path, tiny_dir):
     assert not torch.allclose(initial["lm_head.weight"], single_w["lm_head.weight"], atol=1e-4)
 
 
+@pytest.mark.slow
+def test_on_policy_two_ranks_match_one_rank(tmp_path, tiny_dir):
+    """lmbda 1, greedy: completions of different lengths, counted after generation, across processes."""
+    single_w, single_logs = run(tiny_dir, tmp_path / "one", nproc=1, batch=4, ga=1, engine="onpolicy")
+    ddp_w, ddp_logs = run(tiny_dir, tmp_path / "two", nproc=2, batch=2, ga=1, engine="onpolicy")
+    assert len(single_logs) == 3 and all(row["generated_fraction"] == 1.0 for row in single_logs)
+    assert any(0 < row["completion_eos_fraction"] < 1 for row in single_logs)  # early EOS in some completions
+    for a, b in zip(single_logs, ddp_logs, strict=True):
+        for key in ("loss", "distill_loss", "ce_loss", "completion_length", "completion_eos_fraction"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    for key, value in single_w.items():
+        torch.testing.assert_close(ddp_w[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_bf16_autocast_on_cpu_trains_and_stays_close_to_fp32(tmp_path, tiny_dir):
     from datasets import Dataset
     from test_trainer import make_args
