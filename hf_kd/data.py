@@ -120,11 +120,13 @@ def encode_example(example: dict[str, Any], tokenizer, data, chat_template: str 
         return {"input_ids": prompt + completion, "labels": masked + completion}
     if data.format == "prompt":  # prompt-only: every target is generated (lmbda 1 or seq_kd)
         prompt = example[data.prompt_field]
-        if isinstance(prompt, str):
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if isinstance(prompt, str) and not template:  # a base model: the text as it is
             ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        else:  # a conversation so far: rendered up to the assistant's turn, which generation writes
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                                 chat_template=chat_template)  # fmt: skip
+        else:  # a user turn, or a conversation so far: rendered up to the assistant's turn, which generation writes
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 chat_template=template)  # fmt: skip
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
     if data.format == "messages":

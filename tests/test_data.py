@@ -217,3 +217,23 @@ def test_classification_format(tok):
         tokenize_dataset(Dataset.from_list([{"premise": "w1", "hypothesis": "w2"}]), tok, data)
     with pytest.raises(DataError, match="data.label_field: labels must be class ids"):
         encode_example({"premise": "w1", "hypothesis": "w2", "label": "positive"}, tok, data)
+
+
+def test_prompt_format_renders_a_user_turn_up_to_the_generation_prompt(tok, tmp_path):
+    data = DataSection(dataset="x", format="prompt")
+    out = encode_example({"prompt": "w1 w2"}, tok, data)
+    assert out["input_ids"] == ids("U: w1 w2 END A:") and out["labels"] == [-100] * 5  # nothing but the prompt
+    conversation = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"},
+                    {"role": "user", "content": "w3"}]  # fmt: skip
+    assert encode_example({"prompt": conversation}, tok, data)["input_ids"] == ids("U: w1 END A: w2 END U: w3 END A:")
+    base = make_tokenizer(chat_template=None)  # no template: the text as it is
+    assert encode_example({"prompt": "w1 w2"}, base, data)["input_ids"] == ids("w1 w2")
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"w{i}"}) for i in range(4)))
+    data = DataSection(dataset=str(path), format="prompt")
+    with pytest.raises(DataError, match="data.format: prompt-only data has no completions to distill on"):
+        prepare_datasets(data, tok)
+    train, evaluation = prepare_datasets(data, tok, every_batch_generated=True)  # prompt-only examples are kept
+    assert len(train) == 4 and evaluation is None
+    with pytest.raises(DataError, match="data.eval_size: prompt-only data has no targets to evaluate on"):
+        prepare_datasets(DataSection(dataset=str(path), format="prompt", eval_size=0.5), tok, every_batch_generated=True)

@@ -198,3 +198,13 @@ def test_refused_combinations(tmp_path, tiny_dir, rows):
                                   args=make_args(tmp_path, lmbda=1.0, max_new_tokens=3), train_dataset=prompt_only)  # fmt: skip
     trainer.train()
     assert trainer.state.log_history[0]["completion_length"] > 0
+
+
+def test_sharded_engines_are_refused_with_one_line(tmp_path, tiny_dir, monkeypatch):
+    import hf_kd.trainer
+
+    monkeypatch.setattr(hf_kd.trainer, "teacher_is_sharded", lambda accelerator: True)  # as under FSDP / ZeRO-3
+    for field, overrides in (("lmbda", {"lmbda": 0.5}), ("seq_kd", {"seq_kd": True})):
+        with pytest.raises(ValueError, match=f"^{field}: generation under FSDP / ZeRO-3 .* is not supported; train with DDP"):
+            DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
+                                args=make_args(tmp_path, **overrides))  # fmt: skip

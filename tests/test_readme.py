@@ -58,3 +58,19 @@ def test_extension_point_snippet(tmp_path, tiny_dir):
         losses[chunk] = trainer.compute_loss(student, batch)
         assert losses[chunk].item() == pytest.approx(plain.compute_loss(student, batch).item() + 0.1 * 0.5, rel=1e-5)
     assert losses[8].item() == pytest.approx(losses[0].item(), rel=1e-5)
+
+
+def test_generation_engine_override_snippet(tmp_path, tiny_dir, tokenizer):
+    class Engine:  # stands in for vLLM: fixed completions, the second one cut by its EOS
+        def generate(self, prompts, max_new_tokens):
+            return [[5, 6, 1], [7] * max_new_tokens][: len(prompts)]
+
+    namespace = {"DistillationTrainer": DistillationTrainer, "engine": Engine()}
+    exec(compile(block_with("class EngineCompletions(DistillationTrainer)"), "README.md", "exec"), namespace)
+    args = DistillationConfig(output_dir=str(tmp_path), lmbda=1.0, max_new_tokens=3, use_cpu=True, report_to="none")
+    trainer = namespace["EngineCompletions"](model=load_model(tiny_dir["student"]), processing_class=tokenizer,
+                                             teacher_model=load_model(tiny_dir["teacher"]), args=args)  # fmt: skip
+    rows = [{"input_ids": [9, 10, 11, 12], "labels": [-100, -100, 11, 12]}, {"input_ids": [13, 14], "labels": [-100, 14]}]
+    batch = trainer.prepare_batch(DistillationCollator()(rows), 0)
+    assert batch["input_ids"].tolist() == [[9, 10, 5, 6, 1], [13, 7, 7, 7, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 5, 6, 1], [-100, 7, 7, 7, -100]]

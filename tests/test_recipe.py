@@ -20,6 +20,7 @@ EXPECTED = {
     "llama-3.1-8b-to-3.2-3b-lora.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-3B-Instruct", "llama",
                                          "forward_kl", True),
     "qwen3-8b-to-0.6b.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B", "qwen3", "skew_forward_kl", False),
+    "qwen3-8b-to-0.6b-onpolicy.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B", "qwen3", "reverse_kl", False),
     "gemma-2-9b-to-2b.yaml": ("google/gemma-2-9b-it", "google/gemma-2-2b-it", "gemma2", "forward_kl", False),
     "bert-base-to-small-sst2.yaml": ("textattack/bert-base-uncased-SST-2", "google/bert_uncased_L-4_H-256_A-4", "bert",
                                      "forward_kl", False),
@@ -55,10 +56,14 @@ def test_shipped_recipe_validates_offline(name):
     assert isinstance(args.learning_rate, float) and 0 < args.learning_rate < 1e-3
     assert args.teacher_model_name_or_path == teacher
     assert args.output_dir.startswith("outputs/")
-    assert recipe.data.eval_split and args.eval_strategy == "steps"
-    if recipe.task == "causal_lm":  # UltraChat: chat format, completion-only
+    if args.lmbda == 1:  # on-policy: prompts only (generated completions), nothing teacher-forced to evaluate
+        assert recipe.data.format == "prompt" and args.every_batch_generated and args.max_new_tokens >= 256
+        assert recipe.data.eval_split is None and args.eval_strategy == "no"
+    elif recipe.task == "causal_lm":  # UltraChat: chat format, completion-only
+        assert recipe.data.eval_split and args.eval_strategy == "steps"
         assert recipe.data.format == "messages" and recipe.data.completion_only
     else:
+        assert recipe.data.eval_split and args.eval_strategy == "steps"
         assert (recipe.task, recipe.data.format, args.task) == ("classification", "classification", "classification")
 
 
