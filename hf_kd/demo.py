@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -49,12 +50,21 @@ class Settings:
 FAST = Settings(symbols=12, successors=4, seq_len=32, teacher_seqs=600, student_seqs=80, valid_seqs=40, test_seqs=100,
                 teacher_size=(48, 2), student_size=(32, 1), teacher_steps=60, student_steps=30, batch_size=16, evals=2)  # fmt: skip
 
-OBJECTIVES = {  # name -> (loss_type, alpha); alpha = 0 leaves only the CE on the sampled tokens
-    "CE only": ("forward_kl", 0.0),
-    "forward KL": ("forward_kl", 1.0),
-    "reverse KL": ("reverse_kl", 1.0),
-    "logit MSE": ("mse", 1.0),
+OBJECTIVES = {  # name -> DistillationConfig settings; alpha = 0 leaves only the CE on the sampled tokens
+    "CE only": {"loss_type": "forward_kl", "alpha": 0.0},
+    "forward KL": {"loss_type": "forward_kl", "alpha": 1.0},
+    "reverse KL": {"loss_type": "reverse_kl", "alpha": 1.0},
+    "logit MSE": {"loss_type": "mse", "alpha": 1.0},
+    # lmbda 1: every batch's completions are the student's own samples, scored by the teacher (GKD / on-policy KD)
+    "on-policy reverse KL": {"loss_type": "reverse_kl", "alpha": 1.0, "lmbda": 1.0},
 }
+
+
+def generation_args(s: Settings) -> dict:
+    """What a generating run (lmbda > 0 or seq_kd) needs on this task: completions as long as the data's (the sequence
+    length less the two prompt symbols) and no stop at <eos>, which the data never contain; so a generated batch has
+    exactly as many target tokens as a dataset batch, and the step budgets compare."""
+    return {"max_new_tokens": s.seq_len - 2, "generation_kwargs": {"eos_token_id": None}}
 
 
 # ---- the process ----------------------------------------------------------------------------------------------------
@@ -89,6 +99,84 @@ def true_process_metrics(chain: torch.Tensor, seqs: torch.Tensor) -> tuple[float
     nll = -probs.gather(-1, targets.unsqueeze(-1)).log().mean()
     accuracy = (probs.argmax(-1) == targets).double().mean()
     return math.exp(nll.item()), accuracy.item()
+
+
+# A token the process cannot emit (a special such as <eos>, a symbol outside its context's successors, or any token
+# whose two-token context holds a special) has probability 0: its true NLL is infinite. It is charged this many nats
+# instead -- as if the process gave it probability 1e-4, ~6x the NLL of a likely token -- and counted apart.
+IMPOSSIBLE_NATS = math.log(1e4)
+
+
+def process_nll(chain: torch.Tensor, tokens: torch.Tensor, prompt_len: int = 2) -> dict:
+    """Score token sequences under the true process: NLL per token of positions ``prompt_len..``.
+
+    ``tokens`` is ``[n, L]`` token ids (symbol k is token ``k + len(SPECIALS)``). Returns ``nll`` (mean NLL per
+    scored token, an impossible token charged :data:`IMPOSSIBLE_NATS`), ``impossible`` and ``specials`` (counts of
+    such tokens), ``tokens`` (the count scored) and ``mode_bound``: the mean over the same positions of the least NLL
+    any token could have had there (``-log max_c P(c | context)``, or the charge where the context is impossible).
+    ``nll >= mode_bound`` holds for every sample, while ``nll`` itself can fall below the process entropy: a sampler
+    sharper than the process (greedy, low temperature, mode-seeking) scores better than the process's own samples.
+    """
+    k = chain.shape[0]
+    symbols = tokens.long() - len(SPECIALS)  # [n, L]; < 0 or >= K: not a symbol of the chain
+    valid = (symbols >= 0) & (symbols < k)
+    sym = symbols.clamp(0, k - 1)
+    probs = chain.double()[sym[:, prompt_len - 2 : -2], sym[:, prompt_len - 1 : -1]]  # [n, L - p, K]: P(x_t | t-2, t-1)
+    target, context_ok = sym[:, prompt_len:], valid[:, prompt_len - 2 : -2] & valid[:, prompt_len - 1 : -1]
+    p = probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    possible = context_ok & valid[:, prompt_len:] & (p > 0)
+    nll = torch.where(possible, -p.clamp_min(1e-300).log(), torch.full_like(p, IMPOSSIBLE_NATS))
+    best = torch.where(context_ok, -probs.max(-1).values.log(), torch.full_like(p, IMPOSSIBLE_NATS))
+    return {
+        "nll": nll.mean().item(), "impossible": int((~possible).sum()), "specials": int((~valid[:, prompt_len:]).sum()),
+        "tokens": nll.numel(), "mode_bound": best.mean().item(),
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def token_nll(model, tokens: torch.Tensor, prompt_len: int = 2, batch_size: int = 256) -> float:
+    """A model's mean NLL per token of ``tokens[:, prompt_len:]`` (teacher-forced, T = 1)."""
+    model.eval()
+    total = 0.0
+    for start in range(0, tokens.shape[0], batch_size):
+        ids = tokens[start : start + batch_size]
+        logp = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
+        # logits at position i predict the token at i + 1: positions prompt_len - 1 .. L - 2 score prompt_len .. L - 1
+        total -= logp[:, prompt_len - 1 : -1].gather(-1, ids[:, prompt_len:].unsqueeze(-1)).sum().item()
+    return total / (tokens.shape[0] * (tokens.shape[1] - prompt_len))
+
+
+@torch.no_grad()
+def sample_quality(model, chain: torch.Tensor, prompts: torch.Tensor, seq_len: int, seed: int = 0, teacher=None,
+                   batch_size: int = 256) -> dict:  # fmt: skip
+    """How good a model's free-running samples are, scored by the process that made the data.
+
+    Each prompt (``[n, 2]`` symbol ids: a test sequence's first two symbols) is completed to ``seq_len`` tokens by
+    ``model.generate`` at temperature 1 (no top-k / top-p, seeded, EOS not a stop: whatever the model emits, <eos>
+    included, stays in the sample and is scored). Returns :func:`process_nll`'s fields for the completions, plus
+    ``self_nll`` (the model's own NLL of them: its per-token entropy, estimated), ``kl`` = ``nll - self_nll`` (an
+    estimate of KL(model || process) per token, >= 0 in expectation and 0 only for the process itself, so unlike
+    ``nll`` it cannot be gamed by a sharper sampler), and ``teacher_nll`` when a teacher is given.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 2,
+                              eos_token_id=None, pad_token_id=0)  # fmt: skip
+    model.eval()
+    ids = prompts.long() + len(SPECIALS)
+    samples = []
+    with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's random stream
+        torch.manual_seed(seed)
+        for start in range(0, ids.shape[0], batch_size):
+            chunk = ids[start : start + batch_size]
+            samples.append(model.generate(input_ids=chunk, attention_mask=torch.ones_like(chunk), generation_config=config))
+    samples = torch.cat(samples)  # [n, seq_len]
+    result = process_nll(chain, samples)
+    result["self_nll"] = token_nll(model, samples, batch_size=batch_size)
+    result["kl"] = result["nll"] - result["self_nll"]
+    if teacher is not None:
+        result["teacher_nll"] = token_nll(teacher, samples, batch_size=batch_size)
+    return result
 
 
 def write_jsonl(path: str, seqs: torch.Tensor) -> None:
@@ -238,46 +326,56 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
     data = {name: tokenize_dataset(load_raw_dataset(os.path.join(output_dir, "data", f"{name}.jsonl")), tokenizer, spec,
                                    desc=f"Tokenizing {name}") for name in splits}  # fmt: skip
     vocab = len(tokenizer)
-    rows = [("true process (floor)", None, floor_ppl, floor_acc, None)]
+    # the process's own samples are the test set: their NLL is the floor, their KL to the process 0
+    rows = [_row("true process (floor)", None, floor_ppl, floor_acc,
+                 sample={**process_nll(chain, splits["test"] + len(SPECIALS)), "self_nll": entropy, "kl": 0.0})]  # fmt: skip
+    prompts = splits["test"][:, :2]  # every model completes the same test prompts, with the same sampling seed
 
     # 2. the teacher: CE on the big set
     teacher = build_model(vocab, s.teacher_size, s.seq_len, seed)
     teacher_args = _args(os.path.join(output_dir, "runs", "teacher"), s, s.teacher_steps, seed)
     _train(Trainer, f"teacher (CE, {s.teacher_seqs} seqs)", s.teacher_steps, model=teacher, args=teacher_args,
            train_dataset=data["teacher"], data_collator=DistillationCollator())  # fmt: skip
-    rows.append((f"teacher (CE, {s.teacher_seqs} seqs)", teacher, *evaluate(teacher, data["test"]), None))
+    rows.append(_row(f"teacher (CE, {s.teacher_seqs} seqs)", teacher, *evaluate(teacher, data["test"]),
+                     sample=sample_quality(teacher, chain, prompts, s.seq_len, seed)))  # fmt: skip
 
     # 3. the students: one size, one init, one transfer set, one budget; only the objective differs
     curves, students = {}, {}
     eval_steps = max(1, s.student_steps // s.evals)
-    for name, (loss_type, alpha) in OBJECTIVES.items():
+    for name, settings in OBJECTIVES.items():
         student = build_model(vocab, s.student_size, s.seq_len, seed + 1)  # the same init for every student
+        generates = settings.get("lmbda", 0) > 0 or settings.get("seq_kd", False)
         args = _args(os.path.join(output_dir, "runs", name.replace(" ", "_")), s, s.student_steps, seed,
-                     loss_type=loss_type, alpha=alpha, temperature=s.temperature, eval_strategy="steps",
-                     eval_steps=eval_steps)  # fmt: skip
+                     temperature=s.temperature, eval_strategy="steps", eval_steps=eval_steps, **settings,
+                     **(generation_args(s) if generates else {}))  # fmt: skip
+        clock = time.time()
         trainer = _train(DistillationTrainer, f"student: {name}", s.student_steps, model=student, teacher_model=teacher,
                          args=args, train_dataset=data["student"], eval_dataset=data["valid"],
                          processing_class=tokenizer)  # fmt: skip
-        curves[name] = [(e["step"], math.exp(e["eval_ce_loss"])) for e in trainer.state.log_history if "eval_ce_loss" in e]
+        seconds = time.time() - clock
+        logs = trainer.state.log_history
+        curves[name] = [(e["step"], math.exp(e["eval_ce_loss"])) for e in logs if "eval_ce_loss" in e]
         students[name] = (student, evaluate(student, data["valid"])[0])  # the final model's validation perplexity
         best_valid = min(p for _, p in curves[name]) if curves[name] else None
-        rows.append((f"student: {name}", student, *evaluate(student, data["test"]), best_valid))
+        shares = [e["generation_time_share"] for e in logs if "generation_time_share" in e]
+        rows.append(_row(f"student: {name}", student, *evaluate(student, data["test"]), best_valid,
+                         sample_quality(student, chain, prompts, s.seq_len, seed), seconds,
+                         statistics.fmean(shares) if shares else None))  # fmt: skip
 
     # 4. report, save the best student
     best = min(students, key=lambda name: students[name][1])  # chosen on validation, never on the test set
     best_dir = os.path.join(output_dir, "best_student")
     students[best][0].save_pretrained(best_dir)
     tokenizer.save_pretrained(best_dir)
-    table = format_table(rows, entropy, s)
-    print(table)
+    print(format_table(rows, entropy, s))
     print(f"best student (lowest validation perplexity): {best} -> {best_dir} (loads with "
           "AutoModelForCausalLM.from_pretrained)")  # fmt: skip
-    print(plot(curves, floor_ppl, rows[1][2], os.path.join(output_dir, "valid_ppl.png")))
+    print(plot(curves, floor_ppl, rows[1]["ppl"], os.path.join(output_dir, "valid_ppl.png")))
     results = {
         "settings": {k: v for k, v in vars(s).items()},
         "entropy_nats": entropy,
-        "rows": [{"model": r[0], "params": _params(r[1]), "ppl": r[2], "accuracy": r[3], "best_valid_ppl": r[4]}
-                 for r in rows],
+        "impossible_nats": IMPOSSIBLE_NATS,
+        "rows": [{k: v for k, v in row.items() if k != "module"} for row in rows],
         "valid_curves": curves,
         "best_student": best,
         "seconds": round(time.time() - started, 1),
@@ -288,18 +386,43 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
     return results
 
 
+def _row(name, model, ppl, accuracy, best_valid=None, sample=None, seconds=None, generation_share=None) -> dict:
+    """One line of the table and of results.json (``module`` is the model itself, left out of the JSON)."""
+    return {"model": name, "module": model, "params": _params(model), "ppl": ppl, "accuracy": accuracy,
+            "best_valid_ppl": best_valid, "sample_nll": sample["nll"], "sample_kl": sample["kl"], "sample": sample,
+            "train_seconds": seconds, "generation_time_share": generation_share}  # fmt: skip
+
+
 def _params(model) -> int | None:
     return None if model is None else sum(p.numel() for p in model.parameters())
 
 
-def format_table(rows, entropy: float, s: Settings) -> str:
+def format_table(rows: list[dict], entropy: float, s: Settings) -> str:
     lines = [f"held-out test set: {s.test_seqs} sequences x {s.seq_len - 2} target tokens; students: "
-             f"{s.student_seqs} sequences, {s.student_steps} steps each",
-             f"{'model':<28}{'params':>8}{'test ppl':>10}{'accuracy':>10}{'excess nats':>13}{'best valid ppl':>16}"]  # fmt: skip
-    for name, model, ppl, acc, best_valid in rows:
-        params = "-" if model is None else f"{_params(model) / 1e3:.0f}k"
-        valid = "-" if best_valid is None else f"{best_valid:.4f}"
-        lines.append(f"{name:<28}{params:>8}{ppl:>10.4f}{acc:>10.4f}{math.log(ppl) - entropy:>13.4f}{valid:>16}")
+             f"{s.student_seqs} sequences, {s.student_steps} steps of {s.batch_size} sequences each",
+             f"{'model':<31}{'params':>7}{'test ppl':>10}{'accuracy':>10}{'excess nats':>13}{'best valid ppl':>16}"
+             f"{'sample NLL':>12}{'sample KL':>11}"]  # fmt: skip
+    for row in rows:
+        params = "-" if row["params"] is None else f"{row['params'] / 1e3:.0f}k"
+        valid = "-" if row["best_valid_ppl"] is None else f"{row['best_valid_ppl']:.4f}"
+        lines.append(f"{row['model']:<31}{params:>7}{row['ppl']:>10.4f}{row['accuracy']:>10.4f}"
+                     f"{math.log(row['ppl']) - entropy:>13.4f}{valid:>16}{row['sample_nll']:>12.4f}"
+                     f"{row['sample_kl']:>11.4f}")  # fmt: skip
+    impossible = sum(row["sample"]["impossible"] for row in rows[1:])
+    lines += [
+        f"sample NLL: the true process's NLL per token of each model's own samples (the test prompts completed at "
+        f"temperature 1); sample KL: that minus the model's own NLL of them, an estimate of KL(model || process) per "
+        f"token (0 for the process; lower NLL alone can also mean a sharper, less diverse sampler). Tokens the process "
+        f"cannot emit are charged {IMPOSSIBLE_NATS:.2f} nats: {impossible} of "
+        f"{sum(row['sample']['tokens'] for row in rows[1:])} sampled tokens here.",
+    ]
+    plain = [row["train_seconds"] for row in rows if row["train_seconds"] and row["generation_time_share"] is None]
+    for row in rows:
+        if row["generation_time_share"] is not None:
+            lines.append(f"{row['model']}: the same steps, prompts and learning rate, but each step first samples its "
+                         f"{s.batch_size} completions ({s.seq_len - 2} tokens each) from the student: "
+                         f"{row['train_seconds']:.0f} s to train ({100 * row['generation_time_share']:.0f}% of it "
+                         f"generating) vs {min(plain):.0f}-{max(plain):.0f} s for the off-policy students")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunking import SOURCES, ChunkPlan, ChunkTeacher, check_head, check_teacher, kept_rows, run
-from .losses import Objective, normalizer
+from .losses import Objective, check_label_ids, check_labels, normalizer, target_rows
 from .models import LMHeadSpec, finish_logits, lm_head_spec  # noqa: F401 (re-export)
 from .targets import StudentHidden, TeacherHidden, TeacherSignal, TeacherTopK
 
@@ -158,12 +158,8 @@ def fused_objective(
     # The dtype distillation_loss would compute in on logits made by the student's matmul.
     dtype = torch.promote_types(torch.promote_types(student.hidden.dtype, student.head.weight.dtype), torch.float32)
     position_dims = student.hidden.dim() - 1
-    keep = flat_labels = None
-    if labels is not None:
-        flat_labels = labels.reshape(-1)
-        keep = flat_labels != objective.ignore_index
-        # Drop masked rows first: prompts and padding never reach a matmul, an all-masked chunk does not exist.
-        flat_labels = flat_labels[keep]
+    # Masked rows are dropped first: prompts and padding never reach a matmul, an all-masked chunk does not exist.
+    flat_labels, keep = target_rows(labels, objective.ignore_index)
     s_hidden = kept_rows(student.hidden, position_dims, keep)
 
     plan = ChunkPlan(
@@ -177,8 +173,8 @@ def fused_objective(
         student_logit_scale=student.head.logit_scale,
         dense_teacher=not isinstance(teacher, TeacherTopK),
     )
-    if plan.need_ce and ((flat_labels < 0) | (flat_labels >= vocab)).any():
-        raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={objective.ignore_index}")
+    if plan.need_ce:
+        check_label_ids(flat_labels, vocab, objective.ignore_index)
     # alpha = 0 and nothing logged: the teacher is never read (a hidden teacher's weight is not even cast)
     teacher_chunk = SOURCES[type(teacher)](teacher, keep, plan) if plan.need_divergence else None
     divergence = _forward_kl_closed_form if _closed_form_applies(plan) else _autograd_divergence
@@ -205,16 +201,7 @@ def _check(student: StudentHidden, teacher, labels, objective: Objective, chunk_
             f"student_weight has {s_vocab} rows and {t_name} {t_vocab}: the logits would differ in shape; pass "
             f"vocab_size={min(s_vocab, t_vocab)} to distill over the shared prefix of padded vocabularies"
         )
-    if labels is None:
-        if objective.alpha != 1:
-            raise ValueError(
-                f"alpha={objective.alpha} needs labels for the cross-entropy term; pass labels or set alpha=1"
-            )
-    elif labels.shape != student.hidden.shape[:-1]:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} must match student_hidden without its hidden dim "
-            f"{tuple(student.hidden.shape[:-1])}"
-        )
+    check_labels(labels, student.hidden.shape[:-1], objective.alpha, "student_hidden without its hidden dim")
     return s_vocab
 
 

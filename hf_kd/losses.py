@@ -207,6 +207,32 @@ def normalizer(count: int, num_items_in_batch, *, device, dtype) -> float | torc
     return max(num_items_in_batch, 1)
 
 
+def check_labels(labels: torch.Tensor | None, positions: torch.Size, alpha: float, against: str) -> None:
+    """``labels`` must be ``[*positions]``; ``None`` needs ``alpha == 1`` (there is no CE without labels)."""
+    if labels is None:
+        if alpha != 1:
+            raise ValueError(f"alpha={alpha} needs labels for the cross-entropy term; pass labels or set alpha=1")
+    elif labels.shape != positions:
+        raise ValueError(f"labels {tuple(labels.shape)} must match {against} {tuple(positions)}")
+
+
+def target_rows(labels: torch.Tensor | None, ignore_index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(flat_labels, keep)``: the flattened labels of the positions that count, and the ``[N]`` mask that picks those
+    rows out of any flattened per-position tensor (both ``None`` without labels: every position counts). Every loss
+    drops the other rows first, so prompts and padding cost nothing past this point."""
+    if labels is None:
+        return None, None
+    flat = labels.reshape(-1)
+    keep = flat != ignore_index
+    return flat[keep], keep
+
+
+def check_label_ids(flat_labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """The CE's targets must be ids of the vocabulary it runs over (a bad id fails here, not inside a kernel)."""
+    if ((flat_labels < 0) | (flat_labels >= vocab)).any():
+        raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -247,25 +273,15 @@ def distillation_loss(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have "
             "the same shape; align the vocabularies first (DistillationTrainer does it for padded vocabularies)"
         )
-    if labels is None:
-        if alpha != 1:
-            raise ValueError(f"alpha={alpha} needs labels for the cross-entropy term; pass labels or set alpha=1")
-    elif labels.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} must match the logits without their vocab dim {tuple(student_logits.shape[:-1])}"
-        )
+    check_labels(labels, student_logits.shape[:-1], alpha, "the logits without their vocab dim")
 
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     vocab = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.reshape(-1, vocab)
-    if labels is not None:
-        flat_labels = labels.reshape(-1)
-        valid = flat_labels != ignore_index
-        # Drop masked rows before any [N, V] arithmetic: prompts and padding cost nothing past this point (and
-        # nothing is copied when every row counts).
-        if not bool(valid.all()):
-            student, teacher, flat_labels = student[valid], teacher[valid], flat_labels[valid]
+    flat_labels, keep = target_rows(labels, ignore_index)
+    if keep is not None and not bool(keep.all()):  # nothing is copied when every row counts
+        student, teacher = student[keep], teacher[keep]
     count = student.shape[0]
     # Upcast after the row selection so that only the valid rows are ever copied to float32.
     student, teacher = student.to(dtype), teacher.to(dtype)
@@ -277,8 +293,7 @@ def distillation_loss(
 
     ce = None
     if objective.needs_ce(labels is not None, return_components):
-        if ((flat_labels < 0) | (flat_labels >= vocab)).any():
-            raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
+        check_label_ids(flat_labels, vocab, ignore_index)
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):  # monitoring-only CE keeps no graph
             ce = F.cross_entropy(student, flat_labels, reduction="sum") / denominator
     total = objective.combine(divergence, ce)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .losses import per_position_divergence
+from .losses import per_position_divergence, target_rows
 
 CALIBRATION_BINS = 15  # the usual equal-width ECE binning (Guo et al., 2017)
 
@@ -40,10 +40,9 @@ def agreement_sums(
     vocab = student_logits.shape[-1]
     student = student_logits.detach().reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
-    if labels is not None:
-        flat = labels.reshape(-1)
-        valid = flat != ignore_index
-        student, teacher, flat = student[valid], teacher[valid], flat[valid]
+    flat, keep = target_rows(labels, ignore_index)
+    if keep is not None:
+        student, teacher = student[keep], teacher[keep]
     dtype = torch.promote_types(student.dtype, torch.float32)
     student, teacher = student.to(dtype), teacher.to(dtype)
     f64 = dict(dtype=torch.float64, device=student.device)

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .losses import Objective, normalize_loss_type, normalizer
+from .losses import Objective, check_label_ids, check_labels, normalize_loss_type, normalizer, target_rows
 
 SPARSE_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 EMPTY_TAIL = -1.0e4  # log-mass of an empty rest bucket: finite (finite gradients), exp() underflows to exactly 0
@@ -121,23 +121,16 @@ def sparse_distillation_loss(
     sparse_weights(objective.weights)  # refuses mse
     positions = student_logits.shape[:-1]
     check_cache_shapes(positions, topk_ids, topk_logprobs, tail_logprob)
-    if labels is None:
-        if alpha != 1:
-            raise ValueError(f"alpha={alpha} needs labels for the cross-entropy term; pass labels or set alpha=1")
-    elif labels.shape != positions:
-        raise ValueError(f"labels {tuple(labels.shape)} must match the logits without the vocab dim {tuple(positions)}")
+    check_labels(labels, positions, alpha, "the logits without their vocab dim")
 
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     vocab, k = student_logits.shape[-1], topk_ids.shape[-1]
     student = student_logits.reshape(-1, vocab)
     ids = topk_ids.reshape(-1, k).long()
     teacher_top, teacher_tail = topk_logprobs.detach().reshape(-1, k), tail_logprob.detach().reshape(-1)
-    if labels is not None:
-        flat_labels = labels.reshape(-1)
-        valid = flat_labels != ignore_index
-        # Drop masked rows first: prompts and padding (whose cache entries are fillers) cost nothing past this point.
-        student, ids, flat_labels = student[valid], ids[valid], flat_labels[valid]
-        teacher_top, teacher_tail = teacher_top[valid], teacher_tail[valid]
+    flat_labels, keep = target_rows(labels, ignore_index)
+    if keep is not None:  # masked rows' cache entries are fillers, never read
+        student, ids, teacher_top, teacher_tail = student[keep], ids[keep], teacher_top[keep], teacher_tail[keep]
     count = student.shape[0]
     student = student.to(dtype)
     teacher = teacher_bucket_log_probs(teacher_top.to(dtype), teacher_tail.to(dtype))
@@ -154,8 +147,7 @@ def sparse_distillation_loss(
 
     ce = None
     if objective.needs_ce(labels is not None, return_components):
-        if ((flat_labels < 0) | (flat_labels >= vocab)).any():
-            raise ValueError(f"labels: ids must be in [0, {vocab}) or equal to ignore_index={ignore_index}")
+        check_label_ids(flat_labels, vocab, ignore_index)
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1):  # monitoring-only CE keeps no graph
             ce = -log_p.gather(-1, flat_labels.unsqueeze(-1)).sum() / denominator
     total = objective.combine(divergence, ce)

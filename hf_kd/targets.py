@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import Objective
+from .losses import Objective, target_rows
 from .metrics import add_sums, agreement_sums
 from .models import LMHeadSpec
 
@@ -113,11 +113,9 @@ def agreement(
     teacher_rows = teacher.hidden if isinstance(teacher, TeacherHidden) else teacher.logits
     student_rows = student_rows.reshape(-1, student_rows.shape[-1])
     teacher_rows = teacher_rows.reshape(-1, teacher_rows.shape[-1])
-    flat = None
-    if labels is not None:
-        flat = labels.reshape(-1)
-        valid = flat != ignore_index
-        student_rows, teacher_rows, flat = student_rows[valid], teacher_rows[valid], flat[valid]
+    flat, keep = target_rows(labels, ignore_index)
+    if keep is not None:
+        student_rows, teacher_rows = student_rows[keep], teacher_rows[keep]
     count = student_rows.shape[0]
     chunk = chunk_size or max(count, 1)
     sums: dict[str, torch.Tensor] = {}
