@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from transformers import CONFIG_MAPPING
 
-from hf_kd.recipe import RecipeError, load_recipe, parse_overrides
+from hf_kd.recipe import RecipeError, load_recipe
+from hf_kd.recipe_training import parse_overrides
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
