@@ -63,6 +63,10 @@ def check_output_dir(recipe: Recipe, args, resume, overwrite: bool) -> None:
         raise RecipeError(recipe.path, key, f"{out} holds checkpoints of an unfinished run (last: "
                           f"{os.path.basename(checkpoints[-1])}); pass --resume_from_checkpoint true to continue it, or "
                           "--overwrite_output_dir to start over")  # fmt: skip
+    for section in (recipe.student, recipe.teacher):  # saving there would overwrite the model the run started from
+        if os.path.isdir(section.name_or_path) and os.path.realpath(section.name_or_path) == os.path.realpath(out):
+            raise RecipeError(recipe.path, key, f"{out} is the {'student' if section is recipe.student else 'teacher'}'s "
+                              "own model directory: training would overwrite it; choose another output_dir")  # fmt: skip
     if resume is True and not checkpoints:
         raise RecipeError(recipe.path, "training.resume_from_checkpoint", f"no checkpoint-* in {out} to resume from")
     if isinstance(resume, str) and not os.path.isdir(resume):
@@ -131,6 +135,7 @@ _RECIPE_KEYS = {
     "teacher_model_init_kwargs": "teacher.init_kwargs",
     "teacher_cache": "teacher.cache",
     "peft_config": "peft",
+    "train_dataset": "data",
 }
 
 
@@ -295,6 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_reporting_faults(recipe: Recipe, overwrite: bool) -> int:
+    """``run_train``; a NaN step or Ctrl-C ends it with one line (no traceback) that says what is kept and how to
+    go on. Exit codes: 1 for a fault, 130 for an interrupt (as a shell reports Ctrl-C)."""
+    from .faults import NonFiniteError
+
+    try:
+        run_train(recipe, overwrite=overwrite)
+        return 0
+    except NonFiniteError as err:
+        print(f"error: {recipe.path}: training stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        out = recipe.training_args(check_hardware=False).output_dir
+        checkpoints = _checkpoints(out)
+        if checkpoints:
+            print(f"interrupted: the last checkpoint is {checkpoints[-1]}; resume with: hf-kd train {recipe.path} "
+                  "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"interrupted before the first checkpoint (nothing kept in {out}); start again with: hf-kd train "
+                  f"{recipe.path}", file=sys.stderr)  # fmt: skip
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -311,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_check(recipe)
         if args.command == "cache-teacher":
             return run_cache_teacher(recipe, args)
-        run_train(recipe, overwrite=args.overwrite_output_dir)
-        return 0
+        return _train_reporting_faults(recipe, args.overwrite_output_dir)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

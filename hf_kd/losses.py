@@ -11,6 +11,10 @@ Conventions (see the README's loss table):
 * ``mse`` is the *mean over the vocabulary* of the squared raw-logit difference, temperature-free. With that
   normalization ``T**2 * forward_kl -> mse / 2`` as ``T -> inf`` for zero-mean logits, so ``mse`` is exactly the
   high-temperature limit of KD (Hinton et al. 2015; Kim et al. 2021) rather than a V-times larger cousin of it.
+* A teacher logit of ``-inf`` is a masked token the teacher never produces (``p_t = 0``): forward KL, JSD, the skew
+  KLs and TVD are exact; ``reverse_kl`` floors the teacher's log-probability there at the log of the dtype's smallest
+  normal number (-87.3 in float32), so student mass on it costs ~87 nats per unit instead of infinity; ``mse``
+  averages over the teacher's unmasked logits only. NaN and ``+inf`` are faults: they make the value NaN.
 * ``jsd`` is continuous in ``beta``: ``beta = 0`` and ``beta = 1`` both give 0 (TRL's ``generalized_jsd_loss``
   special-cases them as forward/reverse KL instead).
 """
@@ -30,9 +34,17 @@ IGNORE_INDEX = -100  # the Trainer's and every HF loss's convention for "not a t
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities ``[N, V]`` -> ``[N]``; rows where p is exactly 0 contribute 0."""
+    """KL(p || q) per row from log-probabilities ``[N, V]`` -> ``[N]``; entries where p is exactly 0 contribute 0, and a
+    NaN anywhere stays NaN (a poisoned teacher must show in the value, not only in the gradient)."""
     p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    return torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)
+
+
+def _floored(log_p: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities with -inf (a masked token, probability exactly 0) raised to the log of the dtype's smallest
+    normal number (-87.3 in float32): the cost of mass on a masked token is large but finite. Finite values, however
+    small (log_softmax of finite logits is finite), are kept: the loss of an unmasked teacher does not change."""
+    return log_p.masked_fill(log_p == -math.inf, math.log(torch.finfo(log_p.dtype).tiny))
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -78,8 +90,8 @@ def per_position_divergence(
             continue
         if name == "forward_kl":
             term = t2 * _kl(log_p_t, log_p_s)
-        elif name == "reverse_kl":
-            term = t2 * _kl(log_p_s, log_p_t)
+        elif name == "reverse_kl":  # KL(p_s || p_t) is infinite where p_t = 0 < p_s: the teacher's floor instead
+            term = t2 * _kl(log_p_s, _floored(log_p_t))
         elif name == "jsd":
             log_m = _log_mix(log_p_t, log_p_s, jsd_beta)
             term = student_logits.new_zeros(total.shape)
@@ -96,7 +108,9 @@ def per_position_divergence(
             term = t2 * 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
         elif name == "mse":
             # Raw logits, mean over the vocab: the T -> inf limit of T^2 * forward_kl is mse / 2 (module docstring).
-            term = (student_logits - teacher_logits).pow(2).mean(-1)
+            # A masked teacher logit (-inf) has no value to match: the mean runs over the teacher's other logits.
+            unmasked = teacher_logits != -math.inf
+            term = torch.where(unmasked, student_logits - teacher_logits, 0.0).pow(2).sum(-1) / unmasked.sum(-1)
         else:  # unreachable after normalize_loss_type, kept so a new name cannot be silently ignored
             raise ValueError(f"loss_type: unknown divergence {name!r}")
         total = total + weight * term

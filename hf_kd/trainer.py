@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DataCollatorWithPadding, PreTrainedModel, Trainer, default_data_collator, set_seed
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    default_data_collator,
+    set_seed,
+)
 from transformers.modeling_outputs import ModelOutput
 from transformers.trainer import TRAINING_ARGS_NAME
 
@@ -24,10 +31,11 @@ from .adapters import is_peft_model, merged_copy, wrap_student
 from .card import card_from_trainer
 from .config import DistillationConfig, SetupError
 from .data import DistillationCollator
-from .distributed import teacher_is_sharded
+from .faults import FaultGuard
 from .generation import complete, completion_batch, completion_stats, eos_ids, generation_config, on_policy, prompts_of
 from .losses import IGNORE_INDEX
 from .models import TASKS, capture_final_hidden, detect_task, lm_head_spec, unwrap
+from .preflight import check_generation, check_targets, fused_loss_applies
 from .targets import StudentHidden, TeacherHidden, TeacherLogits, TeacherTopK, agreement, full_logits, objective_terms
 from .teachers import make_teacher
 
@@ -106,13 +114,20 @@ class DistillationTrainer(Trainer):
         self.objective = args.objective  # every knob of the loss, validated once
         self.teacher = make_teacher(self, teacher_model)
         self.vocab_size = self.teacher.vocab_size  # None, or the shared prefix of padded vocabularies
-        self.use_fused_loss = self._can_fuse()
+        self.use_fused_loss = fused_loss_applies(self)
+        if args.label_smoothing_factor:
+            raise SetupError("label_smoothing_factor", "is not applied by the distillation loss (the teacher's "
+                             "distribution is the soft target; alpha mixes in the plain CE); set it to 0")  # fmt: skip
         if args.save_merged and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             raise SetupError("save_merged", "needs the whole student on one process; with FSDP/DeepSpeed save the "
                              "adapters and merge them afterwards")  # fmt: skip
         self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task == "causal_lm")
+        self.faults = FaultGuard(self._sum_over_processes, self.teacher.name, getattr(unwrap(self.model), "name_or_path", None)
+                                 or type(unwrap(self.model)).__name__)  # fmt: skip
+        self.add_callback(self.faults)  # stops a NaN step before the optimizer applies it
+        check_targets(self)
         if args.generates:
-            self._check_generation()
+            check_generation(self)
             settings = args.generation_settings()  # the EOS ids that end a completion, for the logs
             self._completion_eos = eos_ids(generation_config(unwrap(self.model), settings, None))
         self._wants_full_logits = False  # set while a prediction loop returns logits (see evaluation_loop)
@@ -128,45 +143,10 @@ class DistillationTrainer(Trainer):
     def _default_collator(self, processing_class):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if self.task == "classification":  # one label per example: pad text if a tokenizer is given, else stack
-            return DataCollatorWithPadding(tokenizer) if hasattr(tokenizer, "pad") else default_data_collator
+            text = isinstance(tokenizer, PreTrainedTokenizerBase)  # an image processor has a pad() too, for pixels
+            return DataCollatorWithPadding(tokenizer) if text else default_data_collator
         pad_id = getattr(tokenizer, "pad_token_id", None)
         return DistillationCollator(pad_token_id=pad_id if pad_id is not None else 0)
-
-    def _can_fuse(self) -> bool:
-        """Whether the chunked loss applies to this pair; says why in the log when it was asked for but cannot."""
-        if not self.args.loss_chunk_size:
-            return False
-        reasons = []
-        teacher = self.teacher.model
-        if self.task != "causal_lm" or (teacher is not None and detect_task(teacher) != "causal_lm"):
-            reasons.append("the fused loss is for causal LMs")
-        if teacher_is_sharded(self.accelerator):
-            reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")
-        for role, model in (("student", self.model), ("teacher", teacher)):
-            spec, reason = (None, "") if model is None else lm_head_spec(model)
-            if model is not None and spec is None:
-                reasons.append(f"{role}: {reason}")
-        if reasons:
-            logger.warning("loss_chunk_size=%d: using full logits instead (%s)", self.args.loss_chunk_size,
-                           "; ".join(reasons))  # fmt: skip
-            return False
-        return True
-
-    def _check_generation(self) -> None:
-        """On-policy / seq_kd: what generation needs of the task, the engine and the data."""
-        field = "lmbda" if self.args.lmbda > 0 else "seq_kd"
-        if self.task != "causal_lm":
-            raise SetupError(field, f"generated completions are for causal LMs, not task {self.task!r}")
-        if teacher_is_sharded(self.accelerator):
-            raise SetupError(field, "generation under FSDP / ZeRO-3 (sharded weights) is not supported; train with "
-                             "DDP (plain multi-GPU) or DeepSpeed ZeRO-1/2, or set lmbda 0 and seq_kd false")  # fmt: skip
-        data = self.train_dataset
-        if not self.args.every_batch_generated and data is not None and "labels" in getattr(data, "column_names", ()):
-            sample = data.select(range(min(len(data), 256)))["labels"]
-            if not any(label != IGNORE_INDEX for row in sample for label in row[1:]):
-                raise SetupError(field, f"the training data is prompt-only (no target labels in its first {len(sample)} "
-                                 "examples) but some batches use the dataset's completions (lmbda < 1, no seq_kd); set "
-                                 "lmbda 1 or seq_kd true, or give completions")  # fmt: skip
 
     def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
@@ -187,11 +167,16 @@ class DistillationTrainer(Trainer):
             raise ValueError("token classification needs labels (-100 on padding and sub-word continuations)")
         if labels is None and self.task == "classification":
             return None
+        mask = inputs.get("attention_mask")
         if labels is None:
             labels = inputs["input_ids"]
-            if inputs.get("attention_mask") is not None:
-                labels = labels.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
-        return self._aligned(labels, labels=True)
+            if mask is not None:
+                labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        labels = self._aligned(labels, labels=True)
+        if TASKS[self.task].shift_labels and mask is not None:
+            # a target predicted from a padding position is no target (left padding: the first real token)
+            labels = labels.masked_fill(self._aligned(mask) == 0, IGNORE_INDEX)
+        return labels
 
     def _aligned(self, tensor: torch.Tensor, labels: bool = False) -> torch.Tensor:
         """Drop what has no partner: a causal LM's logits at position i predict the token at i + 1, so the last
@@ -267,6 +252,7 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
             loss = loss * self.accelerator.num_processes
+        self.faults.record(terms)
         if model.training:
             tokens = None if num_items_in_batch is not None else self._count_targets(inputs)
             self.accounting.record_train(terms, tokens)
@@ -293,6 +279,7 @@ class DistillationTrainer(Trainer):
                                              metric_key_prefix)  # fmt: skip
         finally:
             self._wants_full_logits = False
+        self.faults.check(description.lower())  # NaN metrics are a fault, not a result
         output.metrics.update(self.accounting.eval_metrics(metric_key_prefix))
         return output
 

@@ -169,6 +169,42 @@ def test_on_policy_recipe_on_prompt_only_data_trains(tmp_path, tiny_dir, capsys)
     assert "lmbda (on-policy fraction) | 1" in card and "max_new_tokens=4" in card
 
 
+def test_a_nan_teacher_stops_the_run_with_one_line_and_no_marker(tmp_path, tiny_dir, files, capsys):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_dir["teacher"])
+    with torch.no_grad():
+        teacher.lm_head.weight[4, 0] = float("nan")
+    teacher.save_pretrained(tmp_path / "nan_teacher")
+    path = write_recipe(tmp_path / "r.yaml", {**tiny_dir, "nan": str(tmp_path / "nan_teacher")},
+                        {"dataset": files["train"]}, teacher="nan")  # fmt: skip
+    code, _, err = run(["train", path], capsys)
+    assert code == 1
+    assert_one_error_line(err, f"error: {path}: training stopped: step 1: the teacher ({tmp_path / 'nan_teacher'}) gave NaN")
+    assert not os.path.exists(os.path.join(tmp_path / "out", COMPLETE_MARKER))
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, tiny_dir, files, capsys, monkeypatch):
+    import hf_kd.cli
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]})
+    os.makedirs(tmp_path / "out" / "checkpoint-2")
+
+    def interrupted(recipe, overwrite=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_kd.cli, "run_train", interrupted)
+    code, _, err = run(["train", path], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == (f"interrupted: the last checkpoint is {tmp_path / 'out' / 'checkpoint-2'}; resume with: "
+                           f"hf-kd train {path} --resume_from_checkpoint true")  # fmt: skip
+
+
+def test_output_dir_that_is_a_models_own_directory_is_refused(tmp_path, tiny_dir, files, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, output_dir=tiny_dir["student"])
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: training.output_dir: {tiny_dir['student']} is the student's own model")
+
+
 # ---- a full run and the output directory's life cycle ---------------------------------------------------------------
 
 

@@ -190,7 +190,7 @@ def test_refused_combinations(tmp_path, tiny_dir, rows):
     with pytest.raises(ValueError, match="generation_kwargs: not transformers.GenerationConfig settings: bogus"):
         DistillationConfig(output_dir=str(tmp_path), generation_kwargs={"bogus": 1})
     prompt_only = Dataset.from_list([{"input_ids": r["input_ids"], "labels": [-100] * len(r["input_ids"])} for r in rows])
-    with pytest.raises(ValueError, match="lmbda: the training data is prompt-only"):
+    with pytest.raises(ValueError, match="train_dataset: no trainable tokens: all 6 examples .* set lmbda 1 or seq_kd"):
         DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
                             args=make_args(tmp_path, lmbda=0.5), train_dataset=prompt_only)  # fmt: skip
     # every batch generated: prompt-only data trains
@@ -201,9 +201,9 @@ def test_refused_combinations(tmp_path, tiny_dir, rows):
 
 
 def test_sharded_engines_are_refused_with_one_line(tmp_path, tiny_dir, monkeypatch):
-    import hf_kd.trainer
+    import hf_kd.preflight
 
-    monkeypatch.setattr(hf_kd.trainer, "teacher_is_sharded", lambda accelerator: True)  # as under FSDP / ZeRO-3
+    monkeypatch.setattr(hf_kd.preflight, "teacher_is_sharded", lambda accelerator: True)  # as under FSDP / ZeRO-3
     for field, overrides in (("lmbda", {"lmbda": 0.5}), ("seq_kd", {"seq_kd": True})):
         with pytest.raises(ValueError, match=f"^{field}: generation under FSDP / ZeRO-3 .* is not supported; train with DDP"):
             DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
