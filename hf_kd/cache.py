@@ -21,13 +21,13 @@ from .cache_store import (  # noqa: F401 (TeacherCache and example_key are part 
     METADATA_FILE,
     TOPK_ROWS,
     TeacherCache,
-    _first_attended,
     _name,
     _rows,
     _shard_path,
     _spans,
     dataset_content_hash,
     example_key,
+    target_positions,
     tokenizer_hash,
 )
 from .losses import IGNORE_INDEX
@@ -57,8 +57,8 @@ def _teacher_rows(teacher, rows, collator, k: int, vocab_size: int, batch_size: 
         batch = collator([rows[i] for i in chunk])
         logits = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                          use_cache=False).logits  # fmt: skip
-        # logits at position i predict the token at i + 1: they pair with labels[:, 1:]
-        targets = batch["labels"][:, 1:] != IGNORE_INDEX
+        # logits at position i predict the token at i + 1: they pair with labels[:, 1:]; never from a padding position
+        targets = (batch["labels"][:, 1:] != IGNORE_INDEX) & (batch["attention_mask"][:, :-1] == 1)
         selected = logits[:, :-1, :vocab_size][targets.to(device)]  # [N, V]: the target positions only
         parts = [_top_k(selected[r : r + TOPK_ROWS], k) for r in range(0, selected.shape[0], TOPK_ROWS)]
         top, ids, tail = (np.concatenate(column) for column in zip(*parts)) if parts else _top_k(selected, k)
@@ -66,9 +66,9 @@ def _teacher_rows(teacher, rows, collator, k: int, vocab_size: int, batch_size: 
         offsets = np.r_[0, np.cumsum(counts)]
         for j, i in enumerate(chunk):
             mask = batch["attention_mask"][j]
-            positions = targets[j].nonzero().squeeze(-1).numpy() - _first_attended(mask)
+            positions = target_positions(targets[j], mask)
             rows_ = slice(offsets[j], offsets[j + 1])
-            out[i] = (example_key(batch["input_ids"][j], mask), _spans(positions), ids[rows_].reshape(-1),
+            out[i] = (example_key(batch["input_ids"][j], mask, positions), _spans(positions), ids[rows_].reshape(-1),
                       top[rows_].reshape(-1), tail[rows_])  # fmt: skip
         bar.update(len(chunk))
     return {"key": [r[0] for r in out], "target_spans": [r[1] for r in out], "topk_ids": [r[2] for r in out],
@@ -245,6 +245,19 @@ def build_from_recipe(recipe, path: str, *, k: int = 64, batch_size: int = 8, sh
     with args.main_process_first(desc="dataset preparation"):  # as `train` does: rank 0 tokenizes, the others reuse
         train, evaluation = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed)
     dataset = train if evaluation is None else datasets.concatenate_datasets([train, evaluation])
+    vocab_size = _shared_rows(recipe, tokenizer)
     return build_teacher_cache(recipe.teacher.name_or_path, dataset, path, k=k, tokenizer=tokenizer,
-                               batch_size=batch_size, shard_size=shard_size,
+                               batch_size=batch_size, shard_size=shard_size, vocab_size=vocab_size,
                                teacher_init_kwargs=args.teacher_model_init_kwargs)  # fmt: skip
+
+
+def _shared_rows(recipe, tokenizer) -> int | None:
+    """The vocabulary the student will distill over: the shared prefix of a padded-vocabulary pair (Qwen2.5 7B has
+    152064 rows, 0.5B 151936), read off both configs and checked as training checks it; ``None`` when they agree."""
+    from transformers import AutoConfig
+
+    from .teachers import shared_vocab_size
+
+    rows = [AutoConfig.from_pretrained(section.name_or_path).get_text_config().vocab_size
+            for section in (recipe.student, recipe.teacher)]  # fmt: skip
+    return shared_vocab_size(*rows, "causal_lm", tokenizer)

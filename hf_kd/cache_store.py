@@ -10,7 +10,7 @@
 One row per example, in dataset order. A "position" is a target of the shifted sequence: logits at position i
 predict the token at i + 1, so position i is stored when ``labels[i + 1] != -100``. Columns:
 
-* ``key`` (string): :func:`example_key`, the sha256 of the example's attended token ids as int32 bytes.
+* ``key`` (string): :func:`example_key`, the sha256 of the example's attended token ids and target positions.
 * ``target_spans`` (int32): the stored positions as flat ``[start, end)`` pairs (one pair per contiguous run).
 * ``topk_ids`` (int32, ``P * k``): per position, the teacher's k most likely ids, most likely first.
 * ``topk_logprobs`` (float32, ``P * k``): their log-probabilities at T = 1 (before any temperature).
@@ -44,7 +44,7 @@ from .losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows keyed by token ids and target positions
 METADATA_FILE = "hf_kd_cache.json"
 TOPK_ROWS = 4096  # positions per float32 log-softmax in a build: 4096 x 128k vocab x 4 B = 2 GB at most
 # a resumed build must agree with the interrupted one on these (training checks teacher, tokenizer_hash and vocab_size
@@ -52,12 +52,32 @@ TOPK_ROWS = 4096  # positions per float32 log-softmax in a build: 4096 x 128k vo
 BUILD_SETTINGS = ("format_version", "teacher", "tokenizer_hash", "k", "vocab_size", "content_hash", "shard_size")
 
 
-def example_key(input_ids, attention_mask=None) -> str:
-    """sha256 hex of the attended token ids (``attention_mask == 1``) as little-endian int32: padding never counts."""
+def example_key(input_ids, attention_mask=None, positions=None) -> str:
+    """sha256 hex of the attended token ids (``attention_mask == 1``) as little-endian int32 -- padding never counts --
+    and of the target ``positions`` (counted from the first attended token): two examples with the same ids and
+    different label masks are two rows."""
     ids = torch.as_tensor(input_ids).reshape(-1)
     if attention_mask is not None:
         ids = ids[torch.as_tensor(attention_mask).reshape(-1).bool()]
-    return hashlib.sha256(ids.to(torch.int32).numpy().astype("<i4").tobytes()).hexdigest()
+    h = hashlib.sha256(ids.to(torch.int32).numpy().astype("<i4").tobytes())
+    if positions is not None:
+        h.update(b"|" + np.asarray(positions, dtype="<i4").tobytes())
+    return h.hexdigest()
+
+
+def target_positions(targets: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+    """One example's ``[S - 1]`` target flags (shifted: position i predicts token i + 1) -> the target positions counted
+    from the first attended token, so that left and right padding give the same positions."""
+    return targets.nonzero().squeeze(-1).numpy() - _first_attended(attention_mask)
+
+
+def row_positions(row: dict[str, Any]) -> np.ndarray:
+    """:func:`target_positions` of an unpadded dataset row (``input_ids``, ``labels``, optional ``attention_mask``)."""
+    ids = torch.as_tensor(row["input_ids"])
+    mask = torch.as_tensor(row["attention_mask"]) if row.get("attention_mask") is not None else torch.ones_like(ids)
+    labels = torch.as_tensor(row["labels"]) if row.get("labels") is not None else ids.masked_fill(mask == 0, -100)
+    # a target predicted from a padding position is none (as in DistillationTrainer.target_labels)
+    return target_positions((labels[1:] != IGNORE_INDEX) & (mask[:-1] == 1), mask)
 
 
 def tokenizer_hash(tokenizer) -> str | None:
@@ -185,7 +205,7 @@ class TeacherCache:
         missing = []
         for start in range(0, len(dataset), 1000):
             for offset, row in enumerate(_rows(dataset, start, min(start + 1000, len(dataset)))):
-                if example_key(row["input_ids"], row.get("attention_mask")) not in self._index:
+                if example_key(row["input_ids"], row.get("attention_mask"), row_positions(row)) not in self._index:
                     missing.append(start + offset)
         return missing
 
@@ -210,12 +230,12 @@ class TeacherCache:
         out_tail = torch.full((batch, length), -math.log(k + 1))
         rows = []
         for b in range(batch):
-            key = example_key(ids_cpu[b], mask_cpu[b])
+            key = example_key(ids_cpu[b], mask_cpu[b], target_positions(targets_cpu[b] != ignore_index, mask_cpu[b]))
             if key not in self._index:
                 raise ValueError(
                     f"batch example {b} ({int(mask_cpu[b].sum())} tokens, key {key[:12]}...) is not in the teacher "
-                    f"cache {self.path}: its token ids differ from every cached example (other data, tokenizer, "
-                    "truncation or packing); rebuild the cache from this dataset"
+                    f"cache {self.path}: its token ids or target positions differ from every cached example (other "
+                    "data, tokenizer, truncation, packing or label masks); rebuild the cache from this dataset"
                 )
             rows.append(self._index[key])
         table = self._arrow[rows]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import SELF_TEACHER, adapters_disabled, require_adapters
-from .cache import TeacherCache
+from .cache_store import TeacherCache
 from .config import SetupError
 from .distributed import prepare_teacher
 from .models import freeze, load_model, num_outputs
@@ -136,12 +136,15 @@ def _cached_teacher(trainer, teacher_model, tokenizer) -> CachedTeacher:
                                             tokenizer=tokenizer, teacher=teacher_model)  # fmt: skip
     except ValueError as err:  # missing, incomplete or another setup's cache
         raise SetupError("teacher_cache", str(err)) from None
-    dataset = trainer.train_dataset
-    if dataset is not None and hasattr(dataset, "column_names"):  # not for iterable data
+    evaluation = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
+    for name, dataset in {"training": trainer.train_dataset, **evaluation}.items():
+        if dataset is None or not hasattr(dataset, "column_names"):  # iterable data: checked batch by batch
+            continue
         missing = cache.missing(dataset)
         if missing:
             raise SetupError("teacher_cache", f"{cache.path} has no row for {len(missing)} of the {len(dataset)} "
-                             f"training examples (first: example {missing[0]}); build it from this training data")  # fmt: skip
+                             f"{name} examples (first: example {missing[0]}); build it from this data (train and "
+                             "eval: hf-kd cache-teacher does both)")  # fmt: skip
     logger.info("teacher cache %s: %d examples of %s, top-%d; evaluation logs no teacher-agreement metrics",
                 cache.path, len(cache), cache.name_or_path, cache.k)  # fmt: skip
     return CachedTeacher(cache, vocab_size)

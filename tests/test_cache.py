@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 import hf_kd.cache as cache_module
 from hf_kd import DistillationCollator, DistillationConfig, DistillationTrainer
 from hf_kd.cache import TeacherCache, build_teacher_cache, example_key
+from hf_kd.cache_store import row_positions
 
 BUILD = dict(device="cpu", progress=False)  # the teacher on CPU like the trainers below; no progress bars
 LOSS_KW = dict(loss_type={"forward_kl": 0.6, "reverse_kl": 0.4}, temperature=2.0, alpha=0.7)
@@ -61,7 +62,7 @@ def test_cache_holds_the_teachers_top_k(caches, peaked_teacher, rows, tokenizer)
     teacher = load_model(peaked_teacher)
     for index in (0, 7, 11):  # rows of the first, second and last shard
         row, ids = cache.data[index], torch.tensor(rows[index]["input_ids"])
-        assert row["key"] == example_key(ids)
+        assert row["key"] == example_key(ids, None, row_positions(rows[index]))  # its ids and target positions
         # targets: labels[i + 1] != -100 (the first two labels are a prompt) -> positions 1 .. n - 2
         assert row["target_spans"] == [1, len(ids) - 1]
         with torch.no_grad():
@@ -156,7 +157,7 @@ def test_mismatched_caches_and_data_are_refused(tmp_path, tiny_dir, caches, rows
     with pytest.raises(ValueError, match="batch example 3 .* not in the teacher cache"):
         trainer.compute_loss(student, DistillationCollator()(rows[:3] + [tampered[3]]))
     unmasked = [{"input_ids": r["input_ids"]} for r in rows[:2]]  # labels = ids: the prompt became a target
-    with pytest.raises(ValueError, match=r"targets at positions \[0\] that the cache does not hold"):
+    with pytest.raises(ValueError, match=r"batch example 0 .* its token ids or target positions differ"):
         trainer.compute_loss(student, DistillationCollator()(unmasked))
 
     with pytest.raises(ValueError, match="vocabulary differs"):
@@ -237,8 +238,10 @@ def test_interrupted_build_resumes_to_an_identical_cache(tmp_path, tiny_dir, row
     assert resumed.data[:] == reference.data[:]
 
 
-def test_cli_caches_a_recipe_and_trains_from_it(tmp_path, tiny_dir, capsys):
-    """hf-kd cache-teacher RECIPE, then hf-kd train RECIPE --teacher_cache: the recipe's tokenization finds its rows."""
+@pytest.mark.parametrize("pair", [("teacher", "student"), ("teacher_padded", "student_padded")], ids=["same", "padded"])
+def test_cli_caches_a_recipe_and_trains_from_it(tmp_path, tiny_dir, capsys, pair):
+    """hf-kd cache-teacher RECIPE, then hf-kd train RECIPE --teacher_cache: the recipe's tokenization finds its rows;
+    a padded-vocabulary pair (48 and 44 rows) gets a cache over the shared 44."""
     from hf_kd.cli import main
 
     data = tmp_path / "data.jsonl"
@@ -246,8 +249,8 @@ def test_cli_caches_a_recipe_and_trains_from_it(tmp_path, tiny_dir, capsys):
                             for i in range(10)))  # fmt: skip
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"teacher: {{name_or_path: {tiny_dir['teacher']}, tokenizer: {tiny_dir['tokenizer']}}}\n"
-        f"student: {{name_or_path: {tiny_dir['student']}, tokenizer: {tiny_dir['tokenizer']}}}\n"
+        f"teacher: {{name_or_path: {tiny_dir[pair[0]]}, tokenizer: {tiny_dir['tokenizer']}}}\n"
+        f"student: {{name_or_path: {tiny_dir[pair[1]]}, tokenizer: {tiny_dir['tokenizer']}}}\n"
         f"data: {{dataset: {data}, eval_size: 2, tokenizer_check_samples: 0}}\n"
         f"training: {{output_dir: {tmp_path / 'out'}, max_steps: 2, per_device_train_batch_size: 4, use_cpu: true, "
         "report_to: none, save_strategy: 'no', eval_strategy: 'no'}\n"
@@ -255,6 +258,7 @@ def test_cli_caches_a_recipe_and_trains_from_it(tmp_path, tiny_dir, capsys):
     cache_dir = tmp_path / "cache"
     assert main(["cache-teacher", str(recipe), "--output", str(cache_dir), "--k", "8"]) == 0
     assert "10 examples" in capsys.readouterr().out  # 8 train + 2 held-out eval examples
+    assert TeacherCache(str(cache_dir)).vocab_size == (44 if pair[0] == "teacher_padded" else 40)
     assert main(["train", str(recipe), "--teacher_cache", str(cache_dir)]) == 0
     marker = json.load(open(tmp_path / "out" / "training_complete.json"))
     assert marker["global_step"] == 2 and marker["resolved_recipe"]["training"]["teacher_cache"] == str(cache_dir)
@@ -292,3 +296,26 @@ def test_recipe_teacher_cache_section(tmp_path, tiny_dir, capsys):
     assert "--output" in capsys.readouterr().err
     assert main(["train", recipe("student_cache", student_extra=f", cache: {cache_dir}")]) == 2
     assert "student.cache: only the teacher can be cached" in capsys.readouterr().err
+
+
+def test_same_ids_with_other_label_masks_are_two_rows(tmp_path, tiny_dir, tokenizer):
+    ids = [5, 9, 12, 7, 30, 22]
+    rows = [{"input_ids": ids, "labels": [-100, -100] + ids[2:]}, {"input_ids": ids, "labels": list(ids)}]
+    cache = build_teacher_cache(load_model(tiny_dir["teacher"]), Dataset.from_list(rows), str(tmp_path / "c"), k=40,
+                                tokenizer=tokenizer, **BUILD)  # fmt: skip
+    assert len(set(cache.data["key"])) == 2 and cache.missing(Dataset.from_list(rows)) == []
+    student = load_model(tiny_dir["student"])
+    cached = DistillationTrainer(model=student, args=make_args(tmp_path, teacher_cache=cache.path, loss_chunk_size=0),
+                                 processing_class=tokenizer, train_dataset=Dataset.from_list(rows))  # fmt: skip
+    live = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
+                               args=make_args(tmp_path, loss_chunk_size=0))  # fmt: skip
+    for row in rows:  # k = V: each row's cached loss is the live teacher's
+        batch = DistillationCollator()([row])
+        torch.testing.assert_close(cached.compute_loss(student, batch), live.compute_loss(student, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_an_eval_set_without_cached_rows_is_refused_at_setup(tmp_path, tiny_dir, caches, rows, tokenizer):
+    other = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]
+    with pytest.raises(ValueError, match="teacher_cache: .* no row for 1 of the 1 eval examples"):
+        DistillationTrainer(model=load_model(tiny_dir["student"]), args=make_args(tmp_path, teacher_cache=caches[8].path),
+                            train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(other))  # fmt: skip
