@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .adapters import SELF_TEACHER
-from .data import DataError, check_tokenizers_agree, is_empty_tokenizer, load_raw_dataset
+from .data import DataError, check_tokenizers_agree, count_targets, is_empty_tokenizer, load_raw_dataset, tokenize_dataset
 from .recipe import Recipe
 
 GiB = 1024**3
@@ -263,8 +263,11 @@ def check_recipe(recipe: Recipe) -> Report:
             report.add(f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
                        f"tokens -> distilling over the shared first {shared} rows (the rest is padding)")  # fmt: skip
 
-    if len(tokenizers) == 2:
-        _check_tokenizers(recipe, tokenizers["student"], tokenizers["teacher"], report)
+    sample = _data_sample(recipe, report) if "student" in tokenizers else None
+    if sample is not None:
+        _check_data(recipe, args, tokenizers["student"], sample, report)
+    if len(tokenizers) == 2 and sample:
+        _check_tokenizers(recipe, tokenizers["student"], tokenizers["teacher"], sample, report)
 
     if shared is not None and "teacher" in found and "student" in found:
         rows = estimate_memory(recipe, args, found["teacher"], found["student"], shared)
@@ -280,7 +283,44 @@ def check_recipe(recipe: Recipe) -> Report:
     return report
 
 
-def _check_tokenizers(recipe: Recipe, student, teacher, report: Report) -> None:
+def _data_sample(recipe: Recipe, report: Report) -> list | None:
+    """The first examples of the training data (streamed from the Hub when online), or ``None`` if unreachable."""
+    data = recipe.data
+    try:
+        local = os.path.exists(os.path.expanduser(data.dataset))
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        raw = load_raw_dataset(data.dataset, data.split, data.subset, streaming=not local and not offline)
+        return list(raw.take(max(data.tokenizer_check_samples, 256))) if hasattr(raw, "take") else []
+    except StopIteration:  # `datasets` on an empty file
+        return []
+    except Exception as err:  # noqa: BLE001 - unreachable dataset: not checked, not failed
+        report.unchecked.append(f"data sample ({data.dataset}): {str(err).strip().splitlines()[0][:200]}")
+        return None
+
+
+def _check_data(recipe: Recipe, args, tokenizer, sample: list, report: Report) -> None:
+    """The checks `hf-kd train` applies to its data, on a sample: a recipe that train refuses fails here too."""
+    import datasets
+
+    data = recipe.data
+    if not sample:
+        report.fail(f"data: {data.dataset} has no examples")
+        return
+    try:
+        if data.format == "prompt" and not args.every_batch_generated:
+            raise DataError("data.format", "prompt-only data has no completions to distill on: set training.lmbda: 1 "
+                            "(on-policy) or training.seq_kd: true (teacher completions)")  # fmt: skip
+        tokenized = tokenize_dataset(datasets.Dataset.from_list(sample), tokenizer, data, desc="Checking the data",
+                                     keep_prompt_only=args.every_batch_generated)  # fmt: skip
+    except DataError as err:
+        report.fail(f"data: {err}")
+        return
+    targets = sum(count_targets(labels) for labels in tokenized["labels"]) if data.format != "classification" else len(tokenized)
+    report.add(f"data: the first {len(sample)} examples tokenize to {len(tokenized)} trainable examples, {targets} "
+               "target tokens")  # fmt: skip
+
+
+def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Report) -> None:
     s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
     if s_vocab == t_vocab:
         report.add(f"tokenizers: identical vocabularies ({len(s_vocab)} tokens)")
@@ -290,14 +330,6 @@ def _check_tokenizers(recipe: Recipe, student, teacher, report: Report) -> None:
                    "have another id or none in the teacher); checking the data sample")  # fmt: skip
     data = recipe.data
     try:
-        local = os.path.exists(os.path.expanduser(data.dataset))
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        raw = load_raw_dataset(data.dataset, data.split, data.subset, streaming=not local and not offline)
-        sample = list(raw.take(data.tokenizer_check_samples)) if hasattr(raw, "take") else []
-    except Exception as err:  # noqa: BLE001 - unreachable dataset: not checked, not failed
-        report.unchecked.append(f"tokenization of a data sample ({data.dataset}): {str(err).strip().splitlines()[0][:200]}")
-        return
-    try:
-        report.add(f"tokenizers: {check_tokenizers_agree(student, teacher, sample, data)}")
+        report.add(f"tokenizers: {check_tokenizers_agree(student, teacher, sample[: data.tokenizer_check_samples], data)}")
     except (DataError, KeyError) as err:
         report.fail(f"tokenizers: {err}")

@@ -301,11 +301,16 @@ def _load_or_explain(key: str, *args):
     import datasets
 
     try:
-        return load_raw_dataset(*args)
+        raw = load_raw_dataset(*args)
+    except StopIteration:  # `datasets` reading an empty file
+        raise DataError(key, f"{args[0]!r} has no examples") from None
     except (OSError, ValueError, KeyError, datasets.exceptions.DatasetsError) as err:
         cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
         why = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise DataError(key, f"cannot load {args[0]!r}: {why}") from None
+    if len(raw) == 0:
+        raise DataError(key, f"{args[0]!r} has no examples")
+    return raw
 
 
 def prepare_datasets(data, tokenizer, teacher_tokenizer=None, seed: int = 0, every_batch_generated: bool = False):

@@ -132,11 +132,15 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     from .recipe_training import coerce_training, parse_overrides
 
     path = str(path)
+    if os.path.isdir(path):
+        raise RecipeError(path, "recipe", "is a directory; give the recipe's .yaml file (e.g. recipes/qwen3-8b-to-0.6b.yaml)")
     if not os.path.isfile(path):
         raise RecipeError(path, "recipe", "no such file")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise RecipeError(path, "recipe", "not a text file (a recipe is UTF-8 YAML)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "yaml"

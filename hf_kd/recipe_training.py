@@ -107,6 +107,17 @@ def parse_overrides(path: str, argv: list[str]) -> dict[str, Any]:
     return vars(namespace)
 
 
+def _check_report_to(path: str, report_to) -> None:
+    """A logging integration that is not installed fails now, not after the models and the data have loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    asked = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    missing = [name for name in asked if name not in ("none", "all") and name not in get_available_reporting_integrations()]
+    if missing:
+        raise RecipeError(path, "training.report_to", f"{', '.join(missing)} is not installed: pip install "
+                          f"{' '.join(missing)}, or set report_to: none")  # fmt: skip
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -120,12 +131,17 @@ def build_config(path: str, kwargs: dict[str, Any], neutralize_hardware: bool):
 
     if neutralize_hardware:
         kwargs = {**kwargs, **{k: False for k in HARDWARE_FIELDS if k in kwargs}}
+    _check_report_to(path, kwargs.get("report_to"))
     try:
         return DistillationConfig(**kwargs)
     except (ValueError, TypeError) as err:
         message = str(err).strip().splitlines()[0]
         first = re.split(r"[\s:=]", message.lstrip("-"), maxsplit=1)[0]
         key = f"training.{first}" if first in kwargs else "training"
+        hardware = next((k for k in ("bf16", "fp16") if kwargs.get(k) and k in message), None)
+        if key == "training" and hardware:  # transformers: "Your setup doesn't support bf16/gpu. ..."
+            key, message = f"training.{hardware}", (f"this machine cannot train in {hardware} (no GPU with {hardware} "
+                                                    f"support); set {hardware}: false (--{hardware} false)")  # fmt: skip
         if key != "training" and message.startswith(f"{first}: "):  # "loss_type: unknown loss": the key is said once
             message = message[len(first) + 2 :]
         raise RecipeError(path, key, message) from None

@@ -1,5 +1,6 @@
 """`hf-kd train | check` on tiny local models: exit codes, error lines, the output directory's life cycle."""
 
+import importlib.util
 import json
 import os
 import random
@@ -80,6 +81,43 @@ def test_bad_recipe_is_one_line_and_exit_2(tmp_path, capsys):
         assert err == f"error: {path}: training.learning_rat: unknown key (did you mean 'learning_rate'?)\n"
     code, _, err = run(["train", path.with_name("missing.yaml")], capsys)
     assert (code, err) == (2, f"error: {path.with_name('missing.yaml')}: recipe: no such file\n")
+
+
+def test_inputs_that_gave_tracebacks_are_one_line(tmp_path, tiny_dir, capsys):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x00\x01\xff\xfe")
+    code, _, err = run(["train", binary], capsys)
+    assert (code, err) == (2, f"error: {binary}: recipe: not a text file (a recipe is UTF-8 YAML)\n")
+    code, _, err = run(["check", tmp_path], capsys)  # a directory
+    assert code == 2 and err.startswith(f"error: {tmp_path}: recipe: is a directory")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": str(empty)})
+    code, _, err = run(["train", path], capsys)
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: data.dataset: '{empty}' has no examples")
+    code, out, _ = run(["check", path], capsys)
+    assert code == 1 and f"FAIL data: {empty} has no examples" in out
+    if importlib.util.find_spec("wandb") is None:
+        path = write_recipe(tmp_path / "w.yaml", tiny_dir, {"dataset": str(empty)}, report_to="wandb")
+        code, _, err = run(["train", path], capsys)
+        assert (code, err) == (2, f"error: {path}: training.report_to: wandb is not installed: pip install wandb, or "
+                                  "set report_to: none\n")  # fmt: skip
+    if not torch.cuda.is_available():
+        path = write_recipe(tmp_path / "b.yaml", tiny_dir, {"dataset": str(empty)}, bf16=True, use_cpu=False)
+        code, _, err = run(["train", path], capsys)
+        assert code == 2
+        assert_one_error_line(err, f"error: {path}: training.bf16: this machine cannot train in bf16")
+
+
+def test_check_applies_the_data_checks_of_train(tmp_path, tiny_dir, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w1 w2"}] * 3)
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": prompts, "format": "prompt"})
+    code, out, _ = run(["check", path], capsys)
+    assert code == 1 and "FAIL data: data.format: prompt-only data has no completions to distill on" in out
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": prompts, "format": "prompt"}, lmbda=1.0)
+    code, out, _ = run(["check", path], capsys)
+    assert code == 0 and "data: the first 3 examples tokenize to 3 trainable examples, 0 target tokens" in out
 
 
 def test_python_m_hf_kd_entry_point(tmp_path):

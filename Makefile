@@ -1,0 +1,91 @@
+# The two everyday commands. Each builds .venv on first use (Python 3.10+ and pip are all it needs), installs what
+# it needs, and on later runs skips straight to the work: the install is redone only when pyproject.toml or the
+# torch choice changes (stamp files inside the venv).
+#
+#   make test                                   # the README's test command, with its wall time
+#   make demo                                   # hf-kd demo, with its wall time
+#   make test TEST_ARGS='-x -k fused'           # extra pytest arguments
+#   make demo DEMO_ARGS=--fast                  # extra hf-kd demo arguments
+#
+# Torch: torch==$(TORCH_VERSION) on a machine without nvidia-smi (the CPU wheel where pip's index serves one), the
+# CUDA 12.8 build of the same version with it. Override with TORCH_DEVICE=cpu|cuda, TORCH_INDEX=<index url>
+# (empty: pip's own index) or TORCH_SPEC=<pip requirement>; a changed choice reinstalls torch on the next run.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+# one pip at a time in the venv, even under make -j
+.NOTPARALLEL:
+
+# the interpreter that creates the venv; the venv (CI passes a fresh temporary one)
+PYTHON ?= python3
+VENV ?= .venv
+# appended to the test command / to hf-kd demo (--fast, --output_dir DIR, --seed N)
+TEST_ARGS ?=
+DEMO_ARGS ?=
+
+# what CI runs; hf_kd accepts torch>=2.4,<3
+TORCH_VERSION ?= 2.13.0
+ifndef TORCH_DEVICE
+TORCH_DEVICE := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+endif
+# cuda: the CUDA 12.8 build (another CUDA: cu126, cu130, ..., see pytorch.org's selector); cpu: pip's own index (on
+# Linux, https://download.pytorch.org/whl/cpu gives the CPU-only build without the CUDA libraries)
+ifeq ($(TORCH_DEVICE),cuda)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+else ifeq ($(TORCH_DEVICE),cpu)
+TORCH_INDEX ?=
+else
+$(error TORCH_DEVICE must be cpu or cuda, not '$(TORCH_DEVICE)')
+endif
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+TORCH_CHOICE = $(strip $(TORCH_SPEC) $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX))))
+
+BIN = $(abspath $(VENV))/bin
+PIP = $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: help test demo FORCE
+
+help:
+	@echo 'make test    the test suite (python -m pytest tests -q, offline), then its wall time'
+	@echo 'make demo    hf-kd demo (CPU, no downloads), then its wall time'
+	@echo 'Both create $(VENV) on first use. Torch here: $(TORCH_CHOICE) ($(TORCH_DEVICE)).'
+	@echo 'Variables: TORCH_DEVICE=cpu|cuda TORCH_INDEX=url TORCH_SPEC=req VENV=dir PYTHON=python3 TEST_ARGS= DEMO_ARGS='
+
+test: $(VENV)/.installed-test
+	@echo '+ HF_HUB_OFFLINE=1 python -m pytest tests -q $(TEST_ARGS)'
+	@export PATH="$(BIN):$$PATH" HF_HUB_OFFLINE=1; TIMEFORMAT='make test: the test run took %1R s (wall)'; \
+	    time python -m pytest tests -q $(TEST_ARGS)
+
+demo: $(VENV)/.installed-demo
+	@echo '+ hf-kd demo $(DEMO_ARGS)'
+	@export PATH="$(BIN):$$PATH"; TIMEFORMAT='make demo: the demo took %1R s (wall)'; \
+	    time hf-kd demo $(DEMO_ARGS)
+
+$(BIN)/python:
+	@echo '==> creating $(VENV) with $(PYTHON) ('"$$($(PYTHON) --version)"')'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# The torch choice as a file that changes only when the choice does: what the installed stamps depend on.
+$(VENV)/.torch-choice: FORCE | $(BIN)/python
+	@echo '$(TORCH_CHOICE)' | cmp -s - $@ || echo '$(TORCH_CHOICE)' > $@
+
+# A torch left by an earlier choice would satisfy ==$(TORCH_VERSION) whatever its build (cpu, cu128): remove it first.
+$(VENV)/.torch: $(VENV)/.torch-choice
+	@echo '==> installing $(TORCH_CHOICE) ($(TORCH_DEVICE)) into $(VENV)'
+	@if [ -f $@ ]; then $(PIP) uninstall --quiet --yes torch; fi
+	$(PIP) install --quiet $(TORCH_CHOICE)
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
+	@echo '==> installing hf_kd (editable) with the test extra into $(VENV)'
+	$(PIP) install --quiet -e '.[test]'
+	@touch $@
+
+$(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
+	@echo '==> installing hf_kd (editable) into $(VENV)'
+	$(PIP) install --quiet -e .
+	@touch $@
+
+FORCE:
