@@ -112,24 +112,25 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.recipe = recipe  # embedded in the model card; the CLI passes the recipe it ran
         self.objective = args.objective  # every knob of the loss, validated once
-        self.teacher = make_teacher(self, teacher_model)
-        self.vocab_size = self.teacher.vocab_size  # None, or the shared prefix of padded vocabularies
-        self.use_fused_loss = fused_loss_applies(self)
+        # refusals first: nothing is loaded for a run that cannot work
         if args.label_smoothing_factor:
             raise SetupError("label_smoothing_factor", "is not applied by the distillation loss (the teacher's "
                              "distribution is the soft target; alpha mixes in the plain CE); set it to 0")  # fmt: skip
         if args.save_merged and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             raise SetupError("save_merged", "needs the whole student on one process; with FSDP/DeepSpeed save the "
                              "adapters and merge them afterwards")  # fmt: skip
-        self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task == "causal_lm")
-        self.faults = FaultGuard(self._sum_over_processes, self.teacher.name, getattr(unwrap(self.model), "name_or_path", None)
-                                 or type(unwrap(self.model)).__name__)  # fmt: skip
-        self.add_callback(self.faults)  # stops a NaN step before the optimizer applies it
         check_targets(self)
         if args.generates:
             check_generation(self)
-            settings = args.generation_settings()  # the EOS ids that end a completion, for the logs
-            self._completion_eos = eos_ids(generation_config(unwrap(self.model), settings, None))
+            # the EOS ids that end a completion, for the logs
+            self._completion_eos = eos_ids(generation_config(unwrap(self.model), args.generation_settings(), None))
+        self.teacher = make_teacher(self, teacher_model)
+        self.vocab_size = self.teacher.vocab_size  # None, or the shared prefix of padded vocabularies
+        self.use_fused_loss = fused_loss_applies(self)
+        self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task == "causal_lm")
+        student_name = getattr(unwrap(self.model), "name_or_path", None) or type(unwrap(self.model)).__name__
+        self.faults = FaultGuard(self._sum_over_processes, self.teacher.name, student_name)
+        self.add_callback(self.faults)  # stops a NaN step before the optimizer applies it
         self._wants_full_logits = False  # set while a prediction loop returns logits (see evaluation_loop)
         self._final_save = False  # set by save_model for a final save (not a checkpoint-N)
 
