@@ -214,6 +214,12 @@ class DistillationConfig(TrainingArguments):
             unknown = sorted(set(self.generation_kwargs) - set(GenerationConfig().to_dict()))
             if unknown:
                 raise ValueError(f"generation_kwargs: not transformers.GenerationConfig settings: {', '.join(unknown)}")
+            kwargs = self.generation_kwargs
+            if kwargs.get("num_return_sequences", 1) != 1 or kwargs.get("num_beams", 1) != 1 or kwargs.get(
+                "return_dict_in_generate"
+            ):  # one completion per prompt, returned as ids: what the batch is rebuilt from
+                raise ValueError("generation_kwargs: num_return_sequences, num_beams and return_dict_in_generate must "
+                                 "stay at their defaults (one sampled or greedy completion per prompt)")  # fmt: skip
 
     @property
     def generates(self) -> bool:

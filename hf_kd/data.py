@@ -219,7 +219,9 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing", keep_pr
 
     def encode(example):
         encoded = encode_example(example, tokenizer, data)
-        if not packing:  # packing cuts the concatenated stream into blocks instead
+        if data.format == "prompt":  # a prompt keeps its end: the assistant header that generation continues from
+            encoded = {k: v[-max_length:] for k, v in encoded.items()}
+        elif not packing:  # packing cuts the concatenated stream into blocks instead
             encoded = {k: v[:max_length] for k, v in encoded.items()}
         if len(encoded["labels"]) != len(encoded["input_ids"]):
             raise DataError("data", f"an example has {len(encoded['labels'])} labels for {len(encoded['input_ids'])} ids")
@@ -313,11 +315,16 @@ def _load_or_explain(key: str, *args):
     return raw
 
 
-def prepare_datasets(data, tokenizer, teacher_tokenizer=None, seed: int = 0, every_batch_generated: bool = False):
+def prepare_datasets(data, tokenizer, teacher_tokenizer=None, seed: int = 0, every_batch_generated: bool = False,
+                     generates: bool = False):  # fmt: skip
     """Load, check and tokenize the train (and eval) data of a recipe -> ``(train, eval or None)``.
 
+    ``generates`` (``lmbda > 0`` or ``seq_kd``): some completions are generated, from one prompt per example.
     ``every_batch_generated`` (``lmbda: 1`` or ``seq_kd``): training examples need only a prompt.
     """
+    if data.packing and (generates or every_batch_generated):
+        raise DataError("data.packing", "a packed block mixes examples, and a generated completion needs one prompt per "
+                        "example: set packing: false with lmbda > 0 or seq_kd")  # fmt: skip
     if data.format == "prompt" and not every_batch_generated:
         raise DataError("data.format", "prompt-only data has no completions to distill on: set training.lmbda: 1 "
                         "(on-policy) or training.seq_kd: true (teacher completions)")  # fmt: skip

@@ -24,22 +24,36 @@ class FaultGuard(TrainerCallback):
 
     def __init__(self, reduce: Callable[[torch.Tensor], torch.Tensor], teacher_name: str | None, student_name: str):
         self._reduce, self.teacher_name, self.student_name = reduce, teacher_name, student_name
-        self._flags: torch.Tensor | None = None  # [teacher fault, student fault], accumulated on the device
+        self._flags: torch.Tensor | None = None  # [teacher, student, either] faults, accumulated on the device
 
-    def record(self, terms: Mapping[str, torch.Tensor | None]) -> None:
-        """The divergence NaN while the student's own CE is finite: the teacher's fault; otherwise the student's."""
+    def record(self, terms: Mapping[str, torch.Tensor | None], alpha: float) -> None:
+        """What would be applied is the ``loss``: a NaN there stops the step. The divergence NaN while the student's own
+        CE is finite is the teacher's fault; a NaN CE the student's; without a CE, either's. With ``alpha = 0`` the
+        divergence is only logged, and a NaN in it stops nothing."""
         loss, divergence, ce = terms["loss"].detach(), terms.get("distill_loss"), terms.get("ce_loss")
-        student_ok = torch.isfinite(ce.detach()) if ce is not None else torch.ones_like(loss, dtype=torch.bool)
-        teacher_bad = student_ok & ~torch.isfinite(divergence.detach()) if divergence is not None else ~student_ok
-        flags = torch.stack([teacher_bad, ~student_ok | (~torch.isfinite(loss) & ~teacher_bad)]).to(torch.float32)
+        bad = ~torch.isfinite(loss)
+        if ce is None:  # unlabeled classification: no CE to tell the two models apart
+            flags = torch.stack([torch.zeros_like(bad), torch.zeros_like(bad), bad])
+        else:
+            teacher_bad = bad & torch.isfinite(ce.detach()) & (alpha > 0)
+            if divergence is not None:
+                teacher_bad = teacher_bad & ~torch.isfinite(divergence.detach())
+            flags = torch.stack([teacher_bad, bad & ~teacher_bad, torch.zeros_like(bad)])
+        flags = flags.to(torch.float32)
         self._flags = flags if self._flags is None else self._flags + flags
 
     def check(self, where: str) -> None:
         """Raise :class:`NonFiniteError` if any process recorded a fault since the last check (one sync)."""
         if self._flags is None:
             return
-        teacher_bad, student_bad = (self._reduce(self._flags) > 0).tolist()
+        teacher_bad, student_bad, either_bad = (self._reduce(self._flags) > 0).tolist()
         self._flags = None
+        if either_bad and not (teacher_bad or student_bad):
+            raise NonFiniteError(
+                f"{where}: the loss is NaN or infinite (the teacher {self.teacher_name} or the student "
+                f"{self.student_name}); no update was applied and nothing was saved. Check both models' logits: load "
+                "the teacher in bfloat16 or float32, lower learning_rate, set max_grad_norm"
+            )
         if teacher_bad:
             raise NonFiniteError(
                 f"{where}: the teacher ({self.teacher_name}) gave NaN or +inf logits, so the distillation loss is NaN; "

@@ -54,9 +54,22 @@ def eos_ids(config) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+class _VocabularyLimit:
+    """A logits processor: ids at or past ``limit`` (padding rows of a larger lm_head) are never generated."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.limit :] = -float("inf")
+        return scores
+
+
 @torch.no_grad()
-def complete(model: nn.Module, prompts: Sequence[Sequence[int]], config, device) -> list[list[int]]:
-    """Each prompt's completion by ``model.generate``: up to and including its first EOS, nothing after it."""
+def complete(model: nn.Module, prompts: Sequence[Sequence[int]], config, device,
+             vocab_limit: int | None = None) -> list[list[int]]:  # fmt: skip
+    """Each prompt's completion by ``model.generate``: up to and including its first EOS, nothing after it.
+    ``vocab_limit``: only ids below it (the vocabulary both models share) are generated."""
     width = max(len(p) for p in prompts)
     pad = config.pad_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -67,8 +80,11 @@ def complete(model: nn.Module, prompts: Sequence[Sequence[int]], config, device)
     was_training = model.training
     model.eval()  # no dropout; and gradient checkpointing (active in training mode only) leaves the KV cache on
     try:
+        from transformers import LogitsProcessorList
+
+        limit = LogitsProcessorList([_VocabularyLimit(vocab_limit)] if vocab_limit is not None else [])
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             use_cache=True)  # fmt: skip
+                             logits_processor=limit, use_cache=True)  # fmt: skip
     finally:
         model.train(was_training)
     stops = set(eos_ids(config))

@@ -102,8 +102,8 @@ def per_position_divergence(
             term = t2 * term
         elif name == "skew_forward_kl":
             term = t2 * _kl(log_p_t, _log_mix(log_p_t, log_p_s, skew_lambda))
-        elif name == "skew_reverse_kl":
-            term = t2 * _kl(log_p_s, _log_mix(log_p_s, log_p_t, skew_lambda))
+        elif name == "skew_reverse_kl":  # at skew_lambda = 0 the mix is p_t itself: floored like reverse_kl
+            term = t2 * _kl(log_p_s, _floored(_log_mix(log_p_s, log_p_t, skew_lambda)))
         elif name == "tvd":
             term = t2 * 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(-1)
         elif name == "mse":

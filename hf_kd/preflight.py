@@ -37,8 +37,8 @@ def check_targets(trainer) -> None:
     """Training data without a single target trains on nothing (a loss of 0): refused, as the CLI does, unless
     every batch is generated (then a prompt is all an example needs)."""
     data = trainer.train_dataset
-    if data is None or trainer.args.every_batch_generated or "labels" not in (getattr(data, "column_names", None) or ()):
-        return
+    if not _indexable(data) or trainer.args.every_batch_generated or "labels" not in (data.column_names or ()):
+        return  # streamed (iterable) data is not scanned up front
     first = 1 if TASKS[trainer.task].shift_labels else 0  # a causal LM's first label is never a target
     for start in range(0, len(data), 1000):  # stops at the first chunk with a target: cheap on real data
         labels = data.select(range(start, min(start + 1000, len(data))))["labels"]
@@ -57,3 +57,8 @@ def check_generation(trainer) -> None:
         raise SetupError(field, "generation under FSDP / ZeRO-3 (sharded weights) is not supported; train with "
                          "DDP (plain multi-GPU) or DeepSpeed ZeRO-1/2, or set lmbda 0 and seq_kd false")  # fmt: skip
 
+
+
+def _indexable(dataset) -> bool:
+    """A map-style ``datasets.Dataset`` (length, ``select``, columns): what can be checked before training."""
+    return dataset is not None and all(hasattr(dataset, name) for name in ("__len__", "select", "column_names"))

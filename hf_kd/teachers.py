@@ -138,7 +138,7 @@ def _cached_teacher(trainer, teacher_model, tokenizer) -> CachedTeacher:
         raise SetupError("teacher_cache", str(err)) from None
     evaluation = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
     for name, dataset in {"training": trainer.train_dataset, **evaluation}.items():
-        if dataset is None or not hasattr(dataset, "column_names"):  # iterable data: checked batch by batch
+        if dataset is None or not hasattr(dataset, "__len__"):  # iterable data: checked batch by batch
             continue
         missing = cache.missing(dataset)
         if missing:

@@ -243,6 +243,8 @@ class DistillationTrainer(Trainer):
         return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            inputs = self._without_eval_repeats(inputs)
         labels = self.target_labels(inputs)
         if not model.training:
             num_items_in_batch = None  # evaluation: per-batch means, weighted by their token counts in accounting
@@ -253,7 +255,10 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
             loss = loss * self.accelerator.num_processes
-        self.faults.record(terms)
+        self.faults.record(terms, self.objective.alpha)
+        if model.training and self.accelerator.sync_gradients:
+            # the step's last micro-batch, before its backward: under DeepSpeed that backward also steps the optimizer
+            self.faults.check(f"step {self.state.global_step + 1}")
         if model.training:
             tokens = None if num_items_in_batch is not None else self._count_targets(inputs)
             self.accounting.record_train(terms, tokens)
@@ -267,6 +272,21 @@ class DistillationTrainer(Trainer):
         return loss, self._prediction_outputs(student_outputs)
 
     # ---- evaluation and prediction ------------------------------------------------------------------------------
+
+    def _without_eval_repeats(self, inputs):
+        """The last evaluation batch of a multi-process run is padded with repeated examples so that every process has
+        one (the plain Trainer drops them in gather_for_metrics): their labels become -100, so they count nowhere."""
+        state = self.accelerator.gradient_state
+        labels = inputs.get("labels")
+        if self.accelerator.num_processes == 1 or labels is None or not state.end_of_dataloader or state.remainder <= 0:
+            return inputs
+        rows = labels.shape[0]
+        first = self.accelerator.process_index * rows  # the gathered order: process 0's rows, then process 1's, ...
+        repeat = torch.arange(first, first + rows, device=labels.device) >= state.remainder
+        if not bool(repeat.any()):
+            return inputs
+        shape = (rows,) + (1,) * (labels.dim() - 1)
+        return {**inputs, "labels": labels.masked_fill(repeat.view(shape), IGNORE_INDEX)}
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):  # fmt: skip
@@ -364,7 +384,9 @@ class DistillationTrainer(Trainer):
         prompts = prompts_of(inputs)
         config = generation_config(model, self.args.generation_settings(), self._pad_token_id())
         device = inputs["input_ids"].device
-        return completion_batch(prompts, complete(model, prompts, config, device), config.pad_token_id, device)
+        # padded vocabularies: only the rows both models share (a teacher's padding row is no token of the student)
+        completions = complete(model, prompts, config, device, vocab_limit=self.vocab_size)
+        return completion_batch(prompts, completions, config.pad_token_id, device)
 
     def _pad_token_id(self) -> int | None:
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -406,5 +428,8 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:  # a training log: the components of the steps since the last one
             logs.update(self.accounting.train_logs())
         if "train_runtime" in logs:  # the end-of-training summary: components over the whole run, like train_loss
-            logs.update(self.accounting.run_logs())
+            run = self.accounting.run_logs()
+            # the Trainer's own train_loss adds this process's unlogged steps ungathered: wrong under DDP
+            logs["train_loss"] = run.pop("train_loss", logs.get("train_loss"))
+            logs.update(run)
         super().log(logs, start_time)

@@ -152,3 +152,36 @@ def test_an_image_processor_gets_the_default_collator(tmp_path):
                                   args=make_args(tmp_path, max_steps=1, **KW))  # fmt: skip
     trainer.train()  # used to crash in DataCollatorWithPadding(image_processor)
     assert trainer.state.global_step == 1
+
+
+def test_nan_teacher_with_alpha_0_trains_on_the_ce_and_unlabeled_nan_blames_neither(tmp_path, tiny_dir):
+    student = load_model(tiny_dir["student"])
+    before = state_hash(student)
+    trainer = DistillationTrainer(model=student, teacher_model=poisoned(tiny_dir["teacher"]),
+                                  args=make_args(tmp_path, alpha=0.0, loss_chunk_size=0),
+                                  train_dataset=Dataset.from_list(variable_length_examples(4, seed=2)))  # fmt: skip
+    trainer.train()  # the divergence is only logged: the CE update is valid
+    assert state_hash(student) != before
+    from hf_kd.faults import FaultGuard
+
+    guard = FaultGuard(lambda t: t, "t", "s")
+    guard.record({"loss": torch.tensor(float("nan")), "distill_loss": torch.tensor(float("nan")), "ce_loss": None}, 1.0)
+    with pytest.raises(NonFiniteError, match="the teacher t or the student s"):
+        guard.check("step 1")
+
+
+def test_skew_reverse_kl_at_lambda_0_with_a_masked_teacher_is_reverse_kl():
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g, dtype=torch.float64)
+    teacher[:, 1] = -math.inf
+    skew = distillation_loss(student, teacher, loss_type="skew_reverse_kl", skew_lambda=0.0)
+    torch.testing.assert_close(skew, distillation_loss(student, teacher, loss_type="reverse_kl"), rtol=1e-12, atol=0)
+
+
+def test_streamed_training_data_trains(tmp_path, tiny_dir):
+    rows = variable_length_examples(8, seed=2)
+    streamed = Dataset.from_list(rows).to_iterable_dataset()
+    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
+                                  args=make_args(tmp_path, max_steps=2), train_dataset=streamed)  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 2

@@ -208,3 +208,35 @@ def test_sharded_engines_are_refused_with_one_line(tmp_path, tiny_dir, monkeypat
         with pytest.raises(ValueError, match=f"^{field}: generation under FSDP / ZeRO-3 .* is not supported; train with DDP"):
             DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
                                 args=make_args(tmp_path, **overrides))  # fmt: skip
+
+
+def test_generation_stays_in_the_shared_vocabulary(tiny_dir):
+    from hf_kd.generation import complete, generation_config
+
+    teacher = load_model(tiny_dir["teacher_padded"])  # 48 rows, of which the student shares 44
+    config = generation_config(teacher, {"max_new_tokens": 12, "do_sample": True, "temperature": 50.0}, 0)
+    torch.manual_seed(0)
+    free = complete(teacher, [[5, 6], [7, 8, 9]] * 8, config, "cpu")
+    torch.manual_seed(0)
+    limited = complete(teacher, [[5, 6], [7, 8, 9]] * 8, config, "cpu", vocab_limit=44)
+    assert max(max(c) for c in free) >= 44  # at temperature 50 the padding rows do get sampled
+    assert max(max(c) for c in limited) < 44
+
+
+def test_unsafe_generation_settings_and_packing_are_refused(tmp_path, tokenizer):
+    from hf_kd import DistillationConfig
+    from hf_kd.data import DataError, prepare_datasets
+    from hf_kd.recipe import DataSection
+
+    for bad in ({"num_return_sequences": 2}, {"num_beams": 4}, {"return_dict_in_generate": True}):
+        with pytest.raises(ValueError, match="generation_kwargs: num_return_sequences, num_beams"):
+            DistillationConfig(output_dir=str(tmp_path), lmbda=1.0, generation_kwargs=bad)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "w1", "completion": "w2 w3"}\n' * 4)
+    data = DataSection(dataset=str(path), format="prompt_completion", packing=True, max_length=8)
+    with pytest.raises(DataError, match="data.packing: a packed block mixes examples"):
+        prepare_datasets(data, tokenizer, generates=True)
+    long_prompt = DataSection(dataset=str(path), format="prompt", prompt_field="prompt", max_length=2)
+    path.write_text('{"prompt": "w1 w2 w3 w4"}\n')
+    train, _ = prepare_datasets(long_prompt, tokenizer, every_batch_generated=True)
+    assert train[0]["input_ids"] == tokenizer("w3 w4")["input_ids"]  # a long prompt keeps its end
