@@ -45,8 +45,10 @@ def test_python_in_15_lines(tmp_path, tiny_dir, monkeypatch):
 
 
 def test_extension_point_snippet(tmp_path, tiny_dir):
-    namespace = {"DistillationTrainer": DistillationTrainer, "torch": torch,
-                 "my_hidden_term": lambda s, t: s.logits.new_tensor(0.5)}  # fmt: skip
+    def my_hidden_term(student_out, teacher_out):  # a per-position term: 0.5 everywhere
+        return torch.full(teacher_out.logits[:, :-1].shape[:2], 0.5)
+
+    namespace = {"DistillationTrainer": DistillationTrainer, "torch": torch, "my_hidden_term": my_hidden_term}
     exec(compile(block_with("class HiddenKD(DistillationTrainer)"), "README.md", "exec"), namespace)
     batch = DistillationCollator()(variable_length_examples(3, seed=4))
     student = load_model(tiny_dir["student"])
