@@ -215,6 +215,10 @@ class DistillationConfig(TrainingArguments):
             if unknown:
                 raise ValueError(f"generation_kwargs: not transformers.GenerationConfig settings: {', '.join(unknown)}")
             kwargs = self.generation_kwargs
+            unset = sorted(k for k, v in kwargs.items() if v is None and k != "eos_token_id")
+            if unset:  # generate() would silently refill them from the model's config (top_k None -> 50)
+                raise ValueError(f"generation_kwargs: {', '.join(unset)} cannot be None (generate() would use the "
+                                 "model's default); give a value (top_k 0 and top_p 1.0 are off)")  # fmt: skip
             if kwargs.get("num_return_sequences", 1) != 1 or kwargs.get("num_beams", 1) != 1 or kwargs.get(
                 "return_dict_in_generate"
             ):  # one completion per prompt, returned as ids: what the batch is rebuilt from

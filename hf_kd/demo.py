@@ -2,11 +2,13 @@
 
 The data come from a known random process -- an order-2 Markov chain over a few dozen symbols whose next-symbol
 distributions are sparse Dirichlet draws (~1.4 nats of genuine uncertainty per token) -- so the best achievable
-held-out perplexity is known exactly and soft targets carry real information. A teacher is trained with CE on plenty of
-data; students of one smaller size are then trained on a small transfer set with an equal budget (same data, steps,
-learning rate, initialization) and different objectives: CE only, forward KL, reverse KL and logit MSE (a miniature of
-Kim et al. 2021's KL-vs-MSE comparison). Everything goes through the real pipeline: a `tokenizers` tokenizer saved and
-reloaded, jsonl -> hf_kd.data (prompt_completion, completion-only labels) -> DistillationTrainer.
+held-out perplexity is known exactly, soft targets carry real information, and the samples a model writes can be scored
+exactly (:func:`sample_quality`). A teacher is trained with CE on plenty of data; students of one smaller size are then
+trained on a small transfer set with an equal budget (same prompts, steps, learning rate, initialization) and different
+objectives: CE only, forward KL, reverse KL and logit MSE (a miniature of Kim et al. 2021's KL-vs-MSE comparison), and
+on-policy reverse KL (lmbda 1: the student's own completions, scored by the teacher). Everything goes through the real
+pipeline: a `tokenizers` tokenizer saved and reloaded, jsonl -> hf_kd.data (prompt_completion, completion-only labels)
+-> DistillationTrainer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -63,8 +66,9 @@ OBJECTIVES = {  # name -> DistillationConfig settings; alpha = 0 leaves only the
 def generation_args(s: Settings) -> dict:
     """What a generating run (lmbda > 0 or seq_kd) needs on this task: completions as long as the data's (the sequence
     length less the two prompt symbols) and no stop at <eos>, which the data never contain; so a generated batch has
-    exactly as many target tokens as a dataset batch, and the step budgets compare."""
-    return {"max_new_tokens": s.seq_len - 2, "generation_kwargs": {"eos_token_id": None}}
+    exactly as many target tokens as a dataset batch, and the step budgets compare. The EOS list is empty, not None:
+    transformers 5's generate fills a None from the model's own generation config and would stop at <eos> anyway."""
+    return {"max_new_tokens": s.seq_len - 2, "generation_kwargs": {"eos_token_id": []}}
 
 
 # ---- the process ----------------------------------------------------------------------------------------------------
@@ -160,8 +164,9 @@ def sample_quality(model, chain: torch.Tensor, prompts: torch.Tensor, seq_len: i
     """
     from transformers import GenerationConfig
 
+    # eos_token_id=[]: no stop (None would be refilled with the model's <eos> by generate, which then pads after it)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 2,
-                              eos_token_id=None, pad_token_id=0)  # fmt: skip
+                              eos_token_id=[], pad_token_id=0)  # fmt: skip
     model.eval()
     ids = prompts.long() + len(SPECIALS)
     samples = []
@@ -169,7 +174,8 @@ def sample_quality(model, chain: torch.Tensor, prompts: torch.Tensor, seq_len: i
         torch.manual_seed(seed)
         for start in range(0, ids.shape[0], batch_size):
             chunk = ids[start : start + batch_size]
-            samples.append(model.generate(input_ids=chunk, attention_mask=torch.ones_like(chunk), generation_config=config))
+            mask = torch.ones_like(chunk)
+            samples.append(model.generate(input_ids=chunk, attention_mask=mask, generation_config=config))
     samples = torch.cat(samples)  # [n, seq_len]
     result = process_nll(chain, samples)
     result["self_nll"] = token_nll(model, samples, batch_size=batch_size)
@@ -327,8 +333,8 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
                                    desc=f"Tokenizing {name}") for name in splits}  # fmt: skip
     vocab = len(tokenizer)
     # the process's own samples are the test set: their NLL is the floor, their KL to the process 0
-    rows = [_row("true process (floor)", None, floor_ppl, floor_acc,
-                 sample={**process_nll(chain, splits["test"] + len(SPECIALS)), "self_nll": entropy, "kl": 0.0})]  # fmt: skip
+    own = process_nll(chain, splits["test"] + len(SPECIALS))
+    rows = [_row("true process (floor)", None, floor_ppl, floor_acc, sample={**own, "self_nll": entropy, "kl": 0.0})]
     prompts = splits["test"][:, :2]  # every model completes the same test prompts, with the same sampling seed
 
     # 2. the teacher: CE on the big set
@@ -398,10 +404,11 @@ def _params(model) -> int | None:
 
 
 def format_table(rows: list[dict], entropy: float, s: Settings) -> str:
-    lines = [f"held-out test set: {s.test_seqs} sequences x {s.seq_len - 2} target tokens; students: "
-             f"{s.student_seqs} sequences, {s.student_steps} steps of {s.batch_size} sequences each",
-             f"{'model':<31}{'params':>7}{'test ppl':>10}{'accuracy':>10}{'excess nats':>13}{'best valid ppl':>16}"
-             f"{'sample NLL':>12}{'sample KL':>11}"]  # fmt: skip
+    header = (f"{'model':<31}{'params':>7}{'test ppl':>10}{'accuracy':>10}{'excess nats':>13}{'best valid ppl':>16}"
+              f"{'sample NLL':>12}{'sample KL':>11}")  # fmt: skip
+    title = (f"held-out test set: {s.test_seqs} sequences x {s.seq_len - 2} target tokens; students: {s.student_seqs} "
+             f"sequences, {s.student_steps} steps of {s.batch_size} sequences each")  # fmt: skip
+    lines = [title, header]
     for row in rows:
         params = "-" if row["params"] is None else f"{row['params'] / 1e3:.0f}k"
         valid = "-" if row["best_valid_ppl"] is None else f"{row['best_valid_ppl']:.4f}"
@@ -409,21 +416,21 @@ def format_table(rows: list[dict], entropy: float, s: Settings) -> str:
                      f"{math.log(row['ppl']) - entropy:>13.4f}{valid:>16}{row['sample_nll']:>12.4f}"
                      f"{row['sample_kl']:>11.4f}")  # fmt: skip
     impossible = sum(row["sample"]["impossible"] for row in rows[1:])
-    lines += [
-        f"sample NLL: the true process's NLL per token of each model's own samples (the test prompts completed at "
-        f"temperature 1); sample KL: that minus the model's own NLL of them, an estimate of KL(model || process) per "
-        f"token (0 for the process; lower NLL alone can also mean a sharper, less diverse sampler). Tokens the process "
-        f"cannot emit are charged {IMPOSSIBLE_NATS:.2f} nats: {impossible} of "
-        f"{sum(row['sample']['tokens'] for row in rows[1:])} sampled tokens here.",
-    ]
+    notes = [
+        (f"sample NLL: the true process's NLL per token of each model's own samples (the test prompts completed at "
+         f"temperature 1); sample KL: that minus the model's own NLL of them, an estimate of KL(model || process) per "
+         f"token (0 for the process; a low NLL alone can also mean a sharper, less diverse sampler). A token the "
+         f"process cannot emit is charged {IMPOSSIBLE_NATS:.2f} nats: {impossible} of "
+         f"{sum(row['sample']['tokens'] for row in rows[1:])} sampled tokens here."),
+    ]  # fmt: skip
     plain = [row["train_seconds"] for row in rows if row["train_seconds"] and row["generation_time_share"] is None]
     for row in rows:
         if row["generation_time_share"] is not None:
-            lines.append(f"{row['model']}: the same steps, prompts and learning rate, but each step first samples its "
+            notes.append(f"{row['model']}: the same steps, prompts and learning rate, but each step first samples its "
                          f"{s.batch_size} completions ({s.seq_len - 2} tokens each) from the student: "
                          f"{row['train_seconds']:.0f} s to train ({100 * row['generation_time_share']:.0f}% of it "
-                         f"generating) vs {min(plain):.0f}-{max(plain):.0f} s for the off-policy students")  # fmt: skip
-    return "\n".join(lines)
+                         f"generating) vs {min(plain):.0f}-{max(plain):.0f} s for the off-policy students.")
+    return "\n".join(lines + [textwrap.fill(note, width=len(header)) for note in notes])
 
 
 def plot(curves: dict, floor: float, teacher: float, path: str) -> str:

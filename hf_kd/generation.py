@@ -43,7 +43,8 @@ def prompts_of(inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
 def generation_config(model: nn.Module, settings: Mapping[str, Any], pad_token_id: int | None):
     """The model's own generation config (its EOS ids, ...) updated with ``settings``; a pad id is always set."""
     config = copy.deepcopy(model.generation_config)
-    config.update(**settings)
+    # generate() refills a None setting from the model's own config: "no EOS stop" has to be an empty list
+    config.update(**{k: ([] if k == "eos_token_id" and v is None else v) for k, v in settings.items()})
     if config.pad_token_id is None:  # generate pads finished rows; a completion never keeps them
         config.pad_token_id = pad_token_id if pad_token_id is not None else (eos_ids(config) or [0])[0]
     return config

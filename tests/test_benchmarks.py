@@ -1,10 +1,11 @@
-"""benchmarks/peers.py and benchmarks/quality.py: the arithmetic behind their tables, and small end-to-end runs.
+"""benchmarks/peers.py, quality.py and onpolicy_speed.py: the arithmetic behind their tables, and small end-to-end runs.
 
 Only the loss check against TRL needs TRL (the ``bench`` extra); everything else runs without it.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import sys
@@ -28,6 +29,7 @@ def _load(name: str):
 
 peers = _load("peers")
 quality = _load("quality")
+onpolicy_speed = _load("onpolicy_speed")
 
 
 @pytest.fixture(autouse=True)
@@ -137,13 +139,48 @@ def test_quality_summary_is_mean_sample_std_and_excess_nats():
     assert quality.summarize([5.0], entropy=0.0)["std"] == 0.0
 
 
-def test_quality_quick_path_gives_finite_perplexities(tmp_path):
+def test_quality_quick_path_gives_finite_perplexities_and_sample_scores(tmp_path):
     from hf_kd.demo import FAST
 
     s = replace(FAST, teacher_seqs=64, student_seqs=32, test_seqs=16, teacher_steps=4, student_steps=2, batch_size=8)
     results = quality.run(s, seeds=[0], out_dir=tmp_path, stem="q")
     assert set(results["methods"]) == set(quality.METHODS)
     assert results["floor_ppl"] >= 1 and math.isfinite(results["teacher_ppl"])
-    for m in results["methods"].values():
+    for name, m in results["methods"].items():
         assert len(m["ppl"]) == 1 and math.isfinite(m["ppl"][0]) and m["ppl"][0] >= 1
-    assert (tmp_path / "q.json").exists() and "student: logit MSE" in (tmp_path / "q.md").read_text()
+        (run,) = m["runs"]
+        q = run["sample"]  # a sample's NLL is at least the least NLL its positions allow (not the entropy: see demo)
+        assert math.isfinite(q["nll"]) and q["nll"] >= q["mode_bound"] - 1e-9 and math.isfinite(q["teacher_nll"])
+        assert m["sample_nll"] == (q["nll"], 0.0) and m["sample_teacher_kl"][0] == q["teacher_nll"] - q["self_nll"]
+        assert q["tokens"] == s.test_seqs * (s.seq_len - 2)
+        generates = "lmbda" in quality.METHODS[name] or "seq_kd" in quality.METHODS[name]
+        assert (run["generation_time_share"] is not None) == generates, name
+    text = (tmp_path / "q.md").read_text()
+    assert (tmp_path / "q.json").exists() and "student: logit MSE" in text
+    assert "student: on-policy reverse KL (lmbda 1)" in text and "[" in text.split("on-policy reverse KL")[1]
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 2 + len(quality.METHODS) and len({line.count("|") for line in table}) == 1
+
+
+def test_quality_generating_methods_get_full_length_completions_without_eos_stop():
+    """The on-policy / seq_kd runs complete every prompt to the data's length (an empty EOS list: None would be
+    refilled by generate from the model's own <eos> and stop there)."""
+    from hf_kd.demo import FAST, generation_args
+
+    assert generation_args(FAST) == {"max_new_tokens": FAST.seq_len - 2, "generation_kwargs": {"eos_token_id": []}}
+
+
+def test_onpolicy_speed_quick_runs_and_its_table_is_consistent(tmp_path):
+    args = argparse.Namespace(quick=True, device="cpu", batch_size=2, new_tokens=4, steps=2, repeats=1, threads=1)
+    results = onpolicy_speed.run(args)
+    (cell,) = results["step"].values()
+    assert cell["on-policy"]["step_s"] > 0 and cell["off-policy"]["prepare_share"] == 0.0
+    assert 0 < cell["on-policy"]["prepare_share"] < 1
+    for cells in results["generation"].values():
+        assert set(cells) == {"32", "64", "128", "128, no KV cache"}
+        assert all(c["s"] > 0 and c["ms_per_token"] > 0 for c in cells.values())
+    text = onpolicy_speed.markdown(results, "cmd")
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 1 + 2 + 2  # (a, b): header, rule, one student; (c): header, rule, teacher and student
+    ratio = cell["on-policy"]["step_s"] / cell["off-policy"]["step_s"]
+    assert "| on / off (CPU) |" in rows[0] and rows[2].split("|")[4].strip().startswith(f"{ratio:.2f}x")

@@ -240,3 +240,16 @@ def test_unsafe_generation_settings_and_packing_are_refused(tmp_path, tokenizer)
     path.write_text('{"prompt": "w1 w2 w3 w4"}\n')
     train, _ = prepare_datasets(long_prompt, tokenizer, every_batch_generated=True)
     assert train[0]["input_ids"] == tokenizer("w3 w4")["input_ids"]  # a long prompt keeps its end
+
+
+def test_no_eos_stop_generates_to_max_new_tokens(tiny_dir, tmp_path):
+    from hf_kd import DistillationConfig
+    from hf_kd.generation import complete, generation_config
+
+    student = load_model(tiny_dir["student"])
+    student.generation_config.eos_token_id = 3  # greedy completions of this tiny model hit 3 early
+    config = generation_config(student, {"max_new_tokens": 9, "do_sample": False, "eos_token_id": None}, 0)
+    completions = complete(student, [[5, 6], [7, 8, 9]], config, "cpu")
+    assert [len(c) for c in completions] == [9, 9]  # None means "no EOS stop", not the model's default EOS
+    with pytest.raises(ValueError, match="generation_kwargs: top_k cannot be None"):
+        DistillationConfig(output_dir=str(tmp_path), lmbda=1.0, generation_kwargs={"top_k": None})
