@@ -7,6 +7,9 @@ accumulation and processes.
   already normalized by the step's global count, so their sum over micro-batches and processes is the step's global
   mean; a logging window reports the mean over the steps *in that window* (not since step 0, which after a resume
   would divide by steps this run never took), and the end of training reports the mean over the whole run.
+* **Throughput**: ``target_tokens_per_second`` in each training log, the window's target positions (all processes)
+  over its wall time (from the first step after the previous log to this log, evaluations excluded); the end of
+  training reports ``train_target_tokens_per_second`` over the run the same way.
 * **Evaluation**: per-batch means weighted back by their target counts, so ``eval_loss`` and every component are
   token-weighted over the whole evaluation set (``eval_loss == alpha * eval_distill_loss + (1 - alpha) *
   eval_ce_loss``), plus the teacher-agreement sums of :mod:`hf_kd.metrics`, reduced in one collective.
@@ -53,6 +56,9 @@ class Accounting:
         self._uncounted: dict[str, torch.Tensor] = {}  # training terms without a step count (token-weighted)
         self._generation: dict[str, torch.Tensor] = {}  # generated completions since the last training log
         self._window_started = time.perf_counter()
+        self._clock = _Clock()  # throughput: this window's target tokens over its wall time
+        self._run_clock = _Clock()  # ... and the whole run's
+        self._eval_started: float | None = None
         self._eval: dict[str, torch.Tensor] = {}  # evaluation: loss and components weighted by tokens, + "tokens"
         self._agreement: dict[str, torch.Tensor] = {}  # evaluation: hf_kd.metrics sums
 
@@ -62,6 +68,8 @@ class Accounting:
         """One optimizer step's target count on this process -> the global count (what every loss divides by)."""
         count = self._reduce_sum(local_count)
         self.tokens_trained = self.tokens_trained + count.detach()  # a tensor: no device sync per step
+        self._clock.add(count.detach())
+        self._run_clock.add(count.detach())
         self.steps_counted += 1
         self._window_steps += 1
         return count
@@ -75,7 +83,7 @@ class Accounting:
             return
         names = component_names(terms)
         self._add(self._window, terms, names, None)
-        self._add(self._run, terms, names, None)
+        self._add(self._run, terms, ["loss", *names], None)  # the run's loss too: the exact train_loss
 
     def record_generation(self, stats: tuple[torch.Tensor, torch.Tensor] | None, seconds: float = 0.0) -> None:
         """A micro-batch of a run that generates: ``(lengths, ended)`` per completion if it was generated, else None."""
@@ -115,6 +123,10 @@ class Accounting:
         if self._generation:
             logs.update(self._generation_logs(time.perf_counter() - self._window_started))
         self._window_started = time.perf_counter()
+        rate = self._clock.rate()
+        if rate is not None:
+            logs["target_tokens_per_second"] = rate
+        self._clock = _Clock()
         return logs
 
     def _generation_logs(self, wall_seconds: float) -> dict[str, float]:
@@ -132,11 +144,16 @@ class Accounting:
 
     def run_logs(self, prefix: str = "train_") -> dict[str, float]:
         """The components over every step this run counted (the end-of-training summary, like ``train_loss``)."""
-        logs = self._means(self._run, self.steps_counted)
-        return {f"{prefix}{name}": value for name, value in logs.items()}
+        logs = {f"{prefix}{name}": value for name, value in self._means(self._run, self.steps_counted).items()}
+        rate = self._run_clock.rate()
+        if rate is not None:
+            logs[f"{prefix}target_tokens_per_second"] = rate
+        return logs
 
     def reset_eval(self) -> None:
+        """The start of an evaluation loop (its time is left out of the training throughput)."""
         self._eval, self._agreement = {}, {}
+        self._eval_started = time.perf_counter()
 
     def eval_metrics(self, prefix: str) -> dict[str, float]:
         """Token-weighted ``{prefix}_loss`` and components, and the agreement metrics; clears the sums."""
@@ -145,7 +162,11 @@ class Accounting:
             totals = reduce_sums(self._agreement, self._reduce_sum, self._device)
             rates = finalize_metrics(totals, language_model=self._language_model)
             metrics.update({f"{prefix}_{name}": value for name, value in rates.items()})
-        self.reset_eval()
+        self._eval, self._agreement = {}, {}
+        if self._eval_started is not None:
+            for clock in (self._clock, self._run_clock):
+                clock.pause(time.perf_counter() - self._eval_started)
+            self._eval_started = None
         return metrics
 
     def _means(self, bucket: dict, steps: int | None) -> dict[str, float]:
@@ -159,3 +180,25 @@ class Accounting:
         tokens = totals.pop("tokens", None)
         divisor = max(tokens, 1.0) if tokens is not None else max(steps or 1, 1)
         return {name: value / divisor for name, value in totals.items()}
+
+
+class _Clock:
+    """Target tokens and the wall time since the first of them, less the pauses (evaluations)."""
+
+    def __init__(self):
+        self.tokens, self.started, self.paused = 0, None, 0.0
+
+    def add(self, tokens: torch.Tensor) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.tokens = self.tokens + tokens  # a tensor: read once, at the log
+
+    def pause(self, seconds: float) -> None:
+        if self.started is not None:
+            self.paused += seconds
+
+    def rate(self) -> float | None:
+        if self.started is None:
+            return None
+        seconds = time.perf_counter() - self.started - self.paused
+        return float(self.tokens) / max(seconds, 1e-9)

@@ -19,7 +19,24 @@ from .models import TASKS
 
 TAGS = ["distillation", "hf_kd"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "org/name" or "name"; a local path is not one
-_SECRET_KEY = re.compile(r"token|secret|password", re.IGNORECASE)  # e.g. training.hub_token: never publish it
+# keys whose values are never published, by exact name (any letter case): credentials a recipe may carry (Hub tokens
+# in training or from_pretrained kwargs, logger API keys); teacher.tokenizer or tokenizer_check_samples are not secrets
+SECRET_KEYS = frozenset({
+    "hub_token", "push_to_hub_token", "token", "tokens", "use_auth_token", "auth_token", "access_token", "hf_token",
+    "api_key", "api_token", "wandb_api_key", "secret", "secret_key", "client_secret", "password", "passwd",
+})  # fmt: skip
+# evaluation metrics that describe the run, not the model: left out of the card
+_RUN_METRICS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "step")
+_METRIC_NOTES = {  # hf_kd.metrics names -> what the card says about them
+    "top1_agreement": "positions where the student's argmax equals the teacher's",
+    "teacher_kl": "mean KL(teacher ‖ student) at T = 1, nats per position",
+    "student_perplexity": "exp of the student's mean label NLL",
+    "teacher_perplexity": "exp of the teacher's mean label NLL",
+    "student_accuracy": "student's accuracy on the labels",
+    "teacher_accuracy": "teacher's accuracy on the labels",
+    "student_ece": "student's expected calibration error (15 bins)",
+    "teacher_ece": "teacher's expected calibration error (15 bins)",
+}
 SAVED_AS = {  # kind -> what the directory holds
     "adapters": "PEFT adapters (load them on top of the base model)",
     "merged": "a full model: the student's base model with its adapters merged in",
@@ -43,6 +60,17 @@ def final_losses(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return losses
 
 
+def final_eval_metrics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The metrics of the last evaluation other than its losses (:func:`final_losses` has those) and timings: the
+    teacher-agreement metrics (``eval_top1_agreement``, ``eval_teacher_kl``, perplexities or accuracies, ...)."""
+    for entry in reversed(log_history):
+        if any(key.startswith("eval_") for key in entry):
+            return {key: float(value) for key, value in entry.items() if key.startswith("eval_")
+                    and not key.endswith("_loss") and key not in _RUN_METRICS
+                    and isinstance(value, (int, float)) and not isinstance(value, bool)}  # fmt: skip
+    return {}
+
+
 def distillation_card(
     *,
     model_name: str,
@@ -60,6 +88,8 @@ def distillation_card(
     target_token_steps: int | None = None,
     input_tokens: int | None = None,
     losses: Mapping[str, float] | None = None,
+    eval_metrics: Mapping[str, float] | None = None,
+    teacher_cache: Mapping[str, Any] | None = None,
     recipe: Mapping[str, Any] | str | None = None,
     tags: Sequence[str] = (),
     license: str | None = None,
@@ -75,7 +105,9 @@ def distillation_card(
         kind: ``"adapters"``, ``"merged"`` or ``"full"`` (see ``SAVED_AS``).
         objective: the loss (:class:`hf_kd.losses.Objective`). ``hyperparameters``: more rows for the table.
         target_tokens: positions with a label trained on, in the last ``target_token_steps`` (default: all) steps.
-        losses: :func:`final_losses` of the run. ``recipe``: the recipe, embedded as YAML (secrets removed).
+        losses: :func:`final_losses` of the run. ``eval_metrics``: :func:`final_eval_metrics` (teacher agreement).
+        teacher_cache: the student learned from a teacher cache, not the model: ``{"k", "path", "vocab_size"}``.
+        recipe: the recipe, embedded as YAML (the values of :data:`SECRET_KEYS` removed).
     """
     if kind not in SAVED_AS:
         raise ValueError(f"kind must be one of {', '.join(SAVED_AS)}, got {kind!r}")
@@ -96,6 +128,8 @@ def distillation_card(
         teacher_text = f"its own base model `{base_model}` (self-distillation: adapters disabled)"
     else:
         teacher_text = f"`{teacher}`" if teacher else "a teacher model given without a name"
+    if teacher_cache is not None:
+        teacher_text += f" through a top-{teacher_cache['k']} teacher cache"
     mixture = " + ".join(f"{weight:g} x {name}" for name, weight in objective.weights.items())
     alpha, knobs = objective.alpha, {}
     if "jsd" in objective.weights:
@@ -107,6 +141,7 @@ def distillation_card(
         ("student (base model)", f"`{base_model}`"),
         ("teacher", teacher_text),
         ("saved as", SAVED_AS[kind]),
+        *([("teacher outputs", _cache_text(teacher_cache))] if teacher_cache is not None else []),
         ("loss", f"`{alpha:g} * divergence + {1 - alpha:g} * cross-entropy`" if alpha < 1 else "`divergence`"),
         ("divergence (loss_type)", mixture),
         ("temperature", f"{objective.temperature:g}"),
@@ -137,6 +172,7 @@ def distillation_card(
         *(f"| {key} | {value} |" for key, value in rows),
         "",
         *_loss_table(losses or {}),
+        *_metrics_table(eval_metrics or {}),
         "## How to load",
         "",
         "```python",
@@ -167,6 +203,26 @@ def _loss_table(losses: Mapping[str, float]) -> list[str]:
     ]  # fmt: skip
 
 
+def _cache_text(cache: Mapping[str, Any]) -> str:
+    k, vocab = cache["k"], cache.get("vocab_size")
+    exact = k == vocab
+    return (f"a top-k cache (`hf-kd cache-teacher`, `{cache.get('path')}`): k = {k} of {vocab or '?'} vocab rows, the "
+            "teacher's log-probabilities at T = 1; every other token's mass is one tail bucket, so the loss compares "
+            f"k + 1 buckets, {'exact (k = vocab size)' if exact else 'exact at T = 1 and an approximation at other T'}")
+
+
+def _metrics_table(metrics: Mapping[str, float]) -> list[str]:
+    if not metrics:
+        return []
+    rows = []
+    for key, value in metrics.items():
+        name = key.removeprefix("eval_")
+        note = _METRIC_NOTES.get(name, "")
+        rows.append(f"| `{key}` | {value:.4f} | {note} |")
+    return ["## Final evaluation", "", "Teacher-agreement metrics of the last evaluation (hf_kd.metrics).", "",
+            "| metric | value | |", "|---|---|---|", *rows, ""]  # fmt: skip
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -190,9 +246,13 @@ def _load_snippet(kind: str, repo: str, base_model: str | None, auto_class: str,
     ]
 
 
+def is_secret_key(key: Any) -> bool:
+    return str(key).strip().strip("'\"").lower() in SECRET_KEYS
+
+
 def _redact(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {k: _redact(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+        return {k: _redact(v) for k, v in value.items() if not is_secret_key(k)}
     if isinstance(value, (list, tuple)):
         return [_redact(v) for v in value]
     return value
@@ -200,7 +260,7 @@ def _redact(value: Any) -> Any:
 
 def _is_secret_line(line: str) -> bool:
     key = line.split("#", 1)[0].split(":", 1)
-    return len(key) == 2 and _SECRET_KEY.search(key[0]) is not None
+    return len(key) == 2 and is_secret_key(key[0].strip().lstrip("-").strip())
 
 
 # ---- from a trainer ------------------------------------------------------------------------------------------------
@@ -233,6 +293,7 @@ def card_from_trainer(trainer, *, model_name: str | None = None, dataset=None, t
         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {args.world_size}"
     )
     tokens = trainer.accounting.tokens_trained
+    cache = getattr(trainer.teacher, "cache", None)  # a CachedTeacher: the student learned from top-k log-probs
     return distillation_card(
         model_name=model_name or (args.hub_model_id or os.path.abspath(args.output_dir)).split("/")[-1],
         repo=repo,
@@ -249,6 +310,8 @@ def card_from_trainer(trainer, *, model_name: str | None = None, dataset=None, t
         target_token_steps=trainer.accounting.steps_counted,
         input_tokens=state.num_input_tokens_seen or None,
         losses=final_losses(state.log_history),
+        eval_metrics=final_eval_metrics(state.log_history),
+        teacher_cache=None if cache is None else {"k": cache.k, "path": cache.path, "vocab_size": cache.vocab_size},
         recipe=trainer.recipe,
         tags=tags,
         license=license,

@@ -1,12 +1,20 @@
 """`hf-kd check`: what can be known about a recipe before renting GPUs.
 
 Everything is read from configs and tokenizers (local paths, the Hub cache, or the Hub when online); no weights are
-downloaded. Whatever cannot be reached is reported as not checked, never as a failure.
+downloaded. Whatever cannot be reached is reported as not checked, never as a failure. Without a network (one
+2-second connection attempt to the Hub decides) only local files and the cache are read, as with HF_HUB_OFFLINE=1.
+The last line is the verdict: whether `hf-kd train` would refuse the recipe, and what was not checked.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 import weakref
 from dataclasses import dataclass, field
 
@@ -15,7 +23,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .adapters import SELF_TEACHER
-from .data import DataError, check_tokenizers_agree, count_targets, is_empty_tokenizer, load_raw_dataset, tokenize_dataset
+from .data import (
+    DataError,
+    check_tokenizers_agree,
+    count_targets,
+    encode_example,
+    is_empty_tokenizer,
+    load_raw_dataset,
+    tokenize_dataset,
+)
 from .recipe import Recipe
 
 GiB = 1024**3
@@ -28,14 +44,65 @@ class Report:
 
     lines: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
-    failed: bool = False
+    problems: list[str] = field(default_factory=list)  # what each FAIL line is about: "vocab", "tokenizers", ...
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.problems)
 
     def add(self, line: str) -> None:
         self.lines.append(line)
 
     def fail(self, line: str) -> None:
         self.lines.append(f"FAIL {line}")
-        self.failed = True
+        self.problems.append(line.split(":", 1)[0])
+
+    def verdict(self) -> str:
+        """One line, printed last."""
+        unchecked = f"; {len(self.unchecked)} thing(s) not checked (listed above)" if self.unchecked else ""
+        if self.problems:
+            return (f"verdict: FAIL: hf-kd train would refuse this recipe ({', '.join(dict.fromkeys(self.problems))})"
+                    f"{unchecked}")  # fmt: skip
+        return f"verdict: ok, no problem found{unchecked}"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """One TCP connection to the Hub (HF_ENDPOINT, through the HTTPS proxy if one is set) within ``timeout`` seconds,
+    name lookup included. Without it every Hub request would spend minutes in retries before failing."""
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    target = endpoint
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
+    done: list[bool] = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            done.append(True)
+        except Exception:  # noqa: BLE001 - OSError, or a host name the resolver refuses: no Hub either way
+            done.append(False)
+
+    worker = threading.Thread(target=connect, daemon=True)  # a thread: a DNS lookup ignores the socket timeout
+    worker.start()
+    worker.join(timeout)
+    return bool(done and done[0])
+
+
+def _no_hub_reason() -> str | None:
+    """Why the Hub cannot be asked (HF_HUB_OFFLINE, or no network), or None."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    if not hub_reachable():
+        host = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+        return f"{host} is unreachable (no network? HF_HUB_OFFLINE=1 skips this 2-second test)"
+    return None
 
 
 def _fetch(loader, name: str):
@@ -46,8 +113,9 @@ def _fetch(loader, name: str):
         local_error = err
     if os.path.isdir(os.path.expanduser(name)):
         return None, str(local_error).strip().splitlines()[0]
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return None, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    no_hub = _no_hub_reason()
+    if no_hub:
+        return None, f"not in the local Hugging Face cache and {no_hub}"
     try:
         return loader(name), None
     except Exception as err:  # noqa: BLE001 - network down, gated repo, typo: say so, do not crash
@@ -166,7 +234,7 @@ def estimate_memory(recipe: Recipe, args, teacher: Found, student: Found, shared
     hidden, layers = s_text.hidden_size, s_text.num_hidden_layers
     inter = getattr(s_text, "intermediate_size", 4 * hidden)
     per_layer = tokens * (8 * hidden + 5 * inter) * act_bytes
-    if args.gradient_checkpointing:
+    if _checkpointing(args):
         activations = layers * tokens * hidden * act_bytes + per_layer  # layer inputs kept, one layer recomputed
     else:
         activations = layers * per_layer
@@ -181,7 +249,7 @@ def estimate_memory(recipe: Recipe, args, teacher: Found, student: Found, shared
     rows = [
         (f"teacher weights ({t_bytes} B/param)", teacher.params * t_bytes),
         (student_label, student_states),
-        (f"student activations ({'checkpointed' if args.gradient_checkpointing else 'no checkpointing'}, "
+        (f"student activations ({'checkpointed' if _checkpointing(args) else 'no checkpointing'}, "
          f"{tokens} tokens)", activations),
         ("teacher forward (transient)", teacher_transient),
     ]  # fmt: skip
@@ -199,6 +267,11 @@ def estimate_memory(recipe: Recipe, args, teacher: Found, student: Found, shared
         per_logit = loss_bytes_per_logit(args, torch.bfloat16 if half else torch.float32)
         rows.append(("loss buffers on full logits", tokens * shared_vocab * per_logit))
     return rows
+
+
+def _checkpointing(args) -> bool:
+    """``activation_checkpointing`` (its name since transformers 5.23), ``gradient_checkpointing`` before it."""
+    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False))
 
 
 def check_recipe(recipe: Recipe) -> Report:
@@ -244,6 +317,22 @@ def check_recipe(recipe: Recipe) -> Report:
         else:
             tokenizers[role] = tokenizer
 
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a sample of a few hundred examples: no bars between the report's lines
+    try:
+        sample = _data_sample(recipe, report) if "student" in tokenizers else None
+        data_lines = Report()  # printed after the vocab line
+        if sample is not None:
+            _check_data(recipe, args, tokenizers["student"], sample, data_lines)
+        agree = None  # whether both tokenizers give the same ids on the sample (None: not compared)
+        if len(tokenizers) == 2 and sample:
+            agree = _check_tokenizers(recipe, tokenizers["student"], tokenizers["teacher"], sample, data_lines)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
     shared = None
     if recipe.task == "classification" and "teacher" in found:
         shared = found["teacher"].rows  # the student's head is built with the teacher's label set (hf_kd.cli)
@@ -259,15 +348,14 @@ def check_recipe(recipe: Recipe) -> Report:
         elif len(tokenizers["student"]) > shared:
             report.fail(f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
                         "tokens: these models do not share a vocabulary")  # fmt: skip
+        elif agree is False:  # the rows would line up, but not the tokens they stand for
+            report.add(f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
+                       "tokens; the tokenizers disagree (below), so the rows do not mean the same tokens")  # fmt: skip
         else:
             report.add(f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
                        f"tokens -> distilling over the shared first {shared} rows (the rest is padding)")  # fmt: skip
-
-    sample = _data_sample(recipe, report) if "student" in tokenizers else None
-    if sample is not None:
-        _check_data(recipe, args, tokenizers["student"], sample, report)
-    if len(tokenizers) == 2 and sample:
-        _check_tokenizers(recipe, tokenizers["student"], tokenizers["teacher"], sample, report)
+    report.lines += data_lines.lines
+    report.problems += data_lines.problems
 
     if shared is not None and "teacher" in found and "student" in found:
         rows = estimate_memory(recipe, args, found["teacher"], found["student"], shared)
@@ -283,19 +371,45 @@ def check_recipe(recipe: Recipe) -> Report:
     return report
 
 
-def _data_sample(recipe: Recipe, report: Report) -> list | None:
+SAMPLE_SIZE = 256  # examples read for the data checks (or tokenizer_check_samples, if more)
+
+
+class Sample(list):
+    """The first examples of the training split; ``total``: the split's size when known (a local file, or the Hub's
+    dataset info), else None."""
+
+    def __init__(self, examples=(), total: int | None = None):
+        super().__init__(examples)
+        self.total = total
+
+
+def _data_sample(recipe: Recipe, report: Report) -> Sample | None:
     """The first examples of the training data (streamed from the Hub when online), or ``None`` if unreachable."""
     data = recipe.data
+    local = os.path.exists(os.path.expanduser(data.dataset))
+    no_hub = None if local else _no_hub_reason()
+    if no_hub and not hub_offline():  # offline, `datasets` reads its own cache; without a network it would retry
+        report.unchecked.append(f"data sample ({data.dataset}): {no_hub}")
+        return None
     try:
-        local = os.path.exists(os.path.expanduser(data.dataset))
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        raw = load_raw_dataset(data.dataset, data.split, data.subset, streaming=not local and not offline)
-        return list(raw.take(max(data.tokenizer_check_samples, 256))) if hasattr(raw, "take") else []
+        raw = load_raw_dataset(data.dataset, data.split, data.subset, streaming=not local and not no_hub)
+        if not hasattr(raw, "take"):
+            return Sample()
+        return Sample(raw.take(max(data.tokenizer_check_samples, SAMPLE_SIZE)), total=_split_size(raw, data.split))
     except StopIteration:  # `datasets` on an empty file
-        return []
+        return Sample()
     except Exception as err:  # noqa: BLE001 - unreachable dataset: not checked, not failed
         report.unchecked.append(f"data sample ({data.dataset}): {str(err).strip().splitlines()[0][:200]}")
         return None
+
+
+def _split_size(raw, split: str) -> int | None:
+    try:
+        return len(raw)
+    except TypeError:  # streamed: the Hub's dataset info may know it
+        splits = getattr(getattr(raw, "info", None), "splits", None) or {}
+        info = splits.get(split) if hasattr(splits, "get") else None
+        return getattr(info, "num_examples", None) or None
 
 
 def _check_data(recipe: Recipe, args, tokenizer, sample: list, report: Report) -> None:
@@ -316,11 +430,64 @@ def _check_data(recipe: Recipe, args, tokenizer, sample: list, report: Report) -
         report.fail(f"data: {err}")
         return
     targets = sum(count_targets(labels) for labels in tokenized["labels"]) if data.format != "classification" else len(tokenized)
-    report.add(f"data: the first {len(sample)} examples tokenize to {len(tokenized)} trainable examples, {targets} "
-               "target tokens")  # fmt: skip
+    truncated, cut = _truncated(sample, tokenizer, data)
+    what = "blocks" if data.packing else "trainable examples"
+    report.add(f"data: the first {len(sample)} examples tokenize to {len(tokenized)} {what}, {targets} target tokens"
+               + ("" if data.packing else f"; {truncated} truncated to max_length={data.max_length}"
+                  + (f" ({cut} tokens cut)" if cut else "")))  # fmt: skip
+    line = _steps_per_epoch(recipe, args, len(sample), len(tokenized), getattr(sample, "total", None))
+    if line:
+        report.add(line)
 
 
-def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Report) -> None:
+def _truncated(sample: list, tokenizer, data) -> tuple[int, int]:
+    """Examples of the sample longer than ``max_length`` (cut by `hf-kd train`), and the tokens cut from them."""
+    if data.packing:
+        return 0, 0
+    lengths = []
+    for example in sample:
+        if data.format == "classification":
+            texts = [example[data.text_field]] + ([example[data.text_pair_field]] if data.text_pair_field else [])
+            lengths.append(len(tokenizer(*texts)["input_ids"]))
+        else:
+            lengths.append(len(encode_example(example, tokenizer, data)["input_ids"]))
+    over = [n - data.max_length for n in lengths if n > data.max_length]
+    return len(over), sum(over)
+
+
+def _steps_per_epoch(recipe: Recipe, args, sampled: int, trainable: int, total: int | None) -> str | None:
+    """Optimizer steps per epoch at the recipe's batch, GA and world size, scaling the sample's trainable fraction to
+    the split's size."""
+    data = recipe.data
+    if not sampled or not trainable:
+        return None
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    shape = (f"batch {args.per_device_train_batch_size} x GA {args.gradient_accumulation_steps} x "
+             f"{args.world_size} process{'es' if args.world_size > 1 else ''} = {batch}")  # fmt: skip
+    if total is None:
+        return (f"data: steps per epoch unknown (the split's size is not known here); {trainable} trainable per "
+                f"{sampled} examples sampled, at {shape} examples per step")  # fmt: skip
+    examples = min(total, data.max_samples or total)
+    held = 0
+    if data.eval_split is None and data.eval_size > 0:  # held out of the training split
+        held = math.ceil(examples * data.eval_size) if data.eval_size < 1 else int(data.eval_size)
+        examples = max(examples - held, 0)
+    exact = sampled == total == examples  # the whole split was read, none of it held out
+    trainable_total = trainable if exact else round(examples * trainable / sampled)
+    steps = max(math.ceil(trainable_total / batch), 1)
+    how = "" if exact else (f"estimated from the first {sampled} of {total:,} examples"
+                            + (f", {held:,} held out for evaluation" if held else "") + ": ")  # fmt: skip
+    what = "blocks" if data.packing else "trainable examples"
+    line = f"data: {how}~{trainable_total:,} {what}, {steps:,} optimizer steps per epoch at {shape}"
+    if args.max_steps and args.max_steps > 0:
+        line += f"; max_steps={args.max_steps} is {args.max_steps / steps:.2f} epochs"
+    else:
+        line += f"; num_train_epochs={args.num_train_epochs:g} is {math.ceil(steps * args.num_train_epochs):,} steps"
+    return line.replace("~", "") if exact else line
+
+
+def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Report) -> bool:
+    """Whether both tokenizers give the student's ids on the sample (a FAIL line if not)."""
     s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
     if s_vocab == t_vocab:
         report.add(f"tokenizers: identical vocabularies ({len(s_vocab)} tokens)")
@@ -331,5 +498,10 @@ def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Re
     data = recipe.data
     try:
         report.add(f"tokenizers: {check_tokenizers_agree(student, teacher, sample[: data.tokenizer_check_samples], data)}")
-    except (DataError, KeyError) as err:
-        report.fail(f"tokenizers: {err}")
+    except DataError as err:  # "tokenizers: the teacher and student tokenizers disagree ..."
+        report.fail(str(err))
+        return False
+    except KeyError as err:
+        report.fail(f"tokenizers: the sample has no field {err}")
+        return False
+    return True

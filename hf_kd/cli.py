@@ -4,11 +4,15 @@ Exit codes: 0 success; 1 `check` found a problem; 2 the recipe, its data or the 
 stderr, ``error: <file>: <key>: <problem>``, no traceback).
 
 The output directory of `train` is described by OUTPUT_DIR_HELP below.
+
+Importing this module imports nothing heavy: `hf-kd --help`, a bad command line and a recipe's typo answer in a
+fraction of a second; torch, transformers, peft and datasets are imported by the commands that use them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -17,9 +21,6 @@ import shutil
 import sys
 import time
 
-from .adapters import SELF_TEACHER
-from .data import DataError, is_empty_tokenizer
-from .config import SetupError
 from .recipe import Recipe, RecipeError, load_recipe
 
 logger = logging.getLogger("hf_kd")
@@ -95,6 +96,8 @@ def _load(loader, name: str, key: str, recipe: Recipe, **kwargs):
 def load_tokenizer(recipe: Recipe, name: str, key: str):
     from transformers import AutoTokenizer
 
+    from .data import is_empty_tokenizer
+
     tokenizer = _load(AutoTokenizer.from_pretrained, name, key, recipe)
     if is_empty_tokenizer(tokenizer):
         raise RecipeError(recipe.path, key, f"{name} holds no tokenizer files (transformers built an empty tokenizer: "
@@ -106,6 +109,7 @@ def load_student(recipe: Recipe):
     """The student, loaded with the Auto class of the recipe's task; a classifier gets the teacher's label set."""
     from transformers import AutoConfig
 
+    from .adapters import SELF_TEACHER
     from .models import load_model
 
     section = recipe.student
@@ -144,8 +148,64 @@ def recipe_key(field: str) -> str:
     return _RECIPE_KEYS.get(field, f"training.{field}")
 
 
+def cpu_threads(args) -> int | None:
+    """A CPU run's torch threads: 1, set here, unless OMP_NUM_THREADS is set (torch reads it itself). Returns the
+    number set, or ``None`` (not a CPU run, or OMP_NUM_THREADS chose).
+
+    Why 1 (``benchmarks/cli_speed.py --part threads``, README "Recipes and the CLI"): on a shared 2-core machine a
+    step of the demo's models took 0.10 s with 1 thread and 2.2 s with torch's default of 2 (OpenMP threads spin while
+    another process holds the other core), and a 7.6M-parameter student with a 29M teacher 4.9 s vs 15.5 s. On idle
+    cores a model that size may gain from more: OMP_NUM_THREADS=N asks for N.
+    """
+    if args.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    torch.set_num_threads(1)
+    return 1
+
+
+def train_on_cpu_defaults(recipe: Recipe, args) -> None:
+    """What a CPU run (``use_cpu``, or no accelerator) changes in the recipe's config unless the recipe sets it:
+    no pinned memory (there is no device to pin it for: torch warns once per dataloader), one torch thread."""
+    if args.device.type != "cpu":
+        return
+    if "dataloader_pin_memory" not in recipe.training:
+        args.dataloader_pin_memory = False
+    if cpu_threads(args):
+        logger.info("CPU run: 1 torch thread (faster for models a CPU can train; OMP_NUM_THREADS=N for N)")
+
+
+def final_evaluation(trainer) -> dict:
+    """The evaluation of the final weights: the one logged at the last step if there was one (eval_steps dividing
+    the steps, or eval_strategy epoch), else a new ``evaluate()``."""
+    state = trainer.state
+    for entry in reversed(state.log_history):
+        if any(key.startswith("eval_") for key in entry):
+            if entry.get("step") == state.global_step:
+                return {key: value for key, value in entry.items() if key != "step"}
+            break
+    return trainer.evaluate()
+
+
+@contextlib.contextmanager
+def _quiet_transformers_bars():
+    """No "Writing model shards" / "Loading weights" bars inside the training bar (checkpoints, the final save)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     """Train the recipe's student; returns the metrics written to ``training_complete.json``."""
+    from .adapters import SELF_TEACHER
+    from .config import SetupError
     from .data import prepare_datasets
     from .trainer import DistillationTrainer
 
@@ -154,6 +214,7 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
     resume = _resume_target(args.resume_from_checkpoint)
     check_output_dir(recipe, args, resume, overwrite)
+    train_on_cpu_defaults(recipe, args)
 
     tokenizer = load_tokenizer(recipe, recipe.student.tokenizer or recipe.student.name_or_path, "student.tokenizer")
     teacher_name = recipe.teacher.tokenizer or recipe.teacher.name_or_path
@@ -162,7 +223,8 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
         teacher_tokenizer = load_tokenizer(recipe, teacher_name, "teacher.tokenizer")
     with args.main_process_first(desc="dataset preparation"):  # rank 0 tokenizes and caches, the others reuse it
         train_dataset, eval_dataset = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed,
-                                                       every_batch_generated=args.every_batch_generated)  # fmt: skip
+                                                       every_batch_generated=args.every_batch_generated,
+                                                       generates=args.generates)  # fmt: skip
     logger.info("train: %d examples%s", len(train_dataset),
                 f", eval: {len(eval_dataset)} examples" if eval_dataset is not None else "")  # fmt: skip
 
@@ -189,11 +251,12 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     if overwrite:
         clear_previous_run(args)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = {"train": result.metrics}
-    if eval_dataset is not None:  # before saving: the model card written by save_model() shows the final eval losses
-        metrics["eval"] = trainer.evaluate()
-    trainer.save_model()  # every process: FSDP / ZeRO-3 gather their shards here
+    with _quiet_transformers_bars():
+        result = trainer.train(resume_from_checkpoint=resume)
+        metrics = {"train": result.metrics}
+        if eval_dataset is not None:  # before saving: the model card written by save_model() shows the final metrics
+            metrics["eval"] = final_evaluation(trainer)
+        trainer.save_model()  # every process: FSDP / ZeRO-3 gather their shards here
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         _write_marker(args.output_dir, recipe, metrics, trainer.state.global_step, time.time() - started)
@@ -233,6 +296,7 @@ def run_check(recipe: Recipe) -> int:
         print(line)
     for line in report.unchecked:
         print(f"not checked: {line}")
+    print(report.verdict())
     return 1 if report.failed else 0
 
 
@@ -263,7 +327,8 @@ def run_cache_teacher(recipe: Recipe, args) -> int:
 
 OVERRIDES_HELP = (
     "Any DistillationConfig / TrainingArguments field overrides the recipe's training section, e.g. "
-    "--max_steps 10 --output_dir out --learning_rate 1e-5 --loss_type reverse_kl --bf16 false."
+    "--max_steps 10 --output_dir out --learning_rate 1e-5 --loss_type reverse_kl --bf16 false; any other recipe key "
+    "by its dotted name, e.g. --data.max_samples 100 --teacher.dtype float32 --peft.r 16."
 )
 
 
@@ -343,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except DataError as err:
+    except Exception as err:
+        data = sys.modules.get("hf_kd.data")  # a DataError comes from hf_kd.data (torch): imported if one was raised
+        if data is None or not isinstance(err, data.DataError):
+            raise
         print(f"error: {args.recipe}: {err}", file=sys.stderr)
         return 2
 

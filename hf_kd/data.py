@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .losses import IGNORE_INDEX
+from .recipe import DATA_EXTENSIONS  # noqa: F401 (one table; recipe validation must not import torch)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class DistillationCollator:
 # ---- loading and tokenization: a recipe's `data:` section -> tokenized datasets ---------------------------------------
 # `data` below is a hf_kd.recipe.DataSection (or anything with the same attributes).
 
-DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
 class DataError(ValueError):

@@ -10,6 +10,10 @@ A recipe has five top-level sections::
 
 Every problem is a :class:`RecipeError` whose message is ``<file>: <key>: <problem>``. YAML's ``2e-5`` is the
 *string* '2e-5' (YAML 1.1 wants a dot), so every value is coerced through the type of the field it sets.
+
+Validation imports nothing heavy until every name is known to exist: a typo anywhere (a section, a key, a
+command-line override) is reported in a fraction of a second (see :mod:`hf_kd.recipe_training`); only then are the
+training values checked through ``DistillationConfig`` (transformers and torch: seconds).
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ from typing import Any
 
 import yaml
 
-from .data import DATA_EXTENSIONS
-
+# the data files hf_kd.data reads: declared here, where validating a recipe needs it without importing torch
+DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 DATA_FORMATS = ("text", "prompt_completion", "prompt", "messages", "tokenized", "classification")
 RECIPE_TASKS = ("causal_lm", "classification")  # training.task; token_classification: the Python API only, for now
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 # these raise on a machine without a GPU; `hf-kd check` on a laptop still validates a GPU recipe
 HARDWARE_FIELDS = ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval", "tf32")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
 class RecipeError(ValueError):
@@ -128,10 +133,18 @@ class Recipe:
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, coerce and validate a recipe; ``overrides`` are command-line training flags (``["--max_steps", "10"]``)."""
-    from .recipe_training import coerce_training, parse_overrides
+    """Read, coerce and validate a recipe. ``overrides`` are command-line flags: training fields (``["--max_steps",
+    "10"]``) and any recipe key by its dotted name (``["--data.max_samples", "100"]``)."""
+    from .recipe_training import (
+        check_override_flags,
+        check_training_keys,
+        coerce_training,
+        parse_overrides,
+        split_overrides,
+    )
 
     path = str(path)
+    section_overrides, training_flags = split_overrides(path, overrides or [])
     if os.path.isdir(path):
         raise RecipeError(path, "recipe", "is a directory; give the recipe's .yaml file (e.g. recipes/qwen3-8b-to-0.6b.yaml)")
     if not os.path.isfile(path):
@@ -147,6 +160,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise RecipeError(path, where, f"invalid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(raw, dict):
         raise RecipeError(path, "recipe", "expected a mapping with teacher, student, data and training sections")
+    raw = _with_overrides(raw, section_overrides)
     _reject_unknown(path, "", raw, ("teacher", "student", "data", "training", "peft"))
     for name in ("teacher", "student", "data"):
         if name not in raw:
@@ -164,8 +178,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     training = raw.get("training") or {}
     if not isinstance(training, dict):
         raise RecipeError(path, "training", f"expected a mapping of DistillationConfig fields, got {_kind(training)}")
+    peft = raw.get("peft")
+    # every name first (cached names: no heavy import), then the values
+    check_training_keys(path, training)
+    check_override_flags(path, training_flags)
+    if isinstance(peft, dict):
+        _reject_unknown(path, "peft.", peft, _peft_fields())
     training = coerce_training(path, training)
-    training.update(parse_overrides(path, overrides or []))  # the command line wins over the YAML
+    training.update(parse_overrides(path, training_flags))  # the command line wins over the YAML
     for key in ("teacher_model_name_or_path", "teacher_model_init_kwargs"):
         if key in training:
             raise RecipeError(path, f"training.{key}", "set the teacher in the teacher: section instead")
@@ -179,13 +199,50 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if config.eval_strategy != "no" and not has_eval:
         raise RecipeError(path, "training.eval_strategy", "evaluation needs data.eval_split or data.eval_size")
 
-    peft = raw.get("peft")
     if peft is not None:
         recipe.peft = _check_peft(path, peft)
     if teacher.name_or_path == "self" and recipe.peft is None:
         raise RecipeError(path, "teacher.name_or_path", "'self' (the student's base model, adapters disabled) needs a "
                                                          "peft section: without adapters teacher and student are one model")  # fmt: skip
     return recipe
+
+
+def _with_overrides(raw: dict, overrides: dict[str, dict[str, str]]) -> dict:
+    """``raw`` with the command line's dotted keys set (``data.max_samples``, ``teacher.init_kwargs.x``); a value is
+    read as YAML (``100``, ``true``, ``{a: 1}``) except for a string field, which takes the text as written."""
+    raw = dict(raw)
+    for section, values in overrides.items():
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            continue  # the section itself is wrong: validation says so
+        raw[section] = updated = dict(raw.get(section) or {})
+        for dotted, text in values.items():
+            *parents, key = dotted.split(".")
+            target = updated
+            for parent in parents:
+                if not isinstance(target.get(parent), dict):
+                    target[parent] = {}
+                target[parent] = target = dict(target[parent])
+            target[key] = text if not parents and _takes_text(section, key, text) else _yaml_value(text)
+    return raw
+
+
+def _takes_text(section: str, key: str, text: str) -> bool:
+    cls = {"teacher": ModelSection, "student": ModelSection, "data": DataSection}.get(section)
+    hint = typing.get_type_hints(cls).get(key) if cls is not None else None
+    return hint is not None and str in (typing.get_args(hint) or (hint,)) and text.lower() not in ("null", "none")
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _peft_fields() -> list[str]:
+    from .recipe_training import known_names
+
+    return known_names("peft")["fields"]
 
 
 def _kind(value: Any) -> str:
@@ -219,7 +276,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         number = value
         if isinstance(value, str):
             try:
-                number = float(value)
+                number = int(value) if _INTEGER.fullmatch(value.strip()) else float(value)
             except ValueError:
                 raise ValueError(f"expected a number, got {value!r}") from None
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
@@ -228,7 +285,8 @@ def _coerce(value: Any, hint: Any) -> Any:
             if float(number) != int(number):
                 raise ValueError(f"expected an integer, got {value!r}")
             return int(number)
-        return float(number)
+        # a whole number written as one stays one: `eval_steps: 10` is 10 in the resolved recipe, not 10.0
+        return number if isinstance(number, int) else float(number)
     if hint is str:
         if isinstance(value, str):
             return value
@@ -330,10 +388,9 @@ def _is_data_file(value: str) -> bool:
 def _check_peft(path: str, peft: Any) -> dict[str, Any]:
     if not isinstance(peft, dict):
         raise RecipeError(path, "peft", f"expected a mapping of LoraConfig arguments, got {_kind(peft)}")
+    _reject_unknown(path, "peft.", peft, _peft_fields())
     from peft import LoraConfig  # only recipes with a peft section pay for the import
 
-    known = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
-    _reject_unknown(path, "peft.", peft, known)
     hints = typing.get_type_hints(LoraConfig)
     peft = dict(peft)
     for key, value in peft.items():

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from test_trainer import make_args
 
 from hf_kd import DistillationTrainer
-from hf_kd.card import distillation_card, final_losses
+from hf_kd.cache import build_teacher_cache
+from hf_kd.card import distillation_card, final_eval_metrics, final_losses
 from hf_kd.losses import Objective
 
 CARD_KW = dict(
@@ -144,3 +145,59 @@ def test_push_to_hub_uploads_the_student_and_its_card(tmp_path, tiny_dir, tokeni
     assert card.data.tags == ["distillation", "hf_kd", "peft", "lora"] and card.data.model_name == "tiny-kd"
     assert 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-kd")' in upload["card"]
     assert "| optimizer steps | 1 " in upload["card"]
+
+
+def test_card_holds_the_final_evaluation_metrics():
+    history = [
+        {"eval_loss": 2.5, "eval_top1_agreement": 0.1, "step": 1},
+        {"loss": 1.0, "step": 2},
+        {"eval_loss": 2.0, "eval_distill_loss": 1.5, "eval_top1_agreement": 0.625, "eval_teacher_kl": 0.25,
+         "eval_student_perplexity": 7.5, "eval_runtime": 0.1, "eval_samples_per_second": 80.0, "epoch": 1.0, "step": 2},
+        {"train_loss": 2.0, "train_runtime": 1.0, "step": 2},
+    ]  # fmt: skip
+    metrics = final_eval_metrics(history)
+    assert metrics == {"eval_top1_agreement": 0.625, "eval_teacher_kl": 0.25, "eval_student_perplexity": 7.5}
+    text = str(distillation_card(kind="full", eval_metrics=metrics, **CARD_KW))
+    assert "## Final evaluation" in text
+    assert "| `eval_top1_agreement` | 0.6250 | positions where the student's argmax equals the teacher's |" in text
+    assert "| `eval_teacher_kl` | 0.2500 | mean KL(teacher ‖ student) at T = 1, nats per position |" in text
+    assert "eval_runtime" not in text and "|| student" not in text  # a bare || would split the table's row
+    assert "## Final evaluation" not in str(distillation_card(kind="full", **CARD_KW))  # no evaluation: no table
+
+
+def test_only_secrets_are_dropped_from_the_recipe():
+    recipe = {
+        "teacher": {"name_or_path": "org/t", "tokenizer": "org/t-tok", "init_kwargs": {"token": "hf_INIT"}},
+        "student": {"name_or_path": "org/s", "tokenizer": "org/s-tok"},
+        "data": {"dataset": "org/d", "tokenizer_check_samples": 64, "max_length": 512},
+        "training": {"hub_token": "hf_HUB", "push_to_hub_token": "hf_PUSH", "report_to": "wandb",
+                     "hub_private_repo": True},
+        "peft": {"API_KEY": "sk-1"},
+    }  # fmt: skip
+    text = str(distillation_card(kind="full", recipe=recipe, **CARD_KW))
+    for kept in ("tokenizer: org/t-tok", "tokenizer: org/s-tok", "tokenizer_check_samples: 64", "max_length: 512",
+                 "hub_private_repo: true", "report_to: wandb"):  # fmt: skip
+        assert kept in text, kept
+    for secret in ("hf_INIT", "hf_HUB", "hf_PUSH", "sk-1", "hub_token", "API_KEY"):
+        assert secret not in text, secret
+    as_text = "teacher:\n  tokenizer: org/t-tok\n  init_kwargs: {a: 1}\n  token: hf_X\ntraining:\n  hub_token: 'hf_Y'\n"
+    text = str(distillation_card(kind="full", recipe=as_text, **CARD_KW))
+    assert "tokenizer: org/t-tok" in text and "hf_X" not in text and "hf_Y" not in text
+
+
+def test_a_student_of_a_teacher_cache_says_so(tmp_path, tiny_dir, tokenizer):
+    rows = variable_length_examples(8, seed=3)
+    cache = build_teacher_cache(load_model(tiny_dir["teacher"]), Dataset.from_list(rows), str(tmp_path / "cache"), k=8,
+                                tokenizer=tokenizer, device="cpu", progress=False)  # fmt: skip
+    args = make_args(tmp_path, max_steps=1, teacher_cache=cache.path)
+    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert f"| teacher | `{tiny_dir['teacher']}` through a top-8 teacher cache |" in text
+    assert (f"| teacher outputs | a top-k cache (`hf-kd cache-teacher`, `{cache.path}`): k = 8 of 40 vocab rows, the "
+            "teacher's log-probabilities at T = 1; every other token's mass is one tail bucket, so the loss compares "
+            "k + 1 buckets, exact at T = 1 and an approximation at other T |") in text  # fmt: skip
+    live = str(distillation_card(kind="full", **CARD_KW))
+    assert "teacher cache" not in live and "teacher outputs" not in live

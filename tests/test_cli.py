@@ -7,6 +7,7 @@ import random
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -140,7 +141,8 @@ def test_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_dir, files, capsys):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_tokenizers_that_disagree_are_refused(tmp_path, tiny_dir, files, capsys):
+def save_swapped_tokenizer(tmp_path) -> str:
+    """The test tokenizer with two ids exchanged: the same strings, other ids for w2 and w3."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -150,6 +152,11 @@ def test_tokenizers_that_disagree_are_refused(tmp_path, tiny_dir, files, capsys)
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     other = str(tmp_path / "other_tokenizer")
     PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(other)
+    return other
+
+
+def test_tokenizers_that_disagree_are_refused(tmp_path, tiny_dir, files, capsys):
+    other = save_swapped_tokenizer(tmp_path)
     rows = [{"prompt": "w1", "completion": "w2 w3"}] * 4  # w2 and w3 are ids 5 and 6
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, teacher_tokenizer=other)
@@ -306,6 +313,69 @@ def test_train_end_to_end_and_output_dir_life_cycle(tmp_path, tiny_dir, files, c
     assert not os.path.exists(os.path.join(out, "checkpoint-2"))  # the old run's checkpoints went first
 
 
+def test_the_last_steps_evaluation_is_not_run_twice(tmp_path, tiny_dir, files, capsys, monkeypatch):
+    from hf_kd.trainer import DistillationTrainer
+
+    calls, trainers = [], []
+    evaluate = DistillationTrainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        trainers.append(self)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "evaluate", counted)
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"], "eval_size": 4},
+                        eval_strategy="steps", eval_steps=2, max_steps=4)  # fmt: skip
+    code, out, err = run(["train", path], capsys)
+    assert code == 0, err
+    assert calls == [2, 4]  # the final metrics are the step-4 evaluation's, not a third one
+    marker = read_marker(tmp_path / "out")
+    logged = [h for h in trainers[-1].state.log_history if "eval_loss" in h][-1]
+    assert marker["metrics"]["eval"]["eval_loss"] == logged["eval_loss"] and logged["step"] == 4
+    # the evaluation metrics, teacher agreement included, reach the printed logs
+    assert "'eval_top1_agreement'" in out and "'eval_teacher_kl'" in out
+    calls.clear()
+    code, _, err = run(["train", path, "--eval_steps", "3", "--overwrite_output_dir"], capsys)
+    assert code == 0, err
+    assert calls == [3, 4]  # the last evaluation was at step 3: the final weights are evaluated once more
+
+
+def test_a_cpu_run_is_quiet_and_logs_tokens_per_second(tmp_path, tiny_dir, files, capsys):
+    """No pin_memory warnings (no accelerator to pin for), no "Writing model shards" bars inside the training bar,
+    and the target tokens per second of each logging window and of the run."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, use_cpu=False, max_steps=4,
+                        logging_steps=2, save_strategy="steps", save_steps=2)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = run(["train", path], capsys)
+    assert code == 0, err
+    if not torch.cuda.is_available():
+        assert not [w for w in caught if "pin_memory" in str(w.message)]
+    assert "Writing model shards" not in err
+    logs = [eval(line) for line in out.splitlines() if line.startswith("{'loss'")]  # PrinterCallback's dicts
+    assert len(logs) == 2 and all(float(log["target_tokens_per_second"]) > 0 for log in logs)
+    assert read_marker(tmp_path / "out")["metrics"]["train"]["train_target_tokens_per_second"] > 0
+
+
+def test_cpu_threads_default_to_one_unless_omp_num_threads_says(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_kd.cli import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        cpu, gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda", 0))
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert cpu_threads(cpu) is None and torch.get_num_threads() == 2  # the user chose
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert cpu_threads(gpu) is None and torch.get_num_threads() == 2  # a GPU run: the CPU only feeds it
+        assert cpu_threads(cpu) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_resume_without_checkpoints_is_refused(tmp_path, tiny_dir, files, capsys):
     path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]})
     code, _, err = run(["train", path, "--resume_from_checkpoint", "true"], capsys)
@@ -327,6 +397,42 @@ def test_check_local_recipe(tmp_path, tiny_dir, files, capsys):
     assert "tokenizers: 24 sample examples" in out and "tokenize identically with both tokenizers" in out
     assert "memory per GPU, rough" in out and "student weights+grads+AdamW (16 B/param)" in out and "total" in out
     assert "not checked" not in out
+    assert out.rstrip().splitlines()[-1] == "verdict: ok, no problem found"
+
+
+def test_check_plans_the_run_from_the_data_sample(tmp_path, tiny_dir, capsys):
+    """Truncated examples, and optimizer steps per epoch at the recipe's batch x GA x processes (estimated from the
+    sample when the split is larger than it)."""
+    rows = [{"prompt": "w1 w2", "completion": " ".join(["w3"] * (4 if i % 3 else 20))} for i in range(300)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)  # every third completion runs past max_length 16
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, per_device_train_batch_size=4,
+                        gradient_accumulation_steps=2, max_steps=30)  # fmt: skip
+    code, out, _ = run(["check", path], capsys)
+    assert code == 0, out
+    assert ("data: the first 256 examples tokenize to 256 trainable examples, 2054 target tokens; 86 truncated to "
+            "max_length=16 (602 tokens cut)") in out  # 170 x 5 + 86 x 14 targets; 86 have 2 + 21 tokens: 7 cut from each
+    assert ("data: estimated from the first 256 of 300 examples: ~300 trainable examples, 38 optimizer steps per epoch "
+            "at batch 4 x GA 2 x 1 process = 8; max_steps=30 is 0.79 epochs") in out  # fmt: skip
+    code, out, _ = run(["check", path, "--data.max_samples", "100", "--data.eval_size", "20", "--max_steps", "-1"], capsys)
+    assert code == 0, out
+    assert ("data: estimated from the first 256 of 300 examples, 20 held out for evaluation: ~80 trainable examples, 10 "
+            "optimizer steps per epoch at batch 4 x GA 2 x 1 process = 8; num_train_epochs=3 is 30 steps") in out
+
+
+def test_check_gives_one_verdict_on_tokenizers_that_disagree(tmp_path, tiny_dir, capsys):
+    """Padded vocabularies whose rows would line up, but whose tokenizers give other ids: no "distilling over the
+    shared rows" before the FAIL, and a last line that says train would refuse it."""
+    other = save_swapped_tokenizer(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w1", "completion": "w2 w3"}] * 4)
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, teacher="teacher_padded",
+                        student="student_padded", teacher_tokenizer=other)  # fmt: skip
+    code, out, _ = run(["check", path], capsys)
+    assert code == 1, out
+    assert "distilling over the shared" not in out
+    assert ("vocab: teacher 48 rows, student 44 rows, tokenizer 40 tokens; the tokenizers disagree (below), so the rows "
+            "do not mean the same tokens") in out  # fmt: skip
+    assert "FAIL tokenizers: the teacher and student tokenizers disagree on sample example 0 at token 1" in out
+    assert out.rstrip().splitlines()[-1] == "verdict: FAIL: hf-kd train would refuse this recipe (tokenizers)"
 
 
 def test_check_padded_vocabularies_and_a_vocab_too_small(tmp_path, tiny_dir, files, capsys):
@@ -355,6 +461,57 @@ def test_check_offline_hub_recipe_says_what_it_could_not_check(tmp_path, capsys,
         "not checked: student tokenizer", "not checked: memory estimate: needs both configs",
     ]  # fmt: skip
     assert "HF_HUB_OFFLINE is set" in unchecked[0]
+    assert out.rstrip().splitlines()[-1] == "verdict: ok, no problem found; 5 thing(s) not checked (listed above)"
+
+
+def test_check_without_a_network_does_not_wait_for_the_hub(tmp_path, capsys, monkeypatch):
+    """No HF_HUB_OFFLINE and no network: one short connection attempt, then only the local cache (no retries)."""
+    import socket
+
+    import hf_kd.check
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    attempts = []
+
+    def no_network(address, timeout=None):
+        attempts.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    hf_kd.check.hub_reachable.cache_clear()
+    try:
+        path = tmp_path / "hub.yaml"
+        path.write_text("teacher: {name_or_path: hf-kd-test/no-such-teacher}\nstudent: {name_or_path: hf-kd-test/no-"
+                        "such-student}\ndata: {dataset: hf-kd-test/no-such-data}\ntraining: {output_dir: out}\n")  # fmt: skip
+        code, out, _ = run(["check", path], capsys)
+    finally:
+        hf_kd.check.hub_reachable.cache_clear()
+    assert code == 0, out
+    assert attempts == [(("huggingface.co", 443), 2.0)]  # once for the whole check
+    unchecked = [line for line in out.splitlines() if line.startswith("not checked: ")]
+    assert len(unchecked) == 5 and all("huggingface.co is unreachable (no network? HF_HUB_OFFLINE=1 skips" in line
+                                       for line in unchecked[:4])  # fmt: skip
+
+
+def test_hub_probe_gives_up_after_its_timeout(monkeypatch):
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    import hf_kd.check
+
+    def hanging(*args, **kwargs):  # a DNS lookup that hangs
+        time.sleep(5)
+        return SimpleNamespace(close=lambda: None)
+
+    monkeypatch.setattr(socket, "create_connection", hanging)
+    hf_kd.check.hub_reachable.cache_clear()
+    try:
+        started = time.perf_counter()
+        assert hf_kd.check.hub_reachable(timeout=0.2) is False
+        assert time.perf_counter() - started < 2
+    finally:
+        hf_kd.check.hub_reachable.cache_clear()
 
 
 # ---- classification (training.task: classification) ------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Recipes: every shipped YAML validates offline; every kind of mistake is one line naming the file and the key."""
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 from transformers import CONFIG_MAPPING
 
 from hf_kd.recipe import RecipeError, load_recipe
-from hf_kd.recipe_training import parse_overrides
+from hf_kd.recipe_training import RENAMED, _installed_name, parse_overrides
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
@@ -66,6 +67,26 @@ def test_shipped_recipe_validates_offline(name):
     else:
         assert recipe.data.eval_split and args.eval_strategy == "steps"
         assert (recipe.task, recipe.data.format, args.task) == ("classification", "classification", "classification")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_uses_no_deprecated_name(name):
+    """Building each recipe's config warns about nothing (transformers 5.23 renamed gradient_checkpointing)."""
+    recipe = load_recipe(RECIPES / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FutureWarning / DeprecationWarning from TrainingArguments become failures
+        args = recipe.training_args(check_hardware=False)
+    assert "gradient_checkpointing" not in recipe.training and "gradient_checkpointing_kwargs" not in recipe.training
+    if name != "bert-base-to-small-sst2.yaml":
+        assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_current_names_map_to_the_old_ones_on_an_older_transformers():
+    old_fields = ["gradient_checkpointing", "gradient_checkpointing_kwargs", "max_steps"]  # transformers 5.5.4-5.22
+    assert {name: _installed_name(name, old_fields) for name in RENAMED} == RENAMED
+    new_fields = [*old_fields, *RENAMED]  # 5.23+: both names exist; the current one is kept
+    assert all(_installed_name(name, new_fields) == name for name in RENAMED)
+    assert _installed_name("max_steps", old_fields) == "max_steps"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -208,6 +229,66 @@ def test_overrides(tmp_path):
     # --output_dir supplies a recipe that has none
     assert load_recipe(write(tmp_path, BASE.replace("  output_dir: out\n", "")), ["--output_dir", "o"]).training == {"output_dir": "o"}
     assert parse_overrides(path, ["--bf16", "false", "--seed", "3"]) == {"bf16": False, "seed": 3}
+
+
+def test_dotted_overrides_reach_every_section(tmp_path):
+    path = write(tmp_path, BASE + "  max_steps: 100\n")
+    recipe = load_recipe(path, ["--data.max_samples", "100", "--teacher.dtype", "float32", "--max_steps", "10",
+                                "--teacher.init_kwargs.attn_implementation", "eager", "--data.completion_only=false",
+                                "--training.learning_rate", "1e-4", "--student.tokenizer", "org/tok", "--peft.r", "16",
+                                "--peft.target_modules", "[q_proj, v_proj]"])  # fmt: skip
+    assert recipe.data.max_samples == 100 and recipe.data.completion_only is False
+    assert recipe.teacher.dtype == "float32" and recipe.teacher.init_kwargs == {"attn_implementation": "eager"}
+    assert recipe.student.tokenizer == "org/tok"
+    assert recipe.training == {"output_dir": "out", "max_steps": 10, "learning_rate": 1e-4}
+    assert recipe.peft == {"r": 16, "target_modules": ["q_proj", "v_proj"]}
+    resolved = recipe.to_dict()
+    assert resolved["data"]["max_samples"] == 100 and resolved["teacher"]["dtype"] == "float32"
+    assert recipe.training_args(check_hardware=False).teacher_model_init_kwargs == {"attn_implementation": "eager",
+                                                                                    "dtype": "float32"}  # fmt: skip
+    assert load_recipe(path, ["--data.eval_split", "null"]).data.eval_split is None
+
+
+@pytest.mark.parametrize(
+    "argv, key, problem",
+    [
+        (["--max_samples", "100"], "--max_samples", "it is a recipe key: pass --data.max_samples"),
+        (["--dtype", "float32"], "--dtype", "pass --teacher.dtype or --student.dtype"),
+        (["--dat.max_samples", "100"], "--dat.max_samples", "'dat' is not a recipe section (did you mean --data.max_samples?)"),
+        (["--data.max_sample", "100"], "data.max_sample", "unknown key (did you mean 'max_samples'?)"),
+        (["--data.max_samples", "many"], "data.max_samples", "expected a number, got 'many'"),
+        (["--data.max_samples"], "--data.max_samples", "expected one argument"),
+        (["--data.max_samples", "1", "2"], "2", "unexpected argument"),
+        (["--teacher.dtype", "bf16"], "teacher.dtype", "'bf16' is not one of"),
+        (["--peft.lora_alpah", "16"], "peft.lora_alpah", "did you mean 'lora_alpha'?"),
+    ],
+)
+def test_bad_dotted_overrides(tmp_path, argv, key, problem):
+    path = write(tmp_path)
+    message = error(path, argv)
+    assert message.startswith(f"{path}: {key}: ") and problem in message, message
+
+
+def test_whole_numbers_stay_whole_in_the_resolved_recipe(tmp_path):
+    """Float fields (logging_steps, eval_steps may be ratios) keep an integer written as one: 5, not 5.0."""
+    text = BASE + "  logging_steps: 5\n  eval_steps: 10\n  learning_rate: 2e-5\n  warmup_steps: 0.1\n"
+    text += "data:\n  dataset: org/dataset\n  eval_size: 4\n"
+    text = text.replace("data:\n  dataset: org/dataset\n", "", 1)
+    recipe = load_recipe(write(tmp_path, text), ["--save_steps", "20", "--max_grad_norm=1", "--adam_beta1", "0.5"])
+    training = recipe.training
+    assert (training["logging_steps"], training["eval_steps"], training["save_steps"], training["max_grad_norm"]) == (5, 10, 20, 1)
+    assert all(type(training[k]) is int for k in ("logging_steps", "eval_steps", "save_steps", "max_grad_norm"))
+    assert type(training["learning_rate"]) is float and training["warmup_steps"] == 0.1 and training["adam_beta1"] == 0.5
+    assert recipe.data.eval_size == 4 and type(recipe.data.eval_size) is int
+    args = recipe.training_args(check_hardware=False)
+    assert (args.logging_steps, args.eval_steps, args.save_steps) == (5, 10, 20)
+
+
+def test_recipe_file_extensions_match_the_data_loader():
+    from hf_kd.data import DATA_EXTENSIONS
+    from hf_kd.recipe import DATA_EXTENSIONS as RECIPE_EXTENSIONS
+
+    assert RECIPE_EXTENSIONS == DATA_EXTENSIONS
 
 
 @pytest.mark.parametrize(
