@@ -80,7 +80,7 @@ $(VENV)/.torch: $(VENV)/.torch-choice
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	@echo '==> installing hf_kd (editable) with the test extra into $(VENV)'
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,distributed]'
 	@touch $@
 
 $(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch

@@ -1,19 +1,52 @@
-"""Prepare the frozen teacher for the engine Accelerate runs the student on (DDP, FSDP, DeepSpeed).
+"""Prepare the frozen teacher for the engine Accelerate runs the student on (DDP, FSDP, DeepSpeed), and check that the
+launched processes form one run.
 
 The teacher never trains, so it is never wrapped for gradients; but under FSDP and ZeRO-3 it is sharded like the
-student, so no GPU has to hold a full copy of it (TRL leaves it whole on every GPU).
+student, so no process has to hold a full copy of it (TRL leaves it whole on every GPU), before or during training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from .config import SetupError
+
 logger = logging.getLogger(__name__)
+
+
+def check_world(accelerator: Accelerator) -> None:
+    """Refuse processes launched together (torchrun, ``accelerate launch --multi_gpu``) that would not train as asked.
+
+    Accelerate fails two ways without a word on a machine without GPUs: without ``use_cpu`` it picks no distributed
+    backend, so each process trains alone, all writing the same ``output_dir``; with it, it drops an FSDP plugin and
+    trains DDP, each process holding the whole teacher.
+    """
+    launched = int(os.environ.get("WORLD_SIZE") or 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        launched = max(launched, torch.distributed.get_world_size())
+    if launched > accelerator.num_processes:
+        raise SetupError(
+            "use_cpu",
+            f"{launched} processes were launched but Accelerate found no distributed backend for "
+            f"{accelerator.device.type}, so each would train alone, all writing one output_dir; on CPU set use_cpu: "
+            "true (--use_cpu true) to train them together over gloo",
+        )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # set by a plugin or the launcher
+    if fsdp_asked and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        raise SetupError(
+            "fsdp",
+            f"Accelerate runs FSDP on GPUs only: these {accelerator.num_processes} CPU processes would train as DDP "
+            "instead, each holding the whole teacher; drop the FSDP setting (or its Accelerate config) to train DDP "
+            "knowingly",
+        )
 
 
 def prepare_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
@@ -38,27 +71,67 @@ def teacher_is_sharded(accelerator: Accelerator) -> bool:
 
 def _fsdp_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
     """Shard the teacher with the student's FSDP plugin (wrap policy, mixed precision, CPU offload)."""
-    if accelerator.is_fsdp2:
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    plugin = accelerator.state.fsdp_plugin
+    with _wrap_policy_for(plugin, teacher):
+        if accelerator.is_fsdp2:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        teacher = fsdp2_prepare_model(accelerator, teacher)  # frozen params: no fp32 upcast, no optimizer state
-    else:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            teacher = fsdp2_prepare_model(accelerator, teacher)  # frozen params: no fp32 upcast, no optimizer state
+            _reshard_after_each_forward(teacher)
+        else:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        plugin = accelerator.state.fsdp_plugin
-        plugin.set_auto_wrap_policy(teacher)
-        teacher = FSDP(
-            teacher,
-            sharding_strategy=plugin.sharding_strategy,
-            cpu_offload=plugin.cpu_offload,
-            auto_wrap_policy=plugin.auto_wrap_policy,
-            mixed_precision=plugin.mixed_precision_policy,
-            sync_module_states=plugin.sync_module_states,
-            use_orig_params=True,
-            device_id=accelerator.device,
-        )
+            plugin.set_auto_wrap_policy(teacher)
+            teacher = FSDP(
+                teacher,
+                sharding_strategy=plugin.sharding_strategy,
+                cpu_offload=plugin.cpu_offload,
+                auto_wrap_policy=plugin.auto_wrap_policy,
+                mixed_precision=plugin.mixed_precision_policy,
+                sync_module_states=plugin.sync_module_states,
+                use_orig_params=True,
+                device_id=accelerator.device,
+            )
     teacher.eval()
     return teacher
+
+
+@contextlib.contextmanager
+def _wrap_policy_for(plugin, teacher: nn.Module):
+    """Let the teacher pick its own layer classes to wrap without fixing them for the student.
+
+    ``set_auto_wrap_policy`` writes the first model's classes into the shared plugin: a Qwen2 teacher prepared first
+    would leave ``Qwen2DecoderLayer`` for a Llama student, which then fails to prepare (FSDP2) or is never split
+    into layers (FSDP1). The teacher wraps the configured classes it has, or else its own ``_no_split_modules``.
+    """
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    saved = plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap
+    names = [n for n in saved[1] or [] if get_module_class_from_name(teacher, n) is not None]
+    plugin.transformer_cls_names_to_wrap = names or list(getattr(teacher, "_no_split_modules", None) or [])
+    plugin.auto_wrap_policy = getattr(saved[0], "func", saved[0])  # unbound from a model seen before, if any
+    try:
+        yield
+    finally:
+        plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = saved
+
+
+def _reshard_after_each_forward(teacher: nn.Module) -> None:
+    """Free every gathered unit of an FSDP2 teacher when its forward returns.
+
+    FSDP2 keeps the root's unit gathered after forward, and Accelerate gives the final norm + lm_head unit (with the
+    embeddings, when tied) ``reshard_after_forward=False``: both wait for the backward that follows in training. A
+    frozen teacher never runs one, so without this each process would hold them whole from the first step on.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in teacher.modules() if isinstance(module, FSDPModule)]
+
+    def reshard(_module, _args, _output):
+        for unit in units:
+            unit.reshard()  # a no-op for units already resharded
+
+    teacher.register_forward_hook(reshard)  # after FSDP's own post-forward hook: it was registered first
 
 
 def _deepspeed_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
@@ -71,10 +144,13 @@ def _deepspeed_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Modul
     zero = config.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
         hidden = getattr(getattr(teacher, "config", None), "hidden_size", None)
-        if hidden is not None:  # resolve the "auto" buckets from the teacher's own width
-            zero["reduce_bucket_size"] = hidden * hidden
-            zero["stage3_param_persistence_threshold"] = 10 * hidden
-            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
+        if hidden is not None:  # "auto" or unset: from the teacher's own width, as the Trainer does for the student
+            auto = {
+                "reduce_bucket_size": hidden * hidden,
+                "stage3_param_persistence_threshold": 10 * hidden,
+                "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            }
+            zero.update({key: value for key, value in auto.items() if zero.get(key, "auto") == "auto"})
     else:
         config["zero_optimization"] = {"stage": 0}  # stages 1-2 shard optimizer state only: the teacher has none
     engine, *_ = deepspeed.initialize(model=teacher, config=config)

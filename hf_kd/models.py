@@ -79,16 +79,23 @@ def detect_task(model: nn.Module) -> str | None:
     inner = unwrap(model)
     if getattr(getattr(inner, "config", None), "is_encoder_decoder", False):
         return None  # seq2seq logits align with decoder labels unshifted: not a task handled here yet
-    task = task_of_class(type(inner).__name__)
-    return None if task is None else task.name
+    for cls in type(inner).__mro__:  # FSDP2 subclasses the model: FSDP<Name>(FSDPModule, <Name>)
+        task = task_of_class(cls.__name__)
+        if task is not None:
+            return task.name
+    return None
 
 
 def num_outputs(model: nn.Module, task: str) -> int:
-    """Size of the logits' last dim: lm_head rows for LMs (padded vocab), ``num_labels`` for classifiers."""
+    """Size of the logits' last dim: lm_head rows for LMs (padded vocab), ``num_labels`` for classifiers.
+
+    Under ZeRO-3 a model is loaded already partitioned (its weights are empty placeholders): the rows are read from
+    the full shape DeepSpeed keeps (``ds_shape``).
+    """
     inner = unwrap(model)
     if task == "causal_lm":
         head = inner.get_output_embeddings()
-        return head.weight.shape[0] if head is not None else inner.config.vocab_size
+        return getattr(head.weight, "ds_shape", head.weight.shape)[0] if head is not None else inner.config.vocab_size
     return inner.config.num_labels
 
 
@@ -191,8 +198,12 @@ def lm_head_spec(model: nn.Module) -> tuple[LMHeadSpec | None, str]:
     if type(head) is not nn.Linear:  # subclasses include quantized layers (bitsandbytes) whose weight is packed
         return None, f"{name}'s lm_head is a {type(head).__name__}, not a plain nn.Linear; using full logits"
     weight = head.weight
+    if hasattr(weight, "ds_shape"):  # an empty placeholder; the rows live in partitions, gathered in forward only
+        return None, (
+            f"{name}'s lm_head weight {tuple(weight.ds_shape)} is partitioned by DeepSpeed ZeRO-3; using full logits"
+        )
     if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dim() != 2 or weight.numel() == 0:
-        # FSDP2 (DTensor) and ZeRO-3 (empty placeholder) shard the weight outside the module's own forward
+        # FSDP2 (DTensor) shards the weight outside the module's own forward
         return None, (
             f"{name}'s lm_head weight is a {type(weight).__name__} of shape {tuple(weight.shape)} (sharded or "
             "quantized?); using full logits"
@@ -202,26 +213,31 @@ def lm_head_spec(model: nn.Module) -> tuple[LMHeadSpec | None, str]:
     return LMHeadSpec(weight=weight, bias=head.bias, softcap=softcap, logit_scale=scale), ""
 
 
-def finish_logits(logits, logit_scale, softcap):
-    """Cohere's ``* logit_scale``, then Gemma's ``cap * tanh(x / cap)``, in the order transformers applies them."""
+def finish_logits(logits, logit_scale, softcap, in_place=False):
+    """Cohere's ``* logit_scale``, then Gemma's ``cap * tanh(x / cap)``, in the order transformers applies them.
+
+    ``in_place``: overwrite ``logits`` (a chunk buffer outside autograd) instead of allocating new tensors.
+    """
     if logit_scale is not None:
-        logits = logits * logit_scale
+        logits = logits.mul_(logit_scale) if in_place else logits * logit_scale
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.div_(softcap).tanh_().mul_(softcap) if in_place else torch.tanh(logits / softcap) * softcap
     return logits
 
 
-def project(hidden, weight, bias, dtype):
-    """``hidden [c, H] @ weight[V, H].T (+ bias [V])`` -> ``[c, V]`` in ``dtype``, accumulated in at least float32."""
-    if weight.dtype != dtype:  # CUDA bf16/fp16 teacher weight: float32 output from the matmul itself, no copy of W
-        logits = torch.mm(hidden.to(weight.dtype), weight.T, out_dtype=dtype)
+def project(hidden, weight, bias, dtype, out=None):
+    """``hidden [c, H] @ weight[V, H].T (+ bias [V])`` -> ``[c, V]`` in ``dtype``, accumulated in at least float32;
+    written into ``out`` (``[c, V]``, ``dtype``) when given, a buffer reused chunk after chunk."""
+    if weight.dtype != dtype:  # CUDA bf16/fp16 weight: float32 output from the tensor-core matmul itself, no copy of W
+        logits = torch.mm(hidden.to(weight.dtype), weight.T, out_dtype=dtype, out=out)
         return logits if bias is None else logits.add_(bias)
     hidden = hidden.to(dtype)
-    return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    return torch.mm(hidden, weight.T, out=out) if bias is None else torch.addmm(bias, hidden, weight.T, out=out)
 
 
 def as_projection_weight(weight, dtype):
-    """The teacher weight as :func:`project` takes it: kept in bf16/fp16 where the GPU matmul can emit ``dtype``."""
+    """A head's weight (student or teacher) as :func:`project` takes it: kept in bf16/fp16 where the GPU matmul can
+    emit ``dtype`` (float32), else cast to ``dtype``."""
     if weight.dtype != dtype and _mm_emits(weight.device, weight.dtype, dtype):
         return weight
     return weight.to(dtype)  # once per call, never per chunk

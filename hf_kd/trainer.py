@@ -31,6 +31,7 @@ from .adapters import is_peft_model, merged_copy, wrap_student
 from .card import card_from_trainer
 from .config import DistillationConfig, SetupError
 from .data import DistillationCollator
+from .distributed import check_world
 from .faults import FaultGuard
 from .generation import complete, completion_batch, completion_stats, eos_ids, generation_config, on_policy, prompts_of
 from .losses import IGNORE_INDEX
@@ -107,6 +108,7 @@ class DistillationTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        check_world(self.accelerator)  # processes launched together train together, on the engine asked for
         # transformers releases before loss_is_scaled_for_ga divide the loss by the GA steps unless they believe the
         # model normalized it by num_items_in_batch: it has been, by compute_loss, whatever the student accepts
         self.model_accepts_loss_kwargs = True

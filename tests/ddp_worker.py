@@ -1,39 +1,106 @@
-"""Worker for test_distributed.py / test_gpu.py: train a tiny pair for a few steps; rank 0 writes weights and logs.
+"""Worker for test_distributed.py, test_sharded.py and test_gpu.py: train a tiny pair for a few steps under one engine.
 
-Run as `torchrun --standalone --nproc_per_node N tests/ddp_worker.py TEACHER STUDENT OUT PER_DEVICE_BATCH GA [ENGINE]`
-with ENGINE one of ``ddp`` (default; CPU gloo), ``onpolicy`` (CPU gloo, lmbda 1 with greedy completions), ``gpu`` (plain DDP on CUDA), ``fsdp`` (FSDP2 on CUDA), ``zero3``
-(DeepSpeed ZeRO-3 on CUDA). Sharded engines also save the student with save_model (gathered to a full state dict)
-and report how much of the teacher each rank holds.
+Run as `torchrun --standalone --nproc_per_node N tests/ddp_worker.py TEACHER STUDENT OUT BATCH GA [options]`:
+
+* ``--engine``: ``ddp`` (default; a plain replica per process), ``onpolicy`` (DDP, lmbda 1 with greedy completions),
+  ``fsdp`` (FSDP2), ``zero3`` (DeepSpeed ZeRO-3);
+* ``--device``: ``cpu`` (default; gloo) or ``cuda`` (NCCL);
+* ``--tokenizer DIR``: passed as processing_class (needed when the vocabularies are padded differently);
+* ``--bf16``: the Trainer's bf16 (autocast; DeepSpeed's bf16 mode under ZeRO-3).
+
+Rank 0 writes ``logs.json``, and ``weights.pt`` (the student) for DDP; sharded engines save the student with
+save_model (gathered to a full state dict) into ``OUT/student``. Every rank writes ``teacher.RANK.json``: how many
+teacher parameters it holds before and after training.
+
+FSDP on CPU processes needs a test-only patch of Accelerate (:func:`allow_fsdp_on_cpu`); ZeRO-3 on CPU needs none,
+only a gloo state made before the config (:func:`zero3_on_cpu`). The worker fails if either stops taking effect.
 """
 
+import argparse
 import json
-import sys
+import os
+from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset
 
 from conftest import load_model, variable_length_examples
 from hf_kd import DistillationConfig, DistillationTrainer
 
-ENGINES = {
-    "ddp": dict(use_cpu=True),
-    "onpolicy": dict(use_cpu=True, lmbda=1.0, max_new_tokens=5),
-    "gpu": dict(use_cpu=False),
-    "fsdp": dict(use_cpu=False, fsdp="full_shard",
-                 fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                              "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}),  # fmt: skip
-    "zero3": dict(use_cpu=False,
-                  deepspeed={"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-                             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                             "gradient_clipping": "auto", "train_batch_size": "auto"}),  # fmt: skip
+SHIPPED_FSDP = Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
+# The shipped FSDP2 settings (no layer-class list: each model wraps its own _no_split_modules), as the Trainer's
+# fsdp_config (which drops the fsdp_ prefix). Its bf16 mixed precision is for GPUs.
+FSDP2 = {"fsdp": True, "fsdp_config": yaml.safe_load(SHIPPED_FSDP.read_text())["fsdp_config"]}
+ZERO3 = {
+    "deepspeed": {
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,  # shard every tensor: the default (1e5) keeps a tiny model whole
+            "stage3_gather_16bit_weights_on_model_save": True,  # save_model gathers a full state dict
+        },
+        "bf16": {"enabled": "auto"},  # the Trainer's bf16 (--bf16)
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+    }
 }
+ENGINES = {"ddp": {}, "onpolicy": dict(lmbda=1.0, max_new_tokens=5), "fsdp": FSDP2, "zero3": ZERO3}
+SHARDED = ("fsdp", "zero3")
 
 
-def _local_numel(param) -> int:
-    if hasattr(param, "ds_numel"):  # ZeRO-3: the rank's partition
-        return int(param.ds_tensor.numel())
-    local = getattr(param, "to_local", None)  # FSDP2: a DTensor shard
-    return int(local().numel()) if local is not None else int(param.numel())
+def allow_fsdp_on_cpu() -> None:
+    """TEST ONLY: let Accelerate (and so the Trainer) run FSDP on CPU processes over gloo.
+
+    With ``use_cpu`` Accelerate makes a MULTI_CPU state, and ``AcceleratorState.__init__`` switches to FSDP only for
+    GPU-like types: it drops the plugin without a word and trains DDP. Switch it back after the original ran, as its
+    GPU branch does. ``main`` asserts the teacher really is sharded, so this fails loudly if it stops taking effect.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+
+
+def zero3_on_cpu() -> dict:
+    """ZeRO-3 on CPU processes: DeepSpeed over gloo, from a state made before the config reads it (Trainer settings).
+
+    DeepSpeed's CPU backend also compiles a shared-memory all-reduce op (g++/ninja, ~1.5 min on first use) that only
+    tensor-parallel inference calls; ZeRO-3 never does, and GPU runs never build it. Skipped here (TEST ONLY).
+    """
+    import importlib
+
+    from accelerate import PartialState
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # the module, not the attribute
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return {"accelerator_config": {"use_configured_state": True}}
+
+
+def held(param) -> int:
+    """Teacher elements this rank holds in memory for ``param``: its shard, plus the whole tensor while gathered."""
+    if hasattr(param, "ds_tensor"):  # ZeRO-3: the partition, and .data is the full tensor while gathered (else empty)
+        return int(param.ds_tensor.numel()) + int(param.data.numel())
+    if hasattr(param, "to_local"):  # FSDP2: a DTensor shard (a gathered unit shows plain tensors instead)
+        return int(param.to_local().numel())
+    return int(param.numel())
+
+
+def full_size(model) -> int:
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
 
 
 def early_eos(student, rows) -> int:
@@ -46,39 +113,79 @@ def early_eos(student, rows) -> int:
     return max((n, t) for t, n in counts.items() if n < len(completions))[1]
 
 
-def main(teacher, student, out, batch, ga, engine="ddp"):
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    for name in ("teacher", "student", "out"):
+        parser.add_argument(name)
+    parser.add_argument("batch", type=int)
+    parser.add_argument("ga", type=int)
+    parser.add_argument("--engine", default="ddp", choices=ENGINES)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--bf16", action="store_true")
+    opts = parser.parse_args(argv)
+
     rows = variable_length_examples(12, seed=7, max_len=16)
-    settings = dict(ENGINES[engine])
-    if engine == "onpolicy":
-        settings["generation_kwargs"] = {"do_sample": False, "eos_token_id": early_eos(load_model(student), rows)}
+    # use_cpu: gloo on CPU; not for ZeRO-3 (Accelerate would drop DeepSpeed), whose gloo state zero3_on_cpu makes
+    settings = dict(ENGINES[opts.engine], use_cpu=opts.device == "cpu" and opts.engine != "zero3", bf16=opts.bf16)
+    if opts.device == "cpu" and opts.engine == "fsdp":
+        allow_fsdp_on_cpu()
+    if opts.device == "cpu" and opts.engine == "zero3":
+        settings.update(zero3_on_cpu())
+    if opts.engine == "onpolicy":
+        settings["generation_kwargs"] = {"do_sample": False, "eos_token_id": early_eos(load_model(opts.student), rows)}
     args = DistillationConfig(
-        output_dir=out, per_device_train_batch_size=int(batch), gradient_accumulation_steps=int(ga), max_steps=3,
+        output_dir=opts.out, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.ga, max_steps=3,
         learning_rate=0.3, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
         train_sampling_strategy="sequential",  # the same examples in the same step, whatever the world size
         loss_type={"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0, alpha=0.6,
         report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, **settings,
     )
-    model = load_model(student)
-    teacher_model = load_model(teacher)
-    full_teacher = sum(p.numel() for p in teacher_model.parameters())
-    trainer = DistillationTrainer(model=model, teacher_model=teacher_model, args=args,
-                                  train_dataset=Dataset.from_list(rows))
+    # after the config: under ZeRO-3 from_pretrained now loads each model already partitioned
+    model = load_model(opts.student)
+    teacher_model = load_model(opts.teacher)
+    full_teacher = full_size(teacher_model)
+    tokenizer = None
+    if opts.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer)
+    trainer = DistillationTrainer(model=model, teacher_model=teacher_model, args=args, processing_class=tokenizer,
+                                  train_dataset=Dataset.from_list(rows))  # fmt: skip
     # the teacher is never wrapped for gradients: no DDP wrapper, no gradient buckets
     assert not isinstance(trainer.teacher_model, torch.nn.parallel.DistributedDataParallel)
-    local_teacher = sum(_local_numel(p) for p in trainer.teacher_model.parameters())
+    if opts.engine in SHARDED:  # the engine really is the one asked for (a CPU patch that stopped working fails here)
+        expected = {"fsdp": "FSDP", "zero3": "DEEPSPEED"}[opts.engine]
+        assert trainer.accelerator.distributed_type.name == expected, trainer.accelerator.distributed_type
+        assert trainer.accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1"))
+    before = sum(held(p) for p in trainer.teacher_model.parameters())
+    if opts.engine in SHARDED and trainer.accelerator.num_processes > 1:
+        assert before < full_teacher, f"the teacher is not sharded: {before} of {full_teacher} parameters on one rank"
     trainer.train()
-    sharded = engine in ("fsdp", "zero3")
-    if sharded:
-        trainer.save_model(f"{out}/student")  # FSDP / ZeRO-3: every rank takes part in gathering the full state dict
-    if trainer.accelerator.is_main_process:
-        if not sharded:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{out}/weights.pt")
-        with open(f"{out}/logs.json", "w") as f:
+    after = sum(held(p) for p in trainer.teacher_model.parameters())
+    if opts.engine in SHARDED:
+        trainer.save_model(f"{opts.out}/student")  # every rank takes part in gathering the full state dict
+    accelerator = trainer.accelerator
+    with open(f"{opts.out}/teacher.{accelerator.process_index}.json", "w") as f:
+        json.dump({"full": full_teacher, "before": before, "after": after, "fused": trainer.use_fused_loss,
+                   "world": accelerator.num_processes, "vocab_size": trainer.vocab_size}, f)  # fmt: skip
+    if accelerator.is_main_process:
+        if opts.engine not in SHARDED:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{opts.out}/weights.pt")
+        with open(f"{opts.out}/logs.json", "w") as f:
             json.dump(trainer.state.log_history, f)
-        with open(f"{out}/teacher.json", "w") as f:
-            json.dump({"full": full_teacher, "local": local_teacher, "fused": trainer.use_fused_loss,
-                       "world": trainer.accelerator.num_processes}, f)  # fmt: skip
+    del trainer, model, teacher_model
+    leave(accelerator)
+
+
+def leave(accelerator) -> None:
+    """Free the wrapped models, then the process group. A DDP / FSDP / DeepSpeed module still alive when the interpreter
+    exits makes gloo abort now and then ("terminate called without an active exception", exit code -6, in ~1 of 10
+    two-process runs here), after everything was written."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # the prepared models it keeps; gc.collect() after
+    accelerator.end_training()  # destroys the process group
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()
