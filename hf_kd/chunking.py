@@ -5,7 +5,12 @@ float64 for float64 inputs) from the final hidden states, asks the teacher's *so
 hands both to a *divergence* (a function of :mod:`hf_kd.fused` that returns the chunk's divergence and CE sums and the
 gradient of their alpha-mix w.r.t. the student logits), and folds that gradient straight into d(hidden), d(weight)
 and d(bias). The backward pass only scales those stored gradients by the incoming gradient. Peak extra memory is a
-few ``[chunk_size, V]`` buffers plus one float32 ``[V, H]`` gradient accumulator, whatever N.
+few ``[chunk_size, V]`` buffers (:class:`Scratch`: allocated once per call, rewritten by every chunk) plus one float32
+``[V, H]`` gradient accumulator, whatever N.
+
+On CUDA a bf16/fp16 student head stays in its dtype: the logits, d(hidden) and d(weight) are tensor-core matmuls with
+float32 output (``out_dtype``), and no float32 copy of the weight is made. Elsewhere (CPU, float32 or float64 weights)
+the weight is cast once per call to the chunk dtype.
 
 A source is built once per call from one of the signals of :mod:`hf_kd.targets`, and turns a slice of the kept rows
 into a :class:`ChunkTeacher`:
@@ -18,6 +23,7 @@ into a :class:`ChunkTeacher`:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +34,8 @@ from .losses import Objective
 from .models import LMHeadSpec, as_projection_weight, finish_logits, project
 from .sparse import check_cache_shapes, sparse_weights, student_bucket_log_probs, teacher_bucket_log_probs
 from .targets import TeacherHidden, TeacherLogits, TeacherTopK
+
+CHUNK_SIZE = 256  # default rows per chunk: 128 MB per float32 [256, 128k] buffer; on CPU no slower than 1024
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,9 @@ class ChunkPlan:
 class ChunkTeacher:
     """The teacher side of one chunk: full logits ``[chunk, V]``, or ``k + 1`` bucket log-probs over ``ids``."""
 
-    values: torch.Tensor  # [chunk, V] logits, or [chunk, k + 1] bucket log-probs, in the plan's dtype
+    # [chunk, V] logits in a Scratch buffer (a divergence may overwrite them), or [chunk, k + 1] bucket log-probs;
+    # in the plan's dtype
+    values: torch.Tensor
     ids: torch.Tensor | None = None  # [chunk, k] the teacher's top-k ids; None: dense logits
 
     def student_side(self, logits: torch.Tensor) -> torch.Tensor:
@@ -58,6 +68,21 @@ class ChunkTeacher:
         if self.ids is None:
             return logits
         return student_bucket_log_probs(torch.log_softmax(logits, dim=-1), self.ids)
+
+
+class Scratch:
+    """The ``[rows, V]`` buffers of one call, by name, each allocated on first use and handed to every chunk (its first
+    rows for a ragged last chunk). Filling a fresh 128 MB buffer costs more on CPU than the pass that writes it."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (rows, vocab), dtype, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Buffer ``name`` cut to its first ``rows`` rows (contiguous), in ``dtype`` (default: the chunk dtype)."""
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)
+        return self.buffers[name][:rows]
 
 
 # ---- teacher sources: check a signal, then slices of kept rows -> ChunkTeacher ------------------------------------
@@ -117,33 +142,35 @@ def kept_rows(tensor: torch.Tensor, position_dims: int, keep: torch.Tensor | Non
     return flat if keep is None else flat[keep]
 
 
-def _hidden_source(teacher: TeacherHidden, keep, plan: ChunkPlan) -> Callable[[slice], ChunkTeacher]:
+def _hidden_source(teacher: TeacherHidden, keep, plan: ChunkPlan) -> Callable[[slice, Scratch], ChunkTeacher]:
     head, dtype = teacher.head, plan.dtype
     hidden = kept_rows(teacher.hidden.detach(), teacher.hidden.dim() - 1, keep)
     # Cast the weight once per call, not per chunk (rows past vocab are never needed: logits are cut to the prefix).
     weight = as_projection_weight(head.weight.detach()[: plan.vocab], dtype)
     bias = None if head.bias is None else head.bias.detach()[: plan.vocab].to(dtype)
 
-    def chunk(rows: slice) -> ChunkTeacher:
-        logits = project(hidden[rows], weight, bias, dtype)
-        return ChunkTeacher(finish_logits(logits, head.logit_scale, head.softcap))
+    def chunk(rows: slice, scratch: Scratch) -> ChunkTeacher:
+        chunk_hidden = hidden[rows]
+        logits = project(chunk_hidden, weight, bias, dtype, out=scratch("teacher", chunk_hidden.shape[0]))
+        return ChunkTeacher(finish_logits(logits, head.logit_scale, head.softcap, in_place=True))
 
     return chunk
 
 
-def _logits_source(teacher: TeacherLogits, keep, plan: ChunkPlan) -> Callable[[slice], ChunkTeacher]:
+def _logits_source(teacher: TeacherLogits, keep, plan: ChunkPlan) -> Callable[[slice, Scratch], ChunkTeacher]:
     logits = teacher.logits.detach().flatten(0, teacher.logits.dim() - 2)
     # Gather the kept rows chunk by chunk: a mask applied up front would copy the whole [N, V] tensor once more.
     index = None if keep is None else keep.nonzero().squeeze(1)
 
-    def chunk(rows: slice) -> ChunkTeacher:
+    def chunk(rows: slice, scratch: Scratch) -> ChunkTeacher:
         values = logits[rows] if index is None else logits.index_select(0, index[rows])
-        return ChunkTeacher(values[:, : plan.vocab].to(plan.dtype))
+        # copied into the buffer, never a view: a divergence may overwrite its teacher's values
+        return ChunkTeacher(scratch("teacher", values.shape[0]).copy_(values[:, : plan.vocab]))
 
     return chunk
 
 
-def _topk_source(teacher: TeacherTopK, keep, plan: ChunkPlan) -> Callable[[slice], ChunkTeacher]:
+def _topk_source(teacher: TeacherTopK, keep, plan: ChunkPlan) -> Callable[[slice, Scratch], ChunkTeacher]:
     dims = teacher.tail_logprob.dim()
     ids = kept_rows(teacher.topk_ids, dims, keep).long()  # masked rows' entries are fillers: dropped before the check
     top = kept_rows(teacher.topk_logprobs.detach(), dims, keep)
@@ -151,7 +178,7 @@ def _topk_source(teacher: TeacherTopK, keep, plan: ChunkPlan) -> Callable[[slice
     if ((ids < 0) | (ids >= plan.vocab)).any():
         raise ValueError(f"topk_ids: ids must be in [0, {plan.vocab}), the student's vocabulary")
 
-    def chunk(rows: slice) -> ChunkTeacher:
+    def chunk(rows: slice, _scratch: Scratch) -> ChunkTeacher:
         return ChunkTeacher(teacher_bucket_log_probs(top[rows].to(plan.dtype), tail[rows].to(plan.dtype)), ids[rows])
 
     return chunk
@@ -159,8 +186,9 @@ def _topk_source(teacher: TeacherTopK, keep, plan: ChunkPlan) -> Callable[[slice
 
 SOURCES = {TeacherHidden: _hidden_source, TeacherLogits: _logits_source, TeacherTopK: _topk_source}
 
-# A divergence: (student logits [chunk, V], ChunkTeacher or None, labels [chunk] or None, plan, want_grad) ->
-# (divergence sum or None, CE sum or None, d(alpha-mix)/d(student logits) [chunk, V] or None).
+# A divergence: (student logits [chunk, V], ChunkTeacher or None, labels [chunk] or None, plan, want_grad, scratch)
+# -> (divergence sum or None, CE sum or None, d(alpha-mix)/d(student logits) [chunk, V] or None). The student logits
+# and dense teacher values are Scratch buffers that it may overwrite (the gradient may be one of them).
 Divergence = Callable[..., tuple]
 
 
@@ -171,8 +199,8 @@ def run(student, teacher_chunk, labels, plan: ChunkPlan, divergence: Divergence,
     """The normalized loss of prepared inputs -> what the public fused losses return.
 
     ``student`` is ``(hidden [N, H], weight [V_s, H], bias [V_s] or None)`` with masked rows already dropped,
-    ``teacher_chunk`` a source's ``rows -> ChunkTeacher`` (``None`` when the divergence is not needed), ``labels``
-    ``[N]`` or ``None``.
+    ``teacher_chunk`` a source's ``(rows, scratch) -> ChunkTeacher`` (``None`` when the divergence is not needed),
+    ``labels`` ``[N]`` or ``None``.
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student):
         total, div, ce = _FusedObjective.apply(*student, teacher_chunk, labels, plan, divergence, denominator)
@@ -224,9 +252,11 @@ def _chunk_sums(s_hidden, s_weight, s_bias, teacher_chunk, labels, plan: ChunkPl
     want_hidden, want_weight, want_bias = wanted
     dtype, vocab, device = plan.dtype, plan.vocab, s_hidden.device
     with torch.autocast(device.type, enabled=False):  # the Trainer's bf16 autocast must not touch the logits
-        # Cast the student's weight once per call (rows past vocab: their logits are cut away).
-        s_w = s_weight.detach()[:vocab].to(dtype)
+        # Once per call: a bf16/fp16 weight stays as it is where CUDA matmuls emit float32, else it is cast to dtype
+        # (rows past vocab: their logits are cut away).
+        s_w = as_projection_weight(s_weight.detach()[:vocab], dtype)
         s_b = None if s_bias is None else s_bias.detach()[:vocab].to(dtype)
+        scratch = Scratch(min(plan.chunk_size, s_hidden.shape[0]), vocab, dtype, device)
 
         div_sum, ce_sum = (torch.zeros((), dtype=dtype, device=device) for _ in range(2))
         d_hidden = torch.empty(s_hidden.shape, dtype=dtype, device=device) if want_hidden else None
@@ -236,11 +266,12 @@ def _chunk_sums(s_hidden, s_weight, s_bias, teacher_chunk, labels, plan: ChunkPl
 
         for start in range(0, s_hidden.shape[0], plan.chunk_size):
             rows = slice(start, start + plan.chunk_size)
-            hidden = s_hidden[rows].detach().to(dtype)
-            student = project(hidden, s_w, s_b, dtype)  # [chunk, vocab] float32, straight from the matmul
-            teacher = None if teacher_chunk is None else teacher_chunk(rows)
+            hidden = s_hidden[rows].detach()
+            # [chunk, vocab] float32 straight from the matmul, into the call's buffer
+            student = project(hidden, s_w, s_b, dtype, out=scratch("student", hidden.shape[0]))
+            teacher = None if teacher_chunk is None else teacher_chunk(rows, scratch)
             chunk_div, chunk_ce, d_logits = divergence(
-                student, teacher, None if labels is None else labels[rows], plan, any(wanted)
+                student, teacher, None if labels is None else labels[rows], plan, any(wanted), scratch
             )
             if chunk_div is not None:
                 div_sum += chunk_div
@@ -248,10 +279,48 @@ def _chunk_sums(s_hidden, s_weight, s_bias, teacher_chunk, labels, plan: ChunkPl
                 ce_sum += chunk_ce
             if d_logits is None:
                 continue
-            if want_hidden:
-                torch.mm(d_logits, s_w, out=d_hidden[rows])
-            if want_weight:
-                d_weight[:vocab].addmm_(d_logits.T, hidden)
             if want_bias:
                 d_bias[:vocab] += d_logits.sum(0)
+            d_rows = d_hidden[rows] if want_hidden else None
+            d_w = d_weight[:vocab] if want_weight else None
+            if s_w.dtype != dtype:
+                _tensor_core_grads(d_logits, hidden, s_w, d_rows, d_w, scratch)
+                continue
+            hidden = hidden.to(dtype)
+            if want_hidden:
+                torch.mm(d_logits, s_w, out=d_rows)
+            if want_weight:
+                d_w.addmm_(d_logits.T, hidden)
     return (div_sum, ce_sum), (d_hidden, d_weight, d_bias)
+
+
+def _tensor_core_grads(d_logits, hidden, weight, d_hidden, d_weight, scratch: Scratch) -> None:
+    """``d_hidden = d_logits @ weight`` and ``d_weight += d_logits.T @ hidden`` for a bf16/fp16 ``weight`` on CUDA.
+
+    ``d_logits`` ``[c, V]`` (float32) is rounded once to the weight's dtype; both matmuls run on tensor cores with
+    float32 output. ``d_weight`` ``[V, H]`` (float32, ``None``: not wanted) takes the product straight from the matmul
+    where torch can (``addmm(..., out_dtype=)`` on a float32 ``self``), else from a float32 matmul (older torch):
+    never through a ``[V, H]`` temporary.
+    """
+    low = weight.dtype
+    rounded = scratch("low_precision_grad", d_logits.shape[0], low).copy_(d_logits)
+    if d_hidden is not None:
+        torch.mm(rounded, weight, out_dtype=d_hidden.dtype, out=d_hidden)
+    if d_weight is None:
+        return
+    if _addmm_accumulates(d_weight.device, low, d_weight.dtype):
+        torch.addmm(d_weight, rounded.T, hidden.to(low), out_dtype=d_weight.dtype, out=d_weight)
+    else:
+        d_weight.addmm_(d_logits.T, hidden.to(d_weight.dtype))
+
+
+@functools.cache
+def _addmm_accumulates(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=out_dtype, out=c)`` adds an ``in_dtype`` product into an ``out_dtype``
+    ``c`` on ``device`` (CUDA, torch versions whose ``addmm.dtype`` takes a float32 ``self``)."""
+    try:
+        c = torch.ones(2, 2, device=device, dtype=out_dtype)
+        probe = torch.ones(2, 2, device=device, dtype=in_dtype)
+        return bool(torch.addmm(c, probe, probe, out_dtype=out_dtype, out=c).eq(3).all())
+    except (RuntimeError, TypeError):
+        return False

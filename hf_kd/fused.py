@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from .chunking import SOURCES, ChunkPlan, ChunkTeacher, check_head, check_teacher, kept_rows, run
+from .chunking import CHUNK_SIZE, SOURCES, ChunkPlan, ChunkTeacher, Scratch, check_head, check_teacher, kept_rows, run
 from .losses import Objective, check_label_ids, check_labels, normalizer, target_rows
 from .models import LMHeadSpec, finish_logits, lm_head_spec  # noqa: F401 (re-export)
 from .targets import StudentHidden, TeacherHidden, TeacherSignal, TeacherTopK
@@ -34,7 +34,7 @@ def fused_distillation_loss(
     teacher_weight: torch.Tensor,
     labels: torch.Tensor | None,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     loss_type: str | Mapping[str, float] = "forward_kl",
     temperature: float = 1.0,
     alpha: float = 1.0,
@@ -74,7 +74,8 @@ def fused_distillation_loss(
     Returns:
         What ``distillation_loss`` returns on the full logits: a scalar (float32, float64 for float64 inputs), or
         ``(total, divergence, ce)`` with ``return_components``. Chunk logits are computed in float32 from low-precision
-        inputs, so bfloat16 hidden states and weights give the float32 loss of those bfloat16 values.
+        inputs, so bfloat16 hidden states and weights give the float32 loss of those bfloat16 values (on CUDA from
+        tensor-core matmuls with float32 output, which also make the gradients: see :mod:`hf_kd.chunking`).
     """
     objective = Objective(loss_type, temperature, alpha, jsd_beta, skew_lambda, scale_by_temperature, ignore_index)
     s_head = LMHeadSpec(student_weight, student_bias, student_softcap, student_logit_scale)
@@ -94,7 +95,7 @@ def fused_sparse_distillation_loss(
     tail_logprob: torch.Tensor,
     labels: torch.Tensor | None,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_SIZE,
     loss_type: str | Mapping[str, float] = "forward_kl",
     temperature: float = 1.0,
     alpha: float = 1.0,
@@ -132,7 +133,7 @@ def fused_objective(
     objective: Objective,
     *,
     num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = CHUNK_SIZE,
     vocab_size: int | None = None,
     return_components: bool = False,
 ):
@@ -208,7 +209,9 @@ def _check(student: StudentHidden, teacher, labels, objective: Objective, chunk_
 # ---- divergences: one chunk's (divergence sum, CE sum, d(alpha-mix)/d(student logits)) ------------------------------
 
 
-def _autograd_divergence(student, teacher: ChunkTeacher | None, labels, plan: ChunkPlan, want_grad: bool):
+def _autograd_divergence(
+    student, teacher: ChunkTeacher | None, labels, plan: ChunkPlan, want_grad: bool, _scratch: Scratch | None = None
+):
     """Any objective: ``objective.divergence`` on the finished student logits (or their top-k buckets) and the CE,
     the gradient by autograd.
 
@@ -218,7 +221,7 @@ def _autograd_divergence(student, teacher: ChunkTeacher | None, labels, plan: Ch
     ``[chunk, V]`` (``None`` unless ``want_grad``).
     """
     objective = plan.objective
-    student.requires_grad_(want_grad)
+    student = student.detach().requires_grad_(want_grad)  # a leaf of its own over the chunk's buffer
     with torch.set_grad_enabled(want_grad):
         logits = finish_logits(student, plan.student_logit_scale, plan.student_softcap)
         divergence = ce = None
@@ -238,47 +241,64 @@ def _closed_form_applies(plan: ChunkPlan) -> bool:
     return plan.dense_teacher and set(plan.objective.weights) == {"forward_kl"} and plain_student
 
 
-def _forward_kl_closed_form(student, teacher: ChunkTeacher | None, labels, plan: ChunkPlan, want_grad: bool):
-    """:func:`_autograd_divergence` for ``w * T^2 * KL(p_t || p_s)`` (+ CE) with its gradient written out (~2.5x
-    faster on CPU):
+def _forward_kl_closed_form(
+    student, teacher: ChunkTeacher | None, labels, plan: ChunkPlan, want_grad: bool, scratch: Scratch
+):
+    """:func:`_autograd_divergence` for ``w * T^2 * KL(p_t || p_s)`` (+ CE) with its gradient written out, computed in
+    the chunk's buffers (``student`` and ``teacher.values`` are overwritten) and at most two more of the call's.
 
     d/ds [w * c * KL(softmax(t/T) || softmax(s/T))] = w * c / T * (softmax(s/T) - softmax(t/T)), c = T^2 or 1;
-    d/ds CE(s, y) = softmax(s) - onehot(y). Tests hold it to the autograd path it replaces.
+    d/ds CE(s, y) = softmax(s) - onehot(y). The values use sum_v p_t = 1 and the log-sum-exp read off a softmax,
+    lse(x) = max x - log(top), top = max_v softmax(x) = exp(max x - lse(x)): per row, with s and t already over T,
+    KL = sum_v p_t (t - s) - (max t - max s) - log(top_s / top_t) (the two lse, ~log V each, never subtracted in
+    float32) and CE = (max s - s_y) - log(top) at T = 1. So: one softmax per model (two for the student when T != 1
+    and the CE is needed), one pass for the cross term, no log-probabilities stored. Tests hold it to the autograd
+    path it replaces.
     """
     objective = plan.objective
     temperature, alpha = objective.temperature, objective.alpha
     scale = objective.weights["forward_kl"] * objective.temperature_scale
-    want_div_grad, want_ce_grad = want_grad and alpha > 0, want_grad and alpha < 1
-    divergence = ce = grad = None
-    log_p1 = None  # log_softmax(student) at T = 1, shared by the KL (when T = 1) and the CE
+    rows = student.shape[0]
+    divergence = ce = p_ce = p_s = None
+    s_max = student.amax(-1)
+    if plan.need_ce:
+        s_y = student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # the label's logit, before any division by T
+        if temperature != 1 or not plan.need_divergence:  # the CE's softmax at T = 1 is not the KL's
+            p_ce = torch.softmax(student, -1, out=scratch("student_softmax", rows))
+            ce = (s_max - s_y - p_ce.amax(-1).log_()).sum()
     if plan.need_divergence:
         t = teacher.values
-        log_ps = torch.log_softmax(student if temperature == 1 else student / temperature, dim=-1)
-        log_pt = torch.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
-        # a teacher logit of -inf: p_t = 0 there, and a finite floor makes p_t * (log_pt - log_ps) exactly 0, not nan
-        log_pt.clamp_min_(torch.finfo(log_pt.dtype).min)
-        p_t = log_pt.exp()
-        divergence = scale * (p_t * (log_pt - log_ps)).sum()  # as a difference: no cancellation when KL is small
-        if temperature == 1:
-            log_p1 = log_ps
-    if plan.need_ce:
-        if log_p1 is None:
-            log_p1 = torch.log_softmax(student, dim=-1)
-        ce = -log_p1.gather(-1, labels.unsqueeze(-1)).sum()
+        if temperature != 1:
+            student.div_(temperature)
+            t.div_(temperature)
+            s_max = s_max / temperature  # x -> x / T is monotone: the max of s / T is (max s) / T, bit for bit
+        t_max = t.amax(-1)
+        p_t = torch.softmax(t, -1, out=scratch("teacher_softmax", rows))
+        # sum_v p_t (t - s) per row, in t's buffer: where the teacher rules an id out (t = -inf, p_t = 0) 0 * -inf is
+        # nan and nansum counts 0, as distillation_loss does; a nan logit elsewhere still reaches the loss via max/top
+        cross = t.sub_(student).mul_(p_t).nansum(-1)
+        p_s = torch.softmax(student, -1, out=t)  # t's buffer is free again
+        s_top = p_s.amax(-1)
+        divergence = scale * (cross - (t_max - s_max) - (s_top / p_t.amax(-1)).log_()).sum()
+        if plan.need_ce and p_ce is None:  # T = 1: one softmax of the student for both terms
+            p_ce, ce = p_s, (s_max - s_y - s_top.log()).sum()
     if not want_grad:
         return divergence, ce, None
-    # gradient = a * softmax(s/T) - a * p_t + c * (softmax(s) - onehot(y)), built in place in one [chunk, V] buffer
-    a = alpha * scale / temperature if want_div_grad else 0.0
-    c = (1 - alpha) if want_ce_grad else 0.0
-    if want_div_grad and temperature == 1:  # softmax(s/T) is softmax(s): one buffer for both terms
-        grad = log_ps.exp_().mul_(a + c)
-        grad.sub_(p_t.mul_(a))
-    else:
-        if want_div_grad:
-            grad = log_ps.exp_().mul_(a).sub_(p_t.mul_(a))
-        if want_ce_grad:
-            g_ce = log_p1.exp_().mul_(c)
-            grad = g_ce if grad is None else grad.add_(g_ce)
-    if want_ce_grad:
-        grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((labels.shape[0], 1), -c))
-    return divergence, ce, grad if grad is not None else torch.zeros_like(student)
+    # gradient = a * softmax(s/T) - a * p_t + c * (softmax(s) - onehot(y)), built in a buffer that holds a softmax
+    a = alpha * scale / temperature if alpha > 0 else 0.0
+    c = 1 - alpha if alpha < 1 else 0.0
+    grad = None
+    if a and p_s is p_ce:  # T = 1 with the CE: (a + c) * softmax(s) - a * p_t (a + c = 1 when w = 1)
+        grad = (p_s if a + c == 1 else p_s.mul_(a + c)).sub_(p_t, alpha=a)
+    elif a:
+        grad = p_s.sub_(p_t) if a == 1 else p_s.sub_(p_t).mul_(a)
+        if c:
+            grad.add_(p_ce, alpha=c)
+    elif c:
+        grad = p_ce if c == 1 else p_ce.mul_(c)
+    if grad is None:
+        return divergence, ce, torch.zeros_like(student)
+    if c:
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((rows, 1), -c))
+    return divergence, ce, grad
+

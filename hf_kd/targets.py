@@ -70,10 +70,11 @@ def objective_terms(
     from .sparse import sparse_distillation_loss
 
     if isinstance(student, StudentHidden):
+        from .chunking import CHUNK_SIZE
         from .fused import fused_objective  # fused imports this module's signals
 
         return fused_objective(student, teacher, labels, objective, num_items_in_batch=num_items_in_batch,
-                               chunk_size=chunk_size or 256, vocab_size=vocab_size, return_components=True)  # fmt: skip
+                               chunk_size=chunk_size or CHUNK_SIZE, vocab_size=vocab_size, return_components=True)  # fmt: skip
     kwargs = {**objective.loss_kwargs(), "num_items_in_batch": num_items_in_batch, "return_components": True}
     student = student[..., :vocab_size]  # padded vocabularies: the shared prefix (vocab_size None keeps all)
     if isinstance(teacher, TeacherTopK):

@@ -144,3 +144,14 @@ def test_top_k_teacher_refuses_mse_through_the_driver():
     student = StudentHidden(hidden, LMHeadSpec(weight, bias, softcap=None, logit_scale=None))
     with pytest.raises(ValueError, match="'mse' compares raw teacher logits"):
         fused.fused_objective(student, cached, labels, Objective(loss_type="mse"))
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked rows", "every row"])
+def test_the_callers_teacher_logits_are_never_overwritten(masked):
+    """The closed form overwrites its chunk buffers in place: float64 teacher logits (the chunks' dtype, so a view
+    would do) must be copied into them, whether the kept rows are gathered or sliced."""
+    hidden, weight, bias, teacher, labels = make(seed=5)
+    before = teacher.clone()
+    objective = Objective(loss_type="forward_kl", temperature=2.0, alpha=1.0)
+    driver(hidden, weight, bias, teacher, labels if masked else None, objective, chunk_size=4).backward()
+    assert torch.equal(teacher, before)
