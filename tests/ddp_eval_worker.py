@@ -7,6 +7,7 @@ import sys
 from datasets import Dataset
 
 from conftest import load_model, variable_length_examples
+from ddp_worker import leave
 from hf_kd import DistillationConfig, DistillationTrainer
 
 
@@ -23,9 +24,12 @@ def main(teacher, student, out, batch):
     summary = trainer.state.log_history[-1]
     # 5 examples over 2 processes x batch 2: the last global batch is padded with repeats on some process
     metrics = trainer.evaluate(Dataset.from_list(variable_length_examples(5, seed=8, max_len=16)))
-    if trainer.accelerator.is_main_process:
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:
         with open(f"{out}/result.json", "w") as f:
             json.dump({"summary": summary, "eval": metrics}, f)
+    del trainer
+    leave(accelerator)  # no gloo abort at exit (see ddp_worker.leave)
 
 
 if __name__ == "__main__":
