@@ -25,6 +25,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import ModelOutput
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from .accounting import Accounting
 from .adapters import is_peft_model, merged_copy, wrap_student
@@ -133,6 +134,7 @@ class DistillationTrainer(Trainer):
         student_name = getattr(unwrap(self.model), "name_or_path", None) or type(unwrap(self.model)).__name__
         self.faults = FaultGuard(self._sum_over_processes, self.teacher.name, student_name)
         self.add_callback(self.faults)  # stops a NaN step before the optimizer applies it
+        self._rng_checkpoint, self._rng_loaded_early = None, False  # resumed generation's RNG (see _load_rng_state)
         self._wants_full_logits = False  # set while a prediction loop returns logits (see evaluation_loop)
         self._final_save = False  # set by save_model for a final save (not a checkpoint-N)
 
@@ -361,6 +363,9 @@ class DistillationTrainer(Trainer):
         counted, so the normalization follows the batch that is trained on."""
         if not self.args.generates:
             return inputs
+        if self._rng_checkpoint is not None:  # the first step after a mid-epoch resume: see _load_rng_state
+            super()._load_rng_state(self._rng_checkpoint)
+            self._rng_checkpoint, self._rng_loaded_early = None, True
         student_turn = on_policy(self.args.seed, self.state.global_step, index, self.args.lmbda)
         if not (student_turn or self.args.seq_kd):
             self.accounting.record_generation(None)
@@ -375,6 +380,23 @@ class DistillationTrainer(Trainer):
                     generated = self.generate_completions(teacher, inputs)
         self.accounting.record_generation(completion_stats(generated, self._completion_eos), time.perf_counter() - started)
         return generated
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._rng_checkpoint = None
+        if self.args.generates and resume_from_checkpoint:  # sampled completions must see the checkpoint's RNG
+            last = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else None
+            self._rng_checkpoint = last if resume_from_checkpoint is True else resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        """A mid-epoch resume restores the checkpoint's RNG only after fetching the first step's batches, which is
+        where completions are generated: :meth:`prepare_batch` restores it first, and the Trainer's later call is
+        skipped (it would rewind what generation drew). At an epoch boundary the Trainer restores it before fetching."""
+        if self._rng_loaded_early:
+            self._rng_loaded_early = False
+            return
+        self._rng_checkpoint = None  # restored here, before any batch of the resumed run is fetched
+        super()._load_rng_state(checkpoint)
 
     def generate_completions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Cut each example at its prompt, complete it with ``model.generate``, and return the batch the loss sees:

@@ -145,18 +145,21 @@ def test_gradient_accumulation_is_exact_on_generated_batches(tmp_path, tiny_dir,
             torch.testing.assert_close(weights[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
 
 
-def test_resumed_greedy_on_policy_run_equals_the_straight_run(tmp_path, tiny_dir, rows, eos):
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_resumed_on_policy_run_equals_the_straight_run(tmp_path, tiny_dir, rows, eos, sampled):
     def run(out, resume=None):
         student = load_model(tiny_dir["student"])
+        # sampled: every step generates, the first resumed one included (its completions draw on the restored RNG)
+        generation = dict(max_new_tokens=MAX_NEW, lmbda=1.0) if sampled else greedy(eos, lmbda=0.5)
         args = make_args(out, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2,
-                         **greedy(eos, lmbda=0.5), **KW)  # fmt: skip
+                         **generation, **KW)  # fmt: skip
         trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
                                       train_dataset=Dataset.from_list(rows))  # fmt: skip
         trainer.train(resume_from_checkpoint=resume)
         return state_hash(student), [r.get("generated_fraction") for r in trainer.state.log_history if "loss" in r]
 
     straight, fractions = run(tmp_path / "straight")
-    assert set(fractions) == {0.0, 1.0}  # lmbda 0.5 generated some steps and not others
+    assert set(fractions) == ({1.0} if sampled else {0.0, 1.0})  # greedy: lmbda 0.5 generated some steps, not others
     resumed, _ = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "out" / "checkpoint-2"))
     assert resumed == straight
 
