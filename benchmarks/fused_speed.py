@@ -29,12 +29,13 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing hf_kd
+
+from benchmarks.machine import machine  # noqa: E402 (after the path insert)
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024**3
 
@@ -222,20 +223,6 @@ def cell(args, v: int, h: int, packages: dict) -> dict:
     if max(losses) - min(losses) > (1e-2 if cuda else 1e-4) * abs(losses[0]):  # cuda: naive has bf16 logits
         raise RuntimeError(f"V={v} H={h}: the methods disagree on the loss: {losses}")
     return {"vocab": v, "hidden": h, "tokens": args.tokens, "methods": results}
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} CPUs"
 
 
 def markdown(cells: list, args, header: str) -> str:

@@ -39,21 +39,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing hf_kd
 
+from benchmarks.machine import machine  # noqa: E402 (after the path insert)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TEACHER = (128, 2)  # the demo's teacher (hidden, layers)
 STUDENTS = {"demo student h=48 L=2": (48, 2), "larger student h=256 L=4": (256, 4)}
 LENGTHS = (32, 64, 128)
-
-
-def machine() -> str:
-    """``lscpu``'s model name (or the GPU's), and the CPU count."""
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} CPUs"
 
 
 def dataset(new_tokens: int, n: int, tmp: str):

@@ -37,7 +37,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -50,6 +49,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing hf_kd
+
+from benchmarks.machine import machine  # noqa: E402 (after the path insert)
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental (TRL 1.x)
 
 GB = 1024**3
@@ -339,23 +340,6 @@ def loss_agreement(vocab: int = 1000, seed: int = 0) -> dict | None:
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        family = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("cpu family")), None)
-        model += f" (family {family})" if family else ""
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} CPUs"
 
 
 def ratios(cells: dict) -> dict:

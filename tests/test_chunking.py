@@ -28,15 +28,6 @@ OBJECTIVES = {  # name -> Objective keyword arguments (T != 1 and an asymmetric 
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: OpenMP wake-ups on a busy machine cost far more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(seed=0, v_t=V, shape=(N,)):
     """Student hidden/weight/bias (leaves with gradients), teacher logits ``[*shape, v_t]`` and masked labels."""
     g = torch.Generator().manual_seed(seed)
