@@ -25,9 +25,23 @@ import torch
 from .metrics import add_sums, finalize_metrics
 
 
+RATES = ("aligned_fraction", "shared_mass")  # cross-tokenizer terms, normalized like the loss (hf_kd.cross_tokenizer)
+
+
 def component_names(terms: Mapping[str, torch.Tensor | None]) -> list[str]:
-    """The logged components of a ``distillation_terms`` result: every ``*_loss`` key but the total ``loss``."""
-    return [name for name, value in terms.items() if name != "loss" and name.endswith("_loss") and value is not None]
+    """The logged components of a ``distillation_terms`` result: every ``*_loss`` key but the total ``loss``, and the
+    cross-tokenizer rates."""
+    return [name for name, value in terms.items()
+            if name != "loss" and (name.endswith("_loss") or name in RATES) and value is not None]  # fmt: skip
+
+
+def per_aligned_target(logs: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """``shared_mass`` comes summed over one-to-one targets and divided like the loss: divided by
+    ``aligned_fraction`` it is the teacher's mean mass on shared tokens per aligned target."""
+    mass, fraction = f"{prefix}shared_mass", f"{prefix}aligned_fraction"
+    if mass in logs and fraction in logs:
+        logs[mass] = logs[mass] / logs[fraction] if logs[fraction] > 0 else 0.0
+    return logs
 
 
 def reduce_sums(sums: Mapping[str, torch.Tensor], reduce, device) -> dict[str, float | list[float]]:
@@ -117,7 +131,7 @@ class Accounting:
         """The components of the steps since the last call, each the mean of its steps' global means; with generated
         completions also their mean length, the fraction that ended with EOS, the fraction of micro-batches generated
         and the share of the window's wall time spent generating."""
-        logs = self._means(self._window, self._window_steps)
+        logs = per_aligned_target(self._means(self._window, self._window_steps))
         self._window_steps = 0
         logs.update({k: v for k, v in self._means(self._uncounted, None).items() if k != "loss"})
         if self._generation:
@@ -145,6 +159,7 @@ class Accounting:
     def run_logs(self, prefix: str = "train_") -> dict[str, float]:
         """The components over every step this run counted (the end-of-training summary, like ``train_loss``)."""
         logs = {f"{prefix}{name}": value for name, value in self._means(self._run, self.steps_counted).items()}
+        per_aligned_target(logs, prefix)
         rate = self._run_clock.rate()
         if rate is not None:
             logs[f"{prefix}target_tokens_per_second"] = rate
@@ -158,6 +173,7 @@ class Accounting:
     def eval_metrics(self, prefix: str) -> dict[str, float]:
         """Token-weighted ``{prefix}_loss`` and components, and the agreement metrics; clears the sums."""
         metrics = {f"{prefix}_{name}": value for name, value in self._means(self._eval, None).items()}
+        per_aligned_target(metrics, f"{prefix}_")
         if self._agreement:
             totals = reduce_sums(self._agreement, self._reduce_sum, self._device)
             rates = finalize_metrics(totals, language_model=self._language_model)

@@ -288,6 +288,11 @@ def card_from_trainer(trainer, *, model_name: str | None = None, dataset=None, t
         hyperparameters["lmbda (on-policy fraction)"] = args.lmbda
         hyperparameters["seq_kd (teacher completions)"] = args.seq_kd
         hyperparameters["generation"] = ", ".join(f"{k}={v}" for k, v in args.generation_settings().items())
+    shared = getattr(trainer.teacher, "shared", None)  # a CrossTokenizerTeacher: the teacher read its own tokens
+    if shared is not None:
+        hyperparameters["teacher tokenizer (cross-tokenizer)"] = getattr(trainer.teacher.tokenizer, "name_or_path", "")
+        hyperparameters["shared vocabulary"] = f"{len(shared.student_ids)} tokens ({100 * shared.overlap:.1f}% of the student's)"
+        hyperparameters["cross-tokenizer weights (exact, ULD)"] = f"{args.cross_tokenizer_exact_weight}, {args.cross_tokenizer_uld_weight}"
     hyperparameters["learning rate"] = args.learning_rate
     hyperparameters["batch size (per device x accumulation x processes)"] = (
         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} x {args.world_size}"

@@ -334,6 +334,7 @@ def check_recipe(recipe: Recipe) -> Report:
             datasets.enable_progress_bars()
 
     shared = None
+    cross = len(tokenizers) == 2 and tokenizers["student"].get_vocab() != tokenizers["teacher"].get_vocab()
     if recipe.task == "classification" and "teacher" in found:
         shared = found["teacher"].rows  # the student's head is built with the teacher's label set (hf_kd.cli)
         labels = ", ".join(str(found["teacher"].config.id2label.get(i, i)) for i in range(shared))
@@ -345,6 +346,9 @@ def check_recipe(recipe: Recipe) -> Report:
             report.add(f"vocab: teacher and student both have {t_rows} rows")
         elif "student" not in tokenizers:
             report.unchecked.append(f"vocab alignment: rows differ ({t_rows} vs {s_rows}) and the tokenizer is unreachable")
+        elif cross:  # different tokenizers: each side keeps its own vocabulary
+            shared = s_rows
+            report.add(f"vocab: teacher {t_rows} rows, student {s_rows} rows, each over its own tokenizer")
         elif len(tokenizers["student"]) > shared:
             report.fail(f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
                         "tokens: these models do not share a vocabulary")  # fmt: skip
@@ -486,16 +490,15 @@ def _steps_per_epoch(recipe: Recipe, args, sampled: int, trainable: int, total: 
     return line.replace("~", "") if exact else line
 
 
-def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Report) -> bool:
-    """Whether both tokenizers give the student's ids on the sample (a FAIL line if not)."""
+def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Report) -> bool | None:
+    """Whether both tokenizers give the student's ids on the sample (a FAIL line if not); ``None`` for different
+    vocabularies (cross-tokenizer distillation: how well they align, instead)."""
     s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
-    if s_vocab == t_vocab:
-        report.add(f"tokenizers: identical vocabularies ({len(s_vocab)} tokens)")
-    else:
-        differ = sum(1 for token, i in s_vocab.items() if t_vocab.get(token) != i)
-        report.add(f"tokenizers: vocabularies differ ({len(s_vocab)} vs {len(t_vocab)} tokens, {differ} student tokens "
-                   "have another id or none in the teacher); checking the data sample")  # fmt: skip
     data = recipe.data
+    if s_vocab != t_vocab:  # the teacher reads its own tokens of the same text: hf_kd.alignment
+        _report_alignment(recipe, student, teacher, sample[: data.tokenizer_check_samples], report)
+        return None
+    report.add(f"tokenizers: identical vocabularies ({len(s_vocab)} tokens)")
     try:
         report.add(f"tokenizers: {check_tokenizers_agree(student, teacher, sample[: data.tokenizer_check_samples], data)}")
     except DataError as err:  # "tokenizers: the teacher and student tokenizers disagree ..."
@@ -505,3 +508,19 @@ def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Re
         report.fail(f"tokenizers: the sample has no field {err}")
         return False
     return True
+
+
+def _report_alignment(recipe: Recipe, student, teacher, sample: list, report: Report) -> None:
+    """Different tokenizers: the vocabulary overlap and how the sample's targets align (hf_kd.alignment)."""
+    from .alignment import alignment_summary
+
+    examples = [encode_example(example, student, recipe.data) for example in sample]
+    found = alignment_summary(student, teacher, examples)
+    report.add(f"tokenizers: different vocabularies -> cross-tokenizer distillation; {found['shared_tokens']:.0f} "
+               f"tokens spelled alike ({100 * found['overlap']:.1f}% of the student's {found['student_tokens']:.0f}, "
+               f"the teacher has {found['teacher_tokens']:.0f})")  # fmt: skip
+    report.add(f"alignment: of {found['targets']:.0f} target positions in {len(sample)} sample examples, "
+               f"{100 * found['one_to_one']:.1f}% align one to one (exact term), {100 * found['in_spans']:.1f}% lie in "
+               "merged spans (chain rule + ULD), the rest align with nothing (CE only)")  # fmt: skip
+    report.add(f"shared tokens: {100 * found['teacher_shared']:.1f}% of the teacher's target tokens on the sample are "
+               "shared (a teacher that fits the data puts about this mass there; training logs its own as shared_mass)")

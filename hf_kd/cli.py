@@ -138,6 +138,7 @@ _RECIPE_KEYS = {
     "teacher_model_name_or_path": "teacher.name_or_path",
     "teacher_model_init_kwargs": "teacher.init_kwargs",
     "teacher_cache": "teacher.cache",
+    "teacher_tokenizer_name_or_path": "teacher.tokenizer",
     "peft_config": "peft",
     "train_dataset": "data",
 }
@@ -221,6 +222,8 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     teacher_tokenizer = None  # self-distillation: one model, one tokenizer, nothing to compare
     if teacher_name != SELF_TEACHER:
         teacher_tokenizer = load_tokenizer(recipe, teacher_name, "teacher.tokenizer")
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        teacher_tokenizer = None  # another vocabulary: the trainer aligns the two tokenizations (hf_kd.alignment)
     with args.main_process_first(desc="dataset preparation"):  # rank 0 tokenizes and caches, the others reuse it
         train_dataset, eval_dataset = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed,
                                                        every_batch_generated=args.every_batch_generated,

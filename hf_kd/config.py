@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,30 @@ class DistillationConfig(TrainingArguments):
             "the cached teacher. mse is not available (the cache holds no raw logits). "
         },
     )
+    teacher_tokenizer_name_or_path: str | None = field(
+        default=None,  # the teacher's directory when it holds a tokenizer: recipes name the teacher's tokenizer always
+        metadata={
+            "help": "The teacher's tokenizer (id or path). When it gives every token the student's id, the teacher "
+            "reads the student's ids as always; when the vocabularies differ, the trainer distills across tokenizers: "
+            "it decodes each batch to text, re-tokenizes it for the teacher and aligns the two tokenizations "
+            "(hf_kd.alignment). Default: the teacher's directory when it holds tokenizer files, else none (a teacher "
+            "whose vocabulary differs from the student's is then refused). "
+        },
+    )
+    cross_tokenizer_exact_weight: float = field(
+        default=1.0,  # the configured divergence itself, on positions with a token-to-token correspondence
+        metadata={
+            "help": "Cross-tokenizer distillation: weight of the exact term (the divergence over the shared vocabulary "
+            "plus a rest bucket on one-to-one positions; over {span text, rest} by the chain rule on merged spans). "
+        },
+    )
+    cross_tokenizer_uld_weight: float = field(
+        default=1.0,  # ULD's L1 lies in [0, 2], the scale of a KL between close distributions; 0 turns it off
+        metadata={
+            "help": "Cross-tokenizer distillation: weight of the ULD term (L1 distance of the sorted probability "
+            "vectors, Boizard et al. 2024) where a merged span starts and no token-to-token correspondence exists. "
+        },
+    )
     save_merged: bool = field(
         default=False,  # adapters are MBs and load on the base model; a merged model loads with transformers alone
         metadata={
@@ -185,6 +210,13 @@ class DistillationConfig(TrainingArguments):
             sparse_weights(self.loss_type)  # raises a ValueError naming loss_type for mse
             if self.teacher_model_name_or_path == "self":
                 raise ValueError("teacher_cache and teacher_model_name_or_path='self' exclude each other")
+        for name in ("cross_tokenizer_exact_weight", "cross_tokenizer_uld_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.cross_tokenizer_exact_weight == 0 and self.cross_tokenizer_uld_weight == 0:
+            raise ValueError("cross_tokenizer_exact_weight and cross_tokenizer_uld_weight are both 0: nothing to learn "
+                             "from a teacher with another tokenizer; give one a weight > 0")  # fmt: skip
         self._check_generation()
 
     def _check_generation(self) -> None:

@@ -117,7 +117,10 @@ class Recipe:
             **self.training,
             "teacher_model_name_or_path": self.teacher.name_or_path,
             "teacher_model_init_kwargs": init_kwargs or None,
-        }
+            # the teacher's own tokenizer: a different one means cross-tokenizer distillation (hf_kd.alignment)
+            "teacher_tokenizer_name_or_path": None if self.teacher.name_or_path == "self" else (
+                self.teacher.tokenizer or self.teacher.name_or_path),
+        }  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -186,7 +189,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         _reject_unknown(path, "peft.", peft, _peft_fields())
     training = coerce_training(path, training)
     training.update(parse_overrides(path, training_flags))  # the command line wins over the YAML
-    for key in ("teacher_model_name_or_path", "teacher_model_init_kwargs"):
+    for key in ("teacher_model_name_or_path", "teacher_model_init_kwargs", "teacher_tokenizer_name_or_path"):
         if key in training:
             raise RecipeError(path, f"training.{key}", "set the teacher in the teacher: section instead")
     if not training.get("output_dir"):

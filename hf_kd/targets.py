@@ -6,7 +6,9 @@ already dropped the last position: logits at position i predict the token at i +
 * :class:`TeacherLogits` -- full logits ``[..., V]`` (a plain forward, or a ``teacher_forward`` override);
 * :class:`TeacherHidden` -- final hidden states ``[..., H]`` and the head that turns them into logits, so that the
   fused loss can build the logits chunk by chunk;
-* :class:`TeacherTopK` -- cached top-k log-probabilities (:mod:`hf_kd.cache`, :mod:`hf_kd.sparse`).
+* :class:`TeacherTopK` -- cached top-k log-probabilities (:mod:`hf_kd.cache`, :mod:`hf_kd.sparse`);
+* :class:`TeacherAligned` -- a teacher with its own tokenizer: its logits (or hidden states) over *its* tokenization
+  of the batch, and the alignment of the two tokenizations (:mod:`hf_kd.alignment`, :mod:`hf_kd.cross_tokenizer`).
 
 The student hands over full logits ``[..., V]`` or a :class:`StudentHidden`. :func:`objective_terms` is the only place
 that decides which loss function runs for which pair; the trainer never branches on the kind of teacher.
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .alignment import Alignment, SharedVocabulary
+from .cross_tokenizer import CrossTokenizerWeights, cross_tokenizer_terms
 from .losses import Objective, target_rows
 from .metrics import add_sums, agreement_sums
 from .models import LMHeadSpec
@@ -42,12 +46,20 @@ class TeacherTopK:
 
 
 @dataclass(frozen=True)
+class TeacherAligned:
+    teacher: TeacherLogits | TeacherHidden  # [B, S_t - 1, ...] aligned with the teacher's own tokens
+    alignment: Alignment  # which student targets each teacher position speaks for
+    shared: SharedVocabulary  # tokens spelled alike in both vocabularies
+    weights: CrossTokenizerWeights  # the exact and ULD terms' weights
+
+
+@dataclass(frozen=True)
 class StudentHidden:
     hidden: torch.Tensor  # [..., H] final hidden states (receive a gradient), aligned with the labels
     head: LMHeadSpec  # the student's head: its weight (and bias) receive a gradient
 
 
-TeacherSignal = TeacherLogits | TeacherHidden | TeacherTopK
+TeacherSignal = TeacherLogits | TeacherHidden | TeacherTopK | TeacherAligned
 
 
 def objective_terms(
@@ -59,13 +71,26 @@ def objective_terms(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(total, divergence, ce)`` of ``objective`` for a student and a teacher signal, aligned with ``labels``.
+) -> dict[str, torch.Tensor | None]:
+    """``{"loss", "distill_loss", "ce_loss"}`` of ``objective`` for a student and a teacher signal, aligned with
+    ``labels`` (a cross-tokenizer teacher adds ``aligned_fraction`` and ``shared_mass``).
 
-    A :class:`StudentHidden` runs the chunked loss (:func:`hf_kd.fused.fused_objective`, ``chunk_size`` rows at a
-    time) against any teacher signal; full student logits ``[..., V]`` run :func:`hf_kd.distillation_loss`, or
+    A :class:`TeacherAligned` runs :func:`hf_kd.cross_tokenizer.cross_tokenizer_terms` (either student form). Else a
+    :class:`StudentHidden` runs the chunked loss (:func:`hf_kd.fused.fused_objective`, ``chunk_size`` rows at a time)
+    against any teacher signal; full student logits ``[..., V]`` run :func:`hf_kd.distillation_loss`, or
     :func:`hf_kd.sparse_distillation_loss` against a top-k teacher. ``vocab_size`` cuts both sides to a shared prefix.
     """
+    if isinstance(teacher, TeacherAligned):
+        from .chunking import CHUNK_SIZE
+
+        return cross_tokenizer_terms(student, teacher.teacher, teacher.alignment, teacher.shared, labels, objective,
+                                     weights=teacher.weights, num_items_in_batch=num_items_in_batch,
+                                     chunk_size=chunk_size or CHUNK_SIZE)  # fmt: skip
+    return dict(zip(("loss", "distill_loss", "ce_loss"), _terms(student, teacher, labels, objective,
+                                                              num_items_in_batch, chunk_size, vocab_size)))  # fmt: skip
+
+
+def _terms(student, teacher, labels, objective, num_items_in_batch, chunk_size, vocab_size):
     from .losses import distillation_loss
     from .sparse import sparse_distillation_loss
 
@@ -108,8 +133,8 @@ def agreement(
 ) -> dict[str, torch.Tensor]:
     """The teacher-agreement sums of :func:`hf_kd.metrics.agreement_sums` over the valid positions, built
     ``chunk_size`` rows at a time from hidden states (never ``[N, V]`` at once); ``{}`` for a top-k teacher."""
-    if isinstance(teacher, TeacherTopK):
-        return {}  # top-k rows hold no full distribution to agree with
+    if isinstance(teacher, (TeacherTopK, TeacherAligned)):
+        return {}  # top-k rows hold no full distribution; another tokenizer's positions are not the student's
     student_rows = student.hidden if isinstance(student, StudentHidden) else student
     teacher_rows = teacher.hidden if isinstance(teacher, TeacherHidden) else teacher.logits
     student_rows = student_rows.reshape(-1, student_rows.shape[-1])

@@ -8,6 +8,8 @@ trainer turns model outputs into a signal itself, so an override of ``teacher_fo
 * :class:`ModelTeacher` -- a frozen model (loaded by :func:`hf_kd.models.load_model` from a path, or given).
 * :class:`SelfTeacher` -- the student's own base model: its PEFT adapters disabled (one copy of the weights).
 * :class:`CachedTeacher` -- top-k log-probabilities read from a :class:`hf_kd.cache.TeacherCache` (no model at all).
+* :class:`CrossTokenizerTeacher` -- a frozen model with its own tokenizer: each batch is decoded, re-tokenized for it
+  and aligned (:mod:`hf_kd.alignment`); it hands the loss a :class:`hf_kd.targets.TeacherAligned`.
 
 :func:`make_teacher` picks and checks the kind from what the trainer was given.
 """
@@ -26,8 +28,10 @@ from .adapters import SELF_TEACHER, adapters_disabled, require_adapters
 from .cache_store import TeacherCache
 from .config import SetupError
 from .distributed import prepare_teacher
-from .models import freeze, load_model, num_outputs
-from .targets import TeacherTopK
+from .alignment import align_batch, same_vocabulary, shared_vocabulary
+from .cross_tokenizer import CrossTokenizerWeights
+from .models import freeze, lm_head_spec, load_model, num_outputs
+from .targets import TeacherAligned, TeacherHidden, TeacherLogits, TeacherTopK
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +101,35 @@ class CachedTeacher(Teacher):
         return TeacherTopK(rows["topk_ids"], rows["topk_logprobs"], rows["tail_logprob"])
 
 
+class CrossTokenizerTeacher(Teacher):
+    """A frozen model whose tokenizer differs from the student's. ``run`` aligns the batch, runs the model on the
+    teacher's tokens and returns a :class:`TeacherAligned` (its outputs shifted like the student's: position i predicts
+    token i + 1)."""
+
+    def __init__(self, model: nn.Module, name: str | None, student_tokenizer, teacher_tokenizer, weights):
+        self.model, self.name = model, name
+        self.student_tokenizer, self.tokenizer, self.weights = student_tokenizer, teacher_tokenizer, weights
+        self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+
+    def run(self, inputs, forward, targets):
+        alignment = align_batch(inputs["input_ids"], inputs.get("attention_mask"), targets, self.student_tokenizer,
+                                self.tokenizer, self.shared)  # fmt: skip
+        self.model.eval()
+        with torch.no_grad():
+            outputs = forward(self.model, alignment.teacher_inputs)
+        if "final_hidden_state" in outputs:  # the fused path: logits are made chunk by chunk from these
+            signal = TeacherHidden(outputs["final_hidden_state"][:, :-1], lm_head_spec(self.model)[0])
+        else:
+            signal = TeacherLogits(outputs["logits"][:, :-1])
+        return TeacherAligned(signal, alignment, self.shared, self.weights)
+
+    @contextlib.contextmanager
+    def generating(self):
+        raise SetupError("seq_kd", "a teacher with another tokenizer cannot write the student's completions; use "
+                         "on-policy distillation (lmbda) or the dataset's completions")  # fmt: skip
+        yield  # unreachable: a generator, so that this is a context manager like the others
+
+
 def make_teacher(trainer, teacher_model: nn.Module | str | None) -> Teacher:
     """The trainer's teacher from ``teacher_model`` (a module, a path, ``"self"``) or ``args.teacher_cache``."""
     args, task = trainer.args, trainer.task
@@ -119,9 +152,60 @@ def make_teacher(trainer, teacher_model: nn.Module | str | None) -> Teacher:
     if isinstance(teacher_model, str):
         teacher_model = load_model(teacher_model, task, args.teacher_model_init_kwargs)
     freeze(teacher_model)
+    teacher_tokenizer = _teacher_tokenizer(args, name)
+    if teacher_tokenizer is not None and tokenizer is not None and not same_vocabulary(tokenizer, teacher_tokenizer):
+        return _cross_tokenizer_teacher(trainer, teacher_model, name, tokenizer, teacher_tokenizer)
     vocab_size = shared_vocab_size(num_outputs(trainer.model, task), num_outputs(teacher_model, task), task, tokenizer)
     # DDP: a plain replica; FSDP / ZeRO-3: sharded like the student
     return ModelTeacher(prepare_teacher(trainer.accelerator, teacher_model), name, vocab_size)
+
+
+def _teacher_tokenizer(args, teacher_name: str | None):
+    """``teacher_tokenizer_name_or_path`` loaded, else the teacher directory's tokenizer when it has one, else None."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    name = args.teacher_tokenizer_name_or_path
+    if name is None:
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not (teacher_name and os.path.isdir(teacher_name) and any(
+                os.path.exists(os.path.join(teacher_name, f)) for f in files)):  # fmt: skip
+            return None
+        name = teacher_name
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise SetupError("teacher_tokenizer_name_or_path", f"cannot load the teacher's tokenizer {name!r}: "
+                         f"{str(err).splitlines()[0]}") from None  # fmt: skip
+
+
+def _cross_tokenizer_teacher(trainer, teacher_model, name, tokenizer, teacher_tokenizer) -> CrossTokenizerTeacher:
+    """Distill across tokenizers: what the pair must allow, and the one log line that says it is happening."""
+    from .sparse import sparse_weights
+
+    args = trainer.args
+    if trainer.task != "causal_lm":
+        raise SetupError("teacher_tokenizer_name_or_path", f"cross-tokenizer distillation is for causal LMs, not "
+                         f"task {trainer.task!r}")  # fmt: skip
+    if args.seq_kd:
+        raise SetupError("seq_kd", "a teacher with another tokenizer cannot write the student's completions; use "
+                         "on-policy distillation (lmbda) or the dataset's completions")  # fmt: skip
+    if not getattr(tokenizer, "is_fast", False) or not getattr(teacher_tokenizer, "is_fast", False):
+        raise SetupError("teacher_tokenizer_name_or_path", "cross-tokenizer alignment needs fast tokenizers (character "
+                         "offsets) on both sides; load them with use_fast=True")  # fmt: skip
+    try:
+        sparse_weights(args.loss_type)
+    except ValueError as err:
+        raise SetupError("loss_type", f"{err} (a teacher with another tokenizer has no logits over the student's "
+                         "vocabulary)") from None  # fmt: skip
+    weights = CrossTokenizerWeights(args.cross_tokenizer_exact_weight, args.cross_tokenizer_uld_weight)
+    teacher = CrossTokenizerTeacher(prepare_teacher(trainer.accelerator, teacher_model), name, tokenizer,
+                                    teacher_tokenizer, weights)  # fmt: skip
+    logger.info("cross-tokenizer distillation: student tokenizer %d tokens, teacher %d, %d shared (%.1f%% of the "
+                "student's)", teacher.shared.student_size, teacher.shared.teacher_size,
+                len(teacher.shared.student_ids), 100 * teacher.shared.overlap)  # fmt: skip
+    return teacher
 
 
 def _cached_teacher(trainer, teacher_model, tokenizer) -> CachedTeacher:

@@ -38,7 +38,16 @@ from .generation import complete, completion_batch, completion_stats, eos_ids, g
 from .losses import IGNORE_INDEX
 from .models import TASKS, capture_final_hidden, detect_task, lm_head_spec, unwrap
 from .preflight import check_generation, check_targets, fused_loss_applies
-from .targets import StudentHidden, TeacherHidden, TeacherLogits, TeacherTopK, agreement, full_logits, objective_terms
+from .targets import (
+    StudentHidden,
+    TeacherAligned,
+    TeacherHidden,
+    TeacherLogits,
+    TeacherTopK,
+    agreement,
+    full_logits,
+    objective_terms,
+)
 from .teachers import make_teacher
 
 logger = logging.getLogger(__name__)
@@ -224,9 +233,9 @@ class DistillationTrainer(Trainer):
             return StudentHidden(self._aligned(outputs["final_hidden_state"]), lm_head_spec(self.model)[0])
         return self._aligned(outputs["logits"])
 
-    def _teacher_signal(self, outputs) -> TeacherLogits | TeacherHidden | TeacherTopK:
-        if isinstance(outputs, (TeacherLogits, TeacherHidden, TeacherTopK)):
-            return outputs  # already aligned (a cache's rows)
+    def _teacher_signal(self, outputs) -> TeacherLogits | TeacherHidden | TeacherTopK | TeacherAligned:
+        if isinstance(outputs, (TeacherLogits, TeacherHidden, TeacherTopK, TeacherAligned)):
+            return outputs  # already aligned (a cache's rows, another tokenizer's outputs)
         if self.use_fused_loss and "final_hidden_state" in outputs:
             return TeacherHidden(self._aligned(outputs["final_hidden_state"]), lm_head_spec(self.teacher.model)[0])
         return TeacherLogits(self._aligned(outputs["logits"]))
@@ -234,8 +243,9 @@ class DistillationTrainer(Trainer):
     def distillation_terms(
         self, student_outputs, teacher_outputs, labels: torch.Tensor, num_items_in_batch=None
     ) -> dict[str, torch.Tensor]:
-        """``{"loss", "distill_loss", "ce_loss"}``: the objective and its components, normalized alike."""
-        loss, distill, ce = objective_terms(
+        """``{"loss", "distill_loss", "ce_loss"}``: the objective and its components, normalized alike (a teacher with
+        another tokenizer adds ``aligned_fraction`` and ``shared_mass``, logged too)."""
+        return objective_terms(
             self._student_signal(student_outputs),
             self._teacher_signal(teacher_outputs),
             labels,
@@ -244,7 +254,6 @@ class DistillationTrainer(Trainer):
             chunk_size=self.args.loss_chunk_size or None,
             vocab_size=self.vocab_size,
         )
-        return {"loss": loss, "distill_loss": distill, "ce_loss": ce}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:

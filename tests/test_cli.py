@@ -155,16 +155,49 @@ def save_swapped_tokenizer(tmp_path) -> str:
     return other
 
 
-def test_tokenizers_that_disagree_are_refused(tmp_path, tiny_dir, files, capsys):
-    other = save_swapped_tokenizer(tmp_path)
-    rows = [{"prompt": "w1", "completion": "w2 w3"}] * 4  # w2 and w3 are ids 5 and 6
+def save_lowercasing_tokenizer(tmp_path) -> str:
+    """The test tokenizer's vocabulary (every id the same) with a lowercasing normalizer: "W2" is w2 to it, <unk> to
+    the student's. The teacher would read ids the student made of other text: refused."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + WORDS)}, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = str(tmp_path / "lowercasing_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(other)
+    return other
+
+
+def test_tokenizers_with_one_vocabulary_that_disagree_are_refused(tmp_path, tiny_dir, files, capsys):
+    other = save_lowercasing_tokenizer(tmp_path)
+    rows = [{"prompt": "w1", "completion": "W2 w3"}] * 4  # W2 is <unk> (2) to the student, w2 (5) to the teacher
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, teacher_tokenizer=other)
     code, _, err = run(["train", path], capsys)
     assert code == 2
     assert_one_error_line(err, f"error: {path}: tokenizers: the teacher and student tokenizers disagree on sample "
-                               "example 0 at token 1: the student has id 5 ('w2'), the teacher id 6 ('w2')")  # fmt: skip
+                               "example 0 at token 1: the student has id 2 ('<unk>'), the teacher id 5 ('w2')")  # fmt: skip
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_tokenizers_with_other_vocabularies_distill_across_tokenizers(tmp_path, tiny_dir, files, capsys):
+    """Two ids exchanged: another vocabulary, so `hf-kd check` reports the alignment and `hf-kd train` aligns (every
+    token is shared and every target aligns one to one)."""
+    other = save_swapped_tokenizer(tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher_tokenizer=other)
+    code, out, _ = run(["check", path], capsys)
+    assert code == 0, out
+    assert ("tokenizers: different vocabularies -> cross-tokenizer distillation; 40 tokens spelled alike (100.0% of the "
+            "student's 40, the teacher has 40)") in out  # fmt: skip
+    assert "target positions in 24 sample examples, 100.0% align one to one" in out
+    assert "shared tokens: 100.0% of the teacher's target tokens" in out
+    code, _, err = run(["train", path], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / COMPLETE_MARKER).read_text())
+    assert metrics["metrics"]["train"]["train_aligned_fraction"] == pytest.approx(1.0)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| teacher tokenizer (cross-tokenizer) | {other} |" in card and "| shared vocabulary | 40 tokens (100.0%" in card
 
 
 @pytest.mark.parametrize("case", ["self_with_init_kwargs", "vocab_too_small"])
@@ -422,8 +455,8 @@ def test_check_plans_the_run_from_the_data_sample(tmp_path, tiny_dir, capsys):
 def test_check_gives_one_verdict_on_tokenizers_that_disagree(tmp_path, tiny_dir, capsys):
     """Padded vocabularies whose rows would line up, but whose tokenizers give other ids: no "distilling over the
     shared rows" before the FAIL, and a last line that says train would refuse it."""
-    other = save_swapped_tokenizer(tmp_path)
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w1", "completion": "w2 w3"}] * 4)
+    other = save_lowercasing_tokenizer(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w1", "completion": "W2 w3"}] * 4)
     path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, teacher="teacher_padded",
                         student="student_padded", teacher_tokenizer=other)  # fmt: skip
     code, out, _ = run(["check", path], capsys)

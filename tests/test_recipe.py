@@ -23,6 +23,8 @@ EXPECTED = {
                                          "forward_kl", True),
     "qwen3-8b-to-0.6b.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B", "qwen3", "skew_forward_kl", False),
     "qwen3-8b-to-0.6b-onpolicy.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B", "qwen3", "reverse_kl", False),
+    "llama-3.1-8b-to-qwen2.5-0.5b-cross-tokenizer.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct",
+                                                          "llama->qwen2", "forward_kl", False),
     "gemma-2-9b-to-2b.yaml": ("google/gemma-2-9b-it", "google/gemma-2-2b-it", "gemma2", "forward_kl", False),
     "bert-base-to-small-sst2.yaml": ("textattack/bert-base-uncased-SST-2", "google/bert_uncased_L-4_H-256_A-4", "bert",
                                      "forward_kl", False),
@@ -51,8 +53,13 @@ def test_shipped_recipe_validates_offline(name):
     args = recipe.training_args(check_hardware=False)  # bf16 off on this CPU; the recipe keeps what it asked for
     teacher, student, model_type, loss_type, has_peft = EXPECTED[name]
     assert (recipe.teacher.name_or_path, recipe.student.name_or_path) == (teacher, student)
-    assert family(teacher) == family(student) == model_type  # one family: one tokenizer, ids mean the same strings
-    assert model_type in CONFIG_MAPPING  # this transformers knows the architecture
+    if "->" in model_type:  # two families, two tokenizers: the teacher reads its own tokens (hf_kd.alignment)
+        assert f"{family(teacher)}->{family(student)}" == model_type
+        assert args.teacher_tokenizer_name_or_path == (recipe.teacher.tokenizer or teacher)
+        assert all(kind in CONFIG_MAPPING for kind in model_type.split("->"))
+    else:
+        assert family(teacher) == family(student) == model_type  # one family: one tokenizer, ids mean the same strings
+        assert model_type in CONFIG_MAPPING  # this transformers knows the architecture
     assert args.loss_weights == {loss_type: 1.0}
     assert (recipe.peft is not None) == has_peft
     assert isinstance(args.learning_rate, float) and 0 < args.learning_rate < 1e-3

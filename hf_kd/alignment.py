@@ -1,0 +1,321 @@
+"""Cross-tokenizer alignment: what a teacher with its own tokenizer says about each of the student's target tokens.
+
+Both models read the same text. Per example, the student's token ids are decoded to text, the teacher's tokenizer
+tokenizes that text, and each side's token boundaries (character offsets of where each token ends) are compared:
+
+* a **common boundary** is a character position where both tokenizations end a token;
+* a **group** is the stretch between two consecutive common boundaries: ``s`` student tokens and ``t`` teacher tokens
+  that spell exactly the same characters;
+* a **one-to-one group** (``s = t = 1``) pairs a student target with a teacher target: both models predict the same
+  string from the same text before it, so their next-token distributions compare token by token over the *shared
+  vocabulary* (tokens whose strings are identical in both vocabularies, :func:`shared_vocabulary`);
+* any other group (one side splits what the other keeps whole, or both split differently) is a **span group**: the
+  probability of the group's text is the chain-rule product of each side's token probabilities over its tokens
+  (:func:`hf_kd.cross_tokenizer.span_log_probs`), and the positions where the group starts see the same text on both
+  sides (the ULD term compares their sorted distributions there).
+
+Special tokens are never text: the student's EOS (BOS, PAD, UNK) becomes the teacher's token of the same role, a
+special token whose content the teacher also has maps to it, and any other one (a chat-template marker the teacher
+does not know) is left out of the teacher's input and aligns with nothing. Prompt masking carries over: a group is used
+only if every student token in it is a target (``labels != -100``), so a teacher position counts only if its
+characters are in the student's targets. Tokens whose character span cannot be placed (a byte-level token that ends
+inside a multi-byte character) have no boundary of their own and join the next token's group.
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from dataclasses import dataclass
+
+import torch
+
+from .losses import IGNORE_INDEX
+
+ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")  # special tokens mapped by role, not by content
+
+
+# ---- vocabularies ---------------------------------------------------------------------------------------------------
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins -> the bytes they stand for (GPT-2's scheme: printable bytes stand for
+    themselves, the other 68 take the code points from 256 on, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    decoder, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            decoder[chr(byte)] = byte
+        else:
+            decoder[chr(256 + extra)] = byte
+            extra += 1
+    return decoder
+
+
+def _decoder_kinds(tokenizer) -> set[str]:
+    """The decoder types of a fast tokenizer's pipeline (``ByteLevel``, ``Metaspace``, ``ByteFallback``, ...)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return set()
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    kinds = {part.get("type") for part in parts}
+    if any(part.get("type") == "Replace" and "▁" in json.dumps(part.get("pattern", "")) for part in parts):
+        kinds.add("Metaspace")  # Llama-2 style: a Replace("▁", " ") step
+    return kinds
+
+
+def token_strings(tokenizer) -> dict[int, object]:
+    """Every token id -> what it spells, comparable across tokenizers: the bytes of a text token (byte-level BPE and
+    SentencePiece pieces decoded; other schemes keep the piece itself), ``("special", role or content)`` for a special
+    token."""
+    kinds = _decoder_kinds(tokenizer)
+    byte_level = "ByteLevel" in kinds
+    table = _byte_decoder() if byte_level else {}
+    specials = {}
+    for role in ROLES:
+        token_id = getattr(tokenizer, f"{role}_id", None)
+        if token_id is not None:
+            specials.setdefault(token_id, ("special", role))
+    for token_id in tokenizer.all_special_ids:
+        specials.setdefault(token_id, ("special", tokenizer.convert_ids_to_tokens(token_id)))
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            specials.setdefault(token_id, ("special", added.content))
+    strings: dict[int, object] = {}
+    for piece, token_id in tokenizer.get_vocab().items():
+        if token_id in specials:
+            strings[token_id] = specials[token_id]
+        elif byte_level and all(char in table for char in piece):
+            strings[token_id] = bytes(table[char] for char in piece)
+        elif "Metaspace" in kinds:
+            if "ByteFallback" in kinds and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                strings[token_id] = bytes([int(piece[3:5], 16)])
+            else:
+                strings[token_id] = piece.replace("▁", " ").encode()
+        else:
+            strings[token_id] = piece
+    return strings
+
+
+@dataclass(frozen=True)
+class SharedVocabulary:
+    """Tokens that spell the same string in both vocabularies, as two aligned id lists (``student_ids[i]`` and
+    ``teacher_ids[i]`` are the same token), and the special tokens the student's map to (None: no counterpart)."""
+
+    student_ids: torch.Tensor  # [K] int64
+    teacher_ids: torch.Tensor  # [K] int64
+    special_map: dict[int, int | None]  # student special id -> teacher id
+    student_size: int  # tokens in the student's tokenizer
+    teacher_size: int
+
+    @property
+    def overlap(self) -> float:
+        """The fraction of the student's tokenizer that the teacher's shares."""
+        return len(self.student_ids) / max(self.student_size, 1)
+
+
+def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
+    """The shared tokens of two tokenizers (one teacher id per student id and back: the first of duplicates wins)."""
+    student, teacher = token_strings(student_tokenizer), token_strings(teacher_tokenizer)
+    by_string: dict[object, int] = {}
+    for token_id in sorted(teacher):
+        by_string.setdefault(teacher[token_id], token_id)
+    pairs, taken = [], set()
+    for token_id in sorted(student):
+        partner = by_string.get(student[token_id])
+        if partner is not None and partner not in taken:
+            pairs.append((token_id, partner))
+            taken.add(partner)
+    special_map = {}
+    for token_id, string in student.items():
+        if isinstance(string, tuple):
+            special_map[token_id] = by_string.get(string)
+    ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    return SharedVocabulary(ids[:, 0].contiguous(), ids[:, 1].contiguous(), special_map, len(student), len(teacher))
+
+
+def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
+    """Whether every id means the same token to both tokenizers (then the teacher can read the student's ids)."""
+    return student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+
+
+# ---- boundaries and groups -------------------------------------------------------------------------------------------
+
+
+def _ends_from_offsets(offsets: list[tuple[int, int]]) -> list[int | None]:
+    """Where each token ends in the text; ``None`` for a token that ends inside a character (the next token ends at
+    the same offset: a byte-level piece of a multi-byte character)."""
+    ends = [end for _, end in offsets]
+    return [None if i + 1 < len(ends) and ends[i + 1] == end else end for i, end in enumerate(ends)]
+
+
+def student_text(tokenizer, ids: list[int]) -> tuple[str, list[int | None]]:
+    """The text a run of (non-special) student tokens spells, and where each token ends in it.
+
+    Canonical tokenizations (what the tokenizer itself makes from the text) take the tokenizer's offsets; any other id
+    sequence (a sampled completion) decodes prefix by prefix, a token ending where its prefix's text ends."""
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) == list(ids):
+        return text, _ends_from_offsets(encoded["offset_mapping"])
+    ends = []
+    for count in range(1, len(ids) + 1):
+        prefix = tokenizer.decode(ids[:count], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        ends.append(len(prefix) if text.startswith(prefix) else None)  # a partial character decodes to U+FFFD
+    return text, ends
+
+
+def teacher_tokens(tokenizer, text: str) -> tuple[list[int], list[int | None]]:
+    """The teacher's tokens of ``text`` and where each ends in it."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), _ends_from_offsets(encoded["offset_mapping"])
+
+
+def group_tokens(student_ends: list[int | None], teacher_ends: list[int | None]) -> list[tuple[list[int], list[int]]]:
+    """Split two tokenizations of one text into groups between common boundaries: ``[(student tokens, teacher
+    tokens)]`` by index, in order. Tokens after the last common boundary form no group (they spell different text)."""
+    common = sorted({end for end in student_ends if end is not None} & {end for end in teacher_ends if end is not None})
+    groups: list[tuple[list[int], list[int]]] = [([], []) for _ in common]
+    for side, ends in enumerate((student_ends, teacher_ends)):
+        pending: list[int] = []  # tokens without a boundary of their own join the next one's group
+        for index, end in enumerate(ends):
+            pending.append(index)
+            if end is None:
+                continue
+            slot = bisect_left(common, end)
+            if slot < len(common):
+                groups[slot][side].extend(pending)
+            pending = []
+    return [(s, t) for s, t in groups if s and t]
+
+
+# ---- a batch ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """One student batch aligned with the teacher's tokenization of it. Rows are flat indices into the *aligned*
+    positions of each side (``[B, S - 1]`` flattened: the position before a token is the one that predicts it)."""
+
+    teacher_inputs: dict[str, torch.Tensor]  # input_ids / attention_mask [B, S_t], right-padded
+    pairs: torch.Tensor  # [2, P] one-to-one targets: student row, teacher row
+    span_student: torch.Tensor  # [3, M] span groups' student targets: row, token id, group
+    span_teacher: torch.Tensor  # [3, M_t] span groups' teacher targets: row, token id, group
+    span_starts: torch.Tensor  # [2, G] the student and teacher rows where each span group starts
+    targets: int  # student target positions in the batch (labels != -100)
+
+
+def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                student_tokenizer, teacher_tokenizer, shared: SharedVocabulary) -> Alignment:  # fmt: skip
+    """Align a student batch: ``input_ids`` / ``attention_mask`` ``[B, S]`` (any padding side) and ``labels``
+    ``[B, S - 1]`` already aligned with the logits (``labels[b, i]`` is the target predicted at position ``i``)."""
+    batch, width = input_ids.shape
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    bos = _teacher_bos(teacher_tokenizer)
+    sequences, pairs, span_student, span_teacher, starts = [], [], [], [], []
+    for row in range(batch):
+        positions = mask[row].nonzero().flatten().tolist()  # the real tokens' positions in the padded row
+        ids = input_ids[row, positions].tolist()
+        is_target = [p > 0 and int(labels[row, p - 1]) != IGNORE_INDEX for p in positions]
+        teacher_ids, groups = _align_example(ids, student_tokenizer, teacher_tokenizer, shared, bos)
+        sequences.append(teacher_ids)
+        for student_tokens, teacher_tokens_ in groups:
+            if not all(is_target[k] for k in student_tokens) or min(teacher_tokens_) == 0:
+                continue  # a prompt character in the group, or a teacher token with nothing before it to predict it
+            student_rows = [row * (width - 1) + positions[k] - 1 for k in student_tokens]
+            teacher_rows = [(row, j - 1) for j in teacher_tokens_]  # made flat once the teacher width is known
+            if len(student_tokens) == 1 and len(teacher_tokens_) == 1:
+                pairs.append((student_rows[0], teacher_rows[0]))
+                continue
+            group = len(starts)
+            starts.append((student_rows[0], teacher_rows[0]))
+            span_student.extend((r, ids[k], group) for r, k in zip(student_rows, student_tokens))
+            span_teacher.extend((r, teacher_ids[j], group) for r, j in zip(teacher_rows, teacher_tokens_))
+    teacher_width = max(max((len(s) for s in sequences), default=1), 2)
+    flat = lambda pos: pos[0] * (teacher_width - 1) + pos[1]  # noqa: E731 -- (row, position) -> aligned flat row
+    pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else 0
+    teacher_input_ids = torch.full((batch, teacher_width), pad, dtype=torch.long)
+    teacher_mask = torch.zeros((batch, teacher_width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        teacher_input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        teacher_mask[row, : len(sequence)] = 1
+    device = input_ids.device
+    as_tensor = lambda rows, n: torch.tensor(rows, dtype=torch.long).reshape(-1, n).T.contiguous().to(device)  # noqa: E731
+    return Alignment(
+        teacher_inputs={"input_ids": teacher_input_ids.to(device), "attention_mask": teacher_mask.to(device)},
+        pairs=as_tensor([(s, flat(t)) for s, t in pairs], 2),
+        span_student=as_tensor(span_student, 3),
+        span_teacher=as_tensor([(flat(t), token, g) for t, token, g in span_teacher], 3),
+        span_starts=as_tensor([(s, flat(t)) for s, t in starts], 2),
+        targets=int((labels != IGNORE_INDEX).sum()),
+    )
+
+
+def _teacher_bos(tokenizer) -> int | None:
+    """The BOS the teacher's tokenizer puts before a text of its own, if it does (Llama-3 does, Qwen2 does not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    encoded = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if encoded and encoded[0] == bos else None
+
+
+def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared: SharedVocabulary,
+                   bos: int | None) -> tuple[list[int], list[tuple[list[int], list[int]]]]:  # fmt: skip
+    """One example's teacher ids and its groups (student token indices, teacher token indices)."""
+    teacher_ids: list[int] = [] if bos is None or shared.special_map.get(ids[0] if ids else -1) == bos else [bos]
+    groups: list[tuple[list[int], list[int]]] = []
+    start = 0
+    while start < len(ids):
+        if ids[start] in shared.special_map:  # a special token: its own group, if the teacher has a counterpart
+            partner = shared.special_map[ids[start]]
+            if partner is not None:
+                groups.append(([start], [len(teacher_ids)]))
+                teacher_ids.append(partner)
+            start += 1
+            continue
+        stop = start
+        while stop < len(ids) and ids[stop] not in shared.special_map:
+            stop += 1
+        text, student_ends = student_text(student_tokenizer, ids[start:stop])
+        segment, teacher_ends = teacher_tokens(teacher_tokenizer, text)
+        for s, t in group_tokens(student_ends, teacher_ends):
+            groups.append(([start + k for k in s], [len(teacher_ids) + j for j in t]))
+        teacher_ids.extend(segment)
+        start = stop
+    return teacher_ids, groups
+
+
+def alignment_summary(student_tokenizer, teacher_tokenizer, examples: list[dict]) -> dict[str, float]:
+    """What `hf-kd check` reports for a pair with different tokenizers, on tokenized examples (``input_ids`` and
+    unshifted ``labels``): the vocabulary overlap, the share of target positions aligned one to one and in span groups,
+    and the share of the teacher's target tokens that are shared tokens (the probability mass a teacher that fits the
+    data puts on them; training logs the teacher's own as ``shared_mass``)."""
+    shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    shared_teacher_ids = set(shared.teacher_ids.tolist())
+    targets = one_to_one = in_spans = teacher_targets = teacher_shared = 0
+    for example in examples:
+        ids, labels = example["input_ids"], example["labels"]
+        if len(ids) < 2:
+            continue
+        alignment = align_batch(torch.tensor([ids]), None, torch.tensor([labels[1:]]), student_tokenizer,
+                                teacher_tokenizer, shared)  # fmt: skip
+        teacher_ids = alignment.teacher_inputs["input_ids"].flatten()
+        # a teacher row predicts the token after it
+        predicted = [*(teacher_ids[alignment.pairs[1] + 1].tolist()), *alignment.span_teacher[1].tolist()]
+        targets += alignment.targets
+        one_to_one += alignment.pairs.shape[1]
+        in_spans += alignment.span_student.shape[1]
+        teacher_targets += len(predicted)
+        teacher_shared += sum(token in shared_teacher_ids for token in predicted)
+    return {
+        "overlap": shared.overlap,
+        "shared_tokens": float(len(shared.student_ids)),
+        "student_tokens": float(shared.student_size),
+        "teacher_tokens": float(shared.teacher_size),
+        "targets": float(targets),
+        "one_to_one": one_to_one / max(targets, 1),
+        "in_spans": in_spans / max(targets, 1),
+        "teacher_shared": teacher_shared / max(teacher_targets, 1),
+    }

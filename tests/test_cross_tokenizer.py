@@ -1,0 +1,253 @@
+"""Cross-tokenizer distillation: alignment, the loss terms against references written here, and the trainer path."""
+
+import math
+
+import pytest
+import torch
+from conftest import SPECIALS, WORDS, load_model
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from test_trainer import make_args
+
+from hf_kd import DistillationCollator, DistillationTrainer
+from hf_kd.alignment import align_batch, group_tokens, shared_vocabulary, token_strings
+from hf_kd.config import SetupError
+from hf_kd.cross_tokenizer import span_log_probs, two_buckets, uld_distance
+
+# ---- tokenizers built here ----------------------------------------------------------------------------------------
+
+CHARS = ["a", "b", "c", "d", "Ġ"]  # byte-level BPE's stand-in for a space is "Ġ"
+
+
+def byte_level_tokenizer(path, merges: list[tuple[str, str]], shuffle_seed: int | None = None) -> str:
+    """A GPT-2-style byte-level BPE over a five-character alphabet with the given merges, saved to ``path``."""
+    pieces = ["<pad>", "<eos>", *CHARS, *(a + b for a, b in merges)]
+    if shuffle_seed is not None:
+        order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        pieces = [pieces[i] for i in order]
+    core = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>").save_pretrained(path)
+    return str(path)
+
+
+def permuted_wordlevel(path, seed: int) -> tuple[str, list[int]]:
+    """conftest's tokenizer with its ids shuffled; returns the dir and ``new_id_of[old_id]``."""
+    tokens = SPECIALS + WORDS
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed)).tolist()  # new id -> old id
+    vocab = {tokens[old]: new for new, old in enumerate(order)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    new_id_of = [0] * len(tokens)
+    for new, old in enumerate(order):
+        new_id_of[old] = new
+    return str(path), new_id_of
+
+
+STUDENT_MERGES = [("a", "b"), ("c", "d")]  # "ab", "cd"
+TEACHER_MERGES = [("Ġ", "a"), ("a", "b"), ("ab", "c")]  # "Ġa" (first: it wins), "ab", "abc": coarser in places, finer in others
+
+
+@pytest.fixture(scope="module")
+def byte_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xtok")
+    student = AutoTokenizer.from_pretrained(byte_level_tokenizer(root / "student_tok", STUDENT_MERGES))
+    teacher = AutoTokenizer.from_pretrained(byte_level_tokenizer(root / "teacher_tok", TEACHER_MERGES))
+    return root, student, teacher
+
+
+# ---- alignment ----------------------------------------------------------------------------------------------------
+
+
+def test_token_strings_are_bytes_for_byte_level(byte_pair):
+    _, student, teacher = byte_pair
+    strings = token_strings(student)
+    assert strings[student.convert_tokens_to_ids("Ġ")] == b" " and strings[student.convert_tokens_to_ids("cd")] == b"cd"
+    assert strings[student.eos_token_id] == ("special", "eos_token")
+    shared = shared_vocabulary(student, teacher)
+    pairs = {student.convert_ids_to_tokens(s): teacher.convert_ids_to_tokens(t)
+             for s, t in zip(shared.student_ids.tolist(), shared.teacher_ids.tolist())}  # fmt: skip
+    assert pairs == {"<pad>": "<pad>", "<eos>": "<eos>", "a": "a", "b": "b", "c": "c", "d": "d", "Ġ": "Ġ", "ab": "ab"}
+
+
+def test_group_tokens_by_common_boundaries():
+    # student "ab|cd|x" ends 2, 4, 5; teacher "abc|d|x" ends 3, 4, 5: one 2:2 group, then 1:1
+    assert group_tokens([2, 4, 5], [3, 4, 5]) == [([0, 1], [0, 1]), ([2], [2])]
+    # a token that ends inside a character (None) joins the next token's group
+    assert group_tokens([1, None, 3], [1, 3]) == [([0], [0]), ([1, 2], [1])]
+    # text after the last common boundary spells different things on the two sides: no group
+    assert group_tokens([2, 5], [2, 4]) == [([0], [0])]
+
+
+def test_alignment_of_hand_built_examples(byte_pair):
+    _, student, teacher = byte_pair
+    text = "ab cdab abcd"
+    ids = student(text, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    pieces = student.convert_ids_to_tokens(ids)
+    assert pieces == ["ab", "Ġ", "cd", "ab", "Ġ", "ab", "cd", "<eos>"]
+    t_pieces = teacher.convert_ids_to_tokens(teacher(text, add_special_tokens=False)["input_ids"])
+    assert t_pieces == ["ab", "Ġ", "c", "d", "ab", "Ġa", "b", "c", "d"]
+    batch_ids = torch.tensor([ids])
+    labels = torch.tensor([[-100, -100, *ids[3:]]])  # aligned: the first 3 tokens ("ab", " ", "cd") are the prompt
+    alignment = align_batch(batch_ids, None, labels, student, teacher, shared_vocabulary(student, teacher))
+    t_ids = alignment.teacher_inputs["input_ids"][0].tolist()
+    assert teacher.convert_ids_to_tokens(t_ids) == t_pieces + ["<eos>"]
+    width_t = len(t_ids)
+    # one-to-one targets: student "ab"(3) <-> teacher "ab"(4); student <eos>(7) <-> teacher <eos>(9)
+    assert alignment.pairs.T.tolist() == [[2, 3], [6, 8]]
+    assert width_t - 1 == 9
+    # span groups: " ab"(student 4, 5) <-> " a" "b"(teacher 5, 6); "cd"(student 6) <-> "c" "d"(teacher 7, 8);
+    # the prompt's "cd"(student 2) <-> "c" "d" is no target: never in a group
+    assert alignment.span_student.T.tolist() == [[3, ids[4], 0], [4, ids[5], 0], [5, ids[6], 1]]
+    assert [row for row, _, _ in alignment.span_teacher.T.tolist()] == [4, 5, 6, 7]
+    assert alignment.span_starts.T.tolist() == [[3, 4], [5, 6]]
+    assert alignment.targets == 5
+
+    # the merged span probabilities are the chain-rule products, computed by hand
+    torch.manual_seed(0)
+    s_logits = torch.randn(len(ids) - 1, len(student), dtype=torch.float64)
+    t_logits = torch.randn(width_t - 1, len(teacher), dtype=torch.float64)
+    s_rows, s_tok, s_grp = alignment.span_student
+    t_rows, t_tok, t_grp = alignment.span_teacher
+    s_span = span_log_probs(torch.log_softmax(s_logits, -1)[s_rows, s_tok], s_grp, 2).exp()
+    t_span = span_log_probs(torch.log_softmax(t_logits, -1)[t_rows, t_tok], t_grp, 2).exp()
+    p_s, p_t = torch.softmax(s_logits, -1), torch.softmax(t_logits, -1)
+    tid = teacher.convert_tokens_to_ids
+    by_hand_t = [p_t[4, tid("Ġa")] * p_t[5, tid("b")], p_t[6, tid("c")] * p_t[7, tid("d")]]
+    by_hand_s = [p_s[3, ids[4]] * p_s[4, ids[5]], p_s[5, ids[6]]]
+    assert torch.allclose(t_span, torch.stack(by_hand_t), rtol=1e-12)
+    assert torch.allclose(s_span, torch.stack(by_hand_s), rtol=1e-12)
+    buckets = two_buckets(torch.log(t_span)).exp()
+    assert torch.allclose(buckets.sum(-1), torch.ones(2, dtype=torch.float64), rtol=1e-12)
+
+
+def test_left_padding_and_sampled_tokenizations(byte_pair):
+    """Padding on the left shifts rows; a non-canonical id sequence (a sample: "a" "b" instead of "ab") still aligns."""
+    _, student, teacher = byte_pair
+    shared = shared_vocabulary(student, teacher)
+    sid = student.convert_tokens_to_ids
+    ids = [sid("a"), sid("b"), sid("Ġ"), sid("a"), sid("b")]  # "ab ab", spelled letter by letter
+    padded = torch.tensor([[student.pad_token_id] * 2 + ids])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, -100, *ids[1:]]])  # aligned with positions 0..5
+    alignment = align_batch(padded, mask, labels, student, teacher, shared)
+    # teacher "ab" "Ġa" "b": groups [a b]<->[ab] (no target: the first token has nothing before it), [Ġ a]<->[Ġa]
+    # (a span: rows 3, 4 of the student, row 0 of the teacher), [b]<->[b] (one to one: student row 5, teacher row 1)
+    assert alignment.pairs.T.tolist() == [[5, 1]]
+    assert alignment.span_student[0].tolist() == [3, 4] and alignment.span_teacher[0].tolist() == [0]
+
+
+def test_uld_against_reference():
+    torch.manual_seed(1)
+    p = torch.softmax(torch.randn(3, 7, dtype=torch.float64), -1)
+    q = torch.softmax(torch.randn(3, 5, dtype=torch.float64), -1)
+    expected = []
+    for row_p, row_q in zip(p.tolist(), q.tolist()):
+        a = sorted(row_p, reverse=True)
+        b = sorted(row_q, reverse=True) + [0.0] * 2
+        expected.append(sum(abs(x - y) for x, y in zip(a, b)))
+    assert torch.allclose(uld_distance(p, q), torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
+    assert math.isclose(float(uld_distance(q[:1], q[:1])), 0.0, abs_tol=1e-15)
+
+
+# ---- the trainer --------------------------------------------------------------------------------------------------
+
+
+def permuted_teacher(teacher, new_id_of):
+    """The same model with its token rows moved to the permuted ids (embedding and lm_head)."""
+    permuted = AutoModelForCausalLM.from_config(teacher.config)
+    permuted.load_state_dict(teacher.state_dict())
+    order = torch.tensor(new_id_of).argsort()  # new id -> old id
+    with torch.no_grad():
+        permuted.model.embed_tokens.weight.copy_(teacher.model.embed_tokens.weight[order])
+        permuted.lm_head.weight.copy_(teacher.lm_head.weight[order])
+    return permuted
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_permuted_vocabulary_equals_same_tokenizer_path(tmp_path, tiny_dir, tokenizer, chunk):
+    """A teacher whose tokenizer is the student's with the ids shuffled (rows permuted to match) gives the same loss,
+    components and student gradients as the same-tokenizer path with the unpermuted teacher."""
+    perm_dir, new_id_of = permuted_wordlevel(tmp_path / "perm_tok", seed=3)
+    teacher = load_model(tiny_dir["teacher"])
+    permuted = permuted_teacher(teacher, new_id_of)
+    text = ["w3 w5 w7 w9 w2 <eos>", "w4 w4 w10", "w30 w31 w32 w33 w34 w35 w36 <eos>"]
+    rows = [tokenizer(t)["input_ids"] for t in text]
+    batch = DistillationCollator(pad_token_id=0)([{"input_ids": r, "labels": [-100] + r[1:]} for r in rows])
+    results = []
+    for teacher_model, teacher_tok in ((teacher, None), (permuted, perm_dir)):
+        student = load_model(tiny_dir["student"])
+        args = make_args(tmp_path, loss_type={"forward_kl": 0.5, "jsd": 0.5}, temperature=2.0, alpha=0.6,
+                         loss_chunk_size=chunk, teacher_tokenizer_name_or_path=teacher_tok)  # fmt: skip
+        trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args, processing_class=tokenizer)
+        assert (type(trainer.teacher).__name__ == "CrossTokenizerTeacher") == (teacher_tok is not None)
+        student.train()
+        targets = (batch["labels"][:, 1:] != -100).sum()  # the step's count, as the Trainer passes it
+        loss = trainer.compute_loss(student, dict(batch), num_items_in_batch=targets)
+        loss.backward()
+        terms = dict(trainer.accounting._window)
+        results.append((loss.detach(), terms, [p.grad.clone() for p in student.parameters()]))
+    (loss_a, terms_a, grads_a), (loss_b, terms_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-7)
+    for name in ("distill_loss", "ce_loss"):
+        assert torch.allclose(terms_a[name], terms_b[name], rtol=1e-5, atol=1e-7)
+    assert float(terms_b["aligned_fraction"]) == pytest.approx(1.0)  # every target aligned one to one
+    assert float(terms_b["shared_mass"]) == pytest.approx(1.0, rel=1e-5)  # every token shared
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def save_llama(path, vocab: int, seed: int, hidden: int) -> str:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+def test_cross_tokenizer_pair_trains_and_held_out_kl_falls(tmp_path, byte_pair):
+    root, student_tok, teacher_tok = byte_pair
+    teacher_dir = save_llama(root / "teacher_model", len(teacher_tok), seed=1, hidden=48)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():  # a random init is nearly uniform (KL ~0.03 from the start): sharpen it, like a trained one
+        teacher.lm_head.weight.mul_(8.0)
+    teacher.save_pretrained(teacher_dir)
+    teacher_tok.save_pretrained(teacher_dir)  # the default: the teacher's directory holds its tokenizer
+    student = AutoModelForCausalLM.from_pretrained(save_llama(root / "student_model", len(student_tok), 2, 32))
+    g = torch.Generator().manual_seed(0)
+    words = ["ab", "cd", "abc", "dab", "a", "bcd", "abcd"]
+
+    def example():
+        text = " ".join(words[int(i)] for i in torch.randint(len(words), (6,), generator=g))
+        ids = student_tok(text)["input_ids"] + [student_tok.eos_token_id]
+        return {"input_ids": ids, "labels": [-100, -100] + ids[2:]}
+
+    train, held_out = Dataset.from_list([example() for _ in range(64)]), Dataset.from_list([example() for _ in range(16)])
+    args = make_args(tmp_path, max_steps=40, learning_rate=1e-2, optim="adamw_torch", loss_type="forward_kl",
+                     per_device_train_batch_size=8, loss_chunk_size=4)  # fmt: skip
+    trainer = DistillationTrainer(model=student, teacher_model=teacher_dir, args=args, train_dataset=train,
+                                  eval_dataset=held_out, processing_class=student_tok)  # fmt: skip
+    assert type(trainer.teacher).__name__ == "CrossTokenizerTeacher"
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert 0 < before["eval_aligned_fraction"] < 1 and 0 < before["eval_shared_mass"] <= 1
+    assert after["eval_distill_loss"] < 0.5 * before["eval_distill_loss"]  # 0.50 -> 0.14 when written
+    logged = [entry for entry in trainer.state.log_history if "aligned_fraction" in entry]
+    assert logged and all(0 < entry["aligned_fraction"] < 1 for entry in logged)
+
+
+def test_refusals(tmp_path, tiny_dir, tokenizer, byte_pair):
+    root, _, teacher_tok = byte_pair
+    other = str(root / "teacher_tok")
+    student = load_model(tiny_dir["student"])
+    with pytest.raises(SetupError, match="loss_type"):
+        DistillationTrainer(model=student, teacher_model=tiny_dir["teacher"], processing_class=tokenizer,
+                            args=make_args(tmp_path, loss_type="mse", teacher_tokenizer_name_or_path=other))  # fmt: skip
+    with pytest.raises(SetupError, match="seq_kd"):
+        DistillationTrainer(model=student, teacher_model=tiny_dir["teacher"], processing_class=tokenizer,
+                            args=make_args(tmp_path, seq_kd=True, teacher_tokenizer_name_or_path=other))  # fmt: skip
