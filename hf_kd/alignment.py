@@ -233,7 +233,7 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
             span_student.extend((r, ids[k], group) for r, k in zip(student_rows, student_tokens))
             span_teacher.extend((r, teacher_ids[j], group) for r, j in zip(teacher_rows, teacher_tokens_))
     teacher_width = max(max((len(s) for s in sequences), default=1), 2)
-    flat = lambda pos: pos[0] * (teacher_width - 1) + pos[1]  # noqa: E731 -- (row, position) -> aligned flat row
+    flat = lambda pos: pos[0] * (teacher_width - 1) + pos[1]  # (row, position) -> aligned flat row
     pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else 0
     teacher_input_ids = torch.full((batch, teacher_width), pad, dtype=torch.long)
     teacher_mask = torch.zeros((batch, teacher_width), dtype=torch.long)
@@ -241,7 +241,7 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
         teacher_input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         teacher_mask[row, : len(sequence)] = 1
     device = input_ids.device
-    as_tensor = lambda rows, n: torch.tensor(rows, dtype=torch.long).reshape(-1, n).T.contiguous().to(device)  # noqa: E731
+    as_tensor = lambda rows, n: torch.tensor(rows, dtype=torch.long).reshape(-1, n).T.contiguous().to(device)
     return Alignment(
         teacher_inputs={"input_ids": teacher_input_ids.to(device), "attention_mask": teacher_mask.to(device)},
         pairs=as_tensor([(s, flat(t)) for s, t in pairs], 2),

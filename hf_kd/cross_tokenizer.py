@@ -86,7 +86,7 @@ def _chunked_sum(fn, student: _Rows, student_index: torch.Tensor, *extra: torch.
     total = student.rows.new_zeros((), dtype=torch.float32)
     for start in range(0, student_index.numel(), chunk):
         part = slice(start, start + chunk)
-        run = lambda rows, *args: fn(student.logits(rows), *args)  # noqa: E731
+        run = lambda rows, *args: fn(student.logits(rows), *args)
         if torch.is_grad_enabled() and student.rows.requires_grad:
             value = checkpoint(run, student_index[part], *(e[part] for e in extra), use_reentrant=False)
         else:

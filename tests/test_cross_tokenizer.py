@@ -1,14 +1,15 @@
 """Cross-tokenizer distillation: alignment, the loss terms against references written here, and the trainer path."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import SPECIALS, WORDS, load_model
 from datasets import Dataset
+from test_trainer import make_args
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
-from test_trainer import make_args
 
 from hf_kd import DistillationCollator, DistillationTrainer
 from hf_kd.alignment import align_batch, group_tokens, shared_vocabulary, token_strings
@@ -242,8 +243,7 @@ def test_cross_tokenizer_pair_trains_and_held_out_kl_falls(tmp_path, byte_pair):
 
 
 def test_refusals(tmp_path, tiny_dir, tokenizer, byte_pair):
-    root, _, teacher_tok = byte_pair
-    other = str(root / "teacher_tok")
+    other = str(byte_pair[0] / "teacher_tok")
     student = load_model(tiny_dir["student"])
     with pytest.raises(SetupError, match="loss_type"):
         DistillationTrainer(model=student, teacher_model=tiny_dir["teacher"], processing_class=tokenizer,
@@ -251,3 +251,109 @@ def test_refusals(tmp_path, tiny_dir, tokenizer, byte_pair):
     with pytest.raises(SetupError, match="seq_kd"):
         DistillationTrainer(model=student, teacher_model=tiny_dir["teacher"], processing_class=tokenizer,
                             args=make_args(tmp_path, seq_kd=True, teacher_tokenizer_name_or_path=other))  # fmt: skip
+
+
+def test_on_policy_samples_are_re_tokenized_for_the_teacher(tmp_path, byte_pair):
+    """lmbda 1: the student's own samples (often spelled in tokens its tokenizer would not choose) are decoded and
+    re-tokenized; the teacher's input is the teacher tokenizer's ids of exactly that text."""
+    root, student_tok, teacher_tok = byte_pair
+    teacher_dir = save_llama(root / "teacher_onpolicy", len(teacher_tok), seed=3, hidden=48)
+    student = AutoModelForCausalLM.from_pretrained(save_llama(root / "student_onpolicy", len(student_tok), 4, 32))
+    prompts = ["ab cd", "abc", "d ab cd ab"]
+    train = Dataset.from_list([{"input_ids": student_tok(p)["input_ids"], "labels": [-100] * len(student_tok(p)["input_ids"])}
+                               for p in prompts] * 4)  # fmt: skip
+    args = make_args(tmp_path, lmbda=1.0, max_new_tokens=6, per_device_train_batch_size=3, max_steps=2,
+                     teacher_tokenizer_name_or_path=str(root / "teacher_tok"), loss_chunk_size=4)  # fmt: skip
+    trainer = DistillationTrainer(model=student, teacher_model=teacher_dir, args=args, train_dataset=train,
+                                  processing_class=student_tok)  # fmt: skip
+    batch = trainer.data_collator([train[i] for i in range(3)])
+    generated = trainer.prepare_batch(batch, 0)
+    labels = trainer.target_labels(generated)
+    alignment = trainer.teacher.run(generated, trainer._forward, labels).alignment
+    for row in range(3):
+        ids = generated["input_ids"][row][generated["attention_mask"][row] == 1].tolist()
+        text = student_tok.decode(ids, skip_special_tokens=False)
+        expected = teacher_tok(text, add_special_tokens=False)["input_ids"]
+        teacher_row = alignment.teacher_inputs["input_ids"][row][alignment.teacher_inputs["attention_mask"][row] == 1]
+        assert teacher_row.tolist() == expected, text
+    assert alignment.targets == int((labels != -100).sum()) > 0
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "aligned_fraction" in entry]
+    assert len(logged) == 2 and all(entry["generated_fraction"] == 1.0 for entry in logged)
+    assert all(math.isfinite(entry["loss"]) and 0 < entry["aligned_fraction"] <= 1 for entry in logged)
+
+
+# ---- the shipped recipe's code path on tiny models of its architectures ----------------------------------------------
+
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+
+
+def full_byte_level(path, merges, specials: list[str], bos: str | None = None, **roles) -> str:
+    """A byte-level BPE with all 256 byte symbols (any text encodes), ``merges`` and ``specials``; a ``bos`` is put
+    before every text, as Llama 3's tokenizer does."""
+    from tokenizers import AddedToken, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    pieces = [*specials, *sorted(alphabet), *(a + b for a, b in merges)]
+    core = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges))
+    core.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    if bos is not None:
+        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, pieces.index(bos))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, **roles)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_cross_tokenizer_recipe_runs_on_tiny_llama_teacher_and_qwen2_student(tmp_path, capsys):
+    """recipes/llama-3.1-8b-to-qwen2.5-0.5b-cross-tokenizer.yaml with its models swapped for tiny ones of the same
+    architectures and tokenizers built like theirs (Qwen: no BOS, <|im_end|> is EOS; Llama 3: BOS on every text,
+    <|eot_id|> is EOS), chat data rendered with the student's template: `hf-kd check` and `hf-kd train` run it."""
+    import json
+
+    import yaml
+    from transformers import Qwen2Config
+
+    from hf_kd.cli import COMPLETE_MARKER, main
+
+    qwen_tok = full_byte_level(tmp_path / "qwen", [("Ġ", "a"), ("b", "c")], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>")  # fmt: skip
+    student_tok = AutoTokenizer.from_pretrained(qwen_tok)
+    student_tok.chat_template = QWEN_TEMPLATE
+    student_tok.save_pretrained(qwen_tok)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(student_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=student_tok.eos_token_id, pad_token_id=student_tok.pad_token_id)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(qwen_tok)
+    llama_dir = full_byte_level(tmp_path / "llama", [("a", "b"), ("ab", "c"), ("Ġ", "d")],
+                                ["<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"], bos="<|begin_of_text|>",
+                                eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")  # fmt: skip
+    save_llama(tmp_path / "llama_model", len(AutoTokenizer.from_pretrained(llama_dir)), seed=1, hidden=48)
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        (tmp_path / "llama_model" / name).rename(tmp_path / "llama" / name)
+    rows = [{"messages": [{"role": "user", "content": "ab cd"}, {"role": "assistant", "content": f"abc d ab {i}"}]}
+            for i in range(12)]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / "llama-3.1-8b-to-qwen2.5-0.5b-cross-tokenizer.yaml"
+    with open(shipped) as f:
+        recipe = yaml.safe_load(f)
+    recipe["teacher"].update(name_or_path=llama_dir, tokenizer=llama_dir, dtype="float32", init_kwargs={})
+    recipe["student"].update(name_or_path=qwen_tok, init_kwargs={})
+    recipe["data"] = {**recipe["data"], "dataset": str(data), "eval_split": None, "eval_size": 4, "max_eval_samples": None,
+                      "max_length": 64, "num_proc": None}  # fmt: skip
+    recipe["training"].update(output_dir=str(tmp_path / "out"), max_steps=2, bf16=False, use_cpu=True, eval_steps=2,
+                              save_strategy="no", per_device_train_batch_size=4, gradient_accumulation_steps=2)  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main(["check", str(path)]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tokenizers: different vocabularies -> cross-tokenizer distillation" in out and "align one to one" in out
+    assert main(["train", str(path)]) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / COMPLETE_MARKER).read_text())["metrics"]
+    assert 0 < metrics["train"]["train_aligned_fraction"] < 1 and 0 < metrics["eval"]["eval_shared_mass"] <= 1
