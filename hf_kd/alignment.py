@@ -106,6 +106,7 @@ class SharedVocabulary:
     student_ids: torch.Tensor  # [K] int64
     teacher_ids: torch.Tensor  # [K] int64
     special_map: dict[int, int | None]  # student special id -> teacher id
+    student_strings: dict[int, object]  # what each student token spells (token_strings), for sampled sequences
     student_size: int  # tokens in the student's tokenizer
     teacher_size: int
 
@@ -132,7 +133,8 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
         if isinstance(string, tuple):
             special_map[token_id] = by_string.get(string)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
-    return SharedVocabulary(ids[:, 0].contiguous(), ids[:, 1].contiguous(), special_map, len(student), len(teacher))
+    return SharedVocabulary(ids[:, 0].contiguous(), ids[:, 1].contiguous(), special_map, student, len(student),
+                            len(teacher))  # fmt: skip
 
 
 def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
@@ -150,20 +152,37 @@ def _ends_from_offsets(offsets: list[tuple[int, int]]) -> list[int | None]:
     return [None if i + 1 < len(ends) and ends[i + 1] == end else end for i, end in enumerate(ends)]
 
 
-def student_text(tokenizer, ids: list[int]) -> tuple[str, list[int | None]]:
+def student_text(tokenizer, ids: list[int], strings: dict[int, object] | None = None) -> tuple[str, list[int | None]]:
     """The text a run of (non-special) student tokens spells, and where each token ends in it.
 
     Canonical tokenizations (what the tokenizer itself makes from the text) take the tokenizer's offsets; any other id
-    sequence (a sampled completion) decodes prefix by prefix, a token ending where its prefix's text ends."""
+    sequence (a sampled completion) counts each token's bytes when ``strings`` (:func:`token_strings`) holds them
+    (byte-level BPE), else decodes prefix by prefix, a token ending where its prefix's text ends."""
     text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if list(encoded["input_ids"]) == list(ids):
         return text, _ends_from_offsets(encoded["offset_mapping"])
+    pieces = [strings.get(token) for token in ids] if strings is not None else None
+    if pieces is not None and all(isinstance(piece, bytes) for piece in pieces) and b"".join(pieces) == text.encode():
+        return text, _ends_from_bytes(text, pieces)
     ends = []
     for count in range(1, len(ids) + 1):
         prefix = tokenizer.decode(ids[:count], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         ends.append(len(prefix) if text.startswith(prefix) else None)  # a partial character decodes to U+FFFD
     return text, ends
+
+
+def _ends_from_bytes(text: str, pieces: list[bytes]) -> list[int | None]:
+    """Where each token ends in ``text`` (characters), from the bytes each spells; ``None`` inside a character."""
+    char_at_byte, position = {0: 0}, 0  # byte offset where a character ends -> characters so far
+    for index, char in enumerate(text):
+        position += len(char.encode())
+        char_at_byte[position] = index + 1
+    ends, position = [], 0
+    for piece in pieces:
+        position += len(piece)
+        ends.append(char_at_byte.get(position))
+    return ends
 
 
 def teacher_tokens(tokenizer, text: str) -> tuple[list[int], list[int | None]]:
@@ -278,7 +297,7 @@ def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared:
         stop = start
         while stop < len(ids) and ids[stop] not in shared.special_map:
             stop += 1
-        text, student_ends = student_text(student_tokenizer, ids[start:stop])
+        text, student_ends = student_text(student_tokenizer, ids[start:stop], shared.student_strings)
         segment, teacher_ends = teacher_tokens(teacher_tokenizer, text)
         for s, t in group_tokens(student_ends, teacher_ends):
             groups.append(([start + k for k in s], [len(teacher_ids) + j for j in t]))

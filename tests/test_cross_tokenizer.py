@@ -357,3 +357,21 @@ def test_cross_tokenizer_recipe_runs_on_tiny_llama_teacher_and_qwen2_student(tmp
     assert main(["train", str(path)]) == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "out" / COMPLETE_MARKER).read_text())["metrics"]
     assert 0 < metrics["train"]["train_aligned_fraction"] < 1 and 0 < metrics["eval"]["eval_shared_mass"] <= 1
+
+
+def test_sampled_sequences_count_bytes_like_prefix_decoding(tmp_path):
+    """A sampled id sequence: the byte-counting path gives the token ends that prefix-by-prefix decoding gives,
+    including tokens that hold part of a multi-byte character (no end of their own)."""
+    from hf_kd.alignment import student_text
+
+    tok = AutoTokenizer.from_pretrained(full_byte_level(tmp_path / "bytes", [("Ġ", "a"), ("b", "c")], ["<eos>"],
+                                                        eos_token="<eos>"))  # fmt: skip
+    strings = token_strings(tok)
+    g = torch.Generator().manual_seed(0)
+    text_ids = tok("aé bc€ a", add_special_tokens=False)["input_ids"]  # é and € take 2 and 3 byte tokens
+    for _ in range(20):
+        ids = text_ids[: int(torch.randint(1, len(text_ids) + 1, (1,), generator=g))]
+        ids = ids + [tok.convert_tokens_to_ids(c) for c in ("a", "b", "c")]  # "bc" spelled apart: not canonical
+        by_bytes, by_prefix = student_text(tok, ids, strings), student_text(tok, ids, None)
+        assert by_bytes == by_prefix
+    assert None in student_text(tok, text_ids, strings)[1]  # a partial character has no end of its own
