@@ -5,11 +5,15 @@ target is all prompt), the prompts are left-padded and completed by ``model.gene
 graph), and the batch the loss sees is rebuilt right-padded: the prompt, then the completion up to and including the
 EOS that ended it (nothing after it), with labels -100 on the prompt and the padding. The loss then scores the
 completion tokens as targets, exactly as it would a dataset's completions.
+
+:class:`GeneratingTrainerMixin` holds the trainer's side: ``prepare_batch`` (which micro-batches are generated, and by
+whom), ``generate_completions`` (the override point for another engine) and the RNG of a resumed run that samples.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from .losses import IGNORE_INDEX
+from .models import unwrap
 
 
 def prompts_of(inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
@@ -130,3 +135,70 @@ def completion_stats(batch: Mapping[str, torch.Tensor], eos: Sequence[int]) -> t
     last_token = labels.gather(-1, last.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     ended = (lengths > 0) & torch.isin(last_token, torch.tensor(list(eos), device=labels.device, dtype=torch.long))
     return lengths, ended
+
+
+class GeneratingTrainerMixin:
+    """The trainer's generation steps (mixed into :class:`hf_kd.DistillationTrainer` before ``Trainer``): which
+    micro-batches are generated, by whom, and the RNG of a resumed run that samples."""
+
+    def prepare_batch(self, inputs: Mapping[str, Any], index: int) -> Mapping[str, Any]:
+        """Micro-batch ``index`` of this optimizer step as the loss will see it: the dataset's completions, the
+        student's own (with probability ``lmbda``), or the teacher's (``seq_kd``). Runs before the step's targets are
+        counted, so the normalization follows the batch that is trained on."""
+        if not self.args.generates:
+            return inputs
+        if self._rng_checkpoint is not None:  # the first step after a mid-epoch resume: see _load_rng_state
+            super()._load_rng_state(self._rng_checkpoint)
+            self._rng_checkpoint, self._rng_loaded_early = None, True
+        student_turn = on_policy(self.args.seed, self.state.global_step, index, self.args.lmbda)
+        if not (student_turn or self.args.seq_kd):
+            self.accounting.record_generation(None)
+            return inputs
+        started = time.perf_counter()
+        inputs = self._prepare_inputs(inputs)
+        with self.autocast_smart_context_manager():  # bf16 / fp16 training: generate in the same precision
+            if student_turn:  # the student as it is now: PEFT adapters on
+                generated = self.generate_completions(self.accelerator.unwrap_model(self.model), inputs)
+            else:
+                with self.teacher.generating() as teacher:
+                    generated = self.generate_completions(teacher, inputs)
+        self.accounting.record_generation(completion_stats(generated, self._completion_eos), time.perf_counter() - started)
+        return generated
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        self._rng_checkpoint = None
+        if self.args.generates and resume_from_checkpoint:  # sampled completions must see the checkpoint's RNG
+            last = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else None
+            self._rng_checkpoint = last if resume_from_checkpoint is True else resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        """A mid-epoch resume restores the checkpoint's RNG only after fetching the first step's batches, which is
+        where completions are generated: :meth:`prepare_batch` restores it first, and the Trainer's later call is
+        skipped (it would rewind what generation drew). At an epoch boundary the Trainer restores it before fetching."""
+        if self._rng_loaded_early:
+            self._rng_loaded_early = False
+            return
+        self._rng_checkpoint = None  # restored here, before any batch of the resumed run is fetched
+        super()._load_rng_state(checkpoint)
+
+    def generate_completions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Cut each example at its prompt, complete it with ``model.generate``, and return the batch the loss sees:
+        right-padded ``input_ids`` / ``attention_mask``, and ``labels`` that are -100 on the prompt and the padding,
+        the generated tokens up to and including the EOS that ended each completion as targets.
+
+        The override point for another generation engine (vLLM, an inference server): return the same three tensors.
+        """
+        prompts = prompts_of(inputs)
+        config = generation_config(model, self.args.generation_settings(), self._pad_token_id())
+        device = inputs["input_ids"].device
+        # padded vocabularies: only the rows both models share (a teacher's padding row is no token of the student)
+        completions = complete(model, prompts, config, device, vocab_limit=self.vocab_size)
+        return completion_batch(prompts, completions, config.pad_token_id, device)
+
+    def _pad_token_id(self) -> int | None:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return pad if pad is not None else getattr(unwrap(self.model).config, "pad_token_id", None)

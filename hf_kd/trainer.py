@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,6 @@ from transformers import (
 )
 from transformers.modeling_outputs import ModelOutput
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import get_last_checkpoint
 
 from .accounting import Accounting
 from .adapters import is_peft_model, merged_copy, wrap_student
@@ -34,7 +32,7 @@ from .config import DistillationConfig, SetupError
 from .data import DistillationCollator
 from .distributed import check_world
 from .faults import FaultGuard
-from .generation import complete, completion_batch, completion_stats, eos_ids, generation_config, on_policy, prompts_of
+from .generation import GeneratingTrainerMixin, eos_ids, generation_config
 from .losses import IGNORE_INDEX
 from .models import TASKS, capture_final_hidden, detect_task, lm_head_spec, unwrap
 from .preflight import check_generation, check_targets, fused_loss_applies
@@ -53,7 +51,7 @@ from .teachers import make_teacher
 logger = logging.getLogger(__name__)
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(GeneratingTrainerMixin, Trainer):
     """Train ``model`` (the student) to match ``teacher_model`` with :func:`hf_kd.distillation_loss`.
 
     Extension points (override one, call ``super()``; ``compute_loss`` itself never needs copying):
@@ -63,7 +61,8 @@ class DistillationTrainer(Trainer):
     * :meth:`student_forward` -- how the student is run.
     * :meth:`distillation_terms` -- the loss terms from both outputs; add a key (``"hidden_loss"``) and fold it into
       ``"loss"``: every ``*_loss`` key is logged for train and eval next to ``loss``.
-    * :meth:`prepare_batch` -- rewrite a micro-batch before it is counted and trained on.
+    * :meth:`prepare_batch` -- rewrite a micro-batch before it is counted and trained on (on-policy and seq_kd
+      generation live there, :class:`hf_kd.generation.GeneratingTrainerMixin`).
 
     Normalization is exact: every term is a sum over valid target positions divided by the number of valid positions
     in the whole optimizer step (all gradient-accumulation micro-batches, all processes), so per-device batch 4 x GA 1
@@ -365,66 +364,6 @@ class DistillationTrainer(Trainer):
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
     # ---- exact token counts and logs ------------------------------------------------------------------------------
-
-    def prepare_batch(self, inputs: Mapping[str, Any], index: int) -> Mapping[str, Any]:
-        """Micro-batch ``index`` of this optimizer step as the loss will see it: the dataset's completions, the
-        student's own (with probability ``lmbda``), or the teacher's (``seq_kd``). Runs before the step's targets are
-        counted, so the normalization follows the batch that is trained on."""
-        if not self.args.generates:
-            return inputs
-        if self._rng_checkpoint is not None:  # the first step after a mid-epoch resume: see _load_rng_state
-            super()._load_rng_state(self._rng_checkpoint)
-            self._rng_checkpoint, self._rng_loaded_early = None, True
-        student_turn = on_policy(self.args.seed, self.state.global_step, index, self.args.lmbda)
-        if not (student_turn or self.args.seq_kd):
-            self.accounting.record_generation(None)
-            return inputs
-        started = time.perf_counter()
-        inputs = self._prepare_inputs(inputs)
-        with self.autocast_smart_context_manager():  # bf16 / fp16 training: generate in the same precision
-            if student_turn:  # the student as it is now: PEFT adapters on
-                generated = self.generate_completions(self.accelerator.unwrap_model(self.model), inputs)
-            else:
-                with self.teacher.generating() as teacher:
-                    generated = self.generate_completions(teacher, inputs)
-        self.accounting.record_generation(completion_stats(generated, self._completion_eos), time.perf_counter() - started)
-        return generated
-
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        self._rng_checkpoint = None
-        if self.args.generates and resume_from_checkpoint:  # sampled completions must see the checkpoint's RNG
-            last = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else None
-            self._rng_checkpoint = last if resume_from_checkpoint is True else resume_from_checkpoint
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _load_rng_state(self, checkpoint) -> None:
-        """A mid-epoch resume restores the checkpoint's RNG only after fetching the first step's batches, which is
-        where completions are generated: :meth:`prepare_batch` restores it first, and the Trainer's later call is
-        skipped (it would rewind what generation drew). At an epoch boundary the Trainer restores it before fetching."""
-        if self._rng_loaded_early:
-            self._rng_loaded_early = False
-            return
-        self._rng_checkpoint = None  # restored here, before any batch of the resumed run is fetched
-        super()._load_rng_state(checkpoint)
-
-    def generate_completions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Cut each example at its prompt, complete it with ``model.generate``, and return the batch the loss sees:
-        right-padded ``input_ids`` / ``attention_mask``, and ``labels`` that are -100 on the prompt and the padding,
-        the generated tokens up to and including the EOS that ended each completion as targets.
-
-        The override point for another generation engine (vLLM, an inference server): return the same three tensors.
-        """
-        prompts = prompts_of(inputs)
-        config = generation_config(model, self.args.generation_settings(), self._pad_token_id())
-        device = inputs["input_ids"].device
-        # padded vocabularies: only the rows both models share (a teacher's padding row is no token of the student)
-        completions = complete(model, prompts, config, device, vocab_limit=self.vocab_size)
-        return completion_batch(prompts, completions, config.pad_token_id, device)
-
-    def _pad_token_id(self) -> int | None:
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        return pad if pad is not None else getattr(unwrap(self.model).config, "pad_token_id", None)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch one optimizer step's micro-batches, prepare them, and count their target positions on all processes."""
