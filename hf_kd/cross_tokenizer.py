@@ -80,21 +80,6 @@ class _Rows:
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _chunked_sum(fn, student: _Rows, student_index: torch.Tensor, *extra: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``sum over chunks of fn(student_logits_chunk, *extra_chunks)`` with the student's logits recomputed in the
-    backward (``checkpoint``) instead of kept: ``[chunk, V]`` at a time."""
-    total = student.rows.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_index.numel(), chunk):
-        part = slice(start, start + chunk)
-        run = lambda rows, *args: fn(student.logits(rows), *args)
-        if torch.is_grad_enabled() and student.rows.requires_grad:
-            value = checkpoint(run, student_index[part], *(e[part] for e in extra), use_reentrant=False)
-        else:
-            value = run(student_index[part], *(e[part] for e in extra))
-        total = total + value
-    return total
-
-
 def cross_tokenizer_terms(
     student,
     teacher,
@@ -121,77 +106,108 @@ def cross_tokenizer_terms(
     """
     student_rows, teacher_rows = _Rows(student), _Rows(teacher)
     device = student_rows.rows.device
-    denominator = normalizer(alignment.targets, num_items_in_batch, device=device, dtype=torch.float32)
+    flat_labels, keep = target_rows(labels, objective.ignore_index)
+    rows = keep.nonzero().flatten()  # every student row that counts; pairs and span rows are among them
+    dtype = torch.promote_types(student_rows.rows.dtype, torch.float32)  # float64 in, float64 out
+    plan = _RowPlan(alignment, keep.numel(), device, dtype)
+    denominator = normalizer(alignment.targets, num_items_in_batch, device=device, dtype=dtype)
+    span_value, plan.span_weight = _span_term(student_rows, teacher_rows, alignment, objective, chunk_size)
     s_ids, t_ids = shared.student_ids.to(device), shared.teacher_ids.to(device)
+    temperature = objective.temperature
+
+    def chunk_terms(index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``[divergence, ce, shared mass]`` sums of a chunk of target rows; the student's logits are recomputed in
+        the backward (checkpoint) and the teacher's too (a projection of a few rows), so no chunk outlives its turn."""
+        log_p_s = torch.log_softmax(student_rows.logits(index), dim=-1)
+        zero = log_p_s.new_zeros(())
+        ce = -log_p_s.gather(-1, targets.unsqueeze(-1)).sum()
+        exact = uld = mass = zero
+        paired = plan.teacher_row[index] >= 0
+        if paired.any():  # one to one: the divergence over the shared tokens, plus a rest bucket each
+            with torch.no_grad():
+                log_p_t = torch.log_softmax(teacher_rows.logits(plan.teacher_row[index][paired]), dim=-1)
+                t_buckets = student_bucket_log_probs(log_p_t, t_ids.expand(log_p_t.shape[0], -1))
+                mass = log_p_t[:, t_ids].exp().sum()
+            s_buckets = student_bucket_log_probs(log_p_s[paired], s_ids.expand(log_p_t.shape[0], -1))
+            exact = objective.divergence(s_buckets, t_buckets).sum()
+        in_span = plan.span_token[index] >= 0
+        if in_span.any():  # the span term's gradient: fixed weights on these tokens' log-probs (see _span_term)
+            token_lp = log_p_s[in_span].gather(-1, plan.span_token[index][in_span].unsqueeze(-1)).squeeze(-1)
+            weighted = (plan.span_weight[index][in_span] * token_lp).sum()
+            exact = exact + weighted - weighted.detach()  # adds the gradient, not the value (counted once, below)
+        starts = plan.start_row[index] >= 0
+        if weights.uld and starts.any():  # where a span group starts, both sides have read the same text
+            with torch.no_grad():
+                t_probs = torch.softmax(teacher_rows.logits(plan.start_row[index][starts]) / temperature, dim=-1)
+            s_logits = log_p_s[starts] if temperature == 1 else torch.log_softmax(
+                student_rows.logits(index[starts]) / temperature, dim=-1)  # fmt: skip
+            uld = uld_distance(s_logits.exp(), t_probs).sum()
+        return torch.stack([weights.exact * exact + weights.uld * uld, ce, mass.detach()])
+
+    sums = torch.zeros(3, device=device, dtype=plan.span_weight.dtype)
     chunk = max(chunk_size, 1)
-    stats = {}
-
-    def teacher_log_probs(index: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.log_softmax(teacher_rows.logits(index), dim=-1)
-
-    with torch.set_grad_enabled(torch.is_grad_enabled() and objective.alpha > 0):
-        # one-to-one positions: the divergence over shared tokens + a rest bucket each
-        s_index, t_index = alignment.pairs
-        t_buckets, mass = [], []
-        for start in range(0, t_index.numel(), chunk):
-            log_p_t = teacher_log_probs(t_index[start : start + chunk])
-            t_buckets.append(student_bucket_log_probs(log_p_t, t_ids.expand(log_p_t.shape[0], -1)))
-            mass.append(log_p_t[:, t_ids].exp().sum())
-        t_buckets = torch.cat(t_buckets) if t_buckets else None
-        stats["shared_mass"] = (sum(mass) if mass else torch.zeros((), device=device)) / denominator
-        stats["aligned_fraction"] = torch.tensor(float(s_index.numel()), device=device) / denominator
-
-        def exact(logits, t_bucket):
-            s_bucket = student_bucket_log_probs(torch.log_softmax(logits, -1), s_ids.expand(logits.shape[0], -1))
-            return objective.divergence(s_bucket, t_bucket).sum()
-
-        divergence = _chunked_sum(exact, student_rows, s_index, *([t_buckets] if t_buckets is not None else []), chunk=chunk)  # fmt: skip
-        # span groups: the chain-rule probability of each group's text, on two buckets
-        groups = alignment.span_starts.shape[1]
-        if groups:
-            s_rows, s_tokens, s_groups = alignment.span_student
-            t_rows, t_tokens, t_groups = alignment.span_teacher
-            s_token_lp = _token_log_probs(student_rows, s_rows, s_tokens, chunk)
-            with torch.no_grad():
-                t_token_lp = _token_log_probs(teacher_rows, t_rows, t_tokens, chunk)
-            s_span = span_log_probs(s_token_lp, s_groups, groups)
-            t_span = span_log_probs(t_token_lp, t_groups, groups)
-            divergence = divergence + objective.divergence(two_buckets(s_span), two_buckets(t_span)).sum()
-        divergence = weights.exact * divergence
-        if groups and weights.uld:  # where the span groups start, both sides have read the same text
-            temperature = objective.temperature
-
-            def uld(logits, t_probs):
-                return uld_distance(torch.softmax(logits / temperature, -1), t_probs).sum()
-
-            s_start, t_start = alignment.span_starts
-            with torch.no_grad():
-                t_probs = torch.softmax(teacher_rows.logits(t_start) / temperature, -1)
-            divergence = divergence + weights.uld * _chunked_sum(uld, student_rows, s_start, t_probs, chunk=chunk)
-        divergence = divergence / denominator
-
-    ce = None
-    if labels is not None and objective.needs_ce(True, True):
-        flat_labels, keep = target_rows(labels, objective.ignore_index)
-        rows = keep.nonzero().flatten()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and objective.alpha < 1):
-            ce = -_token_log_probs(student_rows, rows, flat_labels, chunk).sum() / denominator
+    track = torch.is_grad_enabled() and student_rows.rows.requires_grad
+    for start in range(0, rows.numel(), chunk):
+        part = slice(start, start + chunk)
+        if track:
+            sums = sums + checkpoint(chunk_terms, rows[part], flat_labels[part], use_reentrant=False)
+        else:
+            sums = sums + chunk_terms(rows[part], flat_labels[part])
+    divergence = (sums[0] + weights.exact * span_value) / denominator
+    ce = sums[1] / denominator
+    if objective.alpha == 0:
+        divergence = divergence.detach()  # logged only
+    if objective.alpha == 1:
+        ce = ce.detach()  # logged only
+    stats = {"aligned_fraction": torch.tensor(float(alignment.pairs.shape[1]), device=device, dtype=dtype) / denominator,
+             "shared_mass": sums[2].detach() / denominator}  # fmt: skip
     total = objective.combine(divergence, ce)
-    return {"loss": total, "distill_loss": divergence.detach(), "ce_loss": None if ce is None else ce.detach(), **stats}
+    return {"loss": total, "distill_loss": divergence.detach(), "ce_loss": ce.detach(), **stats}
+
+
+class _RowPlan:
+    """What each flat student row is to the loss: its teacher row if it aligns one to one, the teacher row where its
+    span group starts if it starts one, its token if it is in a span group (-1: none), and that token's weight in the
+    span term's gradient."""
+
+    def __init__(self, alignment: Alignment, rows: int, device, dtype):
+        self.teacher_row = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.teacher_row[alignment.pairs[0]] = alignment.pairs[1]
+        self.start_row = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.start_row[alignment.span_starts[0]] = alignment.span_starts[1]
+        self.span_token = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.span_token[alignment.span_student[0]] = alignment.span_student[1]
+        self.span_weight = torch.zeros(rows, device=device, dtype=dtype)
+
+
+def _span_term(student: _Rows, teacher: _Rows, alignment: Alignment, objective: Objective, chunk: int):
+    """The span groups' term and, per student row, the weight of its token's log-probability in its gradient.
+
+    The term is a function of each group's summed token log-probabilities, a sum across chunks: it is evaluated here
+    without a graph, and its derivative with respect to every token log-probability becomes a fixed weight, so that
+    the chunk pass adds the exact gradient while holding one chunk at a time."""
+    rows = student.rows.shape[0]
+    weight = torch.zeros(rows, device=student.rows.device, dtype=torch.promote_types(student.rows.dtype, torch.float32))
+    groups = alignment.span_starts.shape[1]
+    if not groups:
+        return student.rows.new_zeros((), dtype=torch.float32), weight
+    s_rows, s_tokens, s_groups = alignment.span_student
+    t_rows, t_tokens, t_groups = alignment.span_teacher
+    with torch.no_grad():
+        s_token_lp = _token_log_probs(student, s_rows, s_tokens, chunk)
+        t_token_lp = _token_log_probs(teacher, t_rows, t_tokens, chunk)
+    with torch.enable_grad():
+        leaf = s_token_lp.detach().requires_grad_(True)
+        s_span = span_log_probs(leaf, s_groups, groups)
+        t_span = span_log_probs(t_token_lp, t_groups, groups)
+        value = objective.divergence(two_buckets(s_span), two_buckets(t_span)).sum()
+        (grad,) = torch.autograd.grad(value, leaf)
+    weight[s_rows] = grad.to(weight.dtype)
+    return value.detach(), weight
 
 
 def _token_log_probs(side: _Rows, rows: torch.Tensor, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``[M]`` log p(token) at each row (T = 1), ``chunk`` rows at a time (the student's recomputed in the backward)."""
-
-    def gather(index, ids):
-        return torch.log_softmax(side.logits(index), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
-    parts = []
-    for start in range(0, rows.numel(), chunk):
-        part = slice(start, start + chunk)
-        if torch.is_grad_enabled() and side.rows.requires_grad:
-            parts.append(checkpoint(gather, rows[part], tokens[part], use_reentrant=False))
-        else:
-            parts.append(gather(rows[part], tokens[part]))
-    return torch.cat(parts) if parts else side.rows.new_zeros(0, dtype=torch.float32)
+    """``[M]`` log p(token) at each row (T = 1), ``chunk`` rows at a time, without a graph."""
+    parts = [torch.log_softmax(side.logits(rows[i : i + chunk]), -1).gather(-1, tokens[i : i + chunk].unsqueeze(-1))
+             for i in range(0, rows.numel(), chunk)]  # fmt: skip
+    return torch.cat(parts).squeeze(-1) if parts else side.rows.new_zeros(0, dtype=torch.float32)

@@ -375,3 +375,67 @@ def test_sampled_sequences_count_bytes_like_prefix_decoding(tmp_path):
         by_bytes, by_prefix = student_text(tok, ids, strings), student_text(tok, ids, None)
         assert by_bytes == by_prefix
     assert None in student_text(tok, text_ids, strings)[1]  # a partial character has no end of its own
+
+
+def test_every_term_against_a_float64_reference(byte_pair):
+    """One-to-one, span and ULD terms and the CE, value and gradient, against the definitions written out here (the
+    loss runs 2 rows at a time, so the span term's weights cross chunks)."""
+    from hf_kd.cross_tokenizer import CrossTokenizerWeights, cross_tokenizer_terms
+    from hf_kd.losses import Objective
+    from hf_kd.targets import TeacherLogits
+
+    _, student, teacher = byte_pair
+    shared = shared_vocabulary(student, teacher)
+    ids = student("ab cdab abcd", add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    labels = torch.tensor([[-100, -100, *ids[3:]]])
+    alignment = align_batch(torch.tensor([ids]), None, labels, student, teacher, shared)
+    torch.manual_seed(2)
+    s_logits = torch.randn(1, len(ids) - 1, len(student), dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher), dtype=torch.float64)
+    T, alpha, w_exact, w_uld = 2.0, 0.7, 0.8, 0.5
+    objective = Objective("forward_kl", temperature=T, alpha=alpha)
+    terms = cross_tokenizer_terms(s_logits, TeacherLogits(t_logits), alignment, shared, labels, objective,
+                                  weights=CrossTokenizerWeights(w_exact, w_uld), chunk_size=2)  # fmt: skip
+    (grad,) = torch.autograd.grad(terms["loss"], s_logits)
+
+    s, t = s_logits[0], t_logits[0]
+    lp_s, lp_t = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+
+    def kl_on_buckets(b_s, b_t):  # T^2 * KL(softmax(b_t / T) || softmax(b_s / T))
+        p_t, log_q = torch.softmax(b_t / T, -1), torch.log_softmax(b_s / T, -1)
+        return T * T * (p_t * (torch.log(p_t) - log_q)).sum()
+
+    def buckets(log_p, ids_):
+        rest = torch.ones_like(log_p, dtype=torch.bool)
+        rest[ids_] = False
+        return torch.cat([log_p[ids_], torch.logsumexp(log_p[rest], 0).reshape(1)])
+
+    exact = sum(kl_on_buckets(buckets(lp_s[r], shared.student_ids), buckets(lp_t[q], shared.teacher_ids))
+                for r, q in alignment.pairs.T.tolist())  # fmt: skip
+    span = 0.0
+    s_rows, s_tok, s_grp = alignment.span_student
+    t_rows, t_tok, t_grp = alignment.span_teacher
+    for g in range(alignment.span_starts.shape[1]):
+        log_ps = sum(lp_s[r, k] for r, k, gg in zip(s_rows.tolist(), s_tok.tolist(), s_grp.tolist()) if gg == g)
+        log_pt = sum(lp_t[r, k] for r, k, gg in zip(t_rows.tolist(), t_tok.tolist(), t_grp.tolist()) if gg == g)
+        two = lambda lp: torch.stack([lp, torch.log1p(-torch.exp(lp))])  # noqa: E731
+        span = span + kl_on_buckets(two(log_ps), two(torch.as_tensor(log_pt)))
+    uld = 0.0
+    for r, q in alignment.span_starts.T.tolist():
+        a = torch.softmax(s[r] / T, -1).sort(descending=True).values
+        b = torch.softmax(t[q] / T, -1).sort(descending=True).values
+        a = torch.cat([a, a.new_zeros(max(0, len(b) - len(a)))])
+        b = torch.cat([b, b.new_zeros(max(0, len(a) - len(b)))])
+        uld = uld + (a - b).abs().sum()
+    count = alignment.targets
+    target_rows_ = (labels[0] != -100).nonzero().flatten()
+    ce = -lp_s[target_rows_, labels[0, target_rows_]].sum() / count
+    divergence = (w_exact * (exact + span) + w_uld * uld) / count
+    reference = alpha * divergence + (1 - alpha) * ce
+    (reference_grad,) = torch.autograd.grad(reference, s_logits)
+    assert alignment.pairs.shape[1] == 2 and alignment.span_starts.shape[1] == 2  # every kind of term is present
+    assert terms["loss"].dtype == torch.float64  # float64 in, float64 throughout
+    assert torch.allclose(terms["distill_loss"], divergence.detach(), rtol=1e-12)
+    assert torch.allclose(terms["ce_loss"], ce.detach(), rtol=1e-12)
+    assert torch.allclose(terms["loss"], reference.detach(), rtol=1e-12)
+    assert torch.allclose(grad, reference_grad, rtol=1e-10, atol=1e-14)
