@@ -24,6 +24,7 @@ inside a multi-byte character) have no boundary of their own and join the next t
 
 from __future__ import annotations
 
+import codecs
 import json
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -60,7 +61,8 @@ def _decoder_kinds(tokenizer) -> set[str]:
     decoder = json.loads(backend.to_str()).get("decoder") or {}
     parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     kinds = {part.get("type") for part in parts}
-    if any(part.get("type") == "Replace" and "▁" in json.dumps(part.get("pattern", "")) for part in parts):
+    if any(part.get("type") == "Replace" and "▁" in json.dumps(part.get("pattern", ""), ensure_ascii=False)
+           for part in parts):  # fmt: skip
         kinds.add("Metaspace")  # Llama-2 style: a Replace("▁", " ") step
     return kinds
 
@@ -120,10 +122,10 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
     """The shared tokens of two tokenizers (one teacher id per student id and back: the first of duplicates wins)."""
     student, teacher = token_strings(student_tokenizer), token_strings(teacher_tokenizer)
     by_string: dict[object, int] = {}
-    for token_id in sorted(teacher):
+    for token_id in _preferred_order(teacher_tokenizer):
         by_string.setdefault(teacher[token_id], token_id)
     pairs, taken = [], set()
-    for token_id in sorted(student):
+    for token_id in _preferred_order(student_tokenizer):
         partner = by_string.get(student[token_id])
         if partner is not None and partner not in taken:
             pairs.append((token_id, partner))
@@ -137,9 +139,21 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
                             len(teacher))  # fmt: skip
 
 
-def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
-    """Whether every id means the same token to both tokenizers (then the teacher can read the student's ids)."""
-    return student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+def _preferred_order(tokenizer) -> list[int]:
+    """Token ids, byte-fallback pieces (``<0x61>``) after the text pieces that spell the same ("a"): the model writes
+    text with the latter, so they are the ones paired."""
+    fallback = lambda piece: len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")  # noqa: E731
+    return [token_id for piece, token_id in sorted(tokenizer.get_vocab().items(), key=lambda p: (fallback(p[0]), p[1]))]
+
+
+def same_ids(student_tokenizer, teacher_tokenizer) -> bool:
+    """Whether the teacher can read the student's ids: every text token of the student has the same id in the teacher
+    (a teacher with more tokens, or other names for reserved special tokens, still can: Llama 3 -> 3.1, Qwen2 ->
+    Qwen2.5; padded rows are then cut by :func:`hf_kd.teachers.shared_vocab_size`)."""
+    specials = set(student_tokenizer.all_special_ids)
+    teacher = teacher_tokenizer.get_vocab()
+    return all(teacher.get(token) == token_id for token, token_id in student_tokenizer.get_vocab().items()
+               if token_id not in specials)  # fmt: skip
 
 
 # ---- boundaries and groups -------------------------------------------------------------------------------------------
@@ -163,8 +177,10 @@ def student_text(tokenizer, ids: list[int], strings: dict[int, object] | None = 
     if list(encoded["input_ids"]) == list(ids):
         return text, _ends_from_offsets(encoded["offset_mapping"])
     pieces = [strings.get(token) for token in ids] if strings is not None else None
-    if pieces is not None and all(isinstance(piece, bytes) for piece in pieces) and b"".join(pieces) == text.encode():
-        return text, _ends_from_bytes(text, pieces)
+    if pieces is not None and all(isinstance(piece, bytes) for piece in pieces):
+        ends = _ends_from_bytes(text, pieces)
+        if ends is not None:
+            return text, ends
     ends = []
     for count in range(1, len(ids) + 1):
         prefix = tokenizer.decode(ids[:count], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -172,17 +188,30 @@ def student_text(tokenizer, ids: list[int], strings: dict[int, object] | None = 
     return text, ends
 
 
-def _ends_from_bytes(text: str, pieces: list[bytes]) -> list[int | None]:
-    """Where each token ends in ``text`` (characters), from the bytes each spells; ``None`` inside a character."""
-    char_at_byte, position = {0: 0}, 0  # byte offset where a character ends -> characters so far
-    for index, char in enumerate(text):
-        position += len(char.encode())
-        char_at_byte[position] = index + 1
-    ends, position = [], 0
+def _ends_from_bytes(text: str, pieces: list[bytes]) -> list[int | None] | None:
+    """Where each token ends in ``text`` (characters), from the bytes each spells, decoded incrementally as
+    ``decode`` does (an incomplete character becomes U+FFFD at the end); ``None`` inside a character. A decoder that
+    strips the text's leading space (SentencePiece) shifts every end by one. ``None`` if the bytes do not spell
+    ``text`` (then the caller decodes prefix by prefix)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ends, written = [], 0
     for piece in pieces:
-        position += len(piece)
-        ends.append(char_at_byte.get(position))
-    return ends
+        held = decoder.getstate()[0]  # bytes of a character not complete yet
+        out = decoder.decode(piece)
+        if held and out.startswith("\ufffd") and ends and (piece[:1] and piece[0] & 0xC0 != 0x80):
+            ends[-1] = written + 1  # the held bytes were no character: their U+FFFD ends with the last of them
+        written += len(out)
+        ends.append(None if decoder.getstate()[0] else written)
+    tail = decoder.decode(b"", final=True)
+    if tail:  # an incomplete character at the very end: U+FFFD, ending with the last token
+        written += len(tail)
+        ends[-1] = written
+    spelled = written
+    if spelled == len(text):
+        return ends
+    if spelled == len(text) + 1:  # the leading space SentencePiece's decoder strips
+        return [None if end is None else max(end - 1, 0) for end in ends]
+    return None
 
 
 def teacher_tokens(tokenizer, text: str) -> tuple[list[int], list[int | None]]:
@@ -230,13 +259,16 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
     """Align a student batch: ``input_ids`` / ``attention_mask`` ``[B, S]`` (any padding side) and ``labels``
     ``[B, S - 1]`` already aligned with the logits (``labels[b, i]`` is the target predicted at position ``i``)."""
     batch, width = input_ids.shape
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    device = input_ids.device
+    input_ids, labels = input_ids.cpu(), labels.cpu()  # read token by token below: one copy, not a sync per token
+    mask = attention_mask.cpu() if attention_mask is not None else torch.ones_like(input_ids)
     bos = _teacher_bos(teacher_tokenizer)
     sequences, pairs, span_student, span_teacher, starts = [], [], [], [], []
     for row in range(batch):
         positions = mask[row].nonzero().flatten().tolist()  # the real tokens' positions in the padded row
         ids = input_ids[row, positions].tolist()
-        is_target = [p > 0 and int(labels[row, p - 1]) != IGNORE_INDEX for p in positions]
+        row_labels = labels[row].tolist()
+        is_target = [p > 0 and row_labels[p - 1] != IGNORE_INDEX for p in positions]
         teacher_ids, groups = _align_example(ids, student_tokenizer, teacher_tokenizer, shared, bos)
         sequences.append(teacher_ids)
         for student_tokens, teacher_tokens_ in groups:
@@ -259,7 +291,6 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
     for row, sequence in enumerate(sequences):
         teacher_input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         teacher_mask[row, : len(sequence)] = 1
-    device = input_ids.device
     as_tensor = lambda rows, n: torch.tensor(rows, dtype=torch.long).reshape(-1, n).T.contiguous().to(device)
     return Alignment(
         teacher_inputs={"input_ids": teacher_input_ids.to(device), "attention_mask": teacher_mask.to(device)},

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .adapters import SELF_TEACHER
+from .alignment import same_ids
 from .data import (
     DataError,
     check_tokenizers_agree,
@@ -334,7 +335,7 @@ def check_recipe(recipe: Recipe) -> Report:
             datasets.enable_progress_bars()
 
     shared = None
-    cross = len(tokenizers) == 2 and tokenizers["student"].get_vocab() != tokenizers["teacher"].get_vocab()
+    cross = len(tokenizers) == 2 and not same_ids(tokenizers["student"], tokenizers["teacher"])
     if recipe.task == "classification" and "teacher" in found:
         shared = found["teacher"].rows  # the student's head is built with the teacher's label set (hf_kd.cli)
         labels = ", ".join(str(found["teacher"].config.id2label.get(i, i)) for i in range(shared))
@@ -495,10 +496,13 @@ def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Re
     vocabularies (cross-tokenizer distillation: how well they align, instead)."""
     s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
     data = recipe.data
-    if s_vocab != t_vocab:  # the teacher reads its own tokens of the same text: hf_kd.alignment
+    if not same_ids(student, teacher):  # the teacher reads its own tokens of the same text: hf_kd.alignment
         _report_alignment(recipe, student, teacher, sample[: data.tokenizer_check_samples], report)
         return None
-    report.add(f"tokenizers: identical vocabularies ({len(s_vocab)} tokens)")
+    if s_vocab == t_vocab:
+        report.add(f"tokenizers: identical vocabularies ({len(s_vocab)} tokens)")
+    else:
+        report.add(f"tokenizers: the student's {len(s_vocab)} tokens keep their ids among the teacher's {len(t_vocab)}")
     try:
         report.add(f"tokenizers: {check_tokenizers_agree(student, teacher, sample[: data.tokenizer_check_samples], data)}")
     except DataError as err:  # "tokenizers: the teacher and student tokenizers disagree ..."

@@ -222,7 +222,9 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     teacher_tokenizer = None  # self-distillation: one model, one tokenizer, nothing to compare
     if teacher_name != SELF_TEACHER:
         teacher_tokenizer = load_tokenizer(recipe, teacher_name, "teacher.tokenizer")
-    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+    from .alignment import same_ids
+
+    if teacher_tokenizer is not None and not same_ids(tokenizer, teacher_tokenizer):
         teacher_tokenizer = None  # another vocabulary: the trainer aligns the two tokenizations (hf_kd.alignment)
     with args.main_process_first(desc="dataset preparation"):  # rank 0 tokenizes and caches, the others reuse it
         train_dataset, eval_dataset = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed,

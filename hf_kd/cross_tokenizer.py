@@ -23,10 +23,10 @@ backward), so nothing of size ``[tokens, vocab]`` is ever held, fused path or no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .alignment import Alignment, SharedVocabulary
 from .losses import Objective, normalizer, target_rows
@@ -67,17 +67,38 @@ def two_buckets(log_prob: torch.Tensor) -> torch.Tensor:
 
 class _Rows:
     """A side's aligned rows as logits, a chunk at a time: full logits ``[N, V]`` or hidden states ``[N, H]`` with the
-    head that projects them (:class:`hf_kd.targets.StudentHidden` / ``TeacherHidden``)."""
+    head that projects them (:class:`hf_kd.targets.StudentHidden` / ``TeacherHidden``). ``tensors``: what a gradient
+    may reach (the rows, and the head's weight and bias)."""
 
     def __init__(self, signal):
         head = getattr(signal, "head", None)
         rows = signal.hidden if head is not None else getattr(signal, "logits", signal)
         self.rows, self.head = rows.reshape(-1, rows.shape[-1]), head
+        self.tensors = [self.rows] + ([] if head is None else [t for t in (head.weight, head.bias) if t is not None])
 
-    def logits(self, index: torch.Tensor) -> torch.Tensor:
-        rows = self.rows[index]
-        logits = self.head.logits(rows) if self.head is not None else rows
+    def logits(self, index: torch.Tensor, rows: torch.Tensor | None = None, head_tensors=()) -> torch.Tensor:
+        """Float32 (at least) logits of the rows at ``index``; ``rows`` / ``head_tensors`` stand in for the stored
+        ones (leaves of a local graph)."""
+        rows = self.rows[index] if rows is None else rows
+        head = self.head
+        if head is not None and head_tensors:
+            head = replace(head, weight=head_tensors[0], bias=head_tensors[1] if len(head_tensors) > 1 else None)
+        logits = head.logits(rows) if head is not None else rows
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+class _WithGradients(torch.autograd.Function):
+    """A value whose gradients were computed in the forward, chunk by chunk: the backward scales them by the incoming
+    gradient (no chunk is kept or recomputed, as in :mod:`hf_kd.chunking`)."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *tensors):
+        ctx.grads, ctx.dtypes = grads, [t.dtype for t in tensors]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, None, *(None if g is None else (grad_output * g).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)))
 
 
 def cross_tokenizer_terms(
@@ -115,10 +136,9 @@ def cross_tokenizer_terms(
     s_ids, t_ids = shared.student_ids.to(device), shared.teacher_ids.to(device)
     temperature = objective.temperature
 
-    def chunk_terms(index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``[divergence, ce, shared mass]`` sums of a chunk of target rows; the student's logits are recomputed in
-        the backward (checkpoint) and the teacher's too (a projection of a few rows), so no chunk outlives its turn."""
-        log_p_s = torch.log_softmax(student_rows.logits(index), dim=-1)
+    def chunk_terms(s_logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``[divergence, ce, shared mass]`` sums of a chunk of target rows (``s_logits``: their student logits)."""
+        log_p_s = torch.log_softmax(s_logits, dim=-1)
         zero = log_p_s.new_zeros(())
         ce = -log_p_s.gather(-1, targets.unsqueeze(-1)).sum()
         exact = uld = mass = zero
@@ -127,7 +147,7 @@ def cross_tokenizer_terms(
             with torch.no_grad():
                 log_p_t = torch.log_softmax(teacher_rows.logits(plan.teacher_row[index][paired]), dim=-1)
                 t_buckets = student_bucket_log_probs(log_p_t, t_ids.expand(log_p_t.shape[0], -1))
-                mass = log_p_t[:, t_ids].exp().sum()
+                mass = -torch.expm1(t_buckets[:, -1]).sum()  # 1 - the rest bucket's mass
             s_buckets = student_bucket_log_probs(log_p_s[paired], s_ids.expand(log_p_t.shape[0], -1))
             exact = objective.divergence(s_buckets, t_buckets).sum()
         in_span = plan.span_token[index] >= 0
@@ -139,30 +159,39 @@ def cross_tokenizer_terms(
         if weights.uld and starts.any():  # where a span group starts, both sides have read the same text
             with torch.no_grad():
                 t_probs = torch.softmax(teacher_rows.logits(plan.start_row[index][starts]) / temperature, dim=-1)
-            s_logits = log_p_s[starts] if temperature == 1 else torch.log_softmax(
-                student_rows.logits(index[starts]) / temperature, dim=-1)  # fmt: skip
-            uld = uld_distance(s_logits.exp(), t_probs).sum()
+            s_probs = log_p_s[starts].exp() if temperature == 1 else torch.softmax(s_logits[starts] / temperature, -1)
+            uld = uld_distance(s_probs, t_probs).sum()
         return torch.stack([weights.exact * exact + weights.uld * uld, ce, mass.detach()])
 
-    sums = torch.zeros(3, device=device, dtype=plan.span_weight.dtype)
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in student_rows.tensors)
+    coefficients = (objective.alpha / denominator, (1 - objective.alpha) / denominator)  # d total / d (sums0, sums1)
+    head_leaves = [t.detach().requires_grad_(t.requires_grad) for t in student_rows.tensors[1:]]
+    grads = [None if not t.requires_grad else torch.zeros(t.shape, dtype=dtype, device=device)
+             for t in student_rows.tensors] if track else []  # fmt: skip
+    sums = torch.zeros(3, device=device, dtype=dtype)
     chunk = max(chunk_size, 1)
-    track = torch.is_grad_enabled() and student_rows.rows.requires_grad
     for start in range(0, rows.numel(), chunk):
-        part = slice(start, start + chunk)
-        if track:
-            sums = sums + checkpoint(chunk_terms, rows[part], flat_labels[part], use_reentrant=False)
-        else:
-            sums = sums + chunk_terms(rows[part], flat_labels[part])
+        index, targets = rows[start : start + chunk], flat_labels[start : start + chunk]
+        with torch.enable_grad() if track else contextlib.nullcontext():
+            leaf = student_rows.rows[index].detach().requires_grad_(track and student_rows.rows.requires_grad)
+            part = chunk_terms(student_rows.logits(index, leaf, head_leaves), index, targets)
+            if track:  # this chunk's share of the gradient, now: its logits are freed before the next chunk
+                share = coefficients[0] * part[0] + coefficients[1] * part[1]
+                found = torch.autograd.grad(share, [leaf, *head_leaves], allow_unused=True)
+                if grads[0] is not None and found[0] is not None:
+                    grads[0].index_add_(0, index, found[0].to(dtype))
+                for slot, grad in enumerate(found[1:], start=1):
+                    if grads[slot] is not None and grad is not None:
+                        grads[slot] += grad.to(dtype)
+        sums = sums + part.detach()
     divergence = (sums[0] + weights.exact * span_value) / denominator
     ce = sums[1] / denominator
-    if objective.alpha == 0:
-        divergence = divergence.detach()  # logged only
-    if objective.alpha == 1:
-        ce = ce.detach()  # logged only
     stats = {"aligned_fraction": torch.tensor(float(alignment.pairs.shape[1]), device=device, dtype=dtype) / denominator,
-             "shared_mass": sums[2].detach() / denominator}  # fmt: skip
+             "shared_mass": sums[2] / denominator}  # fmt: skip
     total = objective.combine(divergence, ce)
-    return {"loss": total, "distill_loss": divergence.detach(), "ce_loss": ce.detach(), **stats}
+    if track:
+        total = _WithGradients.apply(total, grads, *student_rows.tensors)
+    return {"loss": total, "distill_loss": divergence, "ce_loss": ce, **stats}
 
 
 class _RowPlan:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import SELF_TEACHER, adapters_disabled, require_adapters
-from .alignment import align_batch, same_vocabulary, shared_vocabulary
+from .alignment import align_batch, same_ids, shared_vocabulary
 from .cache_store import TeacherCache
 from .config import SetupError
 from .cross_tokenizer import CrossTokenizerWeights
@@ -153,7 +153,7 @@ def make_teacher(trainer, teacher_model: nn.Module | str | None) -> Teacher:
         teacher_model = load_model(teacher_model, task, args.teacher_model_init_kwargs)
     freeze(teacher_model)
     teacher_tokenizer = _teacher_tokenizer(args, name)
-    if teacher_tokenizer is not None and tokenizer is not None and not same_vocabulary(tokenizer, teacher_tokenizer):
+    if teacher_tokenizer is not None and tokenizer is not None and not same_ids(tokenizer, teacher_tokenizer):
         return _cross_tokenizer_teacher(trainer, teacher_model, name, tokenizer, teacher_tokenizer)
     vocab_size = shared_vocab_size(num_outputs(trainer.model, task), num_outputs(teacher_model, task), task, tokenizer)
     # DDP: a plain replica; FSDP / ZeRO-3: sharded like the student

@@ -372,8 +372,9 @@ def test_sampled_sequences_count_bytes_like_prefix_decoding(tmp_path):
     for _ in range(20):
         ids = text_ids[: int(torch.randint(1, len(text_ids) + 1, (1,), generator=g))]
         ids = ids + [tok.convert_tokens_to_ids(c) for c in ("a", "b", "c")]  # "bc" spelled apart: not canonical
-        by_bytes, by_prefix = student_text(tok, ids, strings), student_text(tok, ids, None)
-        assert by_bytes == by_prefix
+        by_bytes, (text, ends) = student_text(tok, ids, strings), student_text(tok, ids, None)
+        # bytes that are no character decode to one U+FFFD that every prefix ending among them shows: one end, the last
+        assert by_bytes == (text, [None if end == nxt else end for end, nxt in zip(ends, [*ends[1:], None])])
     assert None in student_text(tok, text_ids, strings)[1]  # a partial character has no end of its own
 
 
@@ -439,3 +440,80 @@ def test_every_term_against_a_float64_reference(byte_pair):
     assert torch.allclose(terms["ce_loss"], ce.detach(), rtol=1e-12)
     assert torch.allclose(terms["loss"], reference.detach(), rtol=1e-12)
     assert torch.allclose(grad, reference_grad, rtol=1e-10, atol=1e-14)
+
+
+def sentencepiece_like(path, words: list[str]) -> str:
+    """A Llama-2 style tokenizer: "▁" for spaces (prepended to the text), byte fallback, a decoder that strips the
+    leading space."""
+    from tokenizers import normalizers
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁", *"abcd", *words]
+    merges = []
+    for word in words:  # merge each word letter by letter: "▁ab" = ("▁a", "b") after ("▁", "a")
+        for cut in range(2, len(word) + 1):
+            left = word[: cut - 1]
+            merges.append((left, word[cut - 1]))
+            if left not in pieces:
+                pieces.append(left)
+    core = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, byte_fallback=True,
+                                unk_token="<unk>"))  # fmt: skip
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])  # fmt: skip
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    return str(path)
+
+
+def test_sentencepiece_pieces_are_text_and_sampled_sequences_count_bytes(tmp_path, byte_pair):
+    """SentencePiece pieces spell text ("▁ab" is b" ab", "<0xC3>" one byte): they share tokens with a byte-level
+    vocabulary, and a sampled sequence (letters spelled apart, a character cut in two) gets the ends that
+    prefix-by-prefix decoding gives, without decoding prefix by prefix."""
+    import hf_kd.alignment as alignment
+
+    _, byte_level, _ = byte_pair
+    tok = AutoTokenizer.from_pretrained(sentencepiece_like(tmp_path / "sp", ["▁ab", "▁cd", "cd"]))
+    strings = token_strings(tok)
+    assert strings[tok.convert_tokens_to_ids("▁ab")] == b" ab" and strings[tok.convert_tokens_to_ids("<0xC3>")] == b"\xc3"
+    shared = shared_vocabulary(tok, byte_level)
+    assert {tok.convert_ids_to_tokens(i) for i in shared.student_ids.tolist()} >= {"▁", "a", "b", "c", "d", "cd"}
+    tid = tok.convert_tokens_to_ids
+    sampled = [tid("▁ab"), tid("▁"), tid("c"), tid("d"), tid("▁ab"), tid("<0xC3>")]  # ends inside "é"
+    calls = []
+    original = tok.decode
+    tok.decode = lambda ids, **kw: calls.append(len(ids)) or original(ids, **kw)
+    by_bytes = alignment.student_text(tok, sampled, strings)
+    decodes = len(calls)
+    by_prefix = alignment.student_text(tok, sampled, None)
+    assert by_bytes == by_prefix and by_bytes[0] == "ab cd ab\ufffd"
+    assert decodes == 1  # the whole sequence once: no prefix-by-prefix decoding
+
+
+def test_a_batch_with_nothing_to_align_backpropagates_zero(byte_pair):
+    """No target at all, or targets that align with nothing: a loss of 0 whose backward works, as the dense loss's."""
+    from hf_kd.cross_tokenizer import cross_tokenizer_terms
+    from hf_kd.losses import Objective
+    from hf_kd.targets import TeacherLogits
+
+    _, student, teacher = byte_pair
+    shared = shared_vocabulary(student, teacher)
+    ids = torch.tensor([student("ab cd", add_special_tokens=False)["input_ids"]])
+    for alpha in (1.0, 0.9):
+        logits = torch.randn(1, ids.shape[1] - 1, len(student), requires_grad=True)
+        labels = torch.full((1, ids.shape[1] - 1), -100)
+        alignment = align_batch(ids, None, labels, student, teacher, shared)
+        t_logits = torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher))
+        terms = cross_tokenizer_terms(logits, TeacherLogits(t_logits), alignment, shared, labels, Objective(alpha=alpha))
+        terms["loss"].backward()
+        assert terms["loss"].item() == 0.0 and logits.grad is not None and not logits.grad.any()
+
+
+def test_a_teacher_tokenizer_with_more_tokens_keeps_the_same_tokenizer_path(tmp_path, tiny_dir, tokenizer):
+    """The teacher's tokenizer adds tokens after the student's (every student id unchanged): the teacher reads the
+    student's ids over the shared rows, as without a teacher tokenizer."""
+    bigger = AutoTokenizer.from_pretrained(tiny_dir["tokenizer"])
+    bigger.add_tokens(["x1", "x2", "x3"])
+    bigger.save_pretrained(tmp_path / "bigger")
+    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=tiny_dir["teacher_padded"],
+                                  args=make_args(tmp_path, teacher_tokenizer_name_or_path=str(tmp_path / "bigger")),
+                                  processing_class=tokenizer)  # fmt: skip
+    assert type(trainer.teacher).__name__ == "ModelTeacher" and trainer.vocab_size == 40
