@@ -122,22 +122,11 @@ def test_fast_run_writes_a_verdict_per_claim(tmp_path):
     )
     text = (tmp_path / "seed_paper.md").read_text()
     assert text.startswith("## README table\n")
-    table = [
-        line for line in text.split("\n\n")[1].splitlines() if line.startswith("|")
-    ]
-    assert [row.split(" | ")[0] for row in table[2:]] == [
-        "| 1a",
-        "| 1b",
-        "| 2",
-        "| 3",
-        "| 4a",
-        "| 4b",
-    ]
+    table = text.split("\n\n")[1].splitlines()  # the README table, the first block
+    rows = [line.split(" | ") for line in table[2:]]
+    assert [row[0] for row in rows] == ["| 1a", "| 1b", "| 2", "| 3", "| 4a", "| 4b"]
     verdicts = {"yes", "partly", "mixed", "no", "no, the opposite", "not resolved"}
-    assert all(
-        row.count("|") == 5 and row.split(" | ")[-1].rstrip(" |") in verdicts
-        for row in table
-    )
+    assert all(len(row) == 4 and row[3].removesuffix(" |") in verdicts for row in rows)
     assert results["teachers"]["clean"]["test_acc"] > 0.5  # chance is 0.1
     assert set(results["students"]) == {"clean", "40% noise"}
     for condition, runs in results["students"].items():
