@@ -517,3 +517,34 @@ def test_a_teacher_tokenizer_with_more_tokens_keeps_the_same_tokenizer_path(tmp_
                                   args=make_args(tmp_path, teacher_tokenizer_name_or_path=str(tmp_path / "bigger")),
                                   processing_class=tokenizer)  # fmt: skip
     assert type(trainer.teacher).__name__ == "ModelTeacher" and trainer.vocab_size == 40
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_gradient_accumulation_is_exact_across_tokenizers(tmp_path, byte_pair, chunk):
+    """Batch 4 x GA 1 == batch 1 x GA 4 == batch 2 x GA 2 with a teacher of another tokenizer (examples of different
+    lengths and alignments): the cross-tokenizer terms are normalized by the step's global target count too."""
+    root, student_tok, _ = byte_pair
+    teacher_dir = save_llama(root / "teacher_ga", 12, seed=5, hidden=48)  # the teacher tokenizer's 12 tokens
+    student_dir = save_llama(root / "student_ga", len(student_tok), seed=6, hidden=32)
+    texts = ["ab cd abc", "d abcd ab cd dab", "abc", "cd cd ab a b"]
+    rows = []
+    for text in texts:
+        ids = student_tok(text)["input_ids"] + [student_tok.eos_token_id]
+        rows.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    weights = {}
+    for bs, ga in ((4, 1), (1, 4), (2, 2)):
+        student = AutoModelForCausalLM.from_pretrained(student_dir)
+        args = make_args(tmp_path / f"b{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                         loss_chunk_size=chunk, loss_type={"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0,
+                         alpha=0.8, teacher_tokenizer_name_or_path=str(root / "teacher_tok"))  # fmt: skip
+        trainer = DistillationTrainer(model=student, teacher_model=teacher_dir, args=args,
+                                      train_dataset=Dataset.from_list(rows), processing_class=student_tok)  # fmt: skip
+        trainer.train()
+        weights[(bs, ga)] = {k: v.clone() for k, v in student.state_dict().items()}
+        weights[(bs, ga, "loss")] = trainer.state.log_history[0]["loss"]
+    initial = AutoModelForCausalLM.from_pretrained(student_dir).state_dict()
+    assert any(not torch.equal(weights[(4, 1)][k], initial[k]) for k in initial)  # the step moved the weights
+    for key in ((1, 4), (2, 2)):
+        assert weights[key + ("loss",)] == pytest.approx(weights[(4, 1, "loss")], rel=1e-5)
+        for name, value in weights[(4, 1)].items():
+            torch.testing.assert_close(weights[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
