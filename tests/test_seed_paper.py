@@ -8,6 +8,7 @@ import json
 import math
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,25 @@ def test_logit_distance_by_hand_and_against_the_losses():
     )
     kl = distillation_loss(s, t, loss_type="forward_kl", temperature=1000.0).item()
     assert seed_paper.logit_distance(s, t) == pytest.approx(2 * kl, rel=1e-3)
+
+
+def test_a_seed_fixes_the_init_and_the_batch_order(tmp_path):
+    """What makes the comparisons paired: with alpha 0 (CE only) the temperature is
+    irrelevant, so two students of one seed end bit-identical; another seed differs."""
+    x, y = seed_paper.digits_split()["train"]
+    data = seed_paper.rows(x[:256], y[:256])
+    teacher = seed_paper.vit(seed_paper.TEACHER, 0)
+    s = replace(seed_paper.FAST, batch_size=32)
+
+    def student(seed: int, temperature: float):
+        model = seed_paper.vit(seed_paper.STUDENT, 1000)  # the same init each time
+        kd = {"alpha": 0.0, "temperature": temperature}
+        seed_paper.train(model, data, s, 6, seed, str(tmp_path), teacher, **kd)
+        return model.state_dict()
+
+    a, b, other = student(0, 1.0), student(0, 4.0), student(1, 1.0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)  # batches of another order
 
 
 def test_paired_differences_and_verdicts():
