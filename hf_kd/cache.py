@@ -237,11 +237,16 @@ def build_from_recipe(recipe, path: str, *, k: int = 64, batch_size: int = 8, sh
     import datasets
     from transformers import AutoTokenizer
 
+    from .alignment import same_ids
+    from .config import SetupError
     from .data import prepare_datasets
 
     args = recipe.training_args(check_hardware=False)
     tokenizer = AutoTokenizer.from_pretrained(recipe.student.tokenizer or recipe.student.name_or_path)
     teacher_tokenizer = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.name_or_path)
+    if not same_ids(tokenizer, teacher_tokenizer):  # the cache stores teacher ids as the student's: one tokenizer
+        raise SetupError("teacher_tokenizer_name_or_path", "a teacher cache needs teacher and student to share one "
+                         "tokenizer; with different tokenizers distill from the live teacher (no teacher.cache)")  # fmt: skip
     with args.main_process_first(desc="dataset preparation"):  # as `train` does: rank 0 tokenizes, the others reuse
         train, evaluation = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed)
     dataset = train if evaluation is None else datasets.concatenate_datasets([train, evaluation])

@@ -317,9 +317,13 @@ def run_cache_teacher(recipe: Recipe, args) -> int:
     output = args.output or recipe.teacher.cache
     if not output:
         raise RecipeError(recipe.path, "--output", "where should the cache go? pass --output DIR or set teacher.cache")
+    from .config import SetupError
+
     try:
         cache = build_from_recipe(recipe, output, k=args.k, batch_size=args.batch_size,
                                   shard_size=args.shard_size)  # fmt: skip
+    except SetupError as err:  # a pair a cache cannot serve
+        raise RecipeError(recipe.path, recipe_key(err.field), err.problem) from None
     except ValueError as err:  # another build's settings in --output, k > vocab size
         raise RecipeError(recipe.path, "--output", str(err)) from None
     meta = cache.metadata

@@ -198,6 +198,10 @@ def test_tokenizers_with_other_vocabularies_distill_across_tokenizers(tmp_path, 
     assert metrics["metrics"]["train"]["train_aligned_fraction"] == pytest.approx(1.0)
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| teacher tokenizer (cross-tokenizer) | {other} |" in card and "| shared vocabulary | 40 tokens (100.0%" in card
+    code, _, err = run(["cache-teacher", path, "--output", tmp_path / "cache"], capsys)  # a cache needs one tokenizer
+    assert code == 2
+    assert_one_error_line(err, f"error: {path}: teacher.tokenizer: a teacher cache needs teacher and student to share")
+    assert not os.path.exists(tmp_path / "cache")
 
 
 @pytest.mark.parametrize("case", ["self_with_init_kwargs", "vocab_too_small"])
