@@ -16,9 +16,11 @@ student's target positions divided by their count (``num_items_in_batch`` in tra
 * **CE** over every student target, aligned or not; ``alpha`` mixes it in as everywhere.
 
 Temperature acts on the buckets as in :mod:`hf_kd.sparse` (exact on one-to-one positions whose tokens are all shared).
-``mse`` needs logits over one vocabulary and is refused. The student's and teacher's ``[rows, V]`` logits exist one
-chunk at a time: the student's rows are projected and reduced inside ``torch.utils.checkpoint`` (recomputed in the
-backward), so nothing of size ``[tokens, vocab]`` is ever held, fused path or not.
+``mse`` needs logits over one vocabulary and is refused. One pass over the student's target rows, a chunk at a time,
+makes both models' logits for the chunk and takes the chunk's gradient at once (with respect to the student's hidden
+states and head, or its logits), as :mod:`hf_kd.chunking` does; only ``d(hidden)`` and ``d(weight)`` outlive a chunk,
+so on the fused path nothing of size ``[tokens, vocab]`` is held. The span term depends on sums across chunks: it is
+evaluated first, and its gradient enters the pass as fixed weights on each token's log-probability (:func:`_span_term`).
 """
 
 from __future__ import annotations
@@ -177,11 +179,14 @@ def cross_tokenizer_terms(
             part = chunk_terms(student_rows.logits(index, leaf, head_leaves), index, targets)
             if track:  # this chunk's share of the gradient, now: its logits are freed before the next chunk
                 share = coefficients[0] * part[0] + coefficients[1] * part[1]
-                found = torch.autograd.grad(share, [leaf, *head_leaves], allow_unused=True)
-                if grads[0] is not None and found[0] is not None:
-                    grads[0].index_add_(0, index, found[0].to(dtype))
-                for slot, grad in enumerate(found[1:], start=1):
-                    if grads[slot] is not None and grad is not None:
+                slots = [slot for slot, t in enumerate([leaf, *head_leaves]) if t.requires_grad]  # a frozen head: none
+                found = torch.autograd.grad(share, [[leaf, *head_leaves][slot] for slot in slots], allow_unused=True)
+                for slot, grad in zip(slots, found):
+                    if grad is None:
+                        continue
+                    if slot == 0:
+                        grads[0].index_add_(0, index, grad.to(dtype))
+                    else:
                         grads[slot] += grad.to(dtype)
         sums = sums + part.detach()
     divergence = (sums[0] + weights.exact * span_value) / denominator

@@ -548,3 +548,24 @@ def test_gradient_accumulation_is_exact_across_tokenizers(tmp_path, byte_pair, c
         assert weights[key + ("loss",)] == pytest.approx(weights[(4, 1, "loss")], rel=1e-5)
         for name, value in weights[(4, 1)].items():
             torch.testing.assert_close(weights[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
+
+
+def test_a_lora_student_learns_across_tokenizers(tmp_path, byte_pair):
+    """A PEFT student (frozen head, adapters train) with a teacher of another tokenizer, fused path: the adapters move,
+    the frozen weights do not."""
+    from peft import LoraConfig
+
+    root, student_tok, _ = byte_pair
+    teacher_dir = save_llama(root / "teacher_lora", 12, seed=7, hidden=48)
+    student = AutoModelForCausalLM.from_pretrained(save_llama(root / "student_lora", len(student_tok), 8, 32))
+    head_before = student.lm_head.weight.detach().clone()
+    ids = student_tok("ab cd abc d", add_special_tokens=False)["input_ids"]
+    args = make_args(tmp_path, loss_chunk_size=4, learning_rate=0.1, teacher_tokenizer_name_or_path=str(root / "teacher_tok"))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher_dir, args=args, processing_class=student_tok,
+                                  train_dataset=Dataset.from_list([{"input_ids": ids, "labels": ids}] * 4),
+                                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert trainer.use_fused_loss and type(trainer.teacher).__name__ == "CrossTokenizerTeacher"
+    moved = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, lora[n])]
+    assert moved and torch.equal(trainer.model.get_base_model().lm_head.weight, head_before)
