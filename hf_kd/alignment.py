@@ -147,13 +147,15 @@ def _preferred_order(tokenizer) -> list[int]:
 
 
 def same_ids(student_tokenizer, teacher_tokenizer) -> bool:
-    """Whether the teacher can read the student's ids: every text token of the student has the same id in the teacher
-    (a teacher with more tokens, or other names for reserved special tokens, still can: Llama 3 -> 3.1, Qwen2 ->
-    Qwen2.5; padded rows are then cut by :func:`hf_kd.teachers.shared_vocab_size`)."""
-    specials = set(student_tokenizer.all_special_ids)
-    teacher = teacher_tokenizer.get_vocab()
-    return all(teacher.get(token) == token_id for token, token_id in student_tokenizer.get_vocab().items()
-               if token_id not in specials)  # fmt: skip
+    """Whether the teacher can read the student's ids: both have the same text tokens at the same ids (special and
+    added tokens may differ: Qwen2 -> Qwen2.5 added some, Llama 3 -> 3.1 renamed reserved ones). A teacher with more
+    text tokens (more merges) tokenizes text otherwise, so it is not the same tokenizer."""
+
+    def text_tokens(tokenizer) -> dict[str, int]:
+        added = set(getattr(tokenizer, "added_tokens_decoder", {})) | set(tokenizer.all_special_ids)
+        return {token: token_id for token, token_id in tokenizer.get_vocab().items() if token_id not in added}
+
+    return text_tokens(student_tokenizer) == text_tokens(teacher_tokenizer)
 
 
 # ---- boundaries and groups -------------------------------------------------------------------------------------------

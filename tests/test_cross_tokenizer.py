@@ -507,16 +507,25 @@ def test_a_batch_with_nothing_to_align_backpropagates_zero(byte_pair):
         assert terms["loss"].item() == 0.0 and logits.grad is not None and not logits.grad.any()
 
 
-def test_a_teacher_tokenizer_with_more_tokens_keeps_the_same_tokenizer_path(tmp_path, tiny_dir, tokenizer):
-    """The teacher's tokenizer adds tokens after the student's (every student id unchanged): the teacher reads the
-    student's ids over the shared rows, as without a teacher tokenizer."""
+def test_a_teacher_tokenizer_with_more_special_tokens_keeps_the_same_tokenizer_path(tmp_path, tiny_dir, tokenizer,
+                                                                                    byte_pair):  # fmt: skip
+    """The teacher's tokenizer adds special tokens after the student's (Qwen2 -> Qwen2.5): the teacher reads the
+    student's ids over the shared rows, as without a teacher tokenizer. One with more merges (more text tokens, every
+    student id kept) tokenizes text otherwise: another tokenizer."""
     bigger = AutoTokenizer.from_pretrained(tiny_dir["tokenizer"])
-    bigger.add_tokens(["x1", "x2", "x3"])
+    bigger.add_special_tokens({"additional_special_tokens": ["<x1>", "<x2>", "<x3>"]})
     bigger.save_pretrained(tmp_path / "bigger")
     trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=tiny_dir["teacher_padded"],
                                   args=make_args(tmp_path, teacher_tokenizer_name_or_path=str(tmp_path / "bigger")),
                                   processing_class=tokenizer)  # fmt: skip
     assert type(trainer.teacher).__name__ == "ModelTeacher" and trainer.vocab_size == 40
+    from hf_kd.alignment import same_ids
+
+    root = byte_pair[0]
+    more_merges = AutoTokenizer.from_pretrained(byte_level_tokenizer(root / "more", [*STUDENT_MERGES, ("ab", "cd")]))
+    fewer = AutoTokenizer.from_pretrained(byte_level_tokenizer(root / "fewer", STUDENT_MERGES))
+    assert more_merges("abcd")["input_ids"] != fewer("abcd")["input_ids"]  # the extra merge changes the ids of text
+    assert not same_ids(fewer, more_merges) and same_ids(fewer, byte_pair[1])
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
