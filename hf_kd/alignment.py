@@ -111,6 +111,7 @@ class SharedVocabulary:
     student_strings: dict[int, object]  # what each student token spells (token_strings), for sampled sequences
     student_size: int  # tokens in the student's tokenizer
     teacher_size: int
+    projection: torch.Tensor  # [teacher ids] the student token each teacher token's text starts with (-1: none)
 
     @property
     def overlap(self) -> float:
@@ -136,7 +137,29 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
             special_map[token_id] = by_string.get(string)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return SharedVocabulary(ids[:, 0].contiguous(), ids[:, 1].contiguous(), special_map, student, len(student),
-                            len(teacher))  # fmt: skip
+                            len(teacher), _projection(student, teacher, student_tokenizer))  # fmt: skip
+
+
+def _projection(student: dict[int, object], teacher: dict[int, object], student_tokenizer) -> torch.Tensor:
+    """``[teacher ids]``: for each teacher token, the student token its text starts with (the longest student token
+    that is a prefix of it; a special token: the student's of the same role or content), -1 for none. A teacher token
+    that spells several student tokens (" the cat") thus credits its probability to the first (" the"): the event
+    "the next text starts with this student token", which is what the student's next-token probability is about."""
+    by_string: dict[object, int] = {}
+    for token_id in _preferred_order(student_tokenizer):
+        by_string.setdefault(student[token_id], token_id)
+    longest = max((len(k) for k in by_string if not isinstance(k, tuple)), default=0)
+    projection = torch.full((max(teacher, default=-1) + 1,), -1, dtype=torch.long)
+    for token_id, string in teacher.items():
+        if isinstance(string, tuple):  # a special token: only its counterpart
+            projection[token_id] = by_string.get(string, -1)
+            continue
+        for cut in range(min(len(string), longest), 0, -1):
+            match = by_string.get(string[:cut])
+            if match is not None:
+                projection[token_id] = match
+                break
+    return projection
 
 
 def _preferred_order(tokenizer) -> list[int]:

@@ -32,7 +32,7 @@ import torch
 
 from .alignment import Alignment, SharedVocabulary
 from .losses import Objective, normalizer, target_rows
-from .sparse import EMPTY_TAIL, student_bucket_log_probs
+from .sparse import EMPTY_TAIL
 
 EXACT_WEIGHT = 1.0  # the exact term is the objective itself
 ULD_WEIGHT = 1.0  # ULD is in [0, 2], the scale of a KL between near distributions; 0 turns it off
@@ -51,6 +51,20 @@ def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> to
     sorted_s = torch.nn.functional.pad(student_probs.sort(-1, descending=True).values, (0, width - student_probs.shape[-1]))
     sorted_t = torch.nn.functional.pad(teacher_probs.sort(-1, descending=True).values, (0, width - teacher_probs.shape[-1]))
     return (sorted_s - sorted_t.detach()).abs().sum(-1)
+
+
+def projected_log_probs(teacher_logits: torch.Tensor, projection: torch.Tensor, student_vocab: int,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """``[N, V_t]`` teacher logits -> ``[N, V_s]`` log-probabilities over the student's vocabulary: the teacher's
+    probabilities at ``temperature``, each credited to ``projection[id]`` (the student token its text starts with,
+    :attr:`hf_kd.alignment.SharedVocabulary.projection`), renormalized over the mass that maps (a teacher token that
+    maps to nothing, or a padding row, drops out). ``-inf`` where no teacher token maps."""
+    probs = torch.softmax(teacher_logits / temperature if temperature != 1 else teacher_logits, dim=-1)
+    width = min(probs.shape[-1], projection.shape[0])
+    target = projection[:width]
+    keep = (target >= 0) & (target < student_vocab)
+    out = probs.new_zeros(probs.shape[0], student_vocab).index_add_(1, target[keep], probs[:, :width][:, keep])
+    return torch.log(out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny))
 
 
 def span_log_probs(token_log_probs: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
@@ -135,7 +149,7 @@ def cross_tokenizer_terms(
     plan = _RowPlan(alignment, keep.numel(), device, dtype)
     denominator = normalizer(alignment.targets, num_items_in_batch, device=device, dtype=dtype)
     span_value, plan.span_weight = _span_term(student_rows, teacher_rows, alignment, objective, chunk_size)
-    s_ids, t_ids = shared.student_ids.to(device), shared.teacher_ids.to(device)
+    t_ids, projection = shared.teacher_ids.to(device), shared.projection.to(device)
     temperature = objective.temperature
 
     def chunk_terms(s_logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -144,14 +158,15 @@ def cross_tokenizer_terms(
         zero = log_p_s.new_zeros(())
         ce = -log_p_s.gather(-1, targets.unsqueeze(-1)).sum()
         exact = uld = mass = zero
-        paired = plan.teacher_row[index] >= 0
-        if paired.any():  # one to one: the divergence over the shared tokens, plus a rest bucket each
+        at_boundary = plan.boundary_row[index] >= 0
+        if at_boundary.any():  # both have read the same text: next-token distributions, the teacher's projected
             with torch.no_grad():
-                log_p_t = torch.log_softmax(teacher_rows.logits(plan.teacher_row[index][paired]), dim=-1)
-                t_buckets = student_bucket_log_probs(log_p_t, t_ids.expand(log_p_t.shape[0], -1))
-                mass = -torch.expm1(t_buckets[:, -1]).sum()  # 1 - the rest bucket's mass
-            s_buckets = student_bucket_log_probs(log_p_s[paired], s_ids.expand(log_p_t.shape[0], -1))
-            exact = objective.divergence(s_buckets, t_buckets).sum()
+                t_logits = teacher_rows.logits(plan.boundary_row[index][at_boundary])
+                t_projected = projected_log_probs(t_logits, projection, s_logits.shape[-1], temperature)
+                paired = plan.teacher_row[index][at_boundary] >= 0
+                mass = torch.softmax(t_logits[paired], -1)[:, t_ids].sum()  # on shared tokens, one-to-one targets
+            # the teacher side as "logits" whose log_softmax(x / T) is its projected distribution itself
+            exact = objective.divergence(s_logits[at_boundary], temperature * t_projected).sum()
         in_span = plan.span_token[index] >= 0
         if in_span.any():  # the span term's gradient: fixed weights on these tokens' log-probs (see _span_term)
             token_lp = log_p_s[in_span].gather(-1, plan.span_token[index][in_span].unsqueeze(-1)).squeeze(-1)
@@ -209,6 +224,7 @@ class _RowPlan:
         self.teacher_row[alignment.pairs[0]] = alignment.pairs[1]
         self.start_row = torch.full((rows,), -1, dtype=torch.long, device=device)
         self.start_row[alignment.span_starts[0]] = alignment.span_starts[1]
+        self.boundary_row = torch.maximum(self.teacher_row, self.start_row)  # after the same text: either kind
         self.span_token = torch.full((rows,), -1, dtype=torch.long, device=device)
         self.span_token[alignment.span_student[0]] = alignment.span_student[1]
         self.span_weight = torch.zeros(rows, device=device, dtype=dtype)

@@ -379,8 +379,9 @@ def test_sampled_sequences_count_bytes_like_prefix_decoding(tmp_path):
 
 
 def test_every_term_against_a_float64_reference(byte_pair):
-    """One-to-one, span and ULD terms and the CE, value and gradient, against the definitions written out here (the
-    loss runs 2 rows at a time, so the span term's weights cross chunks)."""
+    """The projected next-token term (one-to-one targets and span starts), the span and ULD terms and the CE, value and
+    gradient, against the definitions written out here (the loss runs 2 rows at a time, so the span term's weights
+    cross chunks)."""
     from hf_kd.cross_tokenizer import CrossTokenizerWeights, cross_tokenizer_terms
     from hf_kd.losses import Objective
     from hf_kd.targets import TeacherLogits
@@ -406,13 +407,25 @@ def test_every_term_against_a_float64_reference(byte_pair):
         p_t, log_q = torch.softmax(b_t / T, -1), torch.log_softmax(b_s / T, -1)
         return T * T * (p_t * (torch.log(p_t) - log_q)).sum()
 
-    def buckets(log_p, ids_):
-        rest = torch.ones_like(log_p, dtype=torch.bool)
-        rest[ids_] = False
-        return torch.cat([log_p[ids_], torch.logsumexp(log_p[rest], 0).reshape(1)])
+    # each teacher token's probability goes to the longest student token its text starts with (specials: same name)
+    s_text = {i: p.replace("Ġ", " ") for i, p in enumerate(student.convert_ids_to_tokens(list(range(len(student)))))}
+    credit = []
+    for piece in teacher.convert_ids_to_tokens(list(range(len(teacher)))):
+        text = piece.replace("Ġ", " ")
+        special = text.startswith("<")
+        prefixes = [i for i, st in s_text.items() if (st == text if special else text.startswith(st) and "<" not in st)]
+        credit.append(max(prefixes, key=lambda i: len(s_text[i])))
+    assert [student.convert_ids_to_tokens(credit[teacher.convert_tokens_to_ids(t)]) for t in ("Ġa", "abc", "<eos>")] == [
+        "Ġ", "ab", "<eos>"]  # fmt: skip
 
-    exact = sum(kl_on_buckets(buckets(lp_s[r], shared.student_ids), buckets(lp_t[q], shared.teacher_ids))
-                for r, q in alignment.pairs.T.tolist())  # fmt: skip
+    def projected_kl(row_s, row_t):  # T^2 * KL(q_T || softmax(s / T)), q_T: the teacher's credited probabilities at T
+        p_t = torch.softmax(t[row_t] / T, -1)
+        q = torch.stack([p_t[[j for j, c in enumerate(credit) if c == i]].sum() for i in range(len(student))])
+        log_s = torch.log_softmax(s[row_s] / T, -1)
+        return T * T * sum(q[i] * (torch.log(q[i]) - log_s[i]) for i in range(len(student)) if q[i] > 0)
+
+    boundaries = alignment.pairs.T.tolist() + alignment.span_starts.T.tolist()  # after the same text on both sides
+    exact = sum(projected_kl(r, q) for r, q in boundaries)
     span = 0.0
     s_rows, s_tok, s_grp = alignment.span_student
     t_rows, t_tok, t_grp = alignment.span_teacher
