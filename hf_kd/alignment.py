@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +112,8 @@ class SharedVocabulary:
     student_size: int  # tokens in the student's tokenizer
     teacher_size: int
     projection: torch.Tensor  # [teacher ids] the student token each teacher token's text starts with (-1: none)
+    student_extensions: Extensions  # per student token, the tokens whose text starts with its text
+    teacher_extensions: Extensions
 
     @property
     def overlap(self) -> float:
@@ -137,7 +139,37 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
             special_map[token_id] = by_string.get(string)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return SharedVocabulary(ids[:, 0].contiguous(), ids[:, 1].contiguous(), special_map, student, len(student),
-                            len(teacher), _projection(student, teacher, student_tokenizer))  # fmt: skip
+                            len(teacher), _projection(student, teacher, student_tokenizer), extensions(student),
+                            extensions(teacher))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """The tokens whose text starts with a token's text (itself included), as a range of one sorted order: token
+    ``u``'s extensions are ``order[lo[u]:hi[u]]`` (sorting by text puts every extension of a text right after it)."""
+
+    order: torch.Tensor  # [V] token ids sorted by their text
+    lo: torch.Tensor  # [V] where each token's extensions start in ``order``
+    hi: torch.Tensor  # [V] where they end
+
+
+def extensions(strings: dict[int, object]) -> Extensions:
+    """:class:`Extensions` of a vocabulary (:func:`token_strings`); a special token extends nothing and has no
+    extension but itself."""
+    texts = sorted((key, token_id) for token_id, key in strings.items() if not isinstance(key, tuple))
+    specials = sorted(token_id for token_id, key in strings.items() if isinstance(key, tuple))
+    size = max(strings, default=-1) + 1
+    order = [token_id for _, token_id in texts] + specials
+    lo = torch.arange(size)
+    hi = lo + 1
+    keys = [key for key, _ in texts]
+    longest = max((len(k) for k in keys), default=0)
+    for position, (key, token_id) in enumerate(texts):
+        top = key + (b"\xff" if isinstance(key, bytes) else "\U0010ffff") * (longest + 1)  # above every extension
+        lo[token_id], hi[token_id] = position, bisect_right(keys, top, lo=position)
+    for position, token_id in enumerate(specials, start=len(texts)):
+        lo[token_id], hi[token_id] = position, position + 1
+    return Extensions(torch.tensor(order, dtype=torch.long), lo, hi)
 
 
 def _projection(student: dict[int, object], teacher: dict[int, object], student_tokenizer) -> torch.Tensor:

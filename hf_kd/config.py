@@ -136,8 +136,9 @@ class DistillationConfig(TrainingArguments):
     cross_tokenizer_exact_weight: float = field(
         default=1.0,  # the configured divergence itself, on positions with a token-to-token correspondence
         metadata={
-            "help": "Cross-tokenizer distillation: weight of the exact term (the divergence over the shared vocabulary "
-            "plus a rest bucket on one-to-one positions; over {span text, rest} by the chain rule on merged spans). "
+            "help": "Cross-tokenizer distillation: weight of the exact term (where both models have read the same text, "
+            "the divergence to the teacher's next-token distribution credited to the student token each teacher token "
+            "starts with; on merged spans, over {span text, rest} by the chain rule). "
         },
     )
     cross_tokenizer_uld_weight: float = field(

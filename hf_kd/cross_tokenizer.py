@@ -3,24 +3,28 @@
 :mod:`hf_kd.alignment` pairs the two tokenizations; this module turns the pairing into one objective, a sum over the
 student's target positions divided by their count (``num_items_in_batch`` in training), as every hf_kd loss:
 
-* **exact term** (weight ``exact_weight``), on one-to-one positions: the configured divergence between the two
-  next-token distributions over the shared vocabulary, plus one bucket on each side for the mass on every other token
-  (the buckets of :mod:`hf_kd.sparse`; with every token shared the rest buckets are empty and the term is the
-  same-tokenizer loss). And on span groups, the same divergence between the two-bucket distributions ``{the group's
-  text, anything else}``: the text's probability is the chain-rule product over each side's tokens in the group
-  (:func:`span_log_probs`), the same event for both models. A span group adds its term once, its student targets all
-  count in the divisor.
-* **ULD term** (weight ``uld_weight``), where no token-to-token correspondence exists: at the position where a span
-  group starts (both models have read the same text), the L1 distance between the two distributions' probabilities
-  sorted in decreasing order (:func:`uld_distance`, Boizard et al. 2024), at temperature ``T``, not ``T**2``-scaled.
+* **exact term** (weight ``exact_weight``), where both models have read the same text (a one-to-one target, or the
+  first target of a merged span): the configured divergence between the student's next-token distribution and the
+  teacher's *projected* onto the student's vocabulary -- each teacher token's probability credited to the student
+  token its text starts with (:func:`projected_log_probs`; " the cat" counts for " the"). That is the event the
+  student's next token is about, "the text goes on with this token"; comparing only the tokens both vocabularies
+  spell alike would take a coarse teacher's P(" the") -- which excludes " the cat" -- for it and mislead the student
+  (``benchmarks/cross_tokenizer.py`` measured it). With a permuted vocabulary the projection is the permutation and
+  the term is the same-tokenizer loss. On every merged span, the same divergence between the two-bucket distributions
+  ``{the span's text, anything else}``: the text's probability is the chain-rule product over each side's tokens
+  (:func:`span_log_probs`); a span adds its term once, its student targets all count in the divisor.
+* **ULD term** (weight ``uld_weight``), where a merged span starts: the L1 distance between the two distributions'
+  probabilities sorted in decreasing order (:func:`uld_distance`, Boizard et al. 2024), at temperature ``T``, not
+  ``T**2``-scaled; it needs no vocabulary mapping at all.
 * **CE** over every student target, aligned or not; ``alpha`` mixes it in as everywhere.
 
-Temperature acts on the buckets as in :mod:`hf_kd.sparse` (exact on one-to-one positions whose tokens are all shared).
-``mse`` needs logits over one vocabulary and is refused. One pass over the student's target rows, a chunk at a time,
-makes both models' logits for the chunk and takes the chunk's gradient at once (with respect to the student's hidden
-states and head, or its logits), as :mod:`hf_kd.chunking` does; only ``d(hidden)`` and ``d(weight)`` outlive a chunk,
-so on the fused path nothing of size ``[tokens, vocab]`` is held. The span term depends on sums across chunks: it is
-evaluated first, and its gradient enters the pass as fixed weights on each token's log-probability (:func:`_span_term`).
+Temperature acts on the teacher's probabilities before they are projected, and on the span's two buckets as in
+:mod:`hf_kd.sparse`. ``mse`` needs logits over one vocabulary and is refused. One pass over the student's target
+rows, a chunk at a time, makes both models' logits for the chunk and takes the chunk's gradient at once (with respect
+to the student's hidden states and head, or its logits), as :mod:`hf_kd.chunking` does; only ``d(hidden)`` and
+``d(weight)`` outlive a chunk, so on the fused path nothing of size ``[tokens, vocab]`` is held. The span term depends
+on sums across chunks: it is evaluated first, and its gradient enters the pass as fixed weights on each token's
+log-probability (:func:`_span_term`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .alignment import Alignment, SharedVocabulary
+from .alignment import Alignment, Extensions, SharedVocabulary
 from .losses import Objective, normalizer, target_rows
 from .sparse import EMPTY_TAIL
 
@@ -148,7 +152,7 @@ def cross_tokenizer_terms(
     dtype = torch.promote_types(student_rows.rows.dtype, torch.float32)  # float64 in, float64 out
     plan = _RowPlan(alignment, keep.numel(), device, dtype)
     denominator = normalizer(alignment.targets, num_items_in_batch, device=device, dtype=dtype)
-    span_value, plan.span_weight = _span_term(student_rows, teacher_rows, alignment, objective, chunk_size)
+    span_value, plan.span_weight = _span_term(student_rows, teacher_rows, alignment, shared, objective, chunk_size)
     t_ids, projection = shared.teacher_ids.to(device), shared.projection.to(device)
     temperature = objective.temperature
 
@@ -168,9 +172,14 @@ def cross_tokenizer_terms(
             # the teacher side as "logits" whose log_softmax(x / T) is its projected distribution itself
             exact = objective.divergence(s_logits[at_boundary], temperature * t_projected).sum()
         in_span = plan.span_token[index] >= 0
-        if in_span.any():  # the span term's gradient: fixed weights on these tokens' log-probs (see _span_term)
-            token_lp = log_p_s[in_span].gather(-1, plan.span_token[index][in_span].unsqueeze(-1)).squeeze(-1)
-            weighted = (plan.span_weight[index][in_span] * token_lp).sum()
+        if in_span.any():  # the span term's gradient: fixed weights on these factors' log-probs (see _span_term)
+            tokens = plan.span_token[index][in_span]
+            factor = log_p_s[in_span].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            ends = plan.span_last[index][in_span]
+            if ends.any():
+                ends_lp = last_log_probs(log_p_s[in_span][ends], tokens[ends], shared.student_extensions)
+                factor = factor.masked_scatter(ends, ends_lp)
+            weighted = (plan.span_weight[index][in_span] * factor).sum()
             exact = exact + weighted - weighted.detach()  # adds the gradient, not the value (counted once, below)
         starts = plan.start_row[index] >= 0
         if weights.uld and starts.any():  # where a span group starts, both sides have read the same text
@@ -227,15 +236,20 @@ class _RowPlan:
         self.boundary_row = torch.maximum(self.teacher_row, self.start_row)  # after the same text: either kind
         self.span_token = torch.full((rows,), -1, dtype=torch.long, device=device)
         self.span_token[alignment.span_student[0]] = alignment.span_student[1]
+        self.span_last = torch.zeros(rows, dtype=torch.bool, device=device)  # the last token of its span
+        self.span_last[alignment.span_student[0]] = last_in_group(alignment.span_student[2])
         self.span_weight = torch.zeros(rows, device=device, dtype=dtype)
 
 
-def _span_term(student: _Rows, teacher: _Rows, alignment: Alignment, objective: Objective, chunk: int):
-    """The span groups' term and, per student row, the weight of its token's log-probability in its gradient.
+def _span_term(student: _Rows, teacher: _Rows, alignment: Alignment, shared: SharedVocabulary, objective: Objective,
+               chunk: int):  # fmt: skip
+    """The span groups' term and, per student row, the weight of its factor's log-probability in its gradient.
 
-    The term is a function of each group's summed token log-probabilities, a sum across chunks: it is evaluated here
-    without a graph, and its derivative with respect to every token log-probability becomes a fixed weight, so that
-    the chunk pass adds the exact gradient while holding one chunk at a time."""
+    Each side's probability that the text goes on with the span's text: the chain rule over its tokens in the span,
+    the last factor summed over every token whose text starts with the last token's (" s5 s3" goes on with " s5" as
+    well as " s5" itself does; :func:`last_log_probs`). The term is a function of sums across chunks: it is evaluated
+    here without a graph, and its derivative with respect to every factor becomes a fixed weight, so that the chunk
+    pass adds the exact gradient while holding one chunk at a time."""
     rows = student.rows.shape[0]
     weight = torch.zeros(rows, device=student.rows.device, dtype=torch.promote_types(student.rows.dtype, torch.float32))
     groups = alignment.span_starts.shape[1]
@@ -244,8 +258,8 @@ def _span_term(student: _Rows, teacher: _Rows, alignment: Alignment, objective: 
     s_rows, s_tokens, s_groups = alignment.span_student
     t_rows, t_tokens, t_groups = alignment.span_teacher
     with torch.no_grad():
-        s_token_lp = _token_log_probs(student, s_rows, s_tokens, chunk)
-        t_token_lp = _token_log_probs(teacher, t_rows, t_tokens, chunk)
+        s_token_lp = _factor_log_probs(student, s_rows, s_tokens, last_in_group(s_groups), shared.student_extensions, chunk)
+        t_token_lp = _factor_log_probs(teacher, t_rows, t_tokens, last_in_group(t_groups), shared.teacher_extensions, chunk)
     with torch.enable_grad():
         leaf = s_token_lp.detach().requires_grad_(True)
         s_span = span_log_probs(leaf, s_groups, groups)
@@ -256,8 +270,33 @@ def _span_term(student: _Rows, teacher: _Rows, alignment: Alignment, objective: 
     return value.detach(), weight
 
 
-def _token_log_probs(side: _Rows, rows: torch.Tensor, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``[M]`` log p(token) at each row (T = 1), ``chunk`` rows at a time, without a graph."""
-    parts = [torch.log_softmax(side.logits(rows[i : i + chunk]), -1).gather(-1, tokens[i : i + chunk].unsqueeze(-1))
-             for i in range(0, rows.numel(), chunk)]  # fmt: skip
-    return torch.cat(parts).squeeze(-1) if parts else side.rows.new_zeros(0, dtype=torch.float32)
+def last_in_group(groups: torch.Tensor) -> torch.Tensor:
+    """``[M]`` group index of each token, in order -> ``[M]`` whether it is its group's last."""
+    return torch.cat([groups[1:] != groups[:-1], groups.new_ones(min(groups.numel(), 1), dtype=torch.bool)])
+
+
+def last_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, extensions: Extensions) -> torch.Tensor:
+    """``[N, V]`` log-probabilities and ``[N]`` tokens -> ``[N]`` log of the probability of every token whose text
+    starts with the token's (itself included): that the text goes on with the token's text."""
+    order = extensions.order.to(log_probs.device)
+    width = order.numel()
+    ranked = log_probs[:, order]  # sorted by text: a token's extensions are one range
+    position = torch.arange(width, device=log_probs.device)
+    lo, hi = extensions.lo.to(log_probs.device)[tokens], extensions.hi.to(log_probs.device)[tokens]
+    inside = (position >= lo.unsqueeze(-1)) & (position < hi.unsqueeze(-1))
+    return torch.logsumexp(ranked.masked_fill(~inside, -torch.inf), dim=-1)
+
+
+def _factor_log_probs(side: _Rows, rows: torch.Tensor, tokens: torch.Tensor, last: torch.Tensor,
+                      extensions: Extensions, chunk: int) -> torch.Tensor:  # fmt: skip
+    """``[M]`` each span token's factor at its row (T = 1): log p(token), or for the last of a span
+    :func:`last_log_probs`; ``chunk`` rows at a time, without a graph."""
+    parts = []
+    for i in range(0, rows.numel(), chunk):
+        log_p = torch.log_softmax(side.logits(rows[i : i + chunk]), -1)
+        factor = log_p.gather(-1, tokens[i : i + chunk].unsqueeze(-1)).squeeze(-1)
+        ends = last[i : i + chunk]
+        if ends.any():
+            factor = factor.masked_scatter(ends, last_log_probs(log_p[ends], tokens[i : i + chunk][ends], extensions))
+        parts.append(factor)
+    return torch.cat(parts) if parts else side.rows.new_zeros(0, dtype=torch.float32)

@@ -388,7 +388,7 @@ def test_every_term_against_a_float64_reference(byte_pair):
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
-    ids = student("ab cdab abcd", add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    ids = student("ab cdab abcd a", add_special_tokens=False)["input_ids"] + [student.eos_token_id]
     labels = torch.tensor([[-100, -100, *ids[3:]]])
     alignment = align_batch(torch.tensor([ids]), None, labels, student, teacher, shared)
     torch.manual_seed(2)
@@ -429,9 +429,22 @@ def test_every_term_against_a_float64_reference(byte_pair):
     span = 0.0
     s_rows, s_tok, s_grp = alignment.span_student
     t_rows, t_tok, t_grp = alignment.span_teacher
+    t_text = {i: p.replace("Ġ", " ") for i, p in enumerate(teacher.convert_ids_to_tokens(list(range(len(teacher)))))}
+    extended = []  # (side, token) whose last-of-span factor sums more than one token
+
+    def factors(lp, rows_, toks, grps, g, text_of, side):
+        # each token's log-prob; the span's last: every token whose text starts with its text ("goes on with it")
+        members = [(r, k) for r, k, gg in zip(rows_.tolist(), toks.tolist(), grps.tolist()) if gg == g]
+        total = sum(lp[r, k] for r, k in members[:-1])
+        r, k = members[-1]
+        ext = [j for j, text in text_of.items() if text.startswith(text_of[k]) and not text.startswith("<")]
+        if len(ext) > 1:
+            extended.append((side, text_of[k]))
+        return total + torch.logsumexp(lp[r, ext], 0)
+
     for g in range(alignment.span_starts.shape[1]):
-        log_ps = sum(lp_s[r, k] for r, k, gg in zip(s_rows.tolist(), s_tok.tolist(), s_grp.tolist()) if gg == g)
-        log_pt = sum(lp_t[r, k] for r, k, gg in zip(t_rows.tolist(), t_tok.tolist(), t_grp.tolist()) if gg == g)
+        log_ps = factors(lp_s, s_rows, s_tok, s_grp, g, s_text, "student")
+        log_pt = factors(lp_t, t_rows, t_tok, t_grp, g, t_text, "teacher")
         two = lambda lp: torch.stack([lp, torch.log1p(-torch.exp(lp))])  # noqa: E731
         span = span + kl_on_buckets(two(log_ps), two(torch.as_tensor(log_pt)))
     uld = 0.0
@@ -447,7 +460,8 @@ def test_every_term_against_a_float64_reference(byte_pair):
     divergence = (w_exact * (exact + span) + w_uld * uld) / count
     reference = alpha * divergence + (1 - alpha) * ce
     (reference_grad,) = torch.autograd.grad(reference, s_logits)
-    assert alignment.pairs.shape[1] == 2 and alignment.span_starts.shape[1] == 2  # every kind of term is present
+    assert alignment.pairs.shape[1] == 2 and alignment.span_starts.shape[1] == 3  # every kind of term is present
+    assert extended == [("student", "a")]  # " a": the student's "a" goes on as "a" or "ab"
     assert terms["loss"].dtype == torch.float64  # float64 in, float64 throughout
     assert torch.allclose(terms["distill_loss"], divergence.detach(), rtol=1e-12)
     assert torch.allclose(terms["ce_loss"], ce.detach(), rtol=1e-12)
