@@ -111,7 +111,27 @@ def load_model(path: str, task: str, init_kwargs: dict | None = None) -> nn.Modu
     if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     logger.info("loading %s (%s) with %s", path, task, kwargs)
-    return TASKS[task].load_class().from_pretrained(path, **kwargs)
+    return _model_class(path, task, kwargs).from_pretrained(path, **kwargs)
+
+
+def _model_class(path: str, task: str, kwargs: dict):
+    """The task's Auto class; for a classifier, the class its config names when that is one (an image or audio
+    classifier, ViTForImageClassification, has no AutoModelForSequenceClassification mapping)."""
+    import transformers
+
+    auto = TASKS[task].load_class()
+    if task != "classification":
+        return auto
+    keys = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in keys})
+    except (OSError, ValueError):
+        return auto  # from_pretrained says what is wrong
+    for name in getattr(config, "architectures", None) or []:
+        found = task_of_class(name)
+        if found is not None and found.name == task and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return auto
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -113,10 +113,12 @@ def test_image_classifier(tmp_path):
                                                    intermediate_size=hidden, num_labels=4))
 
     teacher, student = vit(32, 5), vit(16, 6)
+    teacher.save_pretrained(tmp_path / "vit_teacher")  # by path: loaded as the ViTForImageClassification it was
     g = torch.Generator().manual_seed(1)
     rows = [{"pixel_values": torch.randn(3, 8, 8, generator=g).tolist(), "labels": i % 4} for i in range(8)]
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=Dataset.from_list(rows),
-                                  args=make_args(tmp_path, max_steps=2, **KW))
+    trainer = DistillationTrainer(model=student, teacher_model=str(tmp_path / "vit_teacher"),
+                                  train_dataset=Dataset.from_list(rows), args=make_args(tmp_path, max_steps=2, **KW))
+    assert type(trainer.teacher_model).__name__ == "ViTForImageClassification"
     assert trainer.task == "classification"
     batch = trainer.data_collator(rows[:4])
     ours = trainer.compute_loss(student, batch)
