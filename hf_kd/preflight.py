@@ -15,11 +15,11 @@ logger = logging.getLogger(__name__)
 
 def fused_loss_applies(trainer) -> bool:
     """Whether the chunked loss applies to this pair; says why in the log when it was asked for but cannot."""
-    if not trainer.args.loss_chunk_size:
-        return False
+    if not trainer.args.loss_chunk_size or trainer.task != "causal_lm":
+        return False  # a classifier's logits are one row per example (or token): nothing to chunk, nothing to say
     reasons = []
     teacher = trainer.teacher.model
-    if trainer.task != "causal_lm" or (teacher is not None and detect_task(teacher) != "causal_lm"):
+    if teacher is not None and detect_task(teacher) != "causal_lm":
         reasons.append("the fused loss is for causal LMs")
     if teacher_is_sharded(trainer.accelerator):
         reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")

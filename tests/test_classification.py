@@ -133,3 +133,16 @@ def test_label_sets_must_match(tmp_path):
         DistillationTrainer(model=bert(BertForSequenceClassification, 32, 1, num_labels=3),
                             teacher_model=bert(BertForSequenceClassification, 32, 2, num_labels=4),
                             args=make_args(tmp_path))
+
+
+def test_a_classifier_builds_without_a_fused_loss_warning(tmp_path, saved_pair, caplog):
+    """The default loss_chunk_size is a causal-LM knob: a classifier takes full logits without a warning about it."""
+    import logging
+
+    root, tokenizer = saved_pair
+    student = BertForSequenceClassification.from_pretrained(root / "student")
+    with caplog.at_level(logging.WARNING, logger="hf_kd"):
+        trainer = DistillationTrainer(model=student, teacher_model=str(root / "teacher"), processing_class=tokenizer,
+                                      args=make_args(tmp_path, **KW))  # fmt: skip
+    assert trainer.args.loss_chunk_size and not trainer.use_fused_loss
+    assert not [r for r in caplog.records if "loss_chunk_size" in r.getMessage()]
