@@ -34,6 +34,7 @@ import torch
 from .losses import IGNORE_INDEX
 
 ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")  # special tokens mapped by role, not by content
+DEPTH = 4  # student tokens a teacher token may hold before the one predicted inside it (deeper: no signal)
 
 
 # ---- vocabularies ---------------------------------------------------------------------------------------------------
@@ -111,9 +112,14 @@ class SharedVocabulary:
     student_strings: dict[int, object]  # what each student token spells (token_strings), for sampled sequences
     student_size: int  # tokens in the student's tokenizer
     teacher_size: int
-    projection: torch.Tensor  # [teacher ids] the student token each teacher token's text starts with (-1: none)
+    segmentation: torch.Tensor  # [teacher ids, DEPTH + 1] each teacher token's text as student tokens (-1 pads)
     student_extensions: Extensions  # per student token, the tokens whose text starts with its text
     teacher_extensions: Extensions
+
+    @property
+    def projection(self) -> torch.Tensor:
+        """``[teacher ids]`` the student token each teacher token's text starts with (-1: none)."""
+        return self.segmentation[:, 0]
 
     @property
     def overlap(self) -> float:
@@ -139,7 +145,7 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
             special_map[token_id] = by_string.get(string)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return SharedVocabulary(ids[:, 0].contiguous(), ids[:, 1].contiguous(), special_map, student, len(student),
-                            len(teacher), _projection(student, teacher, student_tokenizer), extensions(student),
+                            len(teacher), _segmentation(student, teacher, student_tokenizer), extensions(student),
                             extensions(teacher))  # fmt: skip
 
 
@@ -172,26 +178,32 @@ def extensions(strings: dict[int, object]) -> Extensions:
     return Extensions(torch.tensor(order, dtype=torch.long), lo, hi)
 
 
-def _projection(student: dict[int, object], teacher: dict[int, object], student_tokenizer) -> torch.Tensor:
-    """``[teacher ids]``: for each teacher token, the student token its text starts with (the longest student token
-    that is a prefix of it; a special token: the student's of the same role or content), -1 for none. A teacher token
-    that spells several student tokens (" the cat") thus credits its probability to the first (" the"): the event
-    "the next text starts with this student token", which is what the student's next-token probability is about."""
+def _segmentation(student: dict[int, object], teacher: dict[int, object], student_tokenizer) -> torch.Tensor:
+    """``[teacher ids, DEPTH + 1]``: each teacher token's text spelled with student tokens, longest first (a special
+    token: the student's of the same role or content), -1 past its end or where nothing matches. Column 0 is the
+    student token the text starts with: a teacher token that spells several (" the cat") credits its probability to
+    the first (" the"), the event the student's next token is about -- "the text goes on with this token"; the next
+    columns say what it spells after that, for targets inside a teacher token."""
     by_string: dict[object, int] = {}
     for token_id in _preferred_order(student_tokenizer):
         by_string.setdefault(student[token_id], token_id)
     longest = max((len(k) for k in by_string if not isinstance(k, tuple)), default=0)
-    projection = torch.full((max(teacher, default=-1) + 1,), -1, dtype=torch.long)
+    table = torch.full((max(teacher, default=-1) + 1, DEPTH + 1), -1, dtype=torch.long)
     for token_id, string in teacher.items():
         if isinstance(string, tuple):  # a special token: only its counterpart
-            projection[token_id] = by_string.get(string, -1)
+            table[token_id, 0] = by_string.get(string, -1)
             continue
-        for cut in range(min(len(string), longest), 0, -1):
-            match = by_string.get(string[:cut])
-            if match is not None:
-                projection[token_id] = match
+        rest = string
+        for column in range(DEPTH + 1):
+            match = next((by_string[rest[:cut]] for cut in range(min(len(rest), longest), 0, -1)
+                          if rest[:cut] in by_string), None)  # fmt: skip
+            if match is None:
                 break
-    return projection
+            table[token_id, column] = match
+            rest = rest[len(student[match]) :]
+            if not rest:
+                break
+    return table
 
 
 def _preferred_order(tokenizer) -> list[int]:
@@ -295,6 +307,28 @@ def group_tokens(student_ends: list[int | None], teacher_ends: list[int | None])
     return [(s, t) for s, t in groups if s and t]
 
 
+def _inside_teacher_tokens(student: list[int], teacher: list[int], student_ends: list[int | None],
+                           teacher_ends: list[int | None]) -> list[tuple[int, int, list[int]]]:  # fmt: skip
+    """In one group: ``(k, j, prefix)`` for each student token ``k`` that starts inside teacher token ``j``, where
+    ``prefix`` are the student tokens from ``j``'s start to ``k`` (at most :data:`DEPTH`; ``j`` must start where a
+    student token does). The teacher's distribution at ``j`` says what ``k`` is: the mass of its tokens that spell
+    ``prefix`` and then ``k`` (:func:`hf_kd.cross_tokenizer.inner_log_probs`)."""
+    s_start = {k: (student_ends[k - 1] if k > 0 else 0) for k in student}
+    t_span = [(j, teacher_ends[j - 1] if j > 0 else 0, teacher_ends[j]) for j in teacher]
+    found = []
+    for k in student[1:]:
+        begin = s_start[k]
+        holder = next((j for j, lo, hi in t_span if lo is not None and hi is not None and lo < begin < hi), None) \
+            if begin is not None else None  # fmt: skip
+        if holder is None:
+            continue
+        token_start = next(lo for j, lo, _ in t_span if j == holder)
+        prefix = [m for m in student if m < k and s_start[m] is not None and s_start[m] >= token_start]
+        if prefix and s_start[prefix[0]] == token_start and prefix == list(range(prefix[0], k)) and len(prefix) <= DEPTH:
+            found.append((k, holder, prefix))
+    return found
+
+
 # ---- a batch ---------------------------------------------------------------------------------------------------------
 
 
@@ -308,6 +342,8 @@ class Alignment:
     span_student: torch.Tensor  # [3, M] span groups' student targets: row, token id, group
     span_teacher: torch.Tensor  # [3, M_t] span groups' teacher targets: row, token id, group
     span_starts: torch.Tensor  # [2, G] the student and teacher rows where each span group starts
+    inner: torch.Tensor  # [2 + DEPTH, I] span targets inside a teacher token: student row, the teacher row that
+    #                      predicts that token, then the student ids from the token's start to the target (-1 pads)
     targets: int  # student target positions in the batch (labels != -100)
 
 
@@ -320,7 +356,7 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
     input_ids, labels = input_ids.cpu(), labels.cpu()  # read token by token below: one copy, not a sync per token
     mask = attention_mask.cpu() if attention_mask is not None else torch.ones_like(input_ids)
     bos = _teacher_bos(teacher_tokenizer)
-    sequences, pairs, span_student, span_teacher, starts = [], [], [], [], []
+    sequences, pairs, span_student, span_teacher, starts, inner = [], [], [], [], [], []
     for row in range(batch):
         positions = mask[row].nonzero().flatten().tolist()  # the real tokens' positions in the padded row
         ids = input_ids[row, positions].tolist()
@@ -328,9 +364,12 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
         is_target = [p > 0 and row_labels[p - 1] != IGNORE_INDEX for p in positions]
         teacher_ids, groups = _align_example(ids, student_tokenizer, teacher_tokenizer, shared, bos)
         sequences.append(teacher_ids)
-        for student_tokens, teacher_tokens_ in groups:
+        for student_tokens, teacher_tokens_, inside in groups:
             if not all(is_target[k] for k in student_tokens) or min(teacher_tokens_) == 0:
                 continue  # a prompt character in the group, or a teacher token with nothing before it to predict it
+            for k, j, prefix in inside:  # read part of teacher token j: its rest, given what the student read
+                ids_before = [ids[m] for m in prefix] + [-1] * (DEPTH - len(prefix))
+                inner.append((row * (width - 1) + positions[k] - 1, (row, j - 1), ids_before))
             student_rows = [row * (width - 1) + positions[k] - 1 for k in student_tokens]
             teacher_rows = [(row, j - 1) for j in teacher_tokens_]  # made flat once the teacher width is known
             if len(student_tokens) == 1 and len(teacher_tokens_) == 1:
@@ -355,6 +394,7 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
         span_student=as_tensor(span_student, 3),
         span_teacher=as_tensor([(flat(t), token, g) for t, token, g in span_teacher], 3),
         span_starts=as_tensor([(s, flat(t)) for s, t in starts], 2),
+        inner=as_tensor([(s, flat(t), *before) for s, t, before in inner], 2 + DEPTH),
         targets=int((labels != IGNORE_INDEX).sum()),
     )
 
@@ -369,16 +409,17 @@ def _teacher_bos(tokenizer) -> int | None:
 
 
 def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared: SharedVocabulary,
-                   bos: int | None) -> tuple[list[int], list[tuple[list[int], list[int]]]]:  # fmt: skip
-    """One example's teacher ids and its groups (student token indices, teacher token indices)."""
+                   bos: int | None) -> tuple[list[int], list[tuple[list[int], list[int], list]]]:  # fmt: skip
+    """One example's teacher ids and its groups (student token indices, teacher token indices, and the student
+    tokens that start inside a teacher token: :func:`_inside_teacher_tokens`)."""
     teacher_ids: list[int] = [] if bos is None or shared.special_map.get(ids[0] if ids else -1) == bos else [bos]
-    groups: list[tuple[list[int], list[int]]] = []
+    groups: list[tuple[list[int], list[int], list]] = []
     start = 0
     while start < len(ids):
         if ids[start] in shared.special_map:  # a special token: its own group, if the teacher has a counterpart
             partner = shared.special_map[ids[start]]
             if partner is not None:
-                groups.append(([start], [len(teacher_ids)]))
+                groups.append(([start], [len(teacher_ids)], []))
                 teacher_ids.append(partner)
             start += 1
             continue
@@ -388,7 +429,9 @@ def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared:
         text, student_ends = student_text(student_tokenizer, ids[start:stop], shared.student_strings)
         segment, teacher_ends = teacher_tokens(teacher_tokenizer, text)
         for s, t in group_tokens(student_ends, teacher_ends):
-            groups.append(([start + k for k in s], [len(teacher_ids) + j for j in t]))
+            inside = [(start + k, len(teacher_ids) + j, [start + m for m in prefix])
+                      for k, j, prefix in _inside_teacher_tokens(s, t, student_ends, teacher_ends)]  # fmt: skip
+            groups.append(([start + k for k in s], [len(teacher_ids) + j for j in t], inside))
         teacher_ids.extend(segment)
         start = stop
     return teacher_ids, groups

@@ -71,6 +71,31 @@ def projected_log_probs(teacher_logits: torch.Tensor, projection: torch.Tensor, 
     return torch.log(out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny))
 
 
+def inner_log_probs(teacher_logits: torch.Tensor, before: torch.Tensor, segmentation: torch.Tensor,
+                    student_vocab: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's word on a student target *inside* one of its tokens: ``[N, V_t]`` logits of the position that
+    predicts that token and ``[N, D]`` the student ids already read since its start (-1 pads) -> ``[N, V_s]``
+    log-probabilities of the next student token: the mass of the teacher tokens that spell ``before`` and then each
+    student token (:attr:`hf_kd.alignment.SharedVocabulary.segmentation`), renormalized; and ``[N]`` whether any
+    teacher token spells ``before`` (else the row has no signal)."""
+    probs = torch.softmax(teacher_logits / temperature if temperature != 1 else teacher_logits, dim=-1)
+    width = min(probs.shape[-1], segmentation.shape[0])
+    table, probs = segmentation[:width], probs[:, :width]
+    depth = (before >= 0).sum(-1)  # [N]
+    parts = []
+    for start in range(0, probs.shape[0], 16):  # [16, V_t, D] comparisons at a time
+        rows = slice(start, start + 16)
+        wanted = before[rows].unsqueeze(1)  # [n, 1, D]
+        spells = ((table[:, : wanted.shape[-1]].unsqueeze(0) == wanted) | (wanted < 0)).all(-1)  # [n, V_t]
+        following = table.T[depth[rows]]  # [n, V_t]: the student token each teacher token spells next
+        keep = spells & (following >= 0) & (following < student_vocab)
+        out = probs.new_zeros(probs[rows].shape[0], student_vocab)
+        parts.append(out.scatter_add_(1, following.clamp_min(0), probs[rows] * keep))
+    out = torch.cat(parts) if parts else probs.new_zeros(0, student_vocab)
+    mass = out.sum(-1, keepdim=True)
+    return torch.log(out / mass.clamp_min(torch.finfo(out.dtype).tiny)), mass.squeeze(-1) > 0
+
+
 def span_log_probs(token_log_probs: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
     """``[M]`` log-probabilities of the tokens of span groups and ``[M]`` their group index -> ``[count]`` the log
     probability of each group's text, by the chain rule (the sum of its tokens' log-probabilities)."""
@@ -153,7 +178,8 @@ def cross_tokenizer_terms(
     plan = _RowPlan(alignment, keep.numel(), device, dtype)
     denominator = normalizer(alignment.targets, num_items_in_batch, device=device, dtype=dtype)
     span_value, plan.span_weight = _span_term(student_rows, teacher_rows, alignment, shared, objective, chunk_size)
-    t_ids, projection = shared.teacher_ids.to(device), shared.projection.to(device)
+    t_ids, segmentation = shared.teacher_ids.to(device), shared.segmentation.to(device)
+    projection = segmentation[:, 0]
     temperature = objective.temperature
 
     def chunk_terms(s_logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -171,6 +197,14 @@ def cross_tokenizer_terms(
                 mass = torch.softmax(t_logits[paired], -1)[:, t_ids].sum()  # on shared tokens, one-to-one targets
             # the teacher side as "logits" whose log_softmax(x / T) is its projected distribution itself
             exact = objective.divergence(s_logits[at_boundary], temperature * t_projected).sum()
+        inside = plan.inner_row[index] >= 0
+        if inside.any():  # a target inside a teacher token: what the teacher's token says comes next
+            with torch.no_grad():
+                t_logits = teacher_rows.logits(plan.inner_row[index][inside])
+                t_inner, has = inner_log_probs(t_logits, plan.inner_before[index][inside], segmentation,
+                                               s_logits.shape[-1], temperature)  # fmt: skip
+            if has.any():
+                exact = exact + objective.divergence(s_logits[inside][has], temperature * t_inner[has]).sum()
         in_span = plan.span_token[index] >= 0
         if in_span.any():  # the span term's gradient: fixed weights on these factors' log-probs (see _span_term)
             tokens = plan.span_token[index][in_span]
@@ -236,6 +270,10 @@ class _RowPlan:
         self.boundary_row = torch.maximum(self.teacher_row, self.start_row)  # after the same text: either kind
         self.span_token = torch.full((rows,), -1, dtype=torch.long, device=device)
         self.span_token[alignment.span_student[0]] = alignment.span_student[1]
+        self.inner_row = torch.full((rows,), -1, dtype=torch.long, device=device)  # the teacher row of its token
+        self.inner_row[alignment.inner[0]] = alignment.inner[1]
+        self.inner_before = torch.full((rows, alignment.inner.shape[0] - 2), -1, dtype=torch.long, device=device)
+        self.inner_before[alignment.inner[0]] = alignment.inner[2:].T
         self.span_last = torch.zeros(rows, dtype=torch.bool, device=device)  # the last token of its span
         self.span_last[alignment.span_student[0]] = last_in_group(alignment.span_student[2])
         self.span_weight = torch.zeros(rows, device=device, dtype=dtype)

@@ -424,12 +424,36 @@ def test_every_term_against_a_float64_reference(byte_pair):
         log_s = torch.log_softmax(s[row_s] / T, -1)
         return T * T * sum(q[i] * (torch.log(q[i]) - log_s[i]) for i in range(len(student)) if q[i] > 0)
 
+    t_text = {i: p.replace("Ġ", " ") for i, p in enumerate(teacher.convert_ids_to_tokens(list(range(len(teacher)))))}
     boundaries = alignment.pairs.T.tolist() + alignment.span_starts.T.tolist()  # after the same text on both sides
     exact = sum(projected_kl(r, q) for r, q in boundaries)
+
+    def spelled(text):  # a teacher token's text as student tokens, longest first
+        out = []
+        while text:
+            match = max((i for i, st in s_text.items() if "<" not in st and text.startswith(st)), key=lambda i: len(s_text[i]))
+            out.append(match)
+            text = text[len(s_text[match]) :]
+        return out
+
+    # targets inside a teacher token: " ab" is "Ġa" "b" to the teacher, so the student's "ab" (after "Ġ") is read
+    # inside "Ġa", and so is the last "a"; what the teacher's tokens spell after "Ġ" there is its word on them
+    gid = student.convert_tokens_to_ids
+    inner = [(r, q, [i for i in before if i >= 0]) for r, q, *before in alignment.inner.T.tolist()]
+    assert [(r, teacher.convert_ids_to_tokens(alignment.teacher_inputs["input_ids"][0, q + 1].item()), b)
+            for r, q, b in inner] == [(4, "Ġa", [gid("Ġ")]), (7, "Ġa", [gid("Ġ")])]  # fmt: skip
+    for r, q, before in inner:
+        p_t = torch.softmax(t[q] / T, -1)
+        mass = torch.zeros(len(student), dtype=torch.float64)
+        for tau, text in t_text.items():
+            spelling = [] if text.startswith("<") else spelled(text)
+            if spelling[: len(before)] == before and len(spelling) > len(before):
+                mass[spelling[len(before)]] += p_t[tau]
+        q_t, log_s = mass / mass.sum(), torch.log_softmax(s[r] / T, -1)
+        exact = exact + T * T * sum(q_t[i] * (torch.log(q_t[i]) - log_s[i]) for i in range(len(student)) if q_t[i] > 0)
     span = 0.0
     s_rows, s_tok, s_grp = alignment.span_student
     t_rows, t_tok, t_grp = alignment.span_teacher
-    t_text = {i: p.replace("Ġ", " ") for i, p in enumerate(teacher.convert_ids_to_tokens(list(range(len(teacher)))))}
     extended = []  # (side, token) whose last-of-span factor sums more than one token
 
     def factors(lp, rows_, toks, grps, g, text_of, side):
