@@ -58,17 +58,19 @@ def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> to
 
 
 def projected_log_probs(teacher_logits: torch.Tensor, projection: torch.Tensor, student_vocab: int,
-                        temperature: float = 1.0) -> torch.Tensor:
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, V_t]`` teacher logits -> ``[N, V_s]`` log-probabilities over the student's vocabulary: the teacher's
     probabilities at ``temperature``, each credited to ``projection[id]`` (the student token its text starts with,
     :attr:`hf_kd.alignment.SharedVocabulary.projection`), renormalized over the mass that maps (a teacher token that
-    maps to nothing, or a padding row, drops out). ``-inf`` where no teacher token maps."""
+    maps to nothing, or a padding row, drops out). ``-inf`` where no teacher token maps; and ``[N]`` whether any mass
+    maps at all (else the row has no signal)."""
     probs = torch.softmax(teacher_logits / temperature if temperature != 1 else teacher_logits, dim=-1)
     width = min(probs.shape[-1], projection.shape[0])
     target = projection[:width]
     keep = (target >= 0) & (target < student_vocab)
     out = probs.new_zeros(probs.shape[0], student_vocab).index_add_(1, target[keep], probs[:, :width][:, keep])
-    return torch.log(out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny))
+    mass = out.sum(-1, keepdim=True)
+    return torch.log(out / mass.clamp_min(torch.finfo(out.dtype).tiny)), mass.squeeze(-1) > 0
 
 
 def inner_log_probs(teacher_logits: torch.Tensor, before: torch.Tensor, segmentation: torch.Tensor,
@@ -192,11 +194,11 @@ def cross_tokenizer_terms(
         if at_boundary.any():  # both have read the same text: next-token distributions, the teacher's projected
             with torch.no_grad():
                 t_logits = teacher_rows.logits(plan.boundary_row[index][at_boundary])
-                t_projected = projected_log_probs(t_logits, projection, s_logits.shape[-1], temperature)
+                t_projected, has = projected_log_probs(t_logits, projection, s_logits.shape[-1], temperature)
                 paired = plan.teacher_row[index][at_boundary] >= 0
                 mass = torch.softmax(t_logits[paired], -1)[:, t_ids].sum()  # on shared tokens, one-to-one targets
             # the teacher side as "logits" whose log_softmax(x / T) is its projected distribution itself
-            exact = objective.divergence(s_logits[at_boundary], temperature * t_projected).sum()
+            exact = objective.divergence(s_logits[at_boundary][has], temperature * t_projected[has]).sum()
         inside = plan.inner_row[index] >= 0
         if inside.any():  # a target inside a teacher token: what the teacher's token says comes next
             with torch.no_grad():

@@ -629,3 +629,27 @@ def test_a_lora_student_learns_across_tokenizers(tmp_path, byte_pair):
     assert trainer.use_fused_loss and type(trainer.teacher).__name__ == "CrossTokenizerTeacher"
     moved = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, lora[n])]
     assert moved and torch.equal(trainer.model.get_base_model().lm_head.weight, head_before)
+
+
+def test_a_teacher_whose_tokens_spell_no_student_token_gives_no_signal_not_nan(byte_pair):
+    """Where no teacher token maps onto the student's vocabulary (tokenizers of different schemes), the projected term
+    has nothing to say: the loss stays finite (the CE still trains), it does not turn into NaN."""
+    import dataclasses
+
+    from hf_kd.cross_tokenizer import cross_tokenizer_terms, projected_log_probs
+    from hf_kd.losses import Objective
+    from hf_kd.targets import TeacherLogits
+
+    _, student, teacher = byte_pair
+    shared = shared_vocabulary(student, teacher)
+    unmapped = dataclasses.replace(shared, segmentation=torch.full_like(shared.segmentation, -1))
+    log_q, has = projected_log_probs(torch.randn(3, len(teacher)), unmapped.projection, len(student))
+    assert not has.any()
+    ids = torch.tensor([student("ab cdab abcd", add_special_tokens=False)["input_ids"]])
+    labels = ids[:, 1:]
+    alignment = align_batch(ids, None, labels, student, teacher, unmapped)
+    logits = torch.randn(1, ids.shape[1] - 1, len(student), requires_grad=True)
+    t_logits = torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher))
+    terms = cross_tokenizer_terms(logits, TeacherLogits(t_logits), alignment, unmapped, labels, Objective(alpha=0.5))
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"]) and torch.isfinite(logits.grad).all()
