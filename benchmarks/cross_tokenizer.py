@@ -166,7 +166,8 @@ def teacher_signal(teacher, student_tok, teacher_tok, dataset, rows: int = 64) -
     * ``span_gap``: on merged spans spelled by one teacher token, log P(any teacher token that starts with the span's
       text) - log P(that token), mean over spans: how far the chain-rule term's teacher probability falls short of the
       text's (0 where no longer token starts with it)."""
-    from hf_kd.alignment import align_batch, shared_vocabulary
+    from hf_kd.alignment import align_batch
+    from hf_kd.vocabulary import shared_vocabulary
     from hf_kd.data import DistillationCollator
 
     shared = shared_vocabulary(student_tok, teacher_tok)

@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
 
-    from hf_kd.alignment import shared_vocabulary
+    from hf_kd.vocabulary import shared_vocabulary
 
     hf_logging.set_verbosity_error()
     chars, (v_s, v_t), (count, length), repeats = (

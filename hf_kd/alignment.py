@@ -6,13 +6,11 @@ tokenizes that text, and each side's token boundaries (character offsets of wher
 * a **common boundary** is a character position where both tokenizations end a token;
 * a **group** is the stretch between two consecutive common boundaries: ``s`` student tokens and ``t`` teacher tokens
   that spell exactly the same characters;
-* a **one-to-one group** (``s = t = 1``) pairs a student target with a teacher target: both models predict the same
-  string from the same text before it, so their next-token distributions compare token by token over the *shared
-  vocabulary* (tokens whose strings are identical in both vocabularies, :func:`shared_vocabulary`);
-* any other group (one side splits what the other keeps whole, or both split differently) is a **span group**: the
-  probability of the group's text is the chain-rule product of each side's token probabilities over its tokens
-  (:func:`hf_kd.cross_tokenizer.span_log_probs`), and the positions where the group starts see the same text on both
-  sides (the ULD term compares their sorted distributions there).
+* a **one-to-one group** (``s = t = 1``) pairs a student target with a teacher target; any other group (one side
+  splits what the other keeps whole, or both split differently) is a **span group**. At the first target of any group
+  both models have read the same text; a student target that starts inside a teacher token is recorded with the
+  student tokens read since that token began (``Alignment.inner``). What the loss makes of each is in
+  :mod:`hf_kd.cross_tokenizer`; what each token spells, in :mod:`hf_kd.vocabulary`.
 
 Special tokens are never text: the student's EOS (BOS, PAD, UNK) becomes the teacher's token of the same role, a
 special token whose content the teacher also has maps to it, and any other one (a chat-template marker the teacher
@@ -25,205 +23,13 @@ inside a multi-byte character) have no boundary of their own and join the next t
 from __future__ import annotations
 
 import codecs
-import json
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import torch
 
 from .losses import IGNORE_INDEX
-
-ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")  # special tokens mapped by role, not by content
-DEPTH = 4  # student tokens a teacher token may hold before the one predicted inside it (deeper: no signal)
-
-
-# ---- vocabularies ---------------------------------------------------------------------------------------------------
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-ins -> the bytes they stand for (GPT-2's scheme: printable bytes stand for
-    themselves, the other 68 take the code points from 256 on, in byte order)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    decoder, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            decoder[chr(byte)] = byte
-        else:
-            decoder[chr(256 + extra)] = byte
-            extra += 1
-    return decoder
-
-
-def _decoder_kinds(tokenizer) -> set[str]:
-    """The decoder types of a fast tokenizer's pipeline (``ByteLevel``, ``Metaspace``, ``ByteFallback``, ...)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return set()
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-    kinds = {part.get("type") for part in parts}
-    if any(part.get("type") == "Replace" and "▁" in json.dumps(part.get("pattern", ""), ensure_ascii=False)
-           for part in parts):  # fmt: skip
-        kinds.add("Metaspace")  # Llama-2 style: a Replace("▁", " ") step
-    return kinds
-
-
-def token_strings(tokenizer) -> dict[int, object]:
-    """Every token id -> what it spells, comparable across tokenizers: the bytes of a text token (byte-level BPE and
-    SentencePiece pieces decoded; other schemes keep the piece itself), ``("special", role or content)`` for a special
-    token."""
-    kinds = _decoder_kinds(tokenizer)
-    byte_level = "ByteLevel" in kinds
-    table = _byte_decoder() if byte_level else {}
-    specials = {}
-    for role in ROLES:
-        token_id = getattr(tokenizer, f"{role}_id", None)
-        if token_id is not None:
-            specials.setdefault(token_id, ("special", role))
-    for token_id in tokenizer.all_special_ids:
-        specials.setdefault(token_id, ("special", tokenizer.convert_ids_to_tokens(token_id)))
-    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        if getattr(added, "special", False):
-            specials.setdefault(token_id, ("special", added.content))
-    strings: dict[int, object] = {}
-    for piece, token_id in tokenizer.get_vocab().items():
-        if token_id in specials:
-            strings[token_id] = specials[token_id]
-        elif byte_level and all(char in table for char in piece):
-            strings[token_id] = bytes(table[char] for char in piece)
-        elif "Metaspace" in kinds:
-            if "ByteFallback" in kinds and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-                strings[token_id] = bytes([int(piece[3:5], 16)])
-            else:
-                strings[token_id] = piece.replace("▁", " ").encode()
-        else:
-            strings[token_id] = piece
-    return strings
-
-
-@dataclass(frozen=True)
-class SharedVocabulary:
-    """Tokens that spell the same string in both vocabularies, as two aligned id lists (``student_ids[i]`` and
-    ``teacher_ids[i]`` are the same token), and the special tokens the student's map to (None: no counterpart)."""
-
-    student_ids: torch.Tensor  # [K] int64
-    teacher_ids: torch.Tensor  # [K] int64
-    special_map: dict[int, int | None]  # student special id -> teacher id
-    student_strings: dict[int, object]  # what each student token spells (token_strings), for sampled sequences
-    student_size: int  # tokens in the student's tokenizer
-    teacher_size: int
-    segmentation: torch.Tensor  # [teacher ids, DEPTH + 1] each teacher token's text as student tokens (-1 pads)
-    student_extensions: Extensions  # per student token, the tokens whose text starts with its text
-    teacher_extensions: Extensions
-
-    @property
-    def projection(self) -> torch.Tensor:
-        """``[teacher ids]`` the student token each teacher token's text starts with (-1: none)."""
-        return self.segmentation[:, 0]
-
-    @property
-    def overlap(self) -> float:
-        """The fraction of the student's tokenizer that the teacher's shares."""
-        return len(self.student_ids) / max(self.student_size, 1)
-
-
-def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
-    """The shared tokens of two tokenizers (one teacher id per student id and back: the first of duplicates wins)."""
-    student, teacher = token_strings(student_tokenizer), token_strings(teacher_tokenizer)
-    by_string: dict[object, int] = {}
-    for token_id in _preferred_order(teacher_tokenizer):
-        by_string.setdefault(teacher[token_id], token_id)
-    pairs, taken = [], set()
-    for token_id in _preferred_order(student_tokenizer):
-        partner = by_string.get(student[token_id])
-        if partner is not None and partner not in taken:
-            pairs.append((token_id, partner))
-            taken.add(partner)
-    special_map = {}
-    for token_id, string in student.items():
-        if isinstance(string, tuple):
-            special_map[token_id] = by_string.get(string)
-    ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
-    return SharedVocabulary(ids[:, 0].contiguous(), ids[:, 1].contiguous(), special_map, student, len(student),
-                            len(teacher), _segmentation(student, teacher, student_tokenizer), extensions(student),
-                            extensions(teacher))  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Extensions:
-    """The tokens whose text starts with a token's text (itself included), as a range of one sorted order: token
-    ``u``'s extensions are ``order[lo[u]:hi[u]]`` (sorting by text puts every extension of a text right after it)."""
-
-    order: torch.Tensor  # [V] token ids sorted by their text
-    lo: torch.Tensor  # [V] where each token's extensions start in ``order``
-    hi: torch.Tensor  # [V] where they end
-
-
-def extensions(strings: dict[int, object]) -> Extensions:
-    """:class:`Extensions` of a vocabulary (:func:`token_strings`); a special token extends nothing and has no
-    extension but itself."""
-    texts = sorted((key, token_id) for token_id, key in strings.items() if not isinstance(key, tuple))
-    specials = sorted(token_id for token_id, key in strings.items() if isinstance(key, tuple))
-    size = max(strings, default=-1) + 1
-    order = [token_id for _, token_id in texts] + specials
-    lo = torch.arange(size)
-    hi = lo + 1
-    keys = [key for key, _ in texts]
-    longest = max((len(k) for k in keys), default=0)
-    for position, (key, token_id) in enumerate(texts):
-        top = key + (b"\xff" if isinstance(key, bytes) else "\U0010ffff") * (longest + 1)  # above every extension
-        lo[token_id], hi[token_id] = position, bisect_right(keys, top, lo=position)
-    for position, token_id in enumerate(specials, start=len(texts)):
-        lo[token_id], hi[token_id] = position, position + 1
-    return Extensions(torch.tensor(order, dtype=torch.long), lo, hi)
-
-
-def _segmentation(student: dict[int, object], teacher: dict[int, object], student_tokenizer) -> torch.Tensor:
-    """``[teacher ids, DEPTH + 1]``: each teacher token's text spelled with student tokens, longest first (a special
-    token: the student's of the same role or content), -1 past its end or where nothing matches. Column 0 is the
-    student token the text starts with: a teacher token that spells several (" the cat") credits its probability to
-    the first (" the"), the event the student's next token is about -- "the text goes on with this token"; the next
-    columns say what it spells after that, for targets inside a teacher token."""
-    by_string: dict[object, int] = {}
-    for token_id in _preferred_order(student_tokenizer):
-        by_string.setdefault(student[token_id], token_id)
-    longest = max((len(k) for k in by_string if not isinstance(k, tuple)), default=0)
-    table = torch.full((max(teacher, default=-1) + 1, DEPTH + 1), -1, dtype=torch.long)
-    for token_id, string in teacher.items():
-        if isinstance(string, tuple):  # a special token: only its counterpart
-            table[token_id, 0] = by_string.get(string, -1)
-            continue
-        rest = string
-        for column in range(DEPTH + 1):
-            match = next((by_string[rest[:cut]] for cut in range(min(len(rest), longest), 0, -1)
-                          if rest[:cut] in by_string), None)  # fmt: skip
-            if match is None:
-                break
-            table[token_id, column] = match
-            rest = rest[len(student[match]) :]
-            if not rest:
-                break
-    return table
-
-
-def _preferred_order(tokenizer) -> list[int]:
-    """Token ids, byte-fallback pieces (``<0x61>``) after the text pieces that spell the same ("a"): the model writes
-    text with the latter, so they are the ones paired."""
-    fallback = lambda piece: len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")  # noqa: E731
-    return [token_id for piece, token_id in sorted(tokenizer.get_vocab().items(), key=lambda p: (fallback(p[0]), p[1]))]
-
-
-def same_ids(student_tokenizer, teacher_tokenizer) -> bool:
-    """Whether the teacher can read the student's ids: both have the same text tokens at the same ids (special and
-    added tokens may differ: Qwen2 -> Qwen2.5 added some, Llama 3 -> 3.1 renamed reserved ones). A teacher with more
-    text tokens (more merges) tokenizes text otherwise, so it is not the same tokenizer."""
-
-    def text_tokens(tokenizer) -> dict[str, int]:
-        added = set(getattr(tokenizer, "added_tokens_decoder", {})) | set(tokenizer.all_special_ids)
-        return {token: token_id for token, token_id in tokenizer.get_vocab().items() if token_id not in added}
-
-    return text_tokens(student_tokenizer) == text_tokens(teacher_tokenizer)
-
+from .vocabulary import DEPTH, SharedVocabulary, shared_vocabulary
 
 # ---- boundaries and groups -------------------------------------------------------------------------------------------
 

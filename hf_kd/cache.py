@@ -237,7 +237,7 @@ def build_from_recipe(recipe, path: str, *, k: int = 64, batch_size: int = 8, sh
     import datasets
     from transformers import AutoTokenizer
 
-    from .alignment import same_ids
+    from .vocabulary import same_ids
     from .config import SetupError
     from .data import prepare_datasets
 

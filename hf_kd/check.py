@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import SELF_TEACHER
-from .alignment import same_ids
+from .vocabulary import same_ids
 from .check_memory import Found, _count, _size, count_parameters, estimate_memory, meta_model
 from .data import (
     DataError,

@@ -222,7 +222,7 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     teacher_tokenizer = None  # self-distillation: one model, one tokenizer, nothing to compare
     if teacher_name != SELF_TEACHER:
         teacher_tokenizer = load_tokenizer(recipe, teacher_name, "teacher.tokenizer")
-    from .alignment import same_ids
+    from .vocabulary import same_ids
 
     if teacher_tokenizer is not None and not same_ids(tokenizer, teacher_tokenizer):
         teacher_tokenizer = None  # another vocabulary: the trainer aligns the two tokenizations (hf_kd.alignment)

@@ -34,9 +34,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .alignment import Alignment, Extensions, SharedVocabulary
+from .alignment import Alignment
 from .losses import Objective, normalizer, target_rows
 from .sparse import EMPTY_TAIL
+from .vocabulary import Extensions, SharedVocabulary
 
 EXACT_WEIGHT = 1.0  # the exact term is the objective itself
 ULD_WEIGHT = 0.0  # off: on benchmarks/cross_tokenizer.py it cost a fifth of the gain kept (48% vs 63%)

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .alignment import Alignment, SharedVocabulary
+from .alignment import Alignment
 from .cross_tokenizer import CrossTokenizerWeights, cross_tokenizer_terms
 from .losses import Objective, target_rows
 from .metrics import add_sums, agreement_sums
 from .models import LMHeadSpec
+from .vocabulary import SharedVocabulary
 
 
 @dataclass(frozen=True)

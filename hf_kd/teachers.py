@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from .adapters import SELF_TEACHER, adapters_disabled, require_adapters
-from .alignment import align_batch, same_ids, shared_vocabulary
+from .alignment import align_batch
 from .cache_store import TeacherCache
 from .config import SetupError
 from .cross_tokenizer import CrossTokenizerWeights
 from .distributed import prepare_teacher
 from .models import freeze, lm_head_spec, load_model, num_outputs
 from .targets import TeacherAligned, TeacherHidden, TeacherLogits, TeacherTopK
+from .vocabulary import same_ids, shared_vocabulary
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from hf_kd import DistillationCollator, DistillationTrainer
-from hf_kd.alignment import align_batch, group_tokens, shared_vocabulary, token_strings
+from hf_kd.alignment import align_batch, group_tokens
+from hf_kd.vocabulary import shared_vocabulary, token_strings
 from hf_kd.config import SetupError
 from hf_kd.cross_tokenizer import span_log_probs, two_buckets, uld_distance
 
@@ -570,7 +571,7 @@ def test_a_teacher_tokenizer_with_more_special_tokens_keeps_the_same_tokenizer_p
                                   args=make_args(tmp_path, teacher_tokenizer_name_or_path=str(tmp_path / "bigger")),
                                   processing_class=tokenizer)  # fmt: skip
     assert type(trainer.teacher).__name__ == "ModelTeacher" and trainer.vocab_size == 40
-    from hf_kd.alignment import same_ids
+    from hf_kd.vocabulary import same_ids
 
     root = byte_pair[0]
     more_merges = AutoTokenizer.from_pretrained(byte_level_tokenizer(root / "more", [*STUDENT_MERGES, ("ab", "cd")]))
