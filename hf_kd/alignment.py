@@ -117,7 +117,7 @@ def _inside_teacher_tokens(student: list[int], teacher: list[int], student_ends:
                            teacher_ends: list[int | None]) -> list[tuple[int, int, list[int]]]:  # fmt: skip
     """In one group: ``(k, j, prefix)`` for each student token ``k`` that starts inside teacher token ``j``, where
     ``prefix`` are the student tokens from ``j``'s start to ``k`` (at most :data:`DEPTH`; ``j`` must start where a
-    student token does). The teacher's distribution at ``j`` says what ``k`` is: the mass of its tokens that spell
+    student token does, and ``k`` end within ``j``). The teacher's distribution at ``j`` says what ``k`` is: the mass of its tokens that spell
     ``prefix`` and then ``k`` (:func:`hf_kd.cross_tokenizer.inner_log_probs`)."""
     s_start = {k: (student_ends[k - 1] if k > 0 else 0) for k in student}
     t_span = [(j, teacher_ends[j - 1] if j > 0 else 0, teacher_ends[j]) for j in teacher]
@@ -128,7 +128,9 @@ def _inside_teacher_tokens(student: list[int], teacher: list[int], student_ends:
             if begin is not None else None  # fmt: skip
         if holder is None:
             continue
-        token_start = next(lo for j, lo, _ in t_span if j == holder)
+        token_start, token_end = next((lo, hi) for j, lo, hi in t_span if j == holder)
+        if student_ends[k] is None or student_ends[k] > token_end:
+            continue  # k runs past the teacher token: no teacher token spells it whole (the span term covers it)
         prefix = [m for m in student if m < k and s_start[m] is not None and s_start[m] >= token_start]
         if prefix and s_start[prefix[0]] == token_start and prefix == list(range(prefix[0], k)) and len(prefix) <= DEPTH:
             found.append((k, holder, prefix))
@@ -148,6 +150,7 @@ class Alignment:
     span_student: torch.Tensor  # [3, M] span groups' student targets: row, token id, group
     span_teacher: torch.Tensor  # [3, M_t] span groups' teacher targets: row, token id, group
     span_starts: torch.Tensor  # [2, G] the student and teacher rows where each span group starts
+    span_start_fits: torch.Tensor  # [G] whether the student's first token ends within the teacher's first
     inner: torch.Tensor  # [2 + DEPTH, I] span targets inside a teacher token: student row, the teacher row that
     #                      predicts that token, then the student ids from the token's start to the target (-1 pads)
     targets: int  # student target positions in the batch (labels != -100)
@@ -162,13 +165,13 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
     input_ids, labels = input_ids.cpu(), labels.cpu()  # read token by token below: one copy, not a sync per token
     mask = attention_mask.cpu() if attention_mask is not None else torch.ones_like(input_ids)
     bos = _teacher_bos(teacher_tokenizer)
-    sequences, pairs, span_student, span_teacher, starts, inner = [], [], [], [], [], []
+    sequences, pairs, span_student, span_teacher, starts, inner, fits = [], [], [], [], [], [], []
     for row in range(batch):
         positions = mask[row].nonzero().flatten().tolist()  # the real tokens' positions in the padded row
         ids = input_ids[row, positions].tolist()
         row_labels = labels[row].tolist()
         is_target = [p > 0 and row_labels[p - 1] != IGNORE_INDEX for p in positions]
-        teacher_ids, groups = _align_example(ids, student_tokenizer, teacher_tokenizer, shared, bos)
+        teacher_ids, groups, ends, t_ends = _align_example(ids, student_tokenizer, teacher_tokenizer, shared, bos)
         sequences.append(teacher_ids)
         for student_tokens, teacher_tokens_, inside in groups:
             if not all(is_target[k] for k in student_tokens) or min(teacher_tokens_) == 0:
@@ -183,6 +186,9 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
                 continue
             group = len(starts)
             starts.append((student_rows[0], teacher_rows[0]))
+            # the projection credits teacher tokens to student tokens their text starts with: it can speak for the
+            # student's first token only if that token ends within the teacher's first (else the span term does)
+            fits.append(ends[student_tokens[0]] is not None and ends[student_tokens[0]] <= t_ends[teacher_tokens_[0]])
             span_student.extend((r, ids[k], group) for r, k in zip(student_rows, student_tokens))
             span_teacher.extend((r, teacher_ids[j], group) for r, j in zip(teacher_rows, teacher_tokens_))
     teacher_width = max(max((len(s) for s in sequences), default=1), 2)
@@ -200,6 +206,7 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
         span_student=as_tensor(span_student, 3),
         span_teacher=as_tensor([(flat(t), token, g) for t, token, g in span_teacher], 3),
         span_starts=as_tensor([(s, flat(t)) for s, t in starts], 2),
+        span_start_fits=torch.tensor(fits, dtype=torch.bool, device=device),
         inner=as_tensor([(s, flat(t), *before) for s, t, before in inner], 2 + DEPTH),
         targets=int((labels != IGNORE_INDEX).sum()),
     )
@@ -215,11 +222,15 @@ def _teacher_bos(tokenizer) -> int | None:
 
 
 def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared: SharedVocabulary,
-                   bos: int | None) -> tuple[list[int], list[tuple[list[int], list[int], list]]]:  # fmt: skip
-    """One example's teacher ids and its groups (student token indices, teacher token indices, and the student
-    tokens that start inside a teacher token: :func:`_inside_teacher_tokens`)."""
+                   bos: int | None) -> tuple[list[int], list[tuple[list[int], list[int], list]], list, list]:  # fmt: skip
+    """One example's teacher ids, its groups (student token indices, teacher token indices, and the student tokens
+    that start inside a teacher token: :func:`_inside_teacher_tokens`), and where each student and teacher token ends
+    in the example's text (``None``: a special token, or inside a character)."""
     teacher_ids: list[int] = [] if bos is None or shared.special_map.get(ids[0] if ids else -1) == bos else [bos]
     groups: list[tuple[list[int], list[int], list]] = []
+    ends: list[int | None] = [None] * len(ids)
+    t_ends: list[int | None] = [None] * len(teacher_ids)
+    chars = 0  # the text before this segment (segments' offsets are their own)
     start = 0
     while start < len(ids):
         if ids[start] in shared.special_map:  # a special token: its own group, if the teacher has a counterpart
@@ -227,6 +238,7 @@ def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared:
             if partner is not None:
                 groups.append(([start], [len(teacher_ids)], []))
                 teacher_ids.append(partner)
+                t_ends.append(None)
             start += 1
             continue
         stop = start
@@ -238,9 +250,12 @@ def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared:
             inside = [(start + k, len(teacher_ids) + j, [start + m for m in prefix])
                       for k, j, prefix in _inside_teacher_tokens(s, t, student_ends, teacher_ends)]  # fmt: skip
             groups.append(([start + k for k in s], [len(teacher_ids) + j for j in t], inside))
+        ends[start:stop] = [None if end is None else chars + end for end in student_ends]
+        t_ends.extend(None if end is None else chars + end for end in teacher_ends)
         teacher_ids.extend(segment)
+        chars += len(text) + 1
         start = stop
-    return teacher_ids, groups
+    return teacher_ids, groups, ends, t_ends
 
 
 def alignment_summary(student_tokenizer, teacher_tokenizer, examples: list[dict]) -> dict[str, float]:

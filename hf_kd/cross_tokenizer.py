@@ -270,7 +270,10 @@ class _RowPlan:
         self.teacher_row[alignment.pairs[0]] = alignment.pairs[1]
         self.start_row = torch.full((rows,), -1, dtype=torch.long, device=device)
         self.start_row[alignment.span_starts[0]] = alignment.span_starts[1]
-        self.boundary_row = torch.maximum(self.teacher_row, self.start_row)  # after the same text: either kind
+        # after the same text, where the projection speaks for the target: one to one, or a span start that fits
+        fitting = torch.where(alignment.span_start_fits, alignment.span_starts[1], -1)
+        self.boundary_row = self.teacher_row.clone()
+        self.boundary_row[alignment.span_starts[0]] = torch.maximum(self.boundary_row[alignment.span_starts[0]], fitting)
         self.span_token = torch.full((rows,), -1, dtype=torch.long, device=device)
         self.span_token[alignment.span_student[0]] = alignment.span_student[1]
         self.inner_row = torch.full((rows,), -1, dtype=torch.long, device=device)  # the teacher row of its token

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import json
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +63,19 @@ def token_strings(tokenizer) -> dict[int, object]:
             specials.setdefault(token_id, ("special", role))
     for token_id in tokenizer.all_special_ids:
         specials.setdefault(token_id, ("special", tokenizer.convert_ids_to_tokens(token_id)))
+    added_text = {}  # added tokens that are text: their content is the text itself, not a model piece
     for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
         if getattr(added, "special", False):
             specials.setdefault(token_id, ("special", added.content))
+        else:
+            added_text[token_id] = added.content
+    bytes_kind = byte_level or "Metaspace" in kinds  # text tokens are bytes: added ones must be too
     strings: dict[int, object] = {}
     for piece, token_id in tokenizer.get_vocab().items():
         if token_id in specials:
             strings[token_id] = specials[token_id]
+        elif token_id in added_text:
+            strings[token_id] = added_text[token_id].encode() if bytes_kind else added_text[token_id]
         elif byte_level and all(char in table for char in piece):
             strings[token_id] = bytes(table[char] for char in piece)
         elif "Metaspace" in kinds:
@@ -143,7 +149,8 @@ class Extensions:
 def extensions(strings: dict[int, object]) -> Extensions:
     """:class:`Extensions` of a vocabulary (:func:`token_strings`); a special token extends nothing and has no
     extension but itself."""
-    texts = sorted((key, token_id) for token_id, key in strings.items() if not isinstance(key, tuple))
+    as_bytes = lambda key: key if isinstance(key, bytes) else key.encode()  # noqa: E731 -- one order for every text
+    texts = sorted((as_bytes(key), token_id) for token_id, key in strings.items() if not isinstance(key, tuple))
     specials = sorted(token_id for token_id, key in strings.items() if isinstance(key, tuple))
     size = max(strings, default=-1) + 1
     order = [token_id for _, token_id in texts] + specials
@@ -152,8 +159,8 @@ def extensions(strings: dict[int, object]) -> Extensions:
     keys = [key for key, _ in texts]
     longest = max((len(k) for k in keys), default=0)
     for position, (key, token_id) in enumerate(texts):
-        top = key + (b"\xff" if isinstance(key, bytes) else "\U0010ffff") * (longest + 1)  # above every extension
-        lo[token_id], hi[token_id] = position, bisect_right(keys, top, lo=position)
+        top = key + b"\xff" * (longest + 1)  # above every extension of key
+        lo[token_id], hi[token_id] = bisect_left(keys, key), bisect_right(keys, top, lo=position)  # duplicates too
     for position, token_id in enumerate(specials, start=len(texts)):
         lo[token_id], hi[token_id] = position, position + 1
     return Extensions(torch.tensor(order, dtype=torch.long), lo, hi)
