@@ -30,12 +30,13 @@ log-probability (:func:`_span_term`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from .alignment import Alignment
 from .losses import Objective, normalizer, target_rows
+from .models import as_projection_weight, finish_logits, project
 from .sparse import EMPTY_TAIL
 from .vocabulary import Extensions, SharedVocabulary
 
@@ -116,23 +117,49 @@ def two_buckets(log_prob: torch.Tensor) -> torch.Tensor:
 class _Rows:
     """A side's aligned rows as logits, a chunk at a time: full logits ``[N, V]`` or hidden states ``[N, H]`` with the
     head that projects them (:class:`hf_kd.targets.StudentHidden` / ``TeacherHidden``). ``tensors``: what a gradient
-    may reach (the rows, and the head's weight and bias)."""
+    may reach (the rows, and the head's weight and bias). The head's weight is made ready for the matmul once per call
+    (:func:`hf_kd.models.as_projection_weight`: a CUDA bf16 weight stays bf16), never per chunk."""
 
     def __init__(self, signal):
         head = getattr(signal, "head", None)
         rows = signal.hidden if head is not None else getattr(signal, "logits", signal)
         self.rows, self.head = rows.reshape(-1, rows.shape[-1]), head
         self.tensors = [self.rows] + ([] if head is None else [t for t in (head.weight, head.bias) if t is not None])
+        self.dtype = torch.promote_types(self.rows.dtype, torch.float32)
+        if head is not None:
+            self.dtype = torch.promote_types(self.dtype, head.weight.dtype)
+            self.weight = as_projection_weight(head.weight.detach(), self.dtype)
+            self.bias = None if head.bias is None else head.bias.detach().to(self.dtype)
 
-    def logits(self, index: torch.Tensor, rows: torch.Tensor | None = None, head_tensors=()) -> torch.Tensor:
-        """Float32 (at least) logits of the rows at ``index``; ``rows`` / ``head_tensors`` stand in for the stored
-        ones (leaves of a local graph)."""
-        rows = self.rows[index] if rows is None else rows
-        head = self.head
-        if head is not None and head_tensors:
-            head = replace(head, weight=head_tensors[0], bias=head_tensors[1] if len(head_tensors) > 1 else None)
-        logits = head.logits(rows) if head is not None else rows
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    def raw(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows' logits before the head's scale and softcap (no graph)."""
+        with torch.no_grad(), torch.autocast(self.rows.device.type, enabled=False):
+            if self.head is None:
+                return self.rows[index].detach().to(self.dtype)
+            return project(self.rows[index].detach(), self.weight, self.bias, self.dtype)
+
+    def finish(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw if self.head is None else finish_logits(raw, self.head.logit_scale, self.head.softcap)
+
+    def logits(self, index: torch.Tensor) -> torch.Tensor:
+        """Float32 (at least) logits of the rows at ``index``, without a graph."""
+        return self.finish(self.raw(index))
+
+    def add_gradients(self, grads: list, index: torch.Tensor, d_raw: torch.Tensor) -> None:
+        """Add a chunk's ``d(loss) / d(raw logits)`` to the gradients of the rows, the weight and the bias: the chain
+        rule through the head by hand (matmuls that accept a CUDA bf16 weight; autograd has no derivative for them)."""
+        if self.head is None:
+            if grads[0] is not None:
+                grads[0].index_add_(0, index, d_raw)
+            return
+        with torch.no_grad(), torch.autocast(self.rows.device.type, enabled=False):
+            if grads[0] is not None:  # d(hidden) = d_raw @ W
+                grads[0].index_add_(0, index, project(d_raw, self.weight.T, None, self.dtype))
+            if len(grads) > 1 and grads[1] is not None:  # d(W) = d_raw.T @ hidden
+                hidden = as_projection_weight(self.rows[index].detach(), self.dtype)
+                grads[1] += project(d_raw.T, hidden.T, None, self.dtype)
+            if len(grads) > 2 and grads[2] is not None:
+                grads[2] += d_raw.sum(0)
 
 
 class _WithGradients(torch.autograd.Function):
@@ -228,7 +255,6 @@ def cross_tokenizer_terms(
 
     track = torch.is_grad_enabled() and any(t.requires_grad for t in student_rows.tensors)
     coefficients = (objective.alpha / denominator, (1 - objective.alpha) / denominator)  # d total / d (sums0, sums1)
-    head_leaves = [t.detach().requires_grad_(t.requires_grad) for t in student_rows.tensors[1:]]
     grads = [None if not t.requires_grad else torch.zeros(t.shape, dtype=dtype, device=device)
              for t in student_rows.tensors] if track else []  # fmt: skip
     sums = torch.zeros(3, device=device, dtype=dtype)
@@ -236,19 +262,12 @@ def cross_tokenizer_terms(
     for start in range(0, rows.numel(), chunk):
         index, targets = rows[start : start + chunk], flat_labels[start : start + chunk]
         with torch.enable_grad() if track else contextlib.nullcontext():
-            leaf = student_rows.rows[index].detach().requires_grad_(track and student_rows.rows.requires_grad)
-            part = chunk_terms(student_rows.logits(index, leaf, head_leaves), index, targets)
+            raw = student_rows.raw(index).requires_grad_(track)
+            part = chunk_terms(student_rows.finish(raw), index, targets)
             if track:  # this chunk's share of the gradient, now: its logits are freed before the next chunk
                 share = coefficients[0] * part[0] + coefficients[1] * part[1]
-                slots = [slot for slot, t in enumerate([leaf, *head_leaves]) if t.requires_grad]  # a frozen head: none
-                found = torch.autograd.grad(share, [[leaf, *head_leaves][slot] for slot in slots], allow_unused=True)
-                for slot, grad in zip(slots, found):
-                    if grad is None:
-                        continue
-                    if slot == 0:
-                        grads[0].index_add_(0, index, grad.to(dtype))
-                    else:
-                        grads[slot] += grad.to(dtype)
+                (d_raw,) = torch.autograd.grad(share, raw)
+                student_rows.add_gradients(grads, index, d_raw.to(dtype))
         sums = sums + part.detach()
     divergence = (sums[0] + weights.exact * span_value) / denominator
     ce = sums[1] / denominator

@@ -704,3 +704,35 @@ def test_added_text_tokens_spell_their_bytes_and_duplicates_share_extensions(tmp
     ext = extensions(token_strings(sp))
     members = lambda i: set(ext.order[ext.lo[i] : ext.hi[i]].tolist())  # noqa: E731
     assert members(sp.convert_tokens_to_ids("a")) == members(sp.convert_tokens_to_ids("<0x61>"))
+
+
+@pytest.mark.parametrize("softcap,scale", [(None, None), (3.0, 0.5)])
+def test_hidden_states_and_head_get_the_gradients_of_full_logits(byte_pair, softcap, scale):
+    """The chunked path (hidden states + head, gradients by hand through the head, its scale and softcap) gives the
+    loss and the gradients of hidden, weight and bias that autograd gives through full logits."""
+    from hf_kd.cross_tokenizer import cross_tokenizer_terms
+    from hf_kd.losses import Objective
+    from hf_kd.models import LMHeadSpec, finish_logits
+    from hf_kd.targets import StudentHidden, TeacherLogits
+
+    _, student, teacher = byte_pair
+    shared = shared_vocabulary(student, teacher)
+    ids = student("ab cdab abcd a", add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    labels = torch.tensor([[-100, *ids[2:]]])
+    alignment = align_batch(torch.tensor([ids]), None, labels, student, teacher, shared)
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, len(ids) - 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(len(student), 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(len(student), generator=g, dtype=torch.float64, requires_grad=True)
+    t_logits = TeacherLogits(torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher),
+                                         generator=g, dtype=torch.float64))  # fmt: skip
+    objective = Objective({"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0, alpha=0.7)
+    head = LMHeadSpec(weight, bias, softcap, scale)
+    fused = cross_tokenizer_terms(StudentHidden(hidden, head), t_logits, alignment, shared, labels, objective, chunk_size=3)
+    fused_grads = torch.autograd.grad(fused["loss"], [hidden, weight, bias])
+    full_logits = finish_logits(hidden @ weight.T + bias, scale, softcap)
+    full = cross_tokenizer_terms(full_logits, t_logits, alignment, shared, labels, objective)
+    full_grads = torch.autograd.grad(full["loss"], [hidden, weight, bias])
+    assert torch.allclose(fused["loss"], full["loss"], rtol=1e-12)
+    for a, b in zip(fused_grads, full_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
