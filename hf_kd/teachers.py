@@ -111,10 +111,14 @@ class CrossTokenizerTeacher(Teacher):
         self.model, self.name = model, name
         self.student_tokenizer, self.tokenizer, self.weights = student_tokenizer, teacher_tokenizer, weights
         self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+        self._shared_on: dict[str, object] = {}  # the shared vocabulary's tensors per device, moved once
 
     def run(self, inputs, forward, targets):
         alignment = align_batch(inputs["input_ids"], inputs.get("attention_mask"), targets, self.student_tokenizer,
                                 self.tokenizer, self.shared)  # fmt: skip
+        device = inputs["input_ids"].device
+        if str(device) not in self._shared_on:
+            self._shared_on[str(device)] = self.shared.to(device)
         self.model.eval()
         with torch.no_grad():
             outputs = forward(self.model, alignment.teacher_inputs)
@@ -122,7 +126,7 @@ class CrossTokenizerTeacher(Teacher):
             signal = TeacherHidden(outputs["final_hidden_state"][:, :-1], lm_head_spec(self.model)[0])
         else:
             signal = TeacherLogits(outputs["logits"][:, :-1])
-        return TeacherAligned(signal, alignment, self.shared, self.weights)
+        return TeacherAligned(signal, alignment, self._shared_on[str(device)], self.weights)
 
     @contextlib.contextmanager
     def generating(self):

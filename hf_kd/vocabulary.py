@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
@@ -102,6 +103,14 @@ class SharedVocabulary:
     segmentation: torch.Tensor  # [teacher ids, DEPTH + 1] each teacher token's text as student tokens (-1 pads)
     student_extensions: Extensions  # per student token, the tokens whose text starts with its text
     teacher_extensions: Extensions
+
+    def to(self, device) -> SharedVocabulary:
+        """A copy whose tensors live on ``device`` (the loss reads them every chunk)."""
+        move = lambda ext: Extensions(ext.order.to(device), ext.lo.to(device), ext.hi.to(device))  # noqa: E731
+        return dataclasses.replace(self, student_ids=self.student_ids.to(device), teacher_ids=self.teacher_ids.to(device),
+                                   segmentation=self.segmentation.to(device),
+                                   student_extensions=move(self.student_extensions),
+                                   teacher_extensions=move(self.teacher_extensions))  # fmt: skip
 
     @property
     def projection(self) -> torch.Tensor:
