@@ -187,7 +187,7 @@ def _teacher_tokenizer(args, teacher_name: str | None):
 
 def _cross_tokenizer_teacher(trainer, teacher_model, name, tokenizer, teacher_tokenizer) -> CrossTokenizerTeacher:
     """Distill across tokenizers: what the pair must allow, and the one log line that says it is happening."""
-    from .sparse import sparse_weights
+    from .sparse import SPARSE_LOSS_TYPES
 
     args = trainer.args
     if trainer.task != "causal_lm":
@@ -199,11 +199,10 @@ def _cross_tokenizer_teacher(trainer, teacher_model, name, tokenizer, teacher_to
     if not getattr(tokenizer, "is_fast", False) or not getattr(teacher_tokenizer, "is_fast", False):
         raise SetupError("teacher_tokenizer_name_or_path", "cross-tokenizer alignment needs fast tokenizers (character "
                          "offsets) on both sides; load them with use_fast=True")  # fmt: skip
-    try:
-        sparse_weights(args.loss_type)
-    except ValueError as err:
-        raise SetupError("loss_type", f"{err} (a teacher with another tokenizer has no logits over the student's "
-                         "vocabulary)") from None  # fmt: skip
+    unavailable = sorted(set(args.objective.weights) - set(SPARSE_LOSS_TYPES))
+    if unavailable:
+        raise SetupError("loss_type", f"{', '.join(unavailable)} compares logits over one vocabulary, which a teacher "
+                         f"with another tokenizer does not have; use {', '.join(SPARSE_LOSS_TYPES)}")  # fmt: skip
     weights = CrossTokenizerWeights(args.cross_tokenizer_exact_weight, args.cross_tokenizer_uld_weight)
     teacher = CrossTokenizerTeacher(prepare_teacher(trainer.accelerator, teacher_model), name, tokenizer,
                                     teacher_tokenizer, weights)  # fmt: skip

@@ -246,7 +246,7 @@ def test_cross_tokenizer_pair_trains_and_held_out_kl_falls(tmp_path, byte_pair):
 def test_refusals(tmp_path, tiny_dir, tokenizer, byte_pair):
     other = str(byte_pair[0] / "teacher_tok")
     student = load_model(tiny_dir["student"])
-    with pytest.raises(SetupError, match="loss_type"):
+    with pytest.raises(SetupError, match="loss_type: mse compares logits over one vocabulary"):
         DistillationTrainer(model=student, teacher_model=tiny_dir["teacher"], processing_class=tokenizer,
                             args=make_args(tmp_path, loss_type="mse", teacher_tokenizer_name_or_path=other))  # fmt: skip
     with pytest.raises(SetupError, match="seq_kd"):
