@@ -126,8 +126,8 @@ class DistillationConfig(TrainingArguments):
     teacher_tokenizer_name_or_path: str | None = field(
         default=None,  # the teacher's directory when it holds a tokenizer: recipes name the teacher's tokenizer always
         metadata={
-            "help": "The teacher's tokenizer (id or path). When it gives every token the student's id, the teacher "
-            "reads the student's ids as always; when the vocabularies differ, the trainer distills across tokenizers: "
+            "help": "The teacher's tokenizer (id or path). When it has the student's text tokens at the same ids (special "
+            "tokens may differ), the teacher reads the student's ids as always; else the trainer distills across tokenizers: "
             "it decodes each batch to text, re-tokenizes it for the teacher and aligns the two tokenizations "
             "(hf_kd.alignment). Default: the teacher's directory when it holds tokenizer files, else none (a teacher "
             "whose vocabulary differs from the student's is then refused). "
