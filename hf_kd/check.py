@@ -368,7 +368,8 @@ def _report_alignment(recipe: Recipe, student, teacher, sample: list, report: Re
                f"tokens spelled alike ({100 * found['overlap']:.1f}% of the student's {found['student_tokens']:.0f}, "
                f"the teacher has {found['teacher_tokens']:.0f})")  # fmt: skip
     report.add(f"alignment: of {found['targets']:.0f} target positions in {len(sample)} sample examples, "
-               f"{100 * found['one_to_one']:.1f}% align one to one (exact term), {100 * found['in_spans']:.1f}% lie in "
-               "merged spans (chain rule + ULD), the rest align with nothing (CE only)")  # fmt: skip
+               f"{100 * found['one_to_one']:.1f}% align one to one, {100 * found['in_spans']:.1f}% lie in merged spans "
+               "(the chain rule; the projection where they start or inside a teacher token), the rest align with "
+               "nothing (CE only)")  # fmt: skip
     report.add(f"shared tokens: {100 * found['teacher_shared']:.1f}% of the teacher's target tokens on the sample are "
                "shared (a teacher that fits the data puts about this mass there; training logs its own as shared_mass)")
