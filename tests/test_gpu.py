@@ -129,3 +129,43 @@ def test_fused_loss_makes_no_float32_copy_of_a_bf16_head(weight_grad):
     peak = torch.cuda.max_memory_allocated() - base
     budget = (1.75 if weight_grad else 0.5) * copy
     assert peak < budget, f"peak {peak / 2**30:.2f} GiB above the inputs, budget {budget / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_cross_tokenizer_loss_on_a_half_precision_head_matches_float32(tmp_path, dtype):
+    """The cross-tokenizer pass on a CUDA bf16 student head (logits from matmuls with float32 output, gradients through
+    the head by hand: autograd has none for them) matches the float32 loss through full logits; its gradients come back
+    in the head's dtype, within bf16 rounding."""
+    _needs_out_dtype_matmuls(dtype)
+    from test_cross_tokenizer import STUDENT_MERGES, TEACHER_MERGES, byte_level_tokenizer
+    from transformers import AutoTokenizer
+
+    from hf_kd.alignment import align_batch
+    from hf_kd.cross_tokenizer import cross_tokenizer_terms
+    from hf_kd.losses import Objective
+    from hf_kd.models import LMHeadSpec
+    from hf_kd.targets import StudentHidden, TeacherLogits
+    from hf_kd.vocabulary import shared_vocabulary
+
+    student = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "s", STUDENT_MERGES))
+    teacher = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "t", TEACHER_MERGES))
+    shared = shared_vocabulary(student, teacher).to("cuda")
+    ids = torch.tensor([student("ab cdab abcd a ab cd", add_special_tokens=False)["input_ids"] + [student.eos_token_id]])
+    labels = ids[:, 1:].clone()
+    alignment = align_batch(ids.cuda(), None, labels.cuda(), student, teacher, shared)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, ids.shape[1] - 1, 64, generator=g).to("cuda", dtype).requires_grad_()
+    weight = (torch.randn(len(student), 64, generator=g) * 0.2).to("cuda", dtype).requires_grad_()
+    t_logits = torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher), generator=g).cuda()
+    objective = Objective("forward_kl", temperature=2.0, alpha=0.5)
+    got = cross_tokenizer_terms(StudentHidden(hidden, LMHeadSpec(weight, None, None, None)), TeacherLogits(t_logits),
+                                alignment, shared, labels.cuda(), objective, chunk_size=4)  # fmt: skip
+    got_grads = torch.autograd.grad(got["loss"], (hidden, weight))
+    hidden32, weight32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    want = cross_tokenizer_terms(hidden32 @ weight32.T, TeacherLogits(t_logits), alignment, shared, labels.cuda(),
+                                 objective)  # fmt: skip
+    want_grads = torch.autograd.grad(want["loss"], (hidden32, weight32))
+    torch.testing.assert_close(got["loss"], want["loss"].detach(), rtol=1e-3, atol=0)
+    for name, a, b in zip(("d_hidden", "d_weight"), got_grads, want_grads):
+        assert a.dtype == dtype, name
+        assert ((a.float() - b).norm() / b.norm()).item() < 2e-2, name
