@@ -218,10 +218,19 @@ def cross_tokenizer_terms(
         zero = log_p_s.new_zeros(())
         ce = -log_p_s.gather(-1, targets.unsqueeze(-1)).sum()
         exact = uld = mass = zero
+        # every teacher row this chunk reads (after the same text, inside a token, where a span starts), projected once
+        wanted = [plan.boundary_row[index], plan.inner_row[index]]
+        if weights.uld:
+            wanted.append(plan.start_row[index])
+        wanted = torch.cat(wanted)
+        teacher_ids_read = torch.unique(wanted[wanted >= 0])  # sorted: looked up by searchsorted below
+        with torch.no_grad():
+            read = teacher_rows.logits(teacher_ids_read) if teacher_ids_read.numel() else None
+        t_at = lambda rows_: read[torch.searchsorted(teacher_ids_read, rows_)]  # noqa: E731
         at_boundary = plan.boundary_row[index] >= 0
         if at_boundary.any():  # both have read the same text: next-token distributions, the teacher's projected
             with torch.no_grad():
-                t_logits = teacher_rows.logits(plan.boundary_row[index][at_boundary])
+                t_logits = t_at(plan.boundary_row[index][at_boundary])
                 t_projected, has = projected_log_probs(t_logits, projection, s_logits.shape[-1], temperature)
                 paired = plan.teacher_row[index][at_boundary] >= 0
                 mass = torch.softmax(t_logits[paired], -1)[:, t_ids].sum()  # on shared tokens, one-to-one targets
@@ -230,7 +239,7 @@ def cross_tokenizer_terms(
         inside = plan.inner_row[index] >= 0
         if inside.any():  # a target inside a teacher token: what the teacher's token says comes next
             with torch.no_grad():
-                t_logits = teacher_rows.logits(plan.inner_row[index][inside])
+                t_logits = t_at(plan.inner_row[index][inside])
                 t_inner, has = inner_log_probs(t_logits, plan.inner_before[index][inside], segmentation,
                                                s_logits.shape[-1], temperature)  # fmt: skip
             if has.any():
@@ -248,7 +257,7 @@ def cross_tokenizer_terms(
         starts = plan.start_row[index] >= 0
         if weights.uld and starts.any():  # where a span group starts, both sides have read the same text
             with torch.no_grad():
-                t_probs = torch.softmax(teacher_rows.logits(plan.start_row[index][starts]) / temperature, dim=-1)
+                t_probs = torch.softmax(t_at(plan.start_row[index][starts]) / temperature, dim=-1)
             s_probs = log_p_s[starts].exp() if temperature == 1 else torch.softmax(s_logits[starts] / temperature, -1)
             uld = uld_distance(s_probs, t_probs).sum()
         return torch.stack([weights.exact * exact + weights.uld * uld, ce, mass.detach()])

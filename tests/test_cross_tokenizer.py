@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SPECIALS, WORDS, load_model
+from conftest import SPECIALS, WORDS, load_model, save_tiny_llama
 from datasets import Dataset
 from test_trainer import make_args
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_kd import DistillationCollator, DistillationTrainer
 from hf_kd.alignment import align_batch, group_tokens
@@ -202,24 +202,15 @@ def test_permuted_vocabulary_equals_same_tokenizer_path(tmp_path, tiny_dir, toke
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def save_llama(path, vocab: int, seed: int, hidden: int) -> str:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                         eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
-
-
 def test_cross_tokenizer_pair_trains_and_held_out_kl_falls(tmp_path, byte_pair):
     root, student_tok, teacher_tok = byte_pair
-    teacher_dir = save_llama(root / "teacher_model", len(teacher_tok), seed=1, hidden=48)
+    teacher_dir = save_tiny_llama(root / "teacher_model", len(teacher_tok), seed=1, hidden=48)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     with torch.no_grad():  # a random init is nearly uniform (KL ~0.03 from the start): sharpen it, like a trained one
         teacher.lm_head.weight.mul_(8.0)
     teacher.save_pretrained(teacher_dir)
     teacher_tok.save_pretrained(teacher_dir)  # the default: the teacher's directory holds its tokenizer
-    student = AutoModelForCausalLM.from_pretrained(save_llama(root / "student_model", len(student_tok), 2, 32))
+    student = AutoModelForCausalLM.from_pretrained(save_tiny_llama(root / "student_model", len(student_tok), 2, 32))
     g = torch.Generator().manual_seed(0)
     words = ["ab", "cd", "abc", "dab", "a", "bcd", "abcd"]
 
@@ -258,8 +249,8 @@ def test_on_policy_samples_are_re_tokenized_for_the_teacher(tmp_path, byte_pair)
     """lmbda 1: the student's own samples (often spelled in tokens its tokenizer would not choose) are decoded and
     re-tokenized; the teacher's input is the teacher tokenizer's ids of exactly that text."""
     root, student_tok, teacher_tok = byte_pair
-    teacher_dir = save_llama(root / "teacher_onpolicy", len(teacher_tok), seed=3, hidden=48)
-    student = AutoModelForCausalLM.from_pretrained(save_llama(root / "student_onpolicy", len(student_tok), 4, 32))
+    teacher_dir = save_tiny_llama(root / "teacher_onpolicy", len(teacher_tok), seed=3, hidden=48)
+    student = AutoModelForCausalLM.from_pretrained(save_tiny_llama(root / "student_onpolicy", len(student_tok), 4, 32))
     prompts = ["ab cd", "abc", "d ab cd ab"]
     train = Dataset.from_list([{"input_ids": student_tok(p)["input_ids"], "labels": [-100] * len(student_tok(p)["input_ids"])}
                                for p in prompts] * 4)  # fmt: skip
@@ -333,7 +324,7 @@ def test_cross_tokenizer_recipe_runs_on_tiny_llama_teacher_and_qwen2_student(tmp
     llama_dir = full_byte_level(tmp_path / "llama", [("a", "b"), ("ab", "c"), ("Ġ", "d")],
                                 ["<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"], bos="<|begin_of_text|>",
                                 eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")  # fmt: skip
-    save_llama(tmp_path / "llama_model", len(AutoTokenizer.from_pretrained(llama_dir)), seed=1, hidden=48)
+    save_tiny_llama(tmp_path / "llama_model", len(AutoTokenizer.from_pretrained(llama_dir)), seed=1, hidden=48)
     for name in ("config.json", "model.safetensors", "generation_config.json"):
         (tmp_path / "llama_model" / name).rename(tmp_path / "llama" / name)
     rows = [{"messages": [{"role": "user", "content": "ab cd"}, {"role": "assistant", "content": f"abc d ab {i}"}]}
@@ -589,8 +580,8 @@ def test_gradient_accumulation_is_exact_across_tokenizers(tmp_path, byte_pair, c
     """Batch 4 x GA 1 == batch 1 x GA 4 == batch 2 x GA 2 with a teacher of another tokenizer (examples of different
     lengths and alignments): the cross-tokenizer terms are normalized by the step's global target count too."""
     root, student_tok, _ = byte_pair
-    teacher_dir = save_llama(root / "teacher_ga", 12, seed=5, hidden=48)  # the teacher tokenizer's 12 tokens
-    student_dir = save_llama(root / "student_ga", len(student_tok), seed=6, hidden=32)
+    teacher_dir = save_tiny_llama(root / "teacher_ga", 12, seed=5, hidden=48)  # the teacher tokenizer's 12 tokens
+    student_dir = save_tiny_llama(root / "student_ga", len(student_tok), seed=6, hidden=32)
     texts = ["ab cd abc", "d abcd ab cd dab", "abc", "cd cd ab a b"]
     rows = []
     for text in texts:
@@ -621,8 +612,8 @@ def test_a_lora_student_learns_across_tokenizers(tmp_path, byte_pair):
     from peft import LoraConfig
 
     root, student_tok, _ = byte_pair
-    teacher_dir = save_llama(root / "teacher_lora", 12, seed=7, hidden=48)
-    student = AutoModelForCausalLM.from_pretrained(save_llama(root / "student_lora", len(student_tok), 8, 32))
+    teacher_dir = save_tiny_llama(root / "teacher_lora", 12, seed=7, hidden=48)
+    student = AutoModelForCausalLM.from_pretrained(save_tiny_llama(root / "student_lora", len(student_tok), 8, 32))
     head_before = student.lm_head.weight.detach().clone()
     ids = student_tok("ab cd abc d", add_special_tokens=False)["input_ids"]
     args = make_args(tmp_path, loss_chunk_size=4, learning_rate=0.1, teacher_tokenizer_name_or_path=str(root / "teacher_tok"))
