@@ -35,10 +35,16 @@ from .vocabulary import DEPTH, SharedVocabulary, shared_vocabulary
 
 
 def _ends_from_offsets(offsets: list[tuple[int, int]]) -> list[int | None]:
-    """Where each token ends in the text; ``None`` for a token that ends inside a character (the next token ends at
-    the same offset: a byte-level piece of a multi-byte character)."""
-    ends = [end for _, end in offsets]
-    return [None if i + 1 < len(ends) and ends[i + 1] == end else end for i, end in enumerate(ends)]
+    """Where each token ends in the text; ``None`` for a token that ends inside a character: a byte-level piece of a
+    multi-byte character, whose offsets run to the end of that character, and the next token starts inside it."""
+    return [None if i + 1 < len(offsets) and offsets[i + 1][0] < end else end for i, (_, end) in enumerate(offsets)]
+
+
+def _whole_characters(offsets: list[tuple[int, int]]) -> list[int]:
+    """Where the whole characters each token has completed end: its end, or for a token that ends inside a character
+    the start of that character (Python strings count characters, so one position before the offsets' end)."""
+    ends = _ends_from_offsets(offsets)
+    return [end if end is not None else offsets[i][1] - 1 for i, end in enumerate(ends)]
 
 
 def student_text(tokenizer, ids: list[int], strings: dict[int, object] | None = None) -> tuple[str, list[int | None]]:
@@ -89,10 +95,12 @@ def _ends_from_bytes(text: str, pieces: list[bytes]) -> list[int | None] | None:
     return None
 
 
-def teacher_tokens(tokenizer, text: str) -> tuple[list[int], list[int | None]]:
-    """The teacher's tokens of ``text`` and where each ends in it."""
+def teacher_tokens(tokenizer, text: str) -> tuple[list[int], list[int | None], list[int]]:
+    """The teacher's tokens of ``text``, where each ends in it (``None``: inside a character), and where the whole
+    characters each has completed end (:func:`_whole_characters`)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(encoded["input_ids"]), _ends_from_offsets(encoded["offset_mapping"])
+    offsets = encoded["offset_mapping"]
+    return list(encoded["input_ids"]), _ends_from_offsets(offsets), _whole_characters(offsets)
 
 
 def group_tokens(student_ends: list[int | None], teacher_ends: list[int | None]) -> list[tuple[list[int], list[int]]]:
@@ -171,7 +179,7 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
         ids = input_ids[row, positions].tolist()
         row_labels = labels[row].tolist()
         is_target = [p > 0 and row_labels[p - 1] != IGNORE_INDEX for p in positions]
-        teacher_ids, groups, ends, t_ends = _align_example(ids, student_tokenizer, teacher_tokenizer, shared, bos)
+        teacher_ids, groups, ends, t_whole = _align_example(ids, student_tokenizer, teacher_tokenizer, shared, bos)
         sequences.append(teacher_ids)
         for student_tokens, teacher_tokens_, inside in groups:
             if not all(is_target[k] for k in student_tokens) or min(teacher_tokens_) == 0:
@@ -187,8 +195,10 @@ def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, la
             group = len(starts)
             starts.append((student_rows[0], teacher_rows[0]))
             # the projection credits teacher tokens to student tokens their text starts with: it can speak for the
-            # student's first token only if that token ends within the teacher's first (else the span term does)
-            fits.append(ends[student_tokens[0]] is not None and ends[student_tokens[0]] <= t_ends[teacher_tokens_[0]])
+            # student's first token only if that token ends within the teacher's first (else the span term does); a
+            # teacher token that ends inside a character holds the characters before that one whole
+            first_end = ends[student_tokens[0]]
+            fits.append(first_end is not None and first_end <= t_whole[teacher_tokens_[0]])
             span_student.extend((r, ids[k], group) for r, k in zip(student_rows, student_tokens))
             span_teacher.extend((r, teacher_ids[j], group) for r, j in zip(teacher_rows, teacher_tokens_))
     teacher_width = max(max((len(s) for s in sequences), default=1), 2)
@@ -224,12 +234,13 @@ def _teacher_bos(tokenizer) -> int | None:
 def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared: SharedVocabulary,
                    bos: int | None) -> tuple[list[int], list[tuple[list[int], list[int], list]], list, list]:  # fmt: skip
     """One example's teacher ids, its groups (student token indices, teacher token indices, and the student tokens
-    that start inside a teacher token: :func:`_inside_teacher_tokens`), and where each student and teacher token ends
-    in the example's text (``None``: a special token, or inside a character)."""
+    that start inside a teacher token: :func:`_inside_teacher_tokens`), where each student token ends in the example's
+    text (``None``: a special token, or inside a character), and where the whole characters each teacher token has
+    completed end (``None``: a special token)."""
     teacher_ids: list[int] = [] if bos is None or shared.special_map.get(ids[0] if ids else -1) == bos else [bos]
     groups: list[tuple[list[int], list[int], list]] = []
     ends: list[int | None] = [None] * len(ids)
-    t_ends: list[int | None] = [None] * len(teacher_ids)
+    t_whole: list[int | None] = [None] * len(teacher_ids)
     chars = 0  # the text before this segment (segments' offsets are their own)
     start = 0
     while start < len(ids):
@@ -238,24 +249,24 @@ def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared:
             if partner is not None:
                 groups.append(([start], [len(teacher_ids)], []))
                 teacher_ids.append(partner)
-                t_ends.append(None)
+                t_whole.append(None)
             start += 1
             continue
         stop = start
         while stop < len(ids) and ids[stop] not in shared.special_map:
             stop += 1
         text, student_ends = student_text(student_tokenizer, ids[start:stop], shared.student_strings)
-        segment, teacher_ends = teacher_tokens(teacher_tokenizer, text)
+        segment, teacher_ends, teacher_whole = teacher_tokens(teacher_tokenizer, text)
         for s, t in group_tokens(student_ends, teacher_ends):
             inside = [(start + k, len(teacher_ids) + j, [start + m for m in prefix])
                       for k, j, prefix in _inside_teacher_tokens(s, t, student_ends, teacher_ends)]  # fmt: skip
             groups.append(([start + k for k in s], [len(teacher_ids) + j for j in t], inside))
         ends[start:stop] = [None if end is None else chars + end for end in student_ends]
-        t_ends.extend(None if end is None else chars + end for end in teacher_ends)
+        t_whole.extend(chars + end for end in teacher_whole)
         teacher_ids.extend(segment)
         chars += len(text) + 1
         start = stop
-    return teacher_ids, groups, ends, t_ends
+    return teacher_ids, groups, ends, t_whole
 
 
 def alignment_summary(student_tokenizer, teacher_tokenizer, examples: list[dict]) -> dict[str, float]:

@@ -1,0 +1,124 @@
+"""Cross-tokenizer alignment of tokens that end inside a character: byte-level pieces of CJK characters and emoji,
+on tokenizers built here and on real ones (Llama 3.1, Qwen3, SmolLM2; tests/assets.py fetches them)."""
+
+import itertools
+import json
+
+import pytest
+import torch
+import yaml
+from assets import REAL_TOKENIZERS, real_tokenizer_dir
+from conftest import save_tiny_llama
+from test_cross_tokenizer import full_byte_level
+from transformers import AutoTokenizer
+
+from hf_kd.alignment import _align_example, _ends_from_offsets, _teacher_bos, _whole_characters, align_batch
+from hf_kd.vocabulary import shared_vocabulary
+
+MULTILINGUAL = [
+    "a 你好", "x 你", "pi. 你好", "Hello 你好 world", "I like 北京 a lot", "你好", "好 好", "数据 and more",
+    "emoji 😀 ok 👍🏽!", "café naïve Ünïcödé", "def f(x):\n    return x**2  # 平方 ✓", "Привет, мир. مرحبا",
+]  # fmt: skip
+
+
+def test_a_token_that_ends_inside_a_character_has_no_end_of_its_own():
+    """Offsets of byte-level pieces run to the end of the character they cut; the next token starts inside it. A
+    piece that completes one character and starts the next ("łå" of "你好") ends inside the second, not after the
+    first: it shares the first one's end but not its start."""
+    offsets = [(0, 1), (1, 2), (1, 3), (2, 3)]  # " ", 你's first bytes, its last byte + 好's first, 好's rest
+    assert _ends_from_offsets(offsets) == [1, None, None, 3]
+    assert _whole_characters(offsets) == [1, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "student_merges, fits",
+    [
+        ([("Ġ", "ä"), ("Ġä", "½"), ("Ġä½", "ł")], False),  # student " 你" whole: runs past the teacher's "Ġä"
+        ([("ä", "½"), ("ä½", "ł")], True),  # student " " then "你": " " is all "Ġä" holds whole
+    ],
+)
+def test_a_span_whose_first_teacher_token_ends_inside_a_character(tmp_path, student_merges, fits):
+    """SmolLM2 writes " 你" as "Ġä" "½" "ł"-like pieces: the span group's first teacher token has no end of its own
+    (the crash of the issue). The projection speaks for the student's first token only if that token ends within the
+    characters the teacher's first token holds whole."""
+    student = AutoTokenizer.from_pretrained(full_byte_level(tmp_path / "s", student_merges, ["<pad>"], pad_token="<pad>"))
+    teacher = AutoTokenizer.from_pretrained(full_byte_level(tmp_path / "t", [("Ġ", "ä")], ["<pad>"], pad_token="<pad>"))
+    ids = student("a 你", add_special_tokens=False)["input_ids"]
+    alignment = align_batch(torch.tensor([ids]), None, torch.tensor([ids[1:]]), student, teacher,
+                            shared_vocabulary(student, teacher))  # fmt: skip
+    assert alignment.span_start_fits.tolist() == [fits]
+    assert alignment.span_student.shape[1] == len(ids) - 1  # every target but the first sits in the one span group
+
+
+# ---- real tokenizers ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real():
+    return {name: AutoTokenizer.from_pretrained(real_tokenizer_dir(name)) for name in REAL_TOKENIZERS}
+
+
+def byte_tokens(tokenizer, text: str) -> list[int]:
+    """``text`` as one byte-level token per UTF-8 byte: a sampled (non-canonical) tokenization of it."""
+    from hf_kd.vocabulary import _byte_decoder
+
+    symbol = {byte: char for char, byte in _byte_decoder().items()}  # GPT-2's printable stand-in of each byte
+    return tokenizer.convert_tokens_to_ids([symbol[byte] for byte in text.encode()])
+
+
+def check_groups(student, teacher, shared, ids: list[int], text: str) -> None:
+    """Every group spells the same characters on both sides, and the groups cover the text on both sides."""
+    teacher_ids, groups, _, _ = _align_example(ids, student, teacher, shared, _teacher_bos(teacher))
+    decode = lambda tok, token_ids: tok.decode(token_ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    for s, t in ((s, t) for s, t, _ in groups):
+        assert decode(student, [ids[k] for k in s]) == decode(teacher, [teacher_ids[j] for j in t]), (text, s, t)
+    covered_s = [k for s, _, _ in groups for k in s]
+    covered_t = [j for _, t, _ in groups for j in t]
+    assert covered_s == list(range(len(ids))), text
+    assert covered_t == list(range(len(teacher_ids) - len(covered_t), len(teacher_ids))), text  # after any BOS
+    assert "".join(decode(student, [ids[k] for k in s]) for s, _, _ in groups) == text
+
+
+@pytest.mark.parametrize("pair", list(itertools.permutations(REAL_TOKENIZERS, 2)), ids="->".join)
+@pytest.mark.parametrize("sampled", [False, True], ids=["canonical", "sampled"])
+def test_real_tokenizers_align_multilingual_text(real, pair, sampled):
+    student, teacher = real[pair[0]], real[pair[1]]
+    shared = shared_vocabulary(student, teacher)
+    for text in MULTILINGUAL:
+        ids = byte_tokens(student, text) if sampled else student(text, add_special_tokens=False)["input_ids"]
+        check_groups(student, teacher, shared, ids, text)
+    batch = [student(text, add_special_tokens=False)["input_ids"] for text in MULTILINGUAL]
+    width = max(map(len, batch))
+    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in batch])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch])
+    labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    alignment = align_batch(input_ids, mask, labels, student, teacher, shared)
+    assert alignment.targets == int(mask[:, 1:].sum())
+    assert alignment.pairs.shape[1] + alignment.span_student.shape[1] <= alignment.targets
+
+
+def test_cross_tokenizer_training_on_multilingual_data_through_the_cli(tmp_path, real, capsys):
+    """A Qwen3-tokenizer student and a SmolLM2-tokenizer teacher (tiny models) train through `hf-kd train` on a jsonl
+    of Latin, CJK, emoji and code."""
+    from hf_kd.cli import COMPLETE_MARKER, main
+
+    student_dir, teacher_dir = tmp_path / "student", tmp_path / "teacher"
+    for directory, name, seed in ((student_dir, "qwen3", 1), (teacher_dir, "smollm2", 2)):
+        tokenizer = real[name]
+        save_tiny_llama(directory, len(tokenizer), seed=seed, hidden=16, layers=1)
+        tokenizer.save_pretrained(directory)
+    data = tmp_path / "multilingual.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in MULTILINGUAL * 2))
+    recipe = {
+        "teacher": {"name_or_path": str(teacher_dir)},
+        "student": {"name_or_path": str(student_dir)},
+        "data": {"dataset": str(data), "format": "text", "max_length": 48},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                     "learning_rate": "1e-3", "logging_steps": 1, "save_strategy": "no", "use_cpu": True,
+                     "report_to": "none", "disable_tqdm": True},
+    }  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main(["train", str(path)]) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / COMPLETE_MARKER).read_text())["metrics"]
+    assert 0 < metrics["train"]["train_aligned_fraction"] < 1
