@@ -75,7 +75,7 @@ def main() -> None:
     import torch
     from datasets import Dataset
 
-    from hf_kd.cache import build_teacher_cache
+    from hf_kd.teachers.cache.build import build_teacher_cache
 
     logging.disable(logging.WARNING)  # the "fused loss does not apply" notice, once per cache run
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""How much of the same-tokenizer KD gain does cross-tokenizer KD keep? The demo's synthetic task (hf_kd/demo.py) with
+"""How much of the same-tokenizer KD gain does cross-tokenizer KD keep? The demo's synthetic task (hf_kd/cli/demo.py) with
 a teacher that reads the same text through a coarser tokenizer.
 
     python benchmarks/cross_tokenizer.py            # 3 seeds, ~4.5 minutes on one core (one torch thread)
@@ -116,7 +116,7 @@ def tokenized(seqs: torch.Tensor, tokenizer, folder: str, name: str):
     starts with a space too, " s3 s5", so that every symbol is the same token wherever it stands (a byte-level BPE
     spells "s3" and " s3" with different tokens; the first symbol's own token would be seen once per sequence)."""
     from hf_kd.data import load_raw_dataset, tokenize_dataset
-    from hf_kd.recipe import DataSection
+    from hf_kd.recipe.recipe import DataSection
 
     path = os.path.join(folder, f"{name}.jsonl")
     with open(path, "w", encoding="utf-8") as f:
@@ -166,8 +166,8 @@ def teacher_signal(teacher, student_tok, teacher_tok, dataset, rows: int = 64) -
     * ``span_gap``: on merged spans spelled by one teacher token, log P(any teacher token that starts with the span's
       text) - log P(that token), mean over spans: how far the chain-rule term's teacher probability falls short of the
       text's (0 where no longer token starts with it)."""
-    from hf_kd.alignment import align_batch
-    from hf_kd.vocabulary import shared_vocabulary
+    from hf_kd.teachers.cross_tokenizer.alignment import align_batch
+    from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
     from hf_kd.data import DistillationCollator
 
     shared = shared_vocabulary(student_tok, teacher_tok)
@@ -392,7 +392,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    from hf_kd.demo import FAST, Settings
+    from hf_kd.cli.demo import FAST, Settings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the demo's FAST settings and one seed: seconds")

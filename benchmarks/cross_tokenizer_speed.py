@@ -7,7 +7,7 @@ Two byte-level BPE tokenizers are trained here, offline, on the Python sources o
 (real text: identifiers, English comments, whitespace): the *student's* splits words first (GPT-2's regex, vocabulary
 16k), the *teacher's* merges across spaces (no regex, vocabulary 24k), so their tokens differ as two families' do.
 
-* **alignment**: ``hf_kd.alignment.align_batch`` on 16 held-out text windows of 1,024 student tokens each: the
+* **alignment**: ``hf_kd.teachers.cross_tokenizer.alignment.align_batch`` on 16 held-out text windows of 1,024 student tokens each: the
   canonical tokenization (what the student's tokenizer makes of the text: a dataset batch) and a sampled-like one
   (every 7th token re-spelled as its single bytes: what an on-policy sample may be), in thousands of student tokens
   per second of one CPU thread, beside the share of targets aligned one to one.
@@ -82,7 +82,7 @@ def time_alignment(student, teacher, shared, batches) -> tuple[float, float]:
     """(thousand student tokens per CPU second, share aligned one to one) over the batches."""
     import torch
 
-    from hf_kd.alignment import align_batch
+    from hf_kd.teachers.cross_tokenizer.alignment import align_batch
 
     tokens = aligned = targets = 0
     started = time.process_time()
@@ -99,12 +99,12 @@ def time_losses(student, teacher, shared, ids, hidden: int, repeats: int) -> dic
     """Fastest CPU seconds of one forward + backward per method (the methods take turns)."""
     import torch
 
-    from hf_kd.alignment import align_batch
-    from hf_kd.cross_tokenizer import cross_tokenizer_terms
-    from hf_kd.fused import fused_distillation_loss
-    from hf_kd.losses import Objective
-    from hf_kd.models import LMHeadSpec
-    from hf_kd.targets import StudentHidden, TeacherHidden
+    from hf_kd.teachers.cross_tokenizer.alignment import align_batch
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
+    from hf_kd.objective.fused import fused_distillation_loss
+    from hf_kd.objective.losses import Objective
+    from hf_kd.models.heads import LMHeadSpec
+    from hf_kd.objective.signals import StudentHidden, TeacherHidden
 
     batch = torch.tensor([ids])
     alignment = align_batch(batch, None, batch[:, 1:], student, teacher, shared)
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
 
-    from hf_kd.vocabulary import shared_vocabulary
+    from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
 
     hf_logging.set_verbosity_error()
     chars, (v_s, v_t), (count, length), repeats = (

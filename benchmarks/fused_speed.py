@@ -78,7 +78,7 @@ def floor_step(x: dict, chunk_size: int):
     does); on CUDA bf16 matmuls with float32 output, as the fused loss uses them."""
     import torch
 
-    from hf_kd.models import as_projection_weight
+    from hf_kd.models.heads import as_projection_weight
 
     s_w = as_projection_weight(x["student_weight"].detach(), torch.float32)  # bf16 kept where CUDA emits float32
     t_w = as_projection_weight(x["teacher_weight"], torch.float32)
@@ -127,7 +127,7 @@ def fused_step(package, x: dict, chunk_size: int):
 def naive_step(x: dict):
     import torch
 
-    from hf_kd.losses import distillation_loss
+    from hf_kd.objective.losses import distillation_loss
 
     student_logits = (x["student_hidden"] @ x["student_weight"].T).float()
     with torch.no_grad():
@@ -139,7 +139,7 @@ def naive_step(x: dict):
 
 
 def compiled_divergence():
-    """A drop-in for ``hf_kd.fused._forward_kl_closed_form`` whose per-chunk math (T = 1) is one ``torch.compile``d
+    """A drop-in for ``hf_kd.objective.fused._forward_kl_closed_form`` whose per-chunk math (T = 1) is one ``torch.compile``d
     function writing the gradient into a reused buffer; anything else goes to the eager closed form."""
     import torch
 

@@ -7,7 +7,7 @@
 Every (configuration, method) runs in a fresh subprocess so that peaks do not leak between runs. Memory is the peak
 above a baseline taken after the inputs (hidden states, lm_head weights, labels) are allocated: ``ru_maxrss`` on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU. "naive" is what a user writes: ``hidden @ W.T`` for both models, then
-``distillation_loss`` on the full logits; "fused" is ``hf_kd.fused.fused_distillation_loss``.
+``distillation_loss`` on the full logits; "fused" is ``hf_kd.objective.fused.fused_distillation_loss``.
 A naive cell whose projected peak exceeds ``--max-gb`` is skipped; its ratio is then taken against that projection
 (bytes per logit element measured on the largest naive run that fit) and marked ``~``.
 """
@@ -30,8 +30,8 @@ TARGETS = "fused extra memory <= 0.15x naive at V=128256; fused N=16384 vs 4096 
 def _worker(args) -> None:
     import torch
 
-    from hf_kd.fused import fused_distillation_loss
-    from hf_kd.losses import distillation_loss
+    from hf_kd.objective.fused import fused_distillation_loss
+    from hf_kd.objective.losses import distillation_loss
 
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ time against completion length.
     python benchmarks/onpolicy_speed.py --quick    # one student, fewer steps, seconds
     python benchmarks/onpolicy_speed.py --device cuda
 
-The models are the demo's Llamas built from configs (hf_kd/demo.py: its 19-token vocabulary, teacher h=128 L=2, student
+The models are the demo's Llamas built from configs (hf_kd/cli/demo.py: its 19-token vocabulary, teacher h=128 L=2, student
 h=48 L=2) and a larger student (h=256 L=4), randomly initialized: speed does not depend on what they learned. Every
 student is distilled from the demo's teacher (reverse KL, T = 1) on the demo's kind of data (two prompt symbols, then
 ``--new_tokens`` completion tokens). Generated completions never stop at <eos> (``generation_kwargs={"eos_token_id":
@@ -17,7 +17,7 @@ the targets of an off-policy one and the two steps differ only by generation (an
     disturbed by other processes on a shared machine).
 (b) generation share: the time spent in ``prepare_batch`` (prompt cut, ``model.generate``, rebuild) over the on-policy
     step's time, from the same steps.
-(c) generation alone: ``hf_kd.generation.complete`` (the trainer's own path, KV cache on) on ``--batch_size`` prompts
+(c) generation alone: ``hf_kd.training.generation.complete`` (the trainer's own path, KV cache on) on ``--batch_size`` prompts
     for 32 / 64 / 128 new tokens: milliseconds per new token should stay about flat
     (linear total time), and a cache-off call at the largest length shows what quadratic looks like. The fastest of
     ``--repeats`` calls after a warm-up: on a shared machine other processes only ever add time.
@@ -52,8 +52,8 @@ def dataset(new_tokens: int, n: int, tmp: str):
     import numpy as np
 
     from hf_kd.data import load_raw_dataset, tokenize_dataset
-    from hf_kd.demo import Settings, build_tokenizer, make_chain, sample, write_jsonl
-    from hf_kd.recipe import DataSection
+    from hf_kd.cli.demo import Settings, build_tokenizer, make_chain, sample, write_jsonl
+    from hf_kd.recipe.recipe import DataSection
 
     s = Settings()
     rng = np.random.default_rng(0)
@@ -69,7 +69,7 @@ def time_steps(student_size, teacher, data, tokenizer, lmbda: float, args, tmp: 
     from transformers import TrainerCallback
 
     from hf_kd import DistillationConfig, DistillationTrainer
-    from hf_kd.demo import build_model
+    from hf_kd.cli.demo import build_model
 
     marks: list[tuple[float, float]] = []
     prepare: list[float] = []
@@ -106,7 +106,7 @@ def time_generation(model, vocab: int, new_tokens: int, args, use_cache: bool = 
     """Wall and CPU seconds of ``complete`` on a batch of two-token prompts, ``new_tokens`` tokens each: the fastest of
     ``calls`` (default ``--repeats``) calls (other processes only ever add time), after a warm-up call when cached (the
     cache-off call follows the cached ones on the same model)."""
-    from hf_kd.generation import complete, generation_config
+    from hf_kd.training.generation import complete, generation_config
 
     settings = {"max_new_tokens": new_tokens, "do_sample": True, "top_k": 0, "eos_token_id": []}
     config = generation_config(model, settings, pad_token_id=0)
@@ -133,7 +133,7 @@ def run(args) -> dict:
     import datasets
     from transformers.utils import logging as hf_logging
 
-    from hf_kd.demo import build_model
+    from hf_kd.cli.demo import build_model
 
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -185,7 +185,7 @@ def markdown(r: dict, command: str) -> str:
     big = str(max(LENGTHS))
     lines += [
         "",
-        (f"(c) generation alone (`hf_kd.generation.complete`, batch {r['batch_size']}, KV cache on): seconds (CPU s) "
+        (f"(c) generation alone (`hf_kd.training.generation.complete`, batch {r['batch_size']}, KV cache on): seconds (CPU s) "
          f"and wall (CPU) ms per new token, the fastest of {r['repeats']} calls; x{LENGTHS[0]}: time relative to "
          f"{LENGTHS[0]} tokens (linear: {', '.join(f'{n / LENGTHS[0]:g}' for n in LENGTHS)}); no KV cache: one call."),
         "",

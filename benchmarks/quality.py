@@ -1,6 +1,6 @@
 """Does the choice of KD loss matter, and does on-policy distillation help? A small-scale repeat of Kim et al. (2021),
 "Comparing Kullback-Leibler Divergence and Mean Squared Error Loss in Knowledge Distillation", and of the on-policy
-comparisons of Agarwal et al. (2024, GKD), on the demo's synthetic task (hf_kd/demo.py).
+comparisons of Agarwal et al. (2024, GKD), on the demo's synthetic task (hf_kd/cli/demo.py).
 
     python benchmarks/quality.py            # the demo's Settings, 3 seeds, ~13 minutes (8 CPU-minutes) on 2 cores
     python benchmarks/quality.py --quick    # the demo's FAST settings, 1 seed, seconds
@@ -28,8 +28,8 @@ Trainer's data order), a paired comparison. The table reports, mean and sample s
 
 * test ppl: the held-out teacher-forced perplexity at T = 1, and its excess over the floor in nats per token;
 * sample NLL: the true process's NLL per token of the student's own samples (the test prompts completed at T = 1,
-  seeded; hf_kd.demo.sample_quality), with tokens the process cannot emit (specials, impossible transitions) charged
-  hf_kd.demo.IMPOSSIBLE_NATS each and their share reported. Its floor for a faithful sampler is the entropy, but a
+  seeded; hf_kd.cli.demo.sample_quality), with tokens the process cannot emit (specials, impossible transitions) charged
+  hf_kd.cli.demo.IMPOSSIBLE_NATS each and their share reported. Its floor for a faithful sampler is the entropy, but a
   sharper sampler can go below it (greedy samples of the process itself score 0.84 against an entropy of 1.39), so
   it is read beside
 * sample KL: the sample NLL minus the student's own NLL of its samples, an estimate of KL(student || process) per token
@@ -75,8 +75,8 @@ def tokenized(seqs, tokenizer, folder: str, name: str):
     """Symbol sequences ``[n, L]`` -> the demo's dataset: its jsonl (prompt = the first two symbols, which have no
     order-2 context), read and tokenized by hf_kd.data as ``hf-kd demo`` does (completion-only labels, no EOS)."""
     from hf_kd.data import load_raw_dataset, tokenize_dataset
-    from hf_kd.demo import write_jsonl
-    from hf_kd.recipe import DataSection
+    from hf_kd.cli.demo import write_jsonl
+    from hf_kd.recipe.recipe import DataSection
 
     path = os.path.join(folder, f"{name}.jsonl")
     write_jsonl(path, seqs)
@@ -91,7 +91,7 @@ def run(s, seeds: list[int], out_dir: Path, stem: str) -> dict:
     from transformers.utils import logging as hf_logging
 
     from hf_kd import DistillationCollator, DistillationTrainer
-    from hf_kd.demo import (
+    from hf_kd.cli.demo import (
         IMPOSSIBLE_NATS,
         _args,
         _train,
@@ -231,7 +231,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    from hf_kd.demo import FAST, Settings
+    from hf_kd.cli.demo import FAST, Settings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the demo's FAST settings and one seed: seconds")

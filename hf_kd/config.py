@@ -9,18 +9,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .losses import LOSS_TYPES, Objective
-from .models import TASKS
-from .sparse import sparse_weights
-
-
-class SetupError(ValueError):
-    """A setting that cannot work for this model pair, data or engine, naming the :class:`DistillationConfig` field (or
-    trainer argument) to change, so that the CLI can point at the recipe key it came from."""
-
-    def __init__(self, field: str, problem: str):
-        self.field, self.problem = field, problem
-        super().__init__(f"{field}: {problem}")
+from hf_kd.objective.losses import LOSS_TYPES, Objective
+from hf_kd.models.loading import TASKS
+from hf_kd.objective.sparse import sparse_weights
+from hf_kd.errors import SetupError  # noqa: F401 (importable from here, where it was first)
 
 
 def _parse_loss_type(value: Any) -> str | dict[str, float]:
@@ -57,7 +49,8 @@ class DistillationConfig(TrainingArguments):
     loss_type: dict | str | None = field(
         default="forward_kl",
         metadata={
-            "help": f"Divergence between teacher and student token distributions: one of {', '.join(LOSS_TYPES)}, or a "
+            "help": f"Divergence between teacher and student token distributions: one of {', '.join(LOSS_TYPES)}, uld, "
+            "a divergence registered with hf_kd.register_divergence, or a "
             'weighted mixture given as a mapping in YAML/Python, JSON (\'{"forward_kl": 0.5, "mse": 0.5}\') or '
             "forward_kl=0.5,mse=0.5 on the command line. "
         },
@@ -80,6 +73,14 @@ class DistillationConfig(TrainingArguments):
     skew_lambda: float = field(
         default=0.1,  # DistiLLM's default skew
         metadata={"help": "Skew lambda of skew_forward_kl / skew_reverse_kl (DistiLLM), in [0, 1]. "},
+    )
+    divergence_params: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Parameters of the divergences in loss_type, by name: a mapping in YAML/Python or JSON on the "
+            "command line, e.g. {\"jsd\": {\"beta\": 0.9}} (overrides jsd_beta for jsd), or the parameters of a "
+            "divergence registered with hf_kd.register_divergence. "
+        },
     )
     scale_by_temperature: bool = field(
         default=True,
@@ -108,6 +109,18 @@ class DistillationConfig(TrainingArguments):
             "student's own base model, run with its PEFT adapters disabled (self-distillation, one copy of the weights). "
         },
     )
+    teacher_kind: str | None = field(
+        default=None,  # None: "cache" with teacher_cache, "self" for teacher 'self', else "model"
+        metadata={
+            "help": "The kind of teacher (hf_kd.TEACHERS): model, self, cache, cross_tokenizer, or a kind of your own "
+            "registered with hf_kd.register_teacher ('your.module:kind' imports the module first). Default: chosen "
+            "from the other teacher settings. "
+        },
+    )
+    teacher_options: dict | str | None = field(
+        default=None,
+        metadata={"help": "Settings of a teacher kind of your own, as a mapping or JSON (recipe: teacher.options). "},
+    )
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={
@@ -118,7 +131,7 @@ class DistillationConfig(TrainingArguments):
     teacher_cache: str | None = field(
         default=None,  # e.g. a 70B teacher cached once (hf-kd cache-teacher), reused by every student run and sweep
         metadata={
-            "help": "A teacher cache directory (hf_kd.cache.build_teacher_cache): distill from the teacher's cached "
+            "help": "A teacher cache directory (hf_kd.teachers.cache.build.build_teacher_cache): distill from the teacher's cached "
             "top-k log-probabilities with no teacher model in memory. teacher_model_name_or_path, if set, must name "
             "the cached teacher. mse is not available (the cache holds no raw logits). "
         },
@@ -129,7 +142,7 @@ class DistillationConfig(TrainingArguments):
             "help": "The teacher's tokenizer (id or path). When it has the student's text tokens at the same ids (special "
             "tokens may differ), the teacher reads the student's ids as always; else the trainer distills across tokenizers: "
             "it decodes each batch to text, re-tokenizes it for the teacher and aligns the two tokenizations "
-            "(hf_kd.alignment). Default: the teacher's directory when it holds tokenizer files, else none (a teacher "
+            "(hf_kd.teachers.cross_tokenizer.alignment). Default: the teacher's directory when it holds tokenizer files, else none (a teacher "
             "whose vocabulary differs from the student's is then refused). "
         },
     )
@@ -192,6 +205,13 @@ class DistillationConfig(TrainingArguments):
         if self.loss_type is None:
             raise ValueError("loss_type is required: a name such as forward_kl or a {name: weight} mapping")
         self.loss_type = _parse_loss_type(self.loss_type)
+        if isinstance(self.divergence_params, str):
+            try:
+                self.divergence_params = json.loads(self.divergence_params)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"divergence_params: not valid JSON ({err.msg})") from None
+        if self.divergence_params is not None and not isinstance(self.divergence_params, dict):
+            raise ValueError("divergence_params must be a {divergence: {parameter: value}} mapping")
         objective = self.objective  # raises a ValueError naming the first bad knob
         if isinstance(self.loss_type, dict):
             self.loss_type = dict(objective.weights)
@@ -200,6 +220,13 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"task must be {', '.join(others)} or {last}, got {self.task!r}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size must be >= 0 (0 or None turns the fused loss off), got {self.loss_chunk_size}")
+        if isinstance(self.teacher_options, str):
+            try:
+                self.teacher_options = json.loads(self.teacher_options)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"teacher_options: not valid JSON ({err.msg})") from None
+        if self.teacher_options is not None and not isinstance(self.teacher_options, dict):
+            raise ValueError("teacher_options must be a mapping of a teacher kind's settings")
         if isinstance(self.teacher_model_init_kwargs, str):
             try:
                 self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
@@ -289,6 +316,7 @@ class DistillationConfig(TrainingArguments):
             jsd_beta=self.jsd_beta,
             skew_lambda=self.skew_lambda,
             scale_by_temperature=self.scale_by_temperature,
+            divergence_params=self.divergence_params or {},
         )
 
     @property

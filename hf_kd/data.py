@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .losses import IGNORE_INDEX
-from .recipe import DATA_EXTENSIONS  # noqa: F401 (one table; recipe validation must not import torch)
+from hf_kd.objective.losses import IGNORE_INDEX
+from hf_kd.recipe.schema import DATA_EXTENSIONS  # noqa: F401 (one table; recipe validation must not import torch)
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class DistillationCollator:
 
 
 # ---- loading and tokenization: a recipe's `data:` section -> tokenized datasets ---------------------------------------
-# `data` below is a hf_kd.recipe.DataSection (or anything with the same attributes).
+# `data` below is a hf_kd.recipe.recipe.DataSection (or anything with the same attributes).
 
 
 

@@ -7,7 +7,7 @@ from datasets import Dataset
 from test_trainer import make_args
 
 from hf_kd import DistillationCollator, DistillationTrainer, distillation_loss
-from hf_kd.accounting import reduce_sums
+from hf_kd.training.accounting import reduce_sums
 
 KW = dict(loss_type={"forward_kl": 0.6, "reverse_kl": 0.4}, temperature=2.0, alpha=0.7)
 

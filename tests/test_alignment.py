@@ -12,8 +12,8 @@ from conftest import save_tiny_llama
 from test_cross_tokenizer import full_byte_level
 from transformers import AutoTokenizer
 
-from hf_kd.alignment import _align_example, _ends_from_offsets, _teacher_bos, _whole_characters, align_batch
-from hf_kd.vocabulary import shared_vocabulary
+from hf_kd.teachers.cross_tokenizer.alignment import _align_example, _ends_from_offsets, _teacher_bos, _whole_characters, align_batch
+from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
 
 MULTILINGUAL = [
     "a 你好", "x 你", "pi. 你好", "Hello 你好 world", "I like 北京 a lot", "你好", "好 好", "数据 and more",
@@ -60,7 +60,7 @@ def real():
 
 def byte_tokens(tokenizer, text: str) -> list[int]:
     """``text`` as one byte-level token per UTF-8 byte: a sampled (non-canonical) tokenization of it."""
-    from hf_kd.vocabulary import _byte_decoder
+    from hf_kd.teachers.cross_tokenizer.vocabulary import _byte_decoder
 
     symbol = {byte: char for char, byte in _byte_decoder().items()}  # GPT-2's printable stand-in of each byte
     return tokenizer.convert_tokens_to_ids([symbol[byte] for byte in text.encode()])

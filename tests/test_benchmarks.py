@@ -124,7 +124,7 @@ def test_loss_agreement_with_trl_generalized_jsd():
 
 
 def test_quality_data_has_the_demo_layout(tmp_path):
-    from hf_kd.demo import SPECIALS, build_tokenizer
+    from hf_kd.cli.demo import SPECIALS, build_tokenizer
 
     seqs = torch.tensor([[0, 3, 5, 1], [2, 2, 4, 0]])
     data = quality.tokenized(seqs, build_tokenizer(6), str(tmp_path), "t")
@@ -140,7 +140,7 @@ def test_quality_summary_is_mean_sample_std_and_excess_nats():
 
 
 def test_quality_quick_path_gives_finite_perplexities_and_sample_scores(tmp_path):
-    from hf_kd.demo import FAST
+    from hf_kd.cli.demo import FAST
 
     s = replace(FAST, teacher_seqs=64, student_seqs=32, test_seqs=16, teacher_steps=4, student_steps=2, batch_size=8)
     results = quality.run(s, seeds=[0], out_dir=tmp_path, stem="q")
@@ -165,7 +165,7 @@ def test_quality_quick_path_gives_finite_perplexities_and_sample_scores(tmp_path
 def test_quality_generating_methods_get_full_length_completions_without_eos_stop():
     """The on-policy / seq_kd runs complete every prompt to the data's length (an empty EOS list: None would be
     refilled by generate from the model's own <eos> and stop there)."""
-    from hf_kd.demo import FAST, generation_args
+    from hf_kd.cli.demo import FAST, generation_args
 
     assert generation_args(FAST) == {"max_new_tokens": FAST.seq_len - 2, "generation_kwargs": {"eos_token_id": []}}
 

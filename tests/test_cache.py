@@ -10,10 +10,10 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import hf_kd.cache as cache_module
+import hf_kd.teachers.cache.build as cache_module
 from hf_kd import DistillationCollator, DistillationConfig, DistillationTrainer
-from hf_kd.cache import TeacherCache, build_teacher_cache, example_key
-from hf_kd.cache_store import row_positions
+from hf_kd.teachers.cache.build import TeacherCache, build_teacher_cache, example_key
+from hf_kd.teachers.cache.store import row_positions
 
 BUILD = dict(device="cpu", progress=False)  # the teacher on CPU like the trainers below; no progress bars
 LOSS_KW = dict(loss_type={"forward_kl": 0.6, "reverse_kl": 0.4}, temperature=2.0, alpha=0.7)

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from test_trainer import make_args
 
 from hf_kd import DistillationTrainer
-from hf_kd.cache import build_teacher_cache
-from hf_kd.card import distillation_card, final_eval_metrics, final_losses
-from hf_kd.losses import Objective
+from hf_kd.teachers.cache.build import build_teacher_cache
+from hf_kd.training.card import distillation_card, final_eval_metrics, final_losses
+from hf_kd.objective.losses import Objective
 
 CARD_KW = dict(
     model_name="tiny-kd",

@@ -1,4 +1,4 @@
-"""Tests for the chunk driver (hf_kd.fused.fused_objective, hf_kd.chunking) with a teacher that hands over full logits.
+"""Tests for the chunk driver (hf_kd.objective.fused.fused_objective, hf_kd.objective.chunking) with a teacher that hands over full logits.
 
 A ``teacher_forward`` override may return plain full logits while the student stays fused: the driver then reads
 the chunk's rows of ``TeacherLogits.logits``. The reference is :func:`hf_kd.distillation_loss` on the student's
@@ -8,11 +8,11 @@ explicitly built logits ``hidden @ W.T + b`` and the same teacher logits, differ
 import pytest
 import torch
 
-import hf_kd.fused as fused
+import hf_kd.objective.fused as fused
 from hf_kd import distillation_loss
-from hf_kd.losses import Objective
-from hf_kd.models import LMHeadSpec
-from hf_kd.targets import StudentHidden, TeacherHidden, TeacherLogits, TeacherTopK
+from hf_kd.objective.losses import Objective
+from hf_kd.models.heads import LMHeadSpec
+from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits, TeacherTopK
 
 N, H, V = 23, 6, 17  # N = 23 is prime: chunk_size 4 leaves a ragged last chunk
 MASKED = [0, 5, 6, 7, 8, 9]  # a prompt-like run among them; dropped before the rows are chunked

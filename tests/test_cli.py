@@ -265,7 +265,7 @@ def test_a_nan_teacher_stops_the_run_with_one_line_and_no_marker(tmp_path, tiny_
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, tiny_dir, files, capsys, monkeypatch):
-    import hf_kd.cli
+    import hf_kd.cli.train
 
     path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]})
     os.makedirs(tmp_path / "out" / "checkpoint-2")
@@ -273,7 +273,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, tiny_dir, files, capsys, monkeypatc
     def interrupted(recipe, overwrite=False):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf_kd.cli, "run_train", interrupted)
+    monkeypatch.setattr(hf_kd.cli.train, "run_train", interrupted)
     code, _, err = run(["train", path], capsys)
     assert code == 130 and "Traceback" not in err
     assert err.strip() == (f"interrupted: the last checkpoint is {tmp_path / 'out' / 'checkpoint-2'}; resume with: "
@@ -351,7 +351,7 @@ def test_train_end_to_end_and_output_dir_life_cycle(tmp_path, tiny_dir, files, c
 
 
 def test_the_last_steps_evaluation_is_not_run_twice(tmp_path, tiny_dir, files, capsys, monkeypatch):
-    from hf_kd.trainer import DistillationTrainer
+    from hf_kd.training.trainer import DistillationTrainer
 
     calls, trainers = [], []
     evaluate = DistillationTrainer.evaluate
@@ -398,7 +398,7 @@ def test_a_cpu_run_is_quiet_and_logs_tokens_per_second(tmp_path, tiny_dir, files
 def test_cpu_threads_default_to_one_unless_omp_num_threads_says(monkeypatch):
     from types import SimpleNamespace
 
-    from hf_kd.cli import cpu_threads
+    from hf_kd.cli.train import cpu_threads
 
     before = torch.get_num_threads()
     try:
@@ -505,7 +505,7 @@ def test_check_without_a_network_does_not_wait_for_the_hub(tmp_path, capsys, mon
     """No HF_HUB_OFFLINE and no network: one short connection attempt, then only the local cache (no retries)."""
     import socket
 
-    import hf_kd.check
+    import hf_kd.cli.check
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     attempts = []
@@ -515,14 +515,14 @@ def test_check_without_a_network_does_not_wait_for_the_hub(tmp_path, capsys, mon
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
-    hf_kd.check.hub_reachable.cache_clear()
+    hf_kd.cli.check.hub_reachable.cache_clear()
     try:
         path = tmp_path / "hub.yaml"
         path.write_text("teacher: {name_or_path: hf-kd-test/no-such-teacher}\nstudent: {name_or_path: hf-kd-test/no-"
                         "such-student}\ndata: {dataset: hf-kd-test/no-such-data}\ntraining: {output_dir: out}\n")  # fmt: skip
         code, out, _ = run(["check", path], capsys)
     finally:
-        hf_kd.check.hub_reachable.cache_clear()
+        hf_kd.cli.check.hub_reachable.cache_clear()
     assert code == 0, out
     assert attempts == [(("huggingface.co", 443), 2.0)]  # once for the whole check
     unchecked = [line for line in out.splitlines() if line.startswith("not checked: ")]
@@ -535,20 +535,20 @@ def test_hub_probe_gives_up_after_its_timeout(monkeypatch):
     import time
     from types import SimpleNamespace
 
-    import hf_kd.check
+    import hf_kd.cli.check
 
     def hanging(*args, **kwargs):  # a DNS lookup that hangs
         time.sleep(5)
         return SimpleNamespace(close=lambda: None)
 
     monkeypatch.setattr(socket, "create_connection", hanging)
-    hf_kd.check.hub_reachable.cache_clear()
+    hf_kd.cli.check.hub_reachable.cache_clear()
     try:
         started = time.perf_counter()
-        assert hf_kd.check.hub_reachable(timeout=0.2) is False
+        assert hf_kd.cli.check.hub_reachable(timeout=0.2) is False
         assert time.perf_counter() - started < 2
     finally:
-        hf_kd.check.hub_reachable.cache_clear()
+        hf_kd.cli.check.hub_reachable.cache_clear()
 
 
 # ---- classification (training.task: classification) ------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_a_typo_imports_nothing_heavy_once_the_names_are_cached(tmp_path):
 def test_the_public_api_is_imported_on_first_use():
     assert set(hf_kd.__all__) == set(hf_kd._PUBLIC) and set(hf_kd.__all__) <= set(dir(hf_kd))
     from hf_kd import DistillationConfig, DistillationTrainer
-    from hf_kd.trainer import DistillationTrainer as Defined
+    from hf_kd.training.trainer import DistillationTrainer as Defined
 
     assert DistillationTrainer is Defined and DistillationConfig.__name__ == "DistillationConfig"
     for name in hf_kd.__all__:

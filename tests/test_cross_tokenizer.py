@@ -12,10 +12,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_kd import DistillationCollator, DistillationTrainer
-from hf_kd.alignment import align_batch, group_tokens
-from hf_kd.vocabulary import shared_vocabulary, token_strings
-from hf_kd.config import SetupError
-from hf_kd.cross_tokenizer import span_log_probs, two_buckets, uld_distance
+from hf_kd.teachers.cross_tokenizer.alignment import align_batch, group_tokens
+from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary, token_strings
+from hf_kd.errors import SetupError
+from hf_kd.teachers.cross_tokenizer.loss import span_log_probs, two_buckets, uld_distance
 
 # ---- tokenizers built here ----------------------------------------------------------------------------------------
 
@@ -354,7 +354,7 @@ def test_cross_tokenizer_recipe_runs_on_tiny_llama_teacher_and_qwen2_student(tmp
 def test_sampled_sequences_count_bytes_like_prefix_decoding(tmp_path):
     """A sampled id sequence: the byte-counting path gives the token ends that prefix-by-prefix decoding gives,
     including tokens that hold part of a multi-byte character (no end of their own)."""
-    from hf_kd.alignment import student_text
+    from hf_kd.teachers.cross_tokenizer.alignment import student_text
 
     tok = AutoTokenizer.from_pretrained(full_byte_level(tmp_path / "bytes", [("Ġ", "a"), ("b", "c")], ["<eos>"],
                                                         eos_token="<eos>"))  # fmt: skip
@@ -374,9 +374,9 @@ def test_every_term_against_a_float64_reference(byte_pair):
     """The projected next-token term (one-to-one targets and span starts), the span and ULD terms and the CE, value and
     gradient, against the definitions written out here (the loss runs 2 rows at a time, so the span term's weights
     cross chunks)."""
-    from hf_kd.cross_tokenizer import CrossTokenizerWeights, cross_tokenizer_terms
-    from hf_kd.losses import Objective
-    from hf_kd.targets import TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import CrossTokenizerWeights, cross_tokenizer_terms
+    from hf_kd.objective.losses import Objective
+    from hf_kd.objective.signals import TeacherLogits
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -515,7 +515,7 @@ def test_sentencepiece_pieces_are_text_and_sampled_sequences_count_bytes(tmp_pat
     """SentencePiece pieces spell text ("▁ab" is b" ab", "<0xC3>" one byte): they share tokens with a byte-level
     vocabulary, and a sampled sequence (letters spelled apart, a character cut in two) gets the ends that
     prefix-by-prefix decoding gives, without decoding prefix by prefix."""
-    import hf_kd.alignment as alignment
+    import hf_kd.teachers.cross_tokenizer.alignment as alignment
 
     _, byte_level, _ = byte_pair
     tok = AutoTokenizer.from_pretrained(sentencepiece_like(tmp_path / "sp", ["▁ab", "▁cd", "cd"]))
@@ -537,9 +537,9 @@ def test_sentencepiece_pieces_are_text_and_sampled_sequences_count_bytes(tmp_pat
 
 def test_a_batch_with_nothing_to_align_backpropagates_zero(byte_pair):
     """No target at all, or targets that align with nothing: a loss of 0 whose backward works, as the dense loss's."""
-    from hf_kd.cross_tokenizer import cross_tokenizer_terms
-    from hf_kd.losses import Objective
-    from hf_kd.targets import TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
+    from hf_kd.objective.losses import Objective
+    from hf_kd.objective.signals import TeacherLogits
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -566,7 +566,7 @@ def test_a_teacher_tokenizer_with_more_special_tokens_keeps_the_same_tokenizer_p
                                   args=make_args(tmp_path, teacher_tokenizer_name_or_path=str(tmp_path / "bigger")),
                                   processing_class=tokenizer)  # fmt: skip
     assert type(trainer.teacher).__name__ == "ModelTeacher" and trainer.vocab_size == 40
-    from hf_kd.vocabulary import same_ids
+    from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
 
     root = byte_pair[0]
     more_merges = AutoTokenizer.from_pretrained(byte_level_tokenizer(root / "more", [*STUDENT_MERGES, ("ab", "cd")]))
@@ -632,9 +632,9 @@ def test_a_teacher_whose_tokens_spell_no_student_token_gives_no_signal_not_nan(b
     has nothing to say: the loss stays finite (the CE still trains), it does not turn into NaN."""
     import dataclasses
 
-    from hf_kd.cross_tokenizer import cross_tokenizer_terms, projected_log_probs
-    from hf_kd.losses import Objective
-    from hf_kd.targets import TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms, projected_log_probs
+    from hf_kd.objective.losses import Objective
+    from hf_kd.objective.signals import TeacherLogits
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -656,9 +656,9 @@ def test_two_models_sure_of_the_same_text_have_nothing_to_learn(byte_pair, loss_
     """Student "a|Ġ|cd" and teacher "a|Ġ|c|d", each all but certain of its own next token: the loss is ~0 and moves
     nothing (the student's "cd" is longer than the teacher's "c", so no teacher token alone speaks for it; the
     projection must not push it towards "c")."""
-    from hf_kd.cross_tokenizer import cross_tokenizer_terms
-    from hf_kd.losses import Objective
-    from hf_kd.targets import TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
+    from hf_kd.objective.losses import Objective
+    from hf_kd.objective.signals import TeacherLogits
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -683,7 +683,7 @@ def test_added_text_tokens_spell_their_bytes_and_duplicates_share_extensions(tmp
     """An added (non-special) token of a byte-level tokenizer is text: "  " and "é" spell their UTF-8 bytes (a
     whitespace added token used to crash the sort of mixed str and bytes). A byte-fallback piece and the text piece
     that spell the same byte have the same extensions."""
-    from hf_kd.vocabulary import extensions
+    from hf_kd.teachers.cross_tokenizer.vocabulary import extensions
 
     _, student, teacher = byte_pair
     extra = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "extra", TEACHER_MERGES))
@@ -701,10 +701,10 @@ def test_added_text_tokens_spell_their_bytes_and_duplicates_share_extensions(tmp
 def test_hidden_states_and_head_get_the_gradients_of_full_logits(byte_pair, softcap, scale):
     """The chunked path (hidden states + head, gradients by hand through the head, its scale and softcap) gives the
     loss and the gradients of hidden, weight and bias that autograd gives through full logits."""
-    from hf_kd.cross_tokenizer import cross_tokenizer_terms
-    from hf_kd.losses import Objective
-    from hf_kd.models import LMHeadSpec, finish_logits
-    from hf_kd.targets import StudentHidden, TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
+    from hf_kd.objective.losses import Objective
+    from hf_kd.models.heads import LMHeadSpec, finish_logits
+    from hf_kd.objective.signals import StudentHidden, TeacherLogits
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)

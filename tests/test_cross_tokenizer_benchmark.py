@@ -41,7 +41,7 @@ def _restore_logging():
 
 @pytest.fixture(scope="module")
 def chain_data():
-    from hf_kd.demo import FAST, make_chain, sample
+    from hf_kd.cli.demo import FAST, make_chain, sample
 
     rng = np.random.default_rng(0)
     return sample(make_chain(FAST, rng), 200, FAST.seq_len, rng), FAST.symbols
@@ -76,7 +76,7 @@ def test_student_one_token_per_symbol_coarse_whole_symbols(chain_data, tokenizer
 
 
 def test_nll_per_symbol_by_hand(tmp_path, chain_data, tokenizers):
-    from hf_kd.demo import build_model
+    from hf_kd.cli.demo import build_model
 
     seqs, _ = chain_data
     seqs = seqs[:6]
@@ -101,7 +101,7 @@ def test_gain_kept():
 
 
 def test_quick_run_end_to_end(tmp_path):
-    from hf_kd.demo import FAST
+    from hf_kd.cli.demo import FAST
 
     results = bench.run(FAST, [0], tmp_path, command="pytest")
     saved = json.loads((tmp_path / "cross_tokenizer.json").read_text(encoding="utf-8"))

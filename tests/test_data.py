@@ -16,7 +16,7 @@ from hf_kd.data import (
     prepare_datasets,
     tokenize_dataset,
 )
-from hf_kd.recipe import DataSection
+from hf_kd.recipe.recipe import DataSection
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 MARKERS = ["U:", "A:", "END", "THINK"]

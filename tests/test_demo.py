@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd.cli import main
-from hf_kd.demo import IMPOSSIBLE_NATS, OBJECTIVES, SPECIALS, Settings, make_chain, process_nll, sample, sample_quality
+from hf_kd.cli.demo import IMPOSSIBLE_NATS, OBJECTIVES, SPECIALS, Settings, make_chain, process_nll, sample, sample_quality
 
 
 def test_fast_demo_end_to_end(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Data parallel is exact: 2 processes x batch 2 == 1 process x batch 4 (gloo on CPU). Processes launched together
-on CPU train as one run, or stop with one line (hf_kd.distributed.check_world). FSDP2 / ZeRO-3: test_sharded.py."""
+on CPU train as one run, or stop with one line (hf_kd.models.sharding.check_world). FSDP2 / ZeRO-3: test_sharded.py."""
 
 import json
 import os
@@ -115,8 +115,8 @@ def test_check_world_refuses_processes_that_would_not_train_as_asked(monkeypatch
 
     from accelerate.utils import DistributedType
 
-    from hf_kd.config import SetupError
-    from hf_kd.distributed import check_world
+    from hf_kd.errors import SetupError
+    from hf_kd.models.sharding import check_world
 
     def accelerator(processes, kind):
         return SimpleNamespace(num_processes=processes, device=torch.device("cpu"), distributed_type=kind)

@@ -9,7 +9,7 @@ from datasets import Dataset
 from test_trainer import make_args, state_hash
 
 from hf_kd import DistillationCollator, DistillationTrainer, LOSS_TYPES, distillation_loss
-from hf_kd.faults import NonFiniteError
+from hf_kd.training.faults import NonFiniteError
 
 KW = dict(temperature=2.0, alpha=0.7)
 
@@ -162,7 +162,7 @@ def test_nan_teacher_with_alpha_0_trains_on_the_ce_and_unlabeled_nan_blames_neit
                                   train_dataset=Dataset.from_list(variable_length_examples(4, seed=2)))  # fmt: skip
     trainer.train()  # the divergence is only logged: the CE update is valid
     assert state_hash(student) != before
-    from hf_kd.faults import FaultGuard
+    from hf_kd.training.faults import FaultGuard
 
     guard = FaultGuard(lambda t: t, "t", "s")
     guard.record({"loss": torch.tensor(float("nan")), "distill_loss": torch.tensor(float("nan")), "ce_loss": None}, 1.0)

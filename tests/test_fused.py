@@ -1,4 +1,4 @@
-"""Tests for hf_kd.fused: the chunked lm_head + loss against distillation_loss on explicitly built full logits.
+"""Tests for hf_kd.objective.fused: the chunked lm_head + loss against distillation_loss on explicitly built full logits.
 
 The reference builds ``softcap(scale * (hidden @ W.T + bias))[:, :vocab]`` for both models, runs
 :func:`hf_kd.distillation_loss` on it and differentiates with autograd; the fused path never sees those logits. Any
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
 from hf_kd import distillation_loss
-from hf_kd.fused import LMHeadSpec, fused_distillation_loss, lm_head_spec
+from hf_kd.objective.fused import LMHeadSpec, fused_distillation_loss, lm_head_spec
 
 LOSS_TYPES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse",
               {"forward_kl": 0.5, "tvd": 0.2, "mse": 0.3}]  # fmt: skip
@@ -388,7 +388,7 @@ def test_lm_head_spec_falls_back_with_a_reason():
 @pytest.mark.parametrize("scale", [True, False])
 def test_forward_kl_closed_form_equals_autograd(monkeypatch, temperature, alpha, scale):
     """The closed-form gradient of forward KL (+ CE) against the autograd path it replaces, in float64."""
-    import hf_kd.fused as fused
+    import hf_kd.objective.fused as fused
 
     g = torch.Generator().manual_seed(3)
     s_hidden = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -442,7 +442,7 @@ def test_forward_kl_closed_form_in_float32_matches_the_log_softmax_formula(monke
     softmax, its buffers overwritten) against the autograd path on log-probabilities, ``p_t * (log p_t - log p_s)``
     as distillation_loss computes it: loss to 1e-5, d(weight) to 1e-7. (A teacher close to its student is
     test_trainer's padded-vocabulary case: KL ~0.016 per token, matched to 1e-7.)"""
-    import hf_kd.fused as fused_module
+    import hf_kd.objective.fused as fused_module
 
     g = torch.Generator().manual_seed(5)
     n, h, v = 70, 16, 5003
@@ -472,7 +472,7 @@ def test_forward_kl_closed_form_in_float32_matches_the_log_softmax_formula(monke
 ])  # fmt: skip
 def test_every_chunk_reuses_the_calls_buffers(monkeypatch, temperature, names):
     """The closed form works in a few [chunk, V] buffers allocated once per call, whatever the number of chunks."""
-    import hf_kd.chunking as chunking
+    import hf_kd.objective.chunking as chunking
 
     pointers = {}
     original = chunking.Scratch.__call__

@@ -72,7 +72,7 @@ def _fused(x: dict, **kwargs):
 
 
 def _needs_out_dtype_matmuls(dtype):
-    from hf_kd.models import _mm_emits
+    from hf_kd.models.heads import _mm_emits
 
     if not _mm_emits(torch.device("cuda"), dtype, torch.float32):
         pytest.skip(f"this torch has no CUDA torch.mm(..., out_dtype=float32) for {dtype}: the head is cast instead")
@@ -140,12 +140,12 @@ def test_cross_tokenizer_loss_on_a_half_precision_head_matches_float32(tmp_path,
     from test_cross_tokenizer import STUDENT_MERGES, TEACHER_MERGES, byte_level_tokenizer
     from transformers import AutoTokenizer
 
-    from hf_kd.alignment import align_batch
-    from hf_kd.cross_tokenizer import cross_tokenizer_terms
-    from hf_kd.losses import Objective
-    from hf_kd.models import LMHeadSpec
-    from hf_kd.targets import StudentHidden, TeacherLogits
-    from hf_kd.vocabulary import shared_vocabulary
+    from hf_kd.teachers.cross_tokenizer.alignment import align_batch
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
+    from hf_kd.objective.losses import Objective
+    from hf_kd.models.heads import LMHeadSpec
+    from hf_kd.objective.signals import StudentHidden, TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
 
     student = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "s", STUDENT_MERGES))
     teacher = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "t", TEACHER_MERGES))

@@ -1,4 +1,4 @@
-"""Tests for hf_kd.losses.distillation_loss against an independent float64 reference.
+"""Tests for hf_kd.objective.losses.distillation_loss against an independent float64 reference.
 
 The reference below is written from the definitions, one position at a time: softmax as exp(z - max) / sum, KL as
 sum p * log(p / q), mixtures formed explicitly, CE as -log softmax(student)[label]. It shares no code with the

@@ -10,7 +10,7 @@ from test_trainer import make_args
 from transformers import BertForSequenceClassification
 
 from hf_kd import DistillationTrainer
-from hf_kd.metrics import CALIBRATION_BINS, agreement_sums, finalize_metrics
+from hf_kd.objective.metrics import CALIBRATION_BINS, agreement_sums, finalize_metrics
 
 
 def reference_metrics(s, t, labels, classification):

@@ -8,7 +8,7 @@ from peft import LoraConfig
 from test_trainer import make_args, state_hash
 
 from hf_kd import DistillationCollator, DistillationTrainer, distillation_loss
-from hf_kd.generation import on_policy
+from hf_kd.training.generation import on_policy
 
 MAX_NEW = 6
 KW = dict(loss_type="reverse_kl", temperature=1.0, alpha=0.8)
@@ -204,9 +204,9 @@ def test_refused_combinations(tmp_path, tiny_dir, rows):
 
 
 def test_sharded_engines_are_refused_with_one_line(tmp_path, tiny_dir, monkeypatch):
-    import hf_kd.preflight
+    import hf_kd.training.preflight
 
-    monkeypatch.setattr(hf_kd.preflight, "teacher_is_sharded", lambda accelerator: True)  # as under FSDP / ZeRO-3
+    monkeypatch.setattr(hf_kd.training.preflight, "teacher_is_sharded", lambda accelerator: True)  # as under FSDP / ZeRO-3
     for field, overrides in (("lmbda", {"lmbda": 0.5}), ("seq_kd", {"seq_kd": True})):
         with pytest.raises(ValueError, match=f"^{field}: generation under FSDP / ZeRO-3 .* is not supported; train with DDP"):
             DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
@@ -214,7 +214,7 @@ def test_sharded_engines_are_refused_with_one_line(tmp_path, tiny_dir, monkeypat
 
 
 def test_generation_stays_in_the_shared_vocabulary(tiny_dir):
-    from hf_kd.generation import complete, generation_config
+    from hf_kd.training.generation import complete, generation_config
 
     teacher = load_model(tiny_dir["teacher_padded"])  # 48 rows, of which the student shares 44
     config = generation_config(teacher, {"max_new_tokens": 12, "do_sample": True, "temperature": 50.0}, 0)
@@ -229,7 +229,7 @@ def test_generation_stays_in_the_shared_vocabulary(tiny_dir):
 def test_unsafe_generation_settings_and_packing_are_refused(tmp_path, tokenizer):
     from hf_kd import DistillationConfig
     from hf_kd.data import DataError, prepare_datasets
-    from hf_kd.recipe import DataSection
+    from hf_kd.recipe.recipe import DataSection
 
     for bad in ({"num_return_sequences": 2}, {"num_beams": 4}, {"return_dict_in_generate": True}):
         with pytest.raises(ValueError, match="generation_kwargs: num_return_sequences, num_beams"):
@@ -247,7 +247,7 @@ def test_unsafe_generation_settings_and_packing_are_refused(tmp_path, tokenizer)
 
 def test_no_eos_stop_generates_to_max_new_tokens(tiny_dir, tmp_path):
     from hf_kd import DistillationConfig
-    from hf_kd.generation import complete, generation_config
+    from hf_kd.training.generation import complete, generation_config
 
     student = load_model(tiny_dir["student"])
     student.generation_config.eos_token_id = 3  # greedy completions of this tiny model hit 3 early

@@ -12,7 +12,7 @@ from test_trainer import make_args, state_hash
 from transformers import AutoModelForCausalLM
 
 from hf_kd import DistillationCollator, DistillationTrainer, distillation_loss
-from hf_kd.adapters import qlora_quantization_config
+from hf_kd.models.adapters import qlora_quantization_config
 from hf_kd.teachers import SelfTeacher
 
 LOSS_KW = dict(loss_type={"forward_kl": 0.5, "tvd": 0.5}, temperature=2.0, alpha=0.6)
@@ -65,7 +65,7 @@ def test_peft_student_loss_and_training_fused_and_full_logits(tmp_path, tiny_dir
 
 def test_lora_on_lm_head_falls_back_to_full_logits(tmp_path, tiny_dir, batch, caplog):
     teacher = load_model(tiny_dir["teacher"])
-    with caplog.at_level("WARNING", logger="hf_kd.trainer"):
+    with caplog.at_level("WARNING", logger="hf_kd.training.trainer"):
         trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=teacher,
                                       peft_config=lora(target_modules=["q_proj", "lm_head"], init_lora_weights=False),
                                       args=make_args(tmp_path, loss_chunk_size=8, **LOSS_KW))

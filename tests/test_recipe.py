@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import CONFIG_MAPPING
 
-from hf_kd.recipe import RecipeError, load_recipe
-from hf_kd.recipe_training import RENAMED, _installed_name, parse_overrides
+from hf_kd.recipe.recipe import RecipeError, load_recipe
+from hf_kd.recipe.training import RENAMED, _installed_name, parse_overrides
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
@@ -53,7 +53,7 @@ def test_shipped_recipe_validates_offline(name):
     args = recipe.training_args(check_hardware=False)  # bf16 off on this CPU; the recipe keeps what it asked for
     teacher, student, model_type, loss_type, has_peft = EXPECTED[name]
     assert (recipe.teacher.name_or_path, recipe.student.name_or_path) == (teacher, student)
-    if "->" in model_type:  # two families, two tokenizers: the teacher reads its own tokens (hf_kd.alignment)
+    if "->" in model_type:  # two families, two tokenizers: the teacher reads its own tokens (hf_kd.teachers.cross_tokenizer.alignment)
         assert f"{family(teacher)}->{family(student)}" == model_type
         assert args.teacher_tokenizer_name_or_path == (recipe.teacher.tokenizer or teacher)
         assert all(kind in CONFIG_MAPPING for kind in model_type.split("->"))
@@ -293,7 +293,7 @@ def test_whole_numbers_stay_whole_in_the_resolved_recipe(tmp_path):
 
 def test_recipe_file_extensions_match_the_data_loader():
     from hf_kd.data import DATA_EXTENSIONS
-    from hf_kd.recipe import DATA_EXTENSIONS as RECIPE_EXTENSIONS
+    from hf_kd.recipe.recipe import DATA_EXTENSIONS as RECIPE_EXTENSIONS
 
     assert RECIPE_EXTENSIONS == DATA_EXTENSIONS
 

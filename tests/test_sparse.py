@@ -1,4 +1,4 @@
-"""Tests for hf_kd.sparse: the top-k (bucketed) distillation loss.
+"""Tests for hf_kd.objective.sparse: the top-k (bucketed) distillation loss.
 
 The reference below is written from the definitions in float64, one position at a time: the teacher's k most likely
 ids by probability, a "rest" bucket holding the sum of every other probability (summed explicitly, not as 1 - top),
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_kd import distillation_loss
-from hf_kd.sparse import SPARSE_LOSS_TYPES, sparse_distillation_loss
+from hf_kd.objective.sparse import SPARSE_LOSS_TYPES, sparse_distillation_loss
 
 V, K = 13, 4
 BETA, LAMBDA = 0.3, 0.2

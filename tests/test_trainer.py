@@ -163,7 +163,7 @@ def test_missing_labels_are_input_ids_with_padding_masked(tmp_path, tiny_dir, fo
 @pytest.mark.parametrize("chunk", [0, 7])
 def test_padded_vocabularies_are_aligned(tmp_path, tiny_dir, tokenizer, four_examples, caplog, chunk):
     student, teacher = load_model(tiny_dir["student_padded"]), load_model(tiny_dir["teacher_padded"])  # 44 vs 48
-    with caplog.at_level("WARNING", logger="hf_kd.trainer"):
+    with caplog.at_level("WARNING", logger="hf_kd.training.trainer"):
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, loss_chunk_size=chunk),
                                       processing_class=tokenizer)
     assert trainer.vocab_size == 40 + 4  # min(44, 48): the tokenizer's 40 tokens fit in both

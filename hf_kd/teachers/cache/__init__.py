@@ -1,0 +1,1 @@
+"""The cached teacher: top-k log-probabilities on disk (``store``: reading; ``build``: writing)."""

@@ -1,0 +1,109 @@
+"""The ``cross_tokenizer`` teacher: a frozen model whose tokenizer differs from the student's. Each batch is decoded,
+re-tokenized for the teacher and aligned (:mod:`.alignment`); the loss gets a :class:`.loss.TeacherAligned`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from hf_kd.errors import SetupError
+from hf_kd.models.heads import lm_head_spec
+from hf_kd.models.loading import freeze, load_model
+from hf_kd.models.sharding import prepare_teacher
+from hf_kd.objective.divergences import DIVERGENCES
+from hf_kd.objective.signals import TeacherHidden, TeacherLogits
+from hf_kd.teachers.cross_tokenizer.alignment import align_batch
+from hf_kd.teachers.cross_tokenizer.loss import CrossTokenizerWeights, TeacherAligned
+from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
+from hf_kd.teachers.model import load_teacher_tokenizer, student_tokenizer
+from hf_kd.teachers.registry import Teacher, register_teacher
+
+logger = logging.getLogger(__name__)
+NO_COMPLETIONS = ("a teacher with another tokenizer cannot write the student's completions; use on-policy "
+                  "distillation (lmbda) or the dataset's completions")  # fmt: skip
+
+
+@register_teacher
+class CrossTokenizerTeacher(Teacher):
+    """``run`` aligns the batch, runs the model on the teacher's tokens and returns a :class:`TeacherAligned` (its
+    outputs shifted like the student's: position i predicts token i + 1)."""
+
+    kind = "cross_tokenizer"
+
+    def __init__(self, model: nn.Module, name: str | None, student_tokenizer, teacher_tokenizer, weights):
+        self.model, self.name = model, name
+        self.student_tokenizer, self.tokenizer, self.weights = student_tokenizer, teacher_tokenizer, weights
+        self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+        self._shared_on: dict[str, object] = {}  # the shared vocabulary's tensors per device, moved once
+
+    @classmethod
+    def check_setup(cls, trainer, source) -> None:
+        args = trainer.args
+        if source is None:
+            raise SetupError("teacher_model_name_or_path", "no teacher: a cross-tokenizer teacher is a model")
+        if trainer.task != "causal_lm":
+            raise SetupError("teacher_tokenizer_name_or_path", f"cross-tokenizer distillation is for causal LMs, not "
+                             f"task {trainer.task!r}")  # fmt: skip
+        if args.seq_kd:
+            raise SetupError("seq_kd", NO_COMPLETIONS)
+        unavailable = sorted(name for name, d in args.objective.divergences.items() if not d.on_buckets)
+        if unavailable:
+            usable = ", ".join(name for name, d in DIVERGENCES.items() if d.on_buckets)
+            raise SetupError("loss_type", f"{', '.join(unavailable)} compares logits over one vocabulary, which a "
+                             f"teacher with another tokenizer does not have; use {usable}")  # fmt: skip
+
+    @classmethod
+    def build(cls, trainer, source) -> Teacher:
+        name = source if isinstance(source, str) else getattr(source, "name_or_path", None)
+        teacher_tokenizer = load_teacher_tokenizer(trainer.args, name)
+        if teacher_tokenizer is None:
+            raise SetupError("teacher_tokenizer_name_or_path", "a cross-tokenizer teacher needs its tokenizer: set it")
+        model = load_model(source, trainer.task, trainer.args.teacher_model_init_kwargs) if name == source else source
+        return cls.from_model(trainer, freeze(model), name, teacher_tokenizer)
+
+    @classmethod
+    def from_model(cls, trainer, model: nn.Module, name: str | None, teacher_tokenizer) -> CrossTokenizerTeacher:
+        """A loaded, frozen model and its tokenizer: what the pair must allow, and the one log line that says it."""
+        tokenizer = student_tokenizer(trainer)
+        if not getattr(tokenizer, "is_fast", False) or not getattr(teacher_tokenizer, "is_fast", False):
+            raise SetupError("teacher_tokenizer_name_or_path", "cross-tokenizer alignment needs fast tokenizers "
+                             "(character offsets) on both sides; load them with use_fast=True")  # fmt: skip
+        args = trainer.args
+        weights = CrossTokenizerWeights(args.cross_tokenizer_exact_weight, args.cross_tokenizer_uld_weight)
+        teacher = cls(prepare_teacher(trainer.accelerator, model), name, tokenizer, teacher_tokenizer, weights)
+        shared = teacher.shared
+        logger.info("cross-tokenizer distillation: student tokenizer %d tokens, teacher %d, %d shared (%.1f%% of the "
+                    "student's)", shared.student_size, shared.teacher_size, len(shared.student_ids),
+                    100 * shared.overlap)  # fmt: skip
+        return teacher
+
+    def run(self, inputs, forward, targets):
+        alignment = align_batch(inputs["input_ids"], inputs.get("attention_mask"), targets, self.student_tokenizer,
+                                self.tokenizer, self.shared)  # fmt: skip
+        device = inputs["input_ids"].device
+        if str(device) not in self._shared_on:
+            self._shared_on[str(device)] = self.shared.to(device)
+        self.model.eval()
+        with torch.no_grad():
+            outputs = forward(self.model, alignment.teacher_inputs)
+        if "final_hidden_state" in outputs:  # the fused path: logits are made chunk by chunk from these
+            signal = TeacherHidden(outputs["final_hidden_state"][:, :-1], lm_head_spec(self.model)[0])
+        else:
+            signal = TeacherLogits(outputs["logits"][:, :-1])
+        return TeacherAligned(signal, alignment, self._shared_on[str(device)], self.weights)
+
+    @contextlib.contextmanager
+    def generating(self):
+        raise SetupError("seq_kd", NO_COMPLETIONS)
+        yield  # unreachable: a generator, so that this is a context manager like the others
+
+    def describe(self) -> dict[str, str]:
+        shared, weights = self.shared, self.weights
+        return {
+            "teacher tokenizer (cross-tokenizer)": getattr(self.tokenizer, "name_or_path", ""),
+            "shared vocabulary": f"{len(shared.student_ids)} tokens ({100 * shared.overlap:.1f}% of the student's)",
+            "cross-tokenizer weights (exact, ULD)": f"{weights.exact}, {weights.uld}",
+        }

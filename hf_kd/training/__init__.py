@@ -1,0 +1,1 @@
+"""Training: the trainer, generation, token accounting, fault handling and the model card."""

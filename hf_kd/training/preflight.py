@@ -1,0 +1,65 @@
+"""What a DistillationTrainer decides or refuses at setup, before any step: the loss path, the training data, and what
+generated completions need. Each function reads the trainer's settings; none changes it."""
+
+from __future__ import annotations
+
+import logging
+
+from hf_kd.errors import SetupError
+from hf_kd.models.sharding import teacher_is_sharded
+from hf_kd.objective.losses import IGNORE_INDEX
+from hf_kd.models.heads import lm_head_spec
+from hf_kd.models.loading import TASKS, detect_task
+
+logger = logging.getLogger(__name__)
+
+
+def fused_loss_applies(trainer) -> bool:
+    """Whether the chunked loss applies to this pair; says why in the log when it was asked for but cannot."""
+    if not trainer.args.loss_chunk_size or trainer.task != "causal_lm":
+        return False  # a classifier's logits are one row per example (or token): nothing to chunk, nothing to say
+    reasons = []
+    teacher = trainer.teacher.model
+    if teacher is not None and detect_task(teacher) != "causal_lm":
+        reasons.append("the fused loss is for causal LMs")
+    if teacher_is_sharded(trainer.accelerator):
+        reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")
+    for role, model in (("student", trainer.model), ("teacher", teacher)):
+        spec, reason = (None, "") if model is None else lm_head_spec(model)
+        if model is not None and spec is None:
+            reasons.append(f"{role}: {reason}")
+    if reasons:
+        logger.warning("loss_chunk_size=%d: using full logits instead (%s)", trainer.args.loss_chunk_size,
+                       "; ".join(reasons))  # fmt: skip
+        return False
+    return True
+
+def check_targets(trainer) -> None:
+    """Training data without a single target trains on nothing (a loss of 0): refused, as the CLI does, unless
+    every batch is generated (then a prompt is all an example needs)."""
+    data = trainer.train_dataset
+    if not _indexable(data) or trainer.args.every_batch_generated or "labels" not in (data.column_names or ()):
+        return  # streamed (iterable) data is not scanned up front
+    first = 1 if TASKS[trainer.task].shift_labels else 0  # a causal LM's first label is never a target
+    for start in range(0, len(data), 1000):  # stops at the first chunk with a target: cheap on real data
+        labels = data.select(range(start, min(start + 1000, len(data))))["labels"]
+        if any(label != IGNORE_INDEX for row in labels for label in ([row] if isinstance(row, int) else row[first:])):
+            return
+    hint = "; with lmbda < 1 and no seq_kd some batches train on them: set lmbda 1 or seq_kd true" if trainer.args.generates else ""
+    raise SetupError("train_dataset", f"no trainable tokens: all {len(data)} examples have every target masked "
+                     f"or truncated away (prompt-only data? labels all -100?){hint}")  # fmt: skip
+
+def check_generation(trainer) -> None:
+    """On-policy / seq_kd: what generation needs of the task, the engine and the data."""
+    field = "lmbda" if trainer.args.lmbda > 0 else "seq_kd"
+    if trainer.task != "causal_lm":
+        raise SetupError(field, f"generated completions are for causal LMs, not task {trainer.task!r}")
+    if teacher_is_sharded(trainer.accelerator):
+        raise SetupError(field, "generation under FSDP / ZeRO-3 (sharded weights) is not supported; train with "
+                         "DDP (plain multi-GPU) or DeepSpeed ZeRO-1/2, or set lmbda 0 and seq_kd false")  # fmt: skip
+
+
+
+def _indexable(dataset) -> bool:
+    """A map-style ``datasets.Dataset`` (length, ``select``, columns): what can be checked before training."""
+    return dataset is not None and all(hasattr(dataset, name) for name in ("__len__", "select", "column_names"))

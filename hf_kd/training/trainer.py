@@ -1,0 +1,401 @@
+"""DistillationTrainer: a Trainer whose loss matches a frozen teacher's token distributions.
+
+Reads top to bottom: setup (task, teacher, objective, loss path), the forward passes, the loss, evaluation, saving,
+and the step's token count. The kinds of teacher live in :mod:`hf_kd.teachers`, the pairing of student and teacher
+outputs with a loss function in :mod:`hf_kd.objective.terms`, the counts and logged sums in :mod:`hf_kd.training.accounting`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    default_data_collator,
+    set_seed,
+)
+from transformers.modeling_outputs import ModelOutput
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from hf_kd.training.accounting import Accounting
+from hf_kd.models.adapters import is_peft_model, merged_copy, wrap_student
+from hf_kd.training.card import card_from_trainer
+from hf_kd.config import DistillationConfig
+from hf_kd.errors import SetupError
+from hf_kd.data import DistillationCollator
+from hf_kd.models.sharding import check_world
+from hf_kd.training.faults import FaultGuard
+from hf_kd.training.generation import GeneratingTrainerMixin, eos_ids, generation_config
+from hf_kd.objective.losses import IGNORE_INDEX
+from hf_kd.models.heads import lm_head_spec
+from hf_kd.models.loading import TASKS, capture_final_hidden, detect_task, unwrap
+from hf_kd.training.preflight import check_generation, check_targets, fused_loss_applies
+from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits
+from hf_kd.objective.terms import agreement, full_logits, objective_terms
+from hf_kd.teachers import make_teacher
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationTrainer(GeneratingTrainerMixin, Trainer):
+    """Train ``model`` (the student) to match ``teacher_model`` with :func:`hf_kd.distillation_loss`.
+
+    Extension points (override one, call ``super()``; ``compute_loss`` itself never needs copying):
+
+    * :meth:`teacher_forward` -- how the frozen teacher is run. It may return the model's plain outputs (full
+      ``logits``): the loss takes them on either path, fused or not.
+    * :meth:`student_forward` -- how the student is run.
+    * :meth:`distillation_terms` -- the loss terms from both outputs; add a key (``"hidden_loss"``) and fold it into
+      ``"loss"``: every ``*_loss`` key is logged for train and eval next to ``loss``.
+    * :meth:`prepare_batch` -- rewrite a micro-batch before it is counted and trained on (on-policy and seq_kd
+      generation live there, :class:`hf_kd.training.generation.GeneratingTrainerMixin`).
+
+    Normalization is exact: every term is a sum over valid target positions divided by the number of valid positions
+    in the whole optimizer step (all gradient-accumulation micro-batches, all processes), so per-device batch 4 x GA 1
+    and batch 1 x GA 4 (or 2 processes x batch 2) produce the same update. Evaluation is token-weighted over the whole
+    set: ``eval_loss = alpha * eval_distill_loss + (1 - alpha) * eval_ce_loss``.
+    """
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the step's global token count itself
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        recipe: Mapping[str, Any] | str | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            args = DistillationConfig(output_dir="hf_kd_output")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError("args must be a DistillationConfig (it holds the distillation knobs), not TrainingArguments")
+        self.task = args.task or (detect_task(model) if model is not None else None)
+        if self.task is None:
+            raise SetupError("task", f"cannot tell how {type(unwrap(model)).__name__}'s logits align with its labels; "
+                             f"set it to one of {', '.join(TASKS)}")  # fmt: skip
+        if data_collator is None:
+            data_collator = self._default_collator(processing_class)
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None and args.teacher_cache is None and args.teacher_kind is None:
+            raise SetupError("teacher_model_name_or_path", "no teacher: pass teacher_model= (a model or a path), set "
+                             "teacher_model_name_or_path, or set teacher_cache")  # fmt: skip
+        if model is not None and teacher_model is model:
+            raise SetupError("teacher_model_name_or_path", "teacher_model is the student object itself; for "
+                             "self-distillation pass teacher_model='self' and a peft_config: the teacher is then the "
+                             "student's base model with its adapters disabled")  # fmt: skip
+        if peft_config is not None:  # wrapped before the Trainer builds its optimizer: only the adapters train
+            if model is None:
+                raise SetupError("peft_config", "needs the student as model= (model_init is not supported with it)")
+            set_seed(args.seed)  # the adapters' random init: reproducible, as if made after the Trainer's own seeding
+            model = wrap_student(model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        check_world(self.accelerator)  # processes launched together train together, on the engine asked for
+        # transformers releases before loss_is_scaled_for_ga divide the loss by the GA steps unless they believe the
+        # model normalized it by num_items_in_batch: it has been, by compute_loss, whatever the student accepts
+        self.model_accepts_loss_kwargs = True
+        self.recipe = recipe  # embedded in the model card; the CLI passes the recipe it ran
+        self.objective = args.objective  # every knob of the loss, validated once
+        # refusals first: nothing is loaded for a run that cannot work
+        if args.label_smoothing_factor:
+            raise SetupError("label_smoothing_factor", "is not applied by the distillation loss (the teacher's "
+                             "distribution is the soft target; alpha mixes in the plain CE); set it to 0")  # fmt: skip
+        if args.save_merged and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise SetupError("save_merged", "needs the whole student on one process; with FSDP/DeepSpeed save the "
+                             "adapters and merge them afterwards")  # fmt: skip
+        check_targets(self)
+        if args.generates:
+            check_generation(self)
+            # the EOS ids that end a completion, for the logs
+            self._completion_eos = eos_ids(generation_config(unwrap(self.model), args.generation_settings(), None))
+        self.teacher = make_teacher(self, teacher_model)
+        self.vocab_size = self.teacher.vocab_size  # None, or the shared prefix of padded vocabularies
+        self.use_fused_loss = fused_loss_applies(self)
+        self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task == "causal_lm")
+        student_name = getattr(unwrap(self.model), "name_or_path", None) or type(unwrap(self.model)).__name__
+        self.faults = FaultGuard(self._sum_over_processes, self.teacher.name, student_name)
+        self.add_callback(self.faults)  # stops a NaN step before the optimizer applies it
+        self._rng_checkpoint, self._rng_loaded_early = None, False  # resumed generation's RNG (see _load_rng_state)
+        self._wants_full_logits = False  # set while a prediction loop returns logits (see evaluation_loop)
+        self._final_save = False  # set by save_model for a final save (not a checkpoint-N)
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        """The frozen teacher module (the student's own PeftModel for teacher 'self'; ``None`` for a cache)."""
+        return self.teacher.model
+
+    def _default_collator(self, processing_class):
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if self.task == "classification":  # one label per example: pad text if a tokenizer is given, else stack
+            text = isinstance(tokenizer, PreTrainedTokenizerBase)  # an image processor has a pad() too, for pixels
+            return DataCollatorWithPadding(tokenizer) if text else default_data_collator
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        return DistillationCollator(pad_token_id=pad_id if pad_id is not None else 0)
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.args.device), reduction="sum")
+
+    # ---- the forward passes -------------------------------------------------------------------------------------
+
+    def target_labels(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Labels aligned with the logits, -100 where a position is not a target.
+
+        Causal LMs: ``labels[:, 1:]`` (missing labels are the input ids with padding masked). Classifiers: the labels
+        as given (one per example, or one per token), never shifted; ``None`` when a classification batch has no
+        labels (every example counts, and ``alpha`` must be 1).
+        """
+        labels = inputs.get("labels")
+        if labels is None and self.task == "token_classification":
+            raise ValueError("token classification needs labels (-100 on padding and sub-word continuations)")
+        if labels is None and self.task == "classification":
+            return None
+        mask = inputs.get("attention_mask")
+        if labels is None:
+            labels = inputs["input_ids"]
+            if mask is not None:
+                labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        labels = self._aligned(labels, labels=True)
+        if TASKS[self.task].shift_labels and mask is not None:
+            # a target predicted from a padding position is no target (left padding: the first real token)
+            labels = labels.masked_fill(self._aligned(mask) == 0, IGNORE_INDEX)
+        return labels
+
+    def _aligned(self, tensor: torch.Tensor, labels: bool = False) -> torch.Tensor:
+        """Drop what has no partner: a causal LM's logits at position i predict the token at i + 1, so the last
+        position's outputs and the first label are never a target pair."""
+        if not TASKS[self.task].shift_labels:
+            return tensor
+        return tensor[..., 1:] if labels else tensor[:, :-1]
+
+    def _forward(self, model: nn.Module, inputs: Mapping[str, Any]):
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.task != "causal_lm":
+            return model(**model_inputs)
+        if not self.use_fused_loss:
+            return model(**model_inputs, use_cache=False)
+        # Fused path: logits for the last position only (B x V, negligible); the loss projects the captured final
+        # hidden states chunk by chunk instead of materializing [B, S, V] logits.
+        with capture_final_hidden(model) as box:
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
+        outputs["final_hidden_state"] = box[-1]
+        return outputs
+
+    def student_forward(self, model: nn.Module, inputs: Mapping[str, Any]):
+        """Run the student without labels (its own CE over full logits would be a wasted second pass).
+
+        With the fused loss (``loss_chunk_size > 0``) the outputs carry ``final_hidden_state`` and ``logits`` hold
+        the last position only.
+        """
+        return self._forward(model, inputs)
+
+    def teacher_forward(self, inputs: Mapping[str, Any]):
+        """The frozen teacher's view of the batch, no graph kept (:meth:`hf_kd.teachers.registry.Teacher.run`): model outputs,
+        or a cache's top-k rows."""
+        return self.teacher.run(inputs, self._forward, self.target_labels(inputs))
+
+    # ---- the loss -----------------------------------------------------------------------------------------------
+
+    def _student_signal(self, outputs) -> torch.Tensor | StudentHidden:
+        """The student's aligned full logits, or (fused) its final hidden states with its head."""
+        if self.use_fused_loss and "final_hidden_state" in outputs:
+            return StudentHidden(self._aligned(outputs["final_hidden_state"]), lm_head_spec(self.model)[0])
+        return self._aligned(outputs["logits"])
+
+    def _teacher_signal(self, outputs):
+        if not isinstance(outputs, Mapping):
+            return outputs  # a signal already, aligned by its teacher (a cache's rows, another tokenizer's outputs)
+        if self.use_fused_loss and "final_hidden_state" in outputs:
+            return TeacherHidden(self._aligned(outputs["final_hidden_state"]), lm_head_spec(self.teacher.model)[0])
+        return TeacherLogits(self._aligned(outputs["logits"]))
+
+    def distillation_terms(
+        self, student_outputs, teacher_outputs, labels: torch.Tensor, num_items_in_batch=None
+    ) -> dict[str, torch.Tensor]:
+        """``{"loss", "distill_loss", "ce_loss"}``: the objective and its components, normalized alike (a teacher with
+        another tokenizer adds ``aligned_fraction`` and ``shared_mass``, logged too)."""
+        return objective_terms(
+            self._student_signal(student_outputs),
+            self._teacher_signal(teacher_outputs),
+            labels,
+            self.objective,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.args.loss_chunk_size or None,
+            vocab_size=self.vocab_size,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            inputs = self._without_eval_repeats(inputs)
+        labels = self.target_labels(inputs)
+        if not model.training:
+            num_items_in_batch = None  # evaluation: per-batch means, weighted by their token counts in accounting
+        student_outputs = self.student_forward(model, inputs)
+        teacher_outputs = self.teacher_forward(inputs)
+        terms = self.distillation_terms(student_outputs, teacher_outputs, labels, num_items_in_batch)
+        loss = terms["loss"]
+        if num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
+            loss = loss * self.accelerator.num_processes
+        self.faults.record(terms, self.objective.alpha)
+        if model.training and self.accelerator.sync_gradients:
+            # the step's last micro-batch, before its backward: under DeepSpeed that backward also steps the optimizer
+            self.faults.check(f"step {self.state.global_step + 1}")
+        if model.training:
+            tokens = None if num_items_in_batch is not None else self._count_targets(inputs)
+            self.accounting.record_train(terms, tokens)
+        else:
+            sums = agreement(self._student_signal(student_outputs), self._teacher_signal(teacher_outputs), labels,
+                             chunk_size=self.args.loss_chunk_size or None, vocab_size=self.vocab_size,
+                             calibration=self.task != "causal_lm")  # fmt: skip
+            self.accounting.record_eval(terms, self._count_targets(inputs), sums)
+        if not return_outputs:
+            return loss
+        return loss, self._prediction_outputs(student_outputs)
+
+    # ---- evaluation and prediction ------------------------------------------------------------------------------
+
+    def _without_eval_repeats(self, inputs):
+        """The last evaluation batch of a multi-process run is padded with repeated examples so that every process has
+        one (the plain Trainer drops them in gather_for_metrics): their labels become -100, so they count nowhere."""
+        state = self.accelerator.gradient_state
+        labels = inputs.get("labels")
+        if self.accelerator.num_processes == 1 or labels is None or not state.end_of_dataloader or state.remainder <= 0:
+            return inputs
+        rows = labels.shape[0]
+        first = self.accelerator.process_index * rows  # the gathered order: process 0's rows, then process 1's, ...
+        repeat = torch.arange(first, first + rows, device=labels.device) >= state.remainder
+        if not bool(repeat.any()):
+            return inputs
+        shape = (rows,) + (1,) * (labels.dim() - 1)
+        return {**inputs, "labels": labels.masked_fill(repeat.view(shape), IGNORE_INDEX)}
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):  # fmt: skip
+        """The Trainer's loop, with ``{prefix}_loss`` and every component token-weighted over the whole set, and the
+        teacher-agreement metrics; ``evaluate()`` and ``predict()`` (``test_*``) alike, nothing carried over."""
+        self.accounting.reset_eval()  # a compute_loss called by hand in eval mode must not leak into this loop
+        loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
+        self._wants_full_logits = not loss_only
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)  # fmt: skip
+        finally:
+            self._wants_full_logits = False
+        self.faults.check(description.lower())  # NaN metrics are a fault, not a result
+        output.metrics.update(self.accounting.eval_metrics(metric_key_prefix))
+        return output
+
+    def _prediction_outputs(self, student_outputs):
+        """What a plain Trainer's prediction step gets: the model's own outputs. The fused path kept only the last
+        position's logits, so the full ``[B, S, V]`` logits are made here, chunk by chunk, when a loop returns them."""
+        if "final_hidden_state" not in student_outputs:
+            return student_outputs
+        if not self._wants_full_logits:
+            return ModelOutput(logits=student_outputs["logits"])  # never read: the loop only wants the loss
+        hidden = student_outputs["final_hidden_state"]
+        return ModelOutput(logits=full_logits(hidden, lm_head_spec(self.model)[0], self.args.loss_chunk_size))
+
+    # ---- saving -------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student (a PEFT student: its adapters, or with ``save_merged`` the merged model) and a model card.
+
+        The Trainer writes its checkpoints with ``save_model(<checkpoint-N>, _internal_call=True)``: those keep the
+        adapters (training resumes from them) and get no card. Every other call (the user's, push_to_hub's) is final.
+        """
+        self._final_save = not (_internal_call and output_dir is not None)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._final_save = False
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if not (self._final_save and self.args.save_merged and is_peft_model(model)):
+            super()._save(output_dir, state_dict)
+        elif self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            merged_copy(model).save_pretrained(output_dir)  # a copy: the trained model keeps its unmerged adapters
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self._final_save and self.args.should_save:
+            card_from_trainer(self).save(os.path.join(output_dir, "README.md"))
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:  # fmt: skip
+        """Write the distillation card (:mod:`hf_kd.training.card`) to ``output_dir``; push_to_hub calls it before uploading."""
+        if not self.is_world_process_zero():
+            return
+        card = card_from_trainer(self, model_name=model_name, dataset=dataset, tags=tags,
+                                 finetuned_from=finetuned_from, license=license, language=language)  # fmt: skip
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    # ---- exact token counts and logs ------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch one optimizer step's micro-batches, prepare them, and count their target positions on all processes."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batch_samples:
+            return batch_samples, None
+        batch_samples = [self.prepare_batch(batch, index) for index, batch in enumerate(batch_samples)]
+        local = sum(self._count_targets(batch) for batch in batch_samples).to(device)
+        return batch_samples, self.accounting.count_step(local)
+
+    def _count_targets(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        labels = self.target_labels(inputs)
+        if labels is None:  # unlabeled classification batch: every example is one target
+            first = next(v for v in inputs.values() if torch.is_tensor(v))
+            return torch.tensor(first.shape[0])
+        return (labels != IGNORE_INDEX).sum()
+
+    @property
+    def tokens_trained(self):
+        """Target positions of this run's optimizer steps, all processes (for the model card)."""
+        return self.accounting.tokens_trained
+
+    @property
+    def steps_counted(self) -> int:
+        """Optimizer steps in :attr:`tokens_trained` (fewer than ``global_step`` after a resume)."""
+        return self.accounting.steps_counted
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: the components of the steps since the last one
+            logs.update(self.accounting.train_logs())
+        if "train_runtime" in logs:  # the end-of-training summary: components over the whole run, like train_loss
+            run = self.accounting.run_logs()
+            # the Trainer's own train_loss adds this process's unlogged steps ungathered: wrong under DDP
+            logs["train_loss"] = run.pop("train_loss", logs.get("train_loss"))
+            logs.update(run)
+        super().log(logs, start_time)
