@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hf_kd.objective.losses import IGNORE_INDEX
+from hf_kd.models.tasks import IGNORE_INDEX, Task
 from hf_kd.recipe.schema import DATA_EXTENSIONS  # noqa: F401 (one table; recipe validation must not import torch)
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,19 @@ class DistillationCollator:
             # a position masked out of attention is padding inside the example: never a target
             batch["labels"][row, :n] = labels.masked_fill(mask == 0, IGNORE_INDEX)
         return batch
+
+
+def default_collator(task: Task, processing_class):
+    """The collator a trainer uses when given none: a classifier's one label per example is padded by the tokenizer
+    (or stacked, for pixels and audio features); token-level tasks pad with :class:`DistillationCollator`."""
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
+
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if task.per_example:
+        text = isinstance(tokenizer, PreTrainedTokenizerBase)  # an image processor has a pad() too, for pixels
+        return DataCollatorWithPadding(tokenizer) if text else default_data_collator
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return DistillationCollator(pad_token_id=pad_id if pad_id is not None else 0)
 
 
 # ---- loading and tokenization: a recipe's `data:` section -> tokenized datasets ---------------------------------------

@@ -13,23 +13,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from hf_kd.models.tasks import DEFAULT_TASK, TASKS
 from hf_kd.recipe.recipe import Recipe
 
 GiB = 1024**3
 _BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
-def meta_model(config, task: str = "causal_lm"):
+def meta_model(config, task: str = DEFAULT_TASK):
     """The model of ``config`` for ``task`` on the meta device: exact parameter counts and head layout, no memory."""
-    from hf_kd.models.loading import TASKS
-
     with torch.device("meta"):
         return TASKS[task].load_class().from_config(config)
 
 
-def count_parameters(model, task: str = "causal_lm") -> tuple[int, int]:
+def count_parameters(model, task: str = DEFAULT_TASK) -> tuple[int, int]:
     """``(parameters, output rows)``: rows of the LM head, or a classifier's classes; tied weights are counted once."""
-    if task != "causal_lm":
+    if not TASKS[task].language_model:
         return sum(p.numel() for p in model.parameters()), model.config.num_labels
     head = model.get_output_embeddings()
     rows = head.weight.shape[0] if head is not None else model.config.vocab_size
@@ -150,7 +149,7 @@ def estimate_memory(recipe: Recipe, args, teacher: Found, student: Found, shared
          f"{tokens} tokens)", activations),
         ("teacher forward (transient)", teacher_transient),
     ]  # fmt: skip
-    if recipe.task != "causal_lm":  # one logit vector per example
+    if not TASKS[recipe.task].language_model:  # one logit vector per example
         rows.append((f"classifier logits and loss ({teacher.rows} classes)", args.per_device_train_batch_size * teacher.rows * 16))
         return rows
     chunk = args.loss_chunk_size

@@ -1,6 +1,7 @@
-"""What hf_kd needs to know about a Hugging Face model: its task, its output head, and how to load one.
+"""How hf_kd finds and loads a Hugging Face model: its task (:mod:`hf_kd.models.tasks` is the table), its wrappers,
+and the one loader.
 
-* :data:`TASKS` -- the one task table: task -> Auto class, label shift, PEFT task type, pipeline tag.
+* :func:`detect_task` -- a model's task from its class.
 * :func:`unwrap`, :func:`num_outputs` -- the model under its wrappers, and how many rows its output head has;
   how a final hidden state becomes logits is :mod:`hf_kd.models.heads`.
 * :func:`load_model` -- the one loader for teachers (trainer, CLI, cache builder) and students (CLI).
@@ -10,47 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from hf_kd.models.tasks import DEFAULT_TASK, TASKS, Task  # noqa: F401 (TASKS and Task: importable here too)
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Task:
-    """How a task's logits align with its labels, and how its models are loaded, adapted and published."""
-
-    name: str
-    auto_class: str  # transformers Auto class that loads a checkpoint for this task
-    shift_labels: bool  # causal LMs: logits at position i predict the token at i + 1
-    peft_task_type: str  # peft.TaskType: SEQ_CLS / TOKEN_CLS also train the new classifier head
-    pipeline_tag: str  # the Hub's pipeline tag for the model card
-    mapping_names: tuple[str, ...]  # transformers' class-name mappings whose classes belong to this task
-
-    @property
-    def peft_auto_class(self) -> str:
-        return self.auto_class.replace("AutoModel", "AutoPeftModel")
-
-    def load_class(self):
-        import transformers
-
-        return getattr(transformers, self.auto_class)
-
-
-TASKS = {
-    task.name: task
-    for task in (
-        Task("causal_lm", "AutoModelForCausalLM", True, "CAUSAL_LM", "text-generation",
-             ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",)),
-        Task("classification", "AutoModelForSequenceClassification", False, "SEQ_CLS", "text-classification",
-             ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
-              "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES")),
-        Task("token_classification", "AutoModelForTokenClassification", False, "TOKEN_CLS", "token-classification",
-             ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",)),
-    )
-}  # fmt: skip
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -92,7 +59,7 @@ def num_outputs(model: nn.Module, task: str) -> int:
     the full shape DeepSpeed keeps (``ds_shape``).
     """
     inner = unwrap(model)
-    if task == "causal_lm":
+    if TASKS[task].language_model:
         head = inner.get_output_embeddings()
         return getattr(head.weight, "ds_shape", head.weight.shape)[0] if head is not None else inner.config.vocab_size
     return inner.config.num_labels
@@ -119,7 +86,7 @@ def _model_class(path: str, task: str, kwargs: dict):
     import transformers
 
     auto = TASKS[task].load_class()
-    if task != "classification":
+    if not TASKS[task].per_example:
         return auto
     keys = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
     try:

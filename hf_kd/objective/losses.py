@@ -20,11 +20,11 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from hf_kd.models.tasks import IGNORE_INDEX  # noqa: F401 (defined with the tasks; importable from here too)
 from hf_kd.objective.divergences import DIVERGENCES, Divergence
 
 # the classic token-level divergences; DIVERGENCES holds every registered one (ULD and the user's own included)
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse")
-IGNORE_INDEX = -100  # the Trainer's and every HF loss's convention for "not a target"
 
 
 def per_position_divergence(

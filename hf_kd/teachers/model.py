@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hf_kd.errors import SetupError
-from hf_kd.models.loading import freeze, load_model, num_outputs
+from hf_kd.models.loading import TASKS, freeze, load_model, num_outputs
 from hf_kd.models.sharding import prepare_teacher
 from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
 from hf_kd.teachers.registry import TEACHERS, Teacher, register_teacher
@@ -86,7 +86,7 @@ def shared_vocab_size(student_vocab: int, teacher_vocab: int, task: str, tokeniz
     """``None`` when the logits have the same width; else the shared prefix both are cut to (checked here)."""
     if student_vocab == teacher_vocab:
         return None
-    if task != "causal_lm":
+    if not TASKS[task].language_model:
         raise SetupError(
             "teacher_model_name_or_path",
             f"the teacher has {teacher_vocab} labels and the student {student_vocab}; classifiers must share their "

@@ -15,7 +15,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from hf_kd.objective.losses import Objective
-from hf_kd.models.loading import TASKS
+from hf_kd.models.tasks import DEFAULT_TASK, TASKS
 
 TAGS = ["distillation", "hf_kd"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "org/name" or "name"; a local path is not one
@@ -78,7 +78,7 @@ def distillation_card(
     base_model: str | None,
     teacher: str | None,
     kind: str,
-    task: str = "causal_lm",
+    task: str = DEFAULT_TASK,
     objective: Objective,
     hyperparameters: Mapping[str, Any] | None = None,
     datasets: Sequence[str] = (),
@@ -111,7 +111,7 @@ def distillation_card(
     """
     if kind not in SAVED_AS:
         raise ValueError(f"kind must be one of {', '.join(SAVED_AS)}, got {kind!r}")
-    spec = TASKS.get(task, TASKS["causal_lm"])
+    spec = TASKS.get(task, TASKS[DEFAULT_TASK])
     pipeline_tag, auto_class, peft_auto_class = spec.pipeline_tag, spec.auto_class, spec.peft_auto_class
     all_tags = list(dict.fromkeys([*TAGS, *(["peft"] if kind == "adapters" else []), *tags]))
     data = ModelCardData(
@@ -300,7 +300,7 @@ def card_from_trainer(trainer, *, model_name: str | None = None, dataset=None, t
         base_model=finetuned_from or base_model,
         teacher=trainer.teacher.name,
         kind=kind,
-        task=getattr(trainer, "task", "causal_lm"),
+        task=getattr(trainer, "task", DEFAULT_TASK),
         objective=trainer.objective,
         hyperparameters=hyperparameters,
         datasets=_as_list(dataset) or _recipe_datasets(trainer.recipe),

@@ -6,23 +6,23 @@ graph), and the batch the loss sees is rebuilt right-padded: the prompt, then th
 EOS that ended it (nothing after it), with labels -100 on the prompt and the padding. The loss then scores the
 completion tokens as targets, exactly as it would a dataset's completions.
 
-:class:`GeneratingTrainerMixin` holds the trainer's side: ``prepare_batch`` (which micro-batches are generated, and by
-whom), ``generate_completions`` (the override point for another engine) and the RNG of a resumed run that samples.
+:class:`Generation` is the component the trainer holds: which micro-batches are generated and by whom, the default
+engine (``model.generate``; the trainer's ``generate_completions`` is the override point for another one) and the RNG
+of a resumed run that samples.
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from hf_kd.objective.losses import IGNORE_INDEX
 from hf_kd.models.loading import unwrap
+from hf_kd.models.tasks import IGNORE_INDEX
 
 
 def prompts_of(inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
@@ -137,68 +137,68 @@ def completion_stats(batch: Mapping[str, torch.Tensor], eos: Sequence[int]) -> t
     return lengths, ended
 
 
-class GeneratingTrainerMixin:
-    """The trainer's generation steps (mixed into :class:`hf_kd.DistillationTrainer` before ``Trainer``): which
-    micro-batches are generated, by whom, and the RNG of a resumed run that samples."""
+class Generation:
+    """The trainer's generation, a component it holds when ``lmbda > 0`` or ``seq_kd``: which micro-batch of a step
+    is generated and by whom (:meth:`turn`), how (:meth:`complete`), and the RNG of a resumed run that samples."""
 
-    def prepare_batch(self, inputs: Mapping[str, Any], index: int) -> Mapping[str, Any]:
-        """Micro-batch ``index`` of this optimizer step as the loss will see it: the dataset's completions, the
-        student's own (with probability ``lmbda``), or the teacher's (``seq_kd``). Runs before the step's targets are
-        counted, so the normalization follows the batch that is trained on."""
-        if not self.args.generates:
-            return inputs
-        if self._rng_checkpoint is not None:  # the first step after a mid-epoch resume: see _load_rng_state
-            super()._load_rng_state(self._rng_checkpoint)
-            self._rng_checkpoint, self._rng_loaded_early = None, True
-        student_turn = on_policy(self.args.seed, self.state.global_step, index, self.args.lmbda)
-        if not (student_turn or self.args.seq_kd):
-            self.accounting.record_generation(None)
-            return inputs
-        started = time.perf_counter()
-        inputs = self._prepare_inputs(inputs)
-        with self.autocast_smart_context_manager():  # bf16 / fp16 training: generate in the same precision
-            if student_turn:  # the student as it is now: PEFT adapters on
-                generated = self.generate_completions(self.accelerator.unwrap_model(self.model), inputs)
-            else:
-                with self.teacher.generating() as teacher:
-                    generated = self.generate_completions(teacher, inputs)
-        self.accounting.record_generation(completion_stats(generated, self._completion_eos), time.perf_counter() - started)
-        return generated
+    def __init__(self, args, eos: list[int], pad_token_id: int | None, vocab_limit: int | None):
+        self.args = args
+        self.eos = eos  # the ids that end a completion (for the logs)
+        self.pad_token_id = pad_token_id  # the student's (its tokenizer's, else its config's): completions are its ids
+        self.vocab_limit = vocab_limit  # padded vocabularies: only ids both models share are generated
+        self._rng_checkpoint = None  # a resumed run's checkpoint whose RNG the first generation must see
+        self._rng_loaded_early = False
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+    @classmethod
+    def for_trainer(cls, trainer) -> Generation:
+        """The trainer's generation: its student's pad id (its tokenizer's, else its config's) and EOS ids."""
+        student = unwrap(trainer.model)
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else getattr(student.config, "pad_token_id", None)
+        eos = eos_ids(generation_config(student, trainer.args.generation_settings(), None))  # what ends a completion
+        return cls(trainer.args, eos, pad, vocab_limit=trainer.vocab_size)
+
+    def turn(self, step: int, index: int) -> str | None:
+        """Who writes micro-batch ``index`` of optimizer step ``step``: ``"student"`` (with probability lmbda),
+        ``"teacher"`` (seq_kd), or ``None`` (the dataset's completions)."""
+        if on_policy(self.args.seed, step, index, self.args.lmbda):
+            return "student"
+        return "teacher" if self.args.seq_kd else None
+
+    def complete(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Cut each example at its prompt, complete it with ``model.generate``, and return the batch the loss sees:
+        right-padded ``input_ids`` / ``attention_mask``, and ``labels`` that are -100 on the prompt and the padding,
+        the generated tokens up to and including the EOS that ended each completion as targets."""
+        prompts = prompts_of(inputs)
+        config = generation_config(model, self.args.generation_settings(), self.pad_token_id)
+        device = inputs["input_ids"].device
+        completions = complete(model, prompts, config, device, vocab_limit=self.vocab_limit)
+        return completion_batch(prompts, completions, config.pad_token_id, device)
+
+    # ---- the RNG of a resumed run: completions sampled after a resume must see the checkpoint's RNG state ---------
+
+    def resuming(self, resume_from_checkpoint, output_dir: str) -> None:
+        """Called as training starts: remember the checkpoint a sampling run resumes from."""
         from transformers.trainer_utils import get_last_checkpoint
 
         self._rng_checkpoint = None
-        if self.args.generates and resume_from_checkpoint:  # sampled completions must see the checkpoint's RNG
-            last = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else None
-            self._rng_checkpoint = last if resume_from_checkpoint is True else resume_from_checkpoint
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if resume_from_checkpoint:
+            last = get_last_checkpoint(output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+            self._rng_checkpoint = last
 
-    def _load_rng_state(self, checkpoint) -> None:
-        """A mid-epoch resume restores the checkpoint's RNG only after fetching the first step's batches, which is
-        where completions are generated: :meth:`prepare_batch` restores it first, and the Trainer's later call is
-        skipped (it would rewind what generation drew). At an epoch boundary the Trainer restores it before fetching."""
+    def restore_rng_first(self, load: Callable[[str], None]) -> None:
+        """Before the first generation of a resumed run: ``load`` the checkpoint's RNG state. A mid-epoch resume
+        restores it only after fetching the first step's batches, which is where completions are generated."""
+        if self._rng_checkpoint is not None:
+            load(self._rng_checkpoint)
+            self._rng_checkpoint, self._rng_loaded_early = None, True
+
+    def trainer_may_restore_rng(self) -> bool:
+        """Whether the Trainer's own (later) RNG restore may run: not after :meth:`restore_rng_first` (it would rewind
+        what generation drew); at an epoch boundary the Trainer restores it before fetching, and that is the one."""
         if self._rng_loaded_early:
             self._rng_loaded_early = False
-            return
-        self._rng_checkpoint = None  # restored here, before any batch of the resumed run is fetched
-        super()._load_rng_state(checkpoint)
-
-    def generate_completions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Cut each example at its prompt, complete it with ``model.generate``, and return the batch the loss sees:
-        right-padded ``input_ids`` / ``attention_mask``, and ``labels`` that are -100 on the prompt and the padding,
-        the generated tokens up to and including the EOS that ended each completion as targets.
-
-        The override point for another generation engine (vLLM, an inference server): return the same three tensors.
-        """
-        prompts = prompts_of(inputs)
-        config = generation_config(model, self.args.generation_settings(), self._pad_token_id())
-        device = inputs["input_ids"].device
-        # padded vocabularies: only the rows both models share (a teacher's padding row is no token of the student)
-        completions = complete(model, prompts, config, device, vocab_limit=self.vocab_size)
-        return completion_batch(prompts, completions, config.pad_token_id, device)
-
-    def _pad_token_id(self) -> int | None:
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        return pad if pad is not None else getattr(unwrap(self.model).config, "pad_token_id", None)
+            return False
+        self._rng_checkpoint = None  # restored by the Trainer, before any batch of the resumed run is fetched
+        return True

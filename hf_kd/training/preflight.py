@@ -7,7 +7,7 @@ import logging
 
 from hf_kd.errors import SetupError
 from hf_kd.models.sharding import teacher_is_sharded
-from hf_kd.objective.losses import IGNORE_INDEX
+from hf_kd.models.tasks import IGNORE_INDEX
 from hf_kd.models.heads import lm_head_spec
 from hf_kd.models.loading import TASKS, detect_task
 
@@ -16,11 +16,12 @@ logger = logging.getLogger(__name__)
 
 def fused_loss_applies(trainer) -> bool:
     """Whether the chunked loss applies to this pair; says why in the log when it was asked for but cannot."""
-    if not trainer.args.loss_chunk_size or trainer.task != "causal_lm":
+    if not trainer.args.loss_chunk_size or not trainer.task_spec.language_model:
         return False  # a classifier's logits are one row per example (or token): nothing to chunk, nothing to say
     reasons = []
     teacher = trainer.teacher.model
-    if teacher is not None and detect_task(teacher) != "causal_lm":
+    teacher_task = None if teacher is None else detect_task(teacher)
+    if teacher is not None and (teacher_task is None or not TASKS[teacher_task].language_model):
         reasons.append("the fused loss is for causal LMs")
     if teacher_is_sharded(trainer.accelerator):
         reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")
@@ -34,13 +35,27 @@ def fused_loss_applies(trainer) -> bool:
         return False
     return True
 
+def check_setup(trainer) -> None:
+    """Every refusal of the trainer's own settings, before the teacher is loaded."""
+    args = trainer.args
+    if args.label_smoothing_factor:
+        raise SetupError("label_smoothing_factor", "is not applied by the distillation loss (the teacher's "
+                         "distribution is the soft target; alpha mixes in the plain CE); set it to 0")  # fmt: skip
+    if args.save_merged and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise SetupError("save_merged", "needs the whole student on one process; with FSDP/DeepSpeed save the "
+                         "adapters and merge them afterwards")  # fmt: skip
+    check_targets(trainer)
+    if args.generates:
+        check_generation(trainer)
+
+
 def check_targets(trainer) -> None:
     """Training data without a single target trains on nothing (a loss of 0): refused, as the CLI does, unless
     every batch is generated (then a prompt is all an example needs)."""
     data = trainer.train_dataset
     if not _indexable(data) or trainer.args.every_batch_generated or "labels" not in (data.column_names or ()):
         return  # streamed (iterable) data is not scanned up front
-    first = 1 if TASKS[trainer.task].shift_labels else 0  # a causal LM's first label is never a target
+    first = 1 if trainer.task_spec.shift_labels else 0  # a causal LM's first label is never a target
     for start in range(0, len(data), 1000):  # stops at the first chunk with a target: cheap on real data
         labels = data.select(range(start, min(start + 1000, len(data))))["labels"]
         if any(label != IGNORE_INDEX for row in labels for label in ([row] if isinstance(row, int) else row[first:])):
@@ -52,7 +67,7 @@ def check_targets(trainer) -> None:
 def check_generation(trainer) -> None:
     """On-policy / seq_kd: what generation needs of the task, the engine and the data."""
     field = "lmbda" if trainer.args.lmbda > 0 else "seq_kd"
-    if trainer.task != "causal_lm":
+    if not trainer.task_spec.language_model:
         raise SetupError(field, f"generated completions are for causal LMs, not task {trainer.task!r}")
     if teacher_is_sharded(trainer.accelerator):
         raise SetupError(field, "generation under FSDP / ZeRO-3 (sharded weights) is not supported; train with "

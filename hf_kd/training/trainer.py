@@ -1,54 +1,52 @@
 """DistillationTrainer: a Trainer whose loss matches a frozen teacher's token distributions.
 
-Reads top to bottom: setup (task, teacher, objective, loss path), the forward passes, the loss, evaluation, saving,
-and the step's token count. The kinds of teacher live in :mod:`hf_kd.teachers`, the pairing of student and teacher
-outputs with a loss function in :mod:`hf_kd.objective.terms`, the counts and logged sums in :mod:`hf_kd.training.accounting`.
+Reads top to bottom: setup, the step's micro-batches (generation, the :class:`Batch`, the exact count), the forward
+passes, the loss, evaluation, saving and logs. ``compute_loss`` reads as: student rows, teacher signal, objective. The
+kinds of teacher live in :mod:`hf_kd.teachers`, the tasks in :mod:`hf_kd.models.tasks`, the pairing of student and
+teacher signals with a loss path in :mod:`hf_kd.objective.terms`, the counts and logged sums in
+:mod:`hf_kd.training.accounting`, generation in :mod:`hf_kd.training.generation`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    DataCollatorWithPadding,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-    default_data_collator,
-    set_seed,
-)
-from transformers.modeling_outputs import ModelOutput
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers import PreTrainedModel, Trainer, set_seed
 
-from hf_kd.training.accounting import Accounting
-from hf_kd.models.adapters import is_peft_model, merged_copy, wrap_student
-from hf_kd.training.card import card_from_trainer
 from hf_kd.config import DistillationConfig
+from hf_kd.data import default_collator
 from hf_kd.errors import SetupError
-from hf_kd.data import DistillationCollator
-from hf_kd.models.sharding import check_world
-from hf_kd.training.faults import FaultGuard
-from hf_kd.training.generation import GeneratingTrainerMixin, eos_ids, generation_config
-from hf_kd.objective.losses import IGNORE_INDEX
+from hf_kd.models.adapters import wrap_student
 from hf_kd.models.heads import lm_head_spec
 from hf_kd.models.loading import TASKS, capture_final_hidden, detect_task, unwrap
-from hf_kd.training.preflight import check_generation, check_targets, fused_loss_applies
+from hf_kd.models.sharding import check_world
 from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits
-from hf_kd.objective.terms import agreement, full_logits, objective_terms
-from hf_kd.teachers import make_teacher
+from hf_kd.objective.terms import agreement, objective_terms
+from hf_kd.teachers import Teacher, make_teacher
+from hf_kd.training.accounting import Accounting
+from hf_kd.training.batch import Batch
+from hf_kd.training.card import card_from_trainer
+from hf_kd.training.evaluation import prediction_outputs, without_eval_repeats
+from hf_kd.training.faults import FaultGuard
+from hf_kd.training.generation import Generation, completion_stats
+from hf_kd.training.preflight import check_setup, fused_loss_applies
+from hf_kd.training.saving import save_student
 
 logger = logging.getLogger(__name__)
 
 
-class DistillationTrainer(GeneratingTrainerMixin, Trainer):
+class DistillationTrainer(Trainer):
     """Train ``model`` (the student) to match ``teacher_model`` with :func:`hf_kd.distillation_loss`.
 
-    Extension points (override one, call ``super()``; ``compute_loss`` itself never needs copying):
+    ``teacher_model``: a model, a path, ``"self"`` (the student's base model, adapters off) or a
+    :class:`hf_kd.Teacher` object of any kind. Extension points (override one, call ``super()``; ``compute_loss``
+    itself never needs copying):
 
     * :meth:`teacher_forward` -- how the frozen teacher is run. It may return the model's plain outputs (full
       ``logits``): the loss takes them on either path, fused or not.
@@ -56,7 +54,7 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
     * :meth:`distillation_terms` -- the loss terms from both outputs; add a key (``"hidden_loss"``) and fold it into
       ``"loss"``: every ``*_loss`` key is logged for train and eval next to ``loss``.
     * :meth:`prepare_batch` -- rewrite a micro-batch before it is counted and trained on (on-policy and seq_kd
-      generation live there, :class:`hf_kd.training.generation.GeneratingTrainerMixin`).
+      generation live there); :meth:`generate_completions` -- another generation engine.
 
     Normalization is exact: every term is a sum over valid target positions divided by the number of valid positions
     in the whole optimizer step (all gradient-accumulation micro-batches, all processes), so per-device batch 4 x GA 1
@@ -69,7 +67,7 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
     def __init__(
         self,
         model: PreTrainedModel | nn.Module | None = None,
-        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | Teacher | None = None,
         args: DistillationConfig | None = None,
         data_collator=None,
         train_dataset=None,
@@ -87,8 +85,9 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
         if self.task is None:
             raise SetupError("task", f"cannot tell how {type(unwrap(model)).__name__}'s logits align with its labels; "
                              f"set it to one of {', '.join(TASKS)}")  # fmt: skip
+        self.task_spec = TASKS[self.task]  # the task as an object: its targets, alignment and what it supports
         if data_collator is None:
-            data_collator = self._default_collator(processing_class)
+            data_collator = default_collator(self.task_spec, processing_class)
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None and args.teacher_cache is None and args.teacher_kind is None:
             raise SetupError("teacher_model_name_or_path", "no teacher: pass teacher_model= (a model or a path), set "
@@ -102,41 +101,23 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
                 raise SetupError("peft_config", "needs the student as model= (model_init is not supported with it)")
             set_seed(args.seed)  # the adapters' random init: reproducible, as if made after the Trainer's own seeding
             model = wrap_student(model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)  # fmt: skip
         check_world(self.accelerator)  # processes launched together train together, on the engine asked for
         # transformers releases before loss_is_scaled_for_ga divide the loss by the GA steps unless they believe the
         # model normalized it by num_items_in_batch: it has been, by compute_loss, whatever the student accepts
         self.model_accepts_loss_kwargs = True
         self.recipe = recipe  # embedded in the model card; the CLI passes the recipe it ran
         self.objective = args.objective  # every knob of the loss, validated once
-        # refusals first: nothing is loaded for a run that cannot work
-        if args.label_smoothing_factor:
-            raise SetupError("label_smoothing_factor", "is not applied by the distillation loss (the teacher's "
-                             "distribution is the soft target; alpha mixes in the plain CE); set it to 0")  # fmt: skip
-        if args.save_merged and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-            raise SetupError("save_merged", "needs the whole student on one process; with FSDP/DeepSpeed save the "
-                             "adapters and merge them afterwards")  # fmt: skip
-        check_targets(self)
-        if args.generates:
-            check_generation(self)
-            # the EOS ids that end a completion, for the logs
-            self._completion_eos = eos_ids(generation_config(unwrap(self.model), args.generation_settings(), None))
+        check_setup(self)  # refusals first: nothing is loaded for a run that cannot work
         self.teacher = make_teacher(self, teacher_model)
         self.vocab_size = self.teacher.vocab_size  # None, or the shared prefix of padded vocabularies
         self.use_fused_loss = fused_loss_applies(self)
-        self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task == "causal_lm")
+        self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task_spec.language_model)
+        self.generation = Generation.for_trainer(self) if args.generates else None
         student_name = getattr(unwrap(self.model), "name_or_path", None) or type(unwrap(self.model)).__name__
         self.faults = FaultGuard(self._sum_over_processes, self.teacher.name, student_name)
         self.add_callback(self.faults)  # stops a NaN step before the optimizer applies it
-        self._rng_checkpoint, self._rng_loaded_early = None, False  # resumed generation's RNG (see _load_rng_state)
         self._wants_full_logits = False  # set while a prediction loop returns logits (see evaluation_loop)
         self._final_save = False  # set by save_model for a final save (not a checkpoint-N)
 
@@ -144,57 +125,83 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
 
     @property
     def teacher_model(self) -> nn.Module | None:
-        """The frozen teacher module (the student's own PeftModel for teacher 'self'; ``None`` for a cache)."""
+        """The frozen teacher module (the student's own PeftModel for teacher 'self'; ``None`` without one)."""
         return self.teacher.model
-
-    def _default_collator(self, processing_class):
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if self.task == "classification":  # one label per example: pad text if a tokenizer is given, else stack
-            text = isinstance(tokenizer, PreTrainedTokenizerBase)  # an image processor has a pad() too, for pixels
-            return DataCollatorWithPadding(tokenizer) if text else default_data_collator
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        return DistillationCollator(pad_token_id=pad_id if pad_id is not None else 0)
 
     def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return tensor
         return self.accelerator.reduce(tensor.to(self.args.device), reduction="sum")
 
+    # ---- one optimizer step's micro-batches: generated, made Batches, counted -----------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch one optimizer step's micro-batches, prepare them, and count their target positions on all processes."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batch_samples:
+            return batch_samples, None
+        prepared = [self.prepare_batch(batch, index) for index, batch in enumerate(batch_samples)]
+        batch_samples = [Batch.of(batch, self.task_spec) for batch in prepared]
+        local = sum(batch.count for batch in batch_samples).to(device)  # after generation: the batch trained on
+        return batch_samples, self.accounting.count_step(local)
+
+    def prepare_batch(self, inputs: Mapping[str, Any], index: int) -> Mapping[str, Any]:
+        """Micro-batch ``index`` of this optimizer step as the loss will see it: the dataset's completions, the
+        student's own (with probability ``lmbda``), or the teacher's (``seq_kd``). Runs before the step's targets are
+        counted, so the normalization follows the batch that is trained on."""
+        if self.generation is None:
+            return inputs
+        self.generation.restore_rng_first(super()._load_rng_state)
+        turn = self.generation.turn(self.state.global_step, index)
+        if turn is None:
+            self.accounting.record_generation(None)
+            return inputs
+        started = time.perf_counter()
+        inputs = self._prepare_inputs(inputs)
+        with self.autocast_smart_context_manager():  # bf16 / fp16 training: generate in the same precision
+            if turn == "student":  # the student as it is now: PEFT adapters on
+                generated = self.generate_completions(self.accelerator.unwrap_model(self.model), inputs)
+            else:
+                with self.teacher.generating() as teacher:
+                    generated = self.generate_completions(teacher, inputs)
+        seconds = time.perf_counter() - started
+        self.accounting.record_generation(completion_stats(generated, self.generation.eos), seconds)
+        return generated
+
+    def generate_completions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch the loss sees after ``model`` completes each example's prompt (:meth:`Generation.complete`:
+        ``model.generate``). The override point for another engine (vLLM, a server): return the same three tensors,
+        right-padded ``input_ids`` / ``attention_mask`` and ``labels`` -100 on the prompt and the padding."""
+        return self.generation.complete(model, inputs)
+
+    def _prepare_inputs(self, inputs):
+        if isinstance(inputs, Batch):  # moved to the device as a whole: its targets and count travel with it
+            return inputs.moved(super()._prepare_inputs(inputs.tensors), self.args.device)
+        return super()._prepare_inputs(inputs)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.generation is not None:  # sampled completions must see the checkpoint's RNG
+            self.generation.resuming(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        if self.generation is None or self.generation.trainer_may_restore_rng():
+            super()._load_rng_state(checkpoint)
+
     # ---- the forward passes -------------------------------------------------------------------------------------
 
     def target_labels(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
-        """Labels aligned with the logits, -100 where a position is not a target.
-
-        Causal LMs: ``labels[:, 1:]`` (missing labels are the input ids with padding masked). Classifiers: the labels
-        as given (one per example, or one per token), never shifted; ``None`` when a classification batch has no
-        labels (every example counts, and ``alpha`` must be 1).
-        """
-        labels = inputs.get("labels")
-        if labels is None and self.task == "token_classification":
-            raise ValueError("token classification needs labels (-100 on padding and sub-word continuations)")
-        if labels is None and self.task == "classification":
-            return None
-        mask = inputs.get("attention_mask")
-        if labels is None:
-            labels = inputs["input_ids"]
-            if mask is not None:
-                labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
-        labels = self._aligned(labels, labels=True)
-        if TASKS[self.task].shift_labels and mask is not None:
-            # a target predicted from a padding position is no target (left padding: the first real token)
-            labels = labels.masked_fill(self._aligned(mask) == 0, IGNORE_INDEX)
-        return labels
-
-    def _aligned(self, tensor: torch.Tensor, labels: bool = False) -> torch.Tensor:
-        """Drop what has no partner: a causal LM's logits at position i predict the token at i + 1, so the last
-        position's outputs and the first label are never a target pair."""
-        if not TASKS[self.task].shift_labels:
-            return tensor
-        return tensor[..., 1:] if labels else tensor[:, :-1]
+        """Labels aligned with the logits, -100 where a position is not a target (:meth:`Task.targets`)."""
+        return inputs.targets if isinstance(inputs, Batch) else self.task_spec.targets(inputs)
 
     def _forward(self, model: nn.Module, inputs: Mapping[str, Any]):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        if self.task != "causal_lm":
+        if not self.task_spec.language_model:
             return model(**model_inputs)
         if not self.use_fused_loss:
             return model(**model_inputs, use_cache=False)
@@ -214,8 +221,8 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
         return self._forward(model, inputs)
 
     def teacher_forward(self, inputs: Mapping[str, Any]):
-        """The frozen teacher's view of the batch, no graph kept (:meth:`hf_kd.teachers.registry.Teacher.run`): model outputs,
-        or a cache's top-k rows."""
+        """The frozen teacher's view of the batch, no graph kept (:meth:`hf_kd.Teacher.run`): model outputs, or a
+        signal (a cache's top-k rows, another tokenizer's aligned outputs)."""
         return self.teacher.run(inputs, self._forward, self.target_labels(inputs))
 
     # ---- the loss -----------------------------------------------------------------------------------------------
@@ -223,15 +230,16 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
     def _student_signal(self, outputs) -> torch.Tensor | StudentHidden:
         """The student's aligned full logits, or (fused) its final hidden states with its head."""
         if self.use_fused_loss and "final_hidden_state" in outputs:
-            return StudentHidden(self._aligned(outputs["final_hidden_state"]), lm_head_spec(self.model)[0])
-        return self._aligned(outputs["logits"])
+            return StudentHidden(self.task_spec.aligned(outputs["final_hidden_state"]), lm_head_spec(self.model)[0])
+        return self.task_spec.aligned(outputs["logits"])
 
     def _teacher_signal(self, outputs):
         if not isinstance(outputs, Mapping):
             return outputs  # a signal already, aligned by its teacher (a cache's rows, another tokenizer's outputs)
+        aligned = self.task_spec.aligned
         if self.use_fused_loss and "final_hidden_state" in outputs:
-            return TeacherHidden(self._aligned(outputs["final_hidden_state"]), lm_head_spec(self.teacher.model)[0])
-        return TeacherLogits(self._aligned(outputs["logits"]))
+            return TeacherHidden(aligned(outputs["final_hidden_state"]), lm_head_spec(self.teacher.model)[0])
+        return TeacherLogits(aligned(outputs["logits"]))
 
     def distillation_terms(
         self, student_outputs, teacher_outputs, labels: torch.Tensor, num_items_in_batch=None
@@ -250,13 +258,12 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
-            inputs = self._without_eval_repeats(inputs)
-        labels = self.target_labels(inputs)
-        if not model.training:
+            inputs = without_eval_repeats(self.accelerator, inputs)
             num_items_in_batch = None  # evaluation: per-batch means, weighted by their token counts in accounting
-        student_outputs = self.student_forward(model, inputs)
-        teacher_outputs = self.teacher_forward(inputs)
-        terms = self.distillation_terms(student_outputs, teacher_outputs, labels, num_items_in_batch)
+        batch = Batch.of(inputs, self.task_spec)
+        student_outputs = self.student_forward(model, batch)
+        teacher_outputs = self.teacher_forward(batch)
+        terms = self.distillation_terms(student_outputs, teacher_outputs, batch.targets, num_items_in_batch)
         loss = terms["loss"]
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
@@ -266,33 +273,18 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
             # the step's last micro-batch, before its backward: under DeepSpeed that backward also steps the optimizer
             self.faults.check(f"step {self.state.global_step + 1}")
         if model.training:
-            tokens = None if num_items_in_batch is not None else self._count_targets(inputs)
-            self.accounting.record_train(terms, tokens)
+            self.accounting.record_train(terms, None if num_items_in_batch is not None else batch.count)
         else:
-            sums = agreement(self._student_signal(student_outputs), self._teacher_signal(teacher_outputs), labels,
-                             chunk_size=self.args.loss_chunk_size or None, vocab_size=self.vocab_size,
-                             calibration=self.task != "causal_lm")  # fmt: skip
-            self.accounting.record_eval(terms, self._count_targets(inputs), sums)
+            sums = agreement(self._student_signal(student_outputs), self._teacher_signal(teacher_outputs),
+                             batch.targets, chunk_size=self.args.loss_chunk_size or None, vocab_size=self.vocab_size,
+                             calibration=not self.task_spec.language_model)  # fmt: skip
+            self.accounting.record_eval(terms, batch.count, sums)
         if not return_outputs:
             return loss
-        return loss, self._prediction_outputs(student_outputs)
+        chunk = self.args.loss_chunk_size or None
+        return loss, prediction_outputs(student_outputs, self.model, self._wants_full_logits, chunk)
 
-    # ---- evaluation and prediction ------------------------------------------------------------------------------
-
-    def _without_eval_repeats(self, inputs):
-        """The last evaluation batch of a multi-process run is padded with repeated examples so that every process has
-        one (the plain Trainer drops them in gather_for_metrics): their labels become -100, so they count nowhere."""
-        state = self.accelerator.gradient_state
-        labels = inputs.get("labels")
-        if self.accelerator.num_processes == 1 or labels is None or not state.end_of_dataloader or state.remainder <= 0:
-            return inputs
-        rows = labels.shape[0]
-        first = self.accelerator.process_index * rows  # the gathered order: process 0's rows, then process 1's, ...
-        repeat = torch.arange(first, first + rows, device=labels.device) >= state.remainder
-        if not bool(repeat.any()):
-            return inputs
-        shape = (rows,) + (1,) * (labels.dim() - 1)
-        return {**inputs, "labels": labels.masked_fill(repeat.view(shape), IGNORE_INDEX)}
+    # ---- evaluation ---------------------------------------------------------------------------------------------
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):  # fmt: skip
@@ -310,16 +302,6 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
         output.metrics.update(self.accounting.eval_metrics(metric_key_prefix))
         return output
 
-    def _prediction_outputs(self, student_outputs):
-        """What a plain Trainer's prediction step gets: the model's own outputs. The fused path kept only the last
-        position's logits, so the full ``[B, S, V]`` logits are made here, chunk by chunk, when a loop returns them."""
-        if "final_hidden_state" not in student_outputs:
-            return student_outputs
-        if not self._wants_full_logits:
-            return ModelOutput(logits=student_outputs["logits"])  # never read: the loop only wants the loss
-        hidden = student_outputs["final_hidden_state"]
-        return ModelOutput(logits=full_logits(hidden, lm_head_spec(self.model)[0], self.args.loss_chunk_size))
-
     # ---- saving -------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -335,50 +317,18 @@ class DistillationTrainer(GeneratingTrainerMixin, Trainer):
             self._final_save = False
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        if not (self._final_save and self.args.save_merged and is_peft_model(model)):
-            super()._save(output_dir, state_dict)
-        elif self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            merged_copy(model).save_pretrained(output_dir)  # a copy: the trained model keeps its unmerged adapters
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        if self._final_save and self.args.should_save:
-            card_from_trainer(self).save(os.path.join(output_dir, "README.md"))
+        save_student(self, output_dir if output_dir is not None else self.args.output_dir, state_dict, self._final_save)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:  # fmt: skip
-        """Write the distillation card (:mod:`hf_kd.training.card`) to ``output_dir``; push_to_hub calls it before uploading."""
+        """Write the distillation card (:mod:`hf_kd.training.card`); push_to_hub calls it before uploading."""
         if not self.is_world_process_zero():
             return
         card = card_from_trainer(self, model_name=model_name, dataset=dataset, tags=tags,
                                  finetuned_from=finetuned_from, license=license, language=language)  # fmt: skip
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
-    # ---- exact token counts and logs ------------------------------------------------------------------------------
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Fetch one optimizer step's micro-batches, prepare them, and count their target positions on all processes."""
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
-        if not batch_samples:
-            return batch_samples, None
-        batch_samples = [self.prepare_batch(batch, index) for index, batch in enumerate(batch_samples)]
-        local = sum(self._count_targets(batch) for batch in batch_samples).to(device)
-        return batch_samples, self.accounting.count_step(local)
-
-    def _count_targets(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        labels = self.target_labels(inputs)
-        if labels is None:  # unlabeled classification batch: every example is one target
-            first = next(v for v in inputs.values() if torch.is_tensor(v))
-            return torch.tensor(first.shape[0])
-        return (labels != IGNORE_INDEX).sum()
+    # ---- counts and logs ----------------------------------------------------------------------------------------
 
     @property
     def tokens_trained(self):

@@ -27,7 +27,7 @@ class CachedTeacher(Teacher):
 
     @classmethod
     def check_setup(cls, trainer, source) -> None:
-        if trainer.task != "causal_lm":
+        if not trainer.task_spec.language_model:
             raise SetupError("teacher_cache", f"cached teachers are for causal LMs, not task {trainer.task!r}")
         if source is not None and not isinstance(source, str):
             raise SetupError("teacher_cache", "replaces the teacher model: pass no teacher_model (a name is checked)")
