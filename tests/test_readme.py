@@ -76,3 +76,22 @@ def test_generation_engine_override_snippet(tmp_path, tiny_dir, tokenizer):
     batch = trainer.prepare_batch(DistillationCollator()(rows), 0)
     assert batch["input_ids"].tolist() == [[9, 10, 5, 6, 1], [13, 7, 7, 7, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 5, 6, 1], [-100, 7, 7, 7, -100]]
+
+
+def test_architecture_page_divergence_snippet():
+    """docs/architecture.md's divergence runs through the dense loss and equals its definition, computed here."""
+    import hf_kd
+
+    page = (README.parent / "docs" / "architecture.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    namespace = {}
+    try:
+        exec(compile(code, "docs/architecture.md", "exec"), namespace)
+        g = torch.Generator().manual_seed(0)
+        student, teacher = torch.randn(4, 9, generator=g, dtype=torch.float64), torch.randn(4, 9, generator=g,
+                                                                                            dtype=torch.float64)
+        loss = hf_kd.distillation_loss(student, teacher, objective=namespace["objective"])
+        expected = 0.5 * (teacher.softmax(-1) - student.softmax(-1)).pow(2).sum(-1).mean()
+        assert abs(float(loss - expected)) < 1e-14
+    finally:
+        hf_kd.DIVERGENCES.pop("power_tvd", None)  # the page's example, not a divergence of the library

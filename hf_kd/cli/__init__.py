@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Knowledge distillation for Hugging Face causal LMs (and text classifiers).",
         epilog="Multi-GPU: accelerate launch [--config_file recipes/accelerate/fsdp.yaml] -m hf_kd train RECIPE",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,demo,cache-teacher}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,demo,cache-teacher,serve-teacher}")
     train = sub.add_parser("train", help="distill a student as a recipe says", description=OVERRIDES_HELP,
                            allow_abbrev=False, epilog=OUTPUT_DIR_HELP)  # fmt: skip
     train.add_argument("recipe", help="a recipe YAML file (see recipes/)")
@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ids kept per position: 8k + 4 bytes each; the loss is exact at k = vocab size")  # fmt: skip
     cache.add_argument("--batch_size", type=int, default=8, help="examples per teacher forward")
     cache.add_argument("--shard_size", type=int, default=1000, help="examples per shard: the unit of resumption")
+    serve = sub.add_parser("serve-teacher", help="serve a teacher's final hidden states over HTTP (train with "
+                           "teacher: {url: http://HOST:PORT})", allow_abbrev=False)  # fmt: skip
+    serve.add_argument("model", help="a causal LM directory or Hub id, or a recipe whose teacher to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8600)
+    serve.add_argument("--token-file", help="a file holding the token clients must send (Bearer); default: none")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="the teacher's weights' dtype "
+                       "(default: bfloat16 on GPU, float32 on CPU)")
+    serve.add_argument("--max-request-tokens", type=int, default=65536, help="batch x sequence of one request")
+    serve.add_argument("--max-batch-tokens", type=int, default=65536, help="tokens of one batched forward")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting; more are answered 503")
     return parser
 
 
@@ -77,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(output_dir=args.output_dir, fast=args.fast, seed=args.seed)
         return 0
+    if args.command == "serve-teacher":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from hf_kd.cli.serve import run_serve_teacher
+
+        try:
+            return run_serve_teacher(args)
+        except RecipeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         recipe = load_recipe(args.recipe, rest)
         if args.command == "check":

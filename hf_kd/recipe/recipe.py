@@ -79,7 +79,10 @@ class Recipe:
         if self.teacher.dtype is not None:
             init_kwargs["dtype"] = self.teacher.dtype
         cache = {"teacher_cache": self.teacher.cache} if self.teacher.cache else {}
-        if self.teacher.kind is not None:
+        if self.teacher.url is not None:
+            served = {"url": self.teacher.url, "token_file": self.teacher.token_file}
+            cache.update(teacher_kind="served", teacher_options={**self.teacher.options, **served})
+        elif self.teacher.kind is not None:
             cache.update(teacher_kind=self.teacher.kind, teacher_options=self.teacher.options or None)
         return {
             **cache,  # a --teacher_cache override (in self.training) wins over the recipe's teacher.cache
@@ -130,13 +133,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         if name not in raw:
             raise RecipeError(path, name, "required section missing")
 
-    teacher = section_of(path, "teacher", raw["teacher"], ModelSection)
+    raw_teacher = raw["teacher"]
+    if isinstance(raw_teacher, dict) and raw_teacher.get("url") and "name_or_path" not in raw_teacher:
+        raw_teacher = {**raw_teacher, "name_or_path": raw_teacher["url"]}  # a served teacher is named by its address
+    teacher = section_of(path, "teacher", raw_teacher, ModelSection)
     student = section_of(path, "student", raw["student"], ModelSection)
     for name, model in (("teacher", teacher), ("student", student)):
         check_model(path, name, model)
     if student.cache is not None:
         raise RecipeError(path, "student.cache", "only the teacher can be cached (hf-kd cache-teacher); remove it")
-    for key in ("kind", "options"):
+    for key in ("kind", "options", "url", "token_file"):
         if getattr(student, key):
             raise RecipeError(path, f"student.{key}", "applies to the teacher only; remove it")
     data = section_of(path, "data", raw["data"], DataSection)

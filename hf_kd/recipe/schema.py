@@ -48,6 +48,8 @@ class ModelSection:
     cache: str | None = None  # teacher only: a hf-kd cache-teacher directory; training then loads no teacher model
     kind: str | None = None  # teacher only: hf_kd.TEACHERS' name, or 'your.module:kind' (default: from the above)
     options: dict = field(default_factory=dict)  # teacher only: the settings of a teacher kind of your own
+    url: str | None = None  # teacher only: a teacher server (hf-kd serve-teacher); name_or_path defaults to it
+    token_file: str | None = None  # teacher only: the file holding that server's token
 
 
 @dataclass
@@ -172,10 +174,16 @@ BUILT_IN_TEACHERS = ("model", "self", "cache", "cross_tokenizer")  # hf_kd.teach
 def loads_teacher_model(teacher: ModelSection) -> bool:
     """Whether the teacher section names a model that the CLI may inspect and load: a teacher kind of the user's own
     decides what its name_or_path means."""
-    return teacher.kind is None or teacher.kind in ("model", "cross_tokenizer")
+    return teacher.url is None and (teacher.kind is None or teacher.kind in ("model", "cross_tokenizer"))
 
 
 def check_model(path: str, name: str, model: ModelSection) -> None:
+    if name == "teacher" and model.url is not None:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", model.url):
+            raise RecipeError(path, "teacher.url", f"{model.url!r} is not http://host:port (hf-kd serve-teacher)")
+        if model.token_file is not None and not os.path.isfile(os.path.expanduser(model.token_file)):
+            raise RecipeError(path, "teacher.token_file", f"no such file: {os.path.abspath(model.token_file)}")
+        return  # a served teacher: nothing local to check
     if name == "teacher" and model.kind is not None:
         if not re.fullmatch(r"([\w.]+:)?\w+", model.kind):
             raise RecipeError(path, "teacher.kind", f"{model.kind!r} is not a kind: built in: "

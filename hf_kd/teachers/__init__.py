@@ -1,10 +1,11 @@
 """The kinds of teacher behind one interface (:mod:`hf_kd.teachers.registry`), one module each: ``model``,
-``own_base`` (``self``), ``cache/``, ``cross_tokenizer/``. Importing this package registers the built-in kinds."""
+``own_base`` (``self``), ``cache/``, ``cross_tokenizer/``, ``served/`` (a teacher in another process). Importing this package registers the built-in kinds."""
 
 from hf_kd.teachers.cache.teacher import CachedTeacher
 from hf_kd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
 from hf_kd.teachers.model import ModelTeacher, shared_vocab_size
 from hf_kd.teachers.own_base import SelfTeacher
+from hf_kd.teachers.served.teacher import ServedTeacher
 from hf_kd.teachers.registry import TEACHERS, Teacher, make_teacher, register_teacher, teacher_kind
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "CrossTokenizerTeacher",
     "ModelTeacher",
     "SelfTeacher",
+    "ServedTeacher",
     "Teacher",
     "make_teacher",
     "register_teacher",

@@ -8,7 +8,8 @@ for the logs, ``hf-kd check`` and the model card (:meth:`Teacher.describe`). The
 object, never the kind.
 
 Built-in kinds: ``model`` (a frozen model; another tokenizer makes it ``cross_tokenizer``), ``self`` (the student's
-base model, adapters off), ``cache`` (top-k log-probabilities on disk), ``cross_tokenizer``.
+base model, adapters off), ``cache`` (top-k log-probabilities on disk), ``cross_tokenizer``, ``served`` (a teacher
+in another process, ``hf-kd serve-teacher``, answering with hidden states).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class Teacher:
     def build(cls, trainer, source) -> Teacher:
         """The teacher for ``trainer`` (its args, its student, its accelerator) from ``source``."""
         raise NotImplementedError
+
+    def prefetch(self, batch) -> None:
+        """Called when a training micro-batch exists, before the student's forward: a teacher in another process may
+        send its request now and leave the answer on ``batch.teacher_answer`` for :meth:`run`."""
 
     def run(self, inputs: Mapping[str, Any], forward: Forward, targets: torch.Tensor | None):
         """The teacher's view of a batch, without a graph: model outputs (``logits``, and ``final_hidden_state`` on

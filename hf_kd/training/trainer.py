@@ -147,6 +147,8 @@ class DistillationTrainer(Trainer):
             return batch_samples, None
         prepared = [self.prepare_batch(batch, index) for index, batch in enumerate(batch_samples)]
         batch_samples = [Batch.of(batch, self.task_spec) for batch in prepared]
+        for batch in batch_samples:
+            self.teacher.prefetch(batch)  # a served teacher answers while the student runs its forward
         local = sum(batch.count for batch in batch_samples).to(device)  # after generation: the batch trained on
         return batch_samples, self.accounting.count_step(local)
 

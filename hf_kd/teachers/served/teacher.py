@@ -1,0 +1,145 @@
+"""The ``served`` teacher: a teacher that lives in another process (``hf-kd serve-teacher``), asked over HTTP for the
+final hidden states of each micro-batch. With its head (fetched once) the loss is the same as a local teacher's:
+the fused loss builds the teacher's logits chunk by chunk from them, exactly as for a model in this process.
+
+The request for a micro-batch is sent as soon as the batch exists (:meth:`ServedTeacher.prefetch`, from
+``get_batch_samples``) and answered while the student runs its forward; :meth:`run` waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from hf_kd.errors import SetupError
+from hf_kd.models.heads import LMHeadSpec
+from hf_kd.models.loading import num_outputs
+from hf_kd.objective.signals import TeacherHidden
+from hf_kd.teachers.model import shared_vocab_size, student_tokenizer
+from hf_kd.teachers.registry import Teacher, register_teacher
+from hf_kd.teachers.served.wire import DTYPES, TOKEN_HEADER, digest, head_metadata, pack, unpack
+
+logger = logging.getLogger(__name__)
+RETRIES = 5  # a busy (503) or unreachable server is retried this often, 1, 2, 4, ... s apart
+
+
+class TeacherClient:
+    """The HTTP side: ``/info``, ``/head`` and ``/hidden`` of a teacher server, with the token and retries."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0):
+        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+
+    def _call(self, path: str, body: bytes | None = None) -> bytes:
+        request = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
+        if self.token is not None:
+            request.add_header(TOKEN_HEADER, f"Bearer {self.token}")
+        for attempt in range(RETRIES + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as err:
+                message = err.read().decode(errors="replace")
+                if err.code != 503 or attempt == RETRIES:
+                    raise SetupError("teacher_options", f"teacher server {self.url}{path}: HTTP {err.code}: "
+                                     f"{message}") from None  # fmt: skip
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+                if attempt == RETRIES:
+                    reason = getattr(err, "reason", err)
+                    raise SetupError("teacher_options", f"teacher server {self.url} cannot be reached ({reason}); "
+                                     "start it with hf-kd serve-teacher, or check url") from None  # fmt: skip
+            time.sleep(2**attempt)
+        raise AssertionError("unreachable")
+
+    def info(self) -> dict:
+        import json
+
+        return json.loads(self._call("/info"))
+
+    def head(self, expected_hash: str) -> LMHeadSpec:
+        """The head; its bytes must hash to what ``/info`` said (a server restarted with another model is refused)."""
+        import json
+
+        data = self._call("/head")
+        if digest(data) != expected_hash:
+            raise SetupError("teacher_options", f"teacher server {self.url}: the head changed since /info; restart")
+        tensors, metadata = unpack(data), head_metadata(data)
+        return LMHeadSpec(tensors["weight"], tensors.get("bias"), json.loads(metadata["softcap"]),
+                          json.loads(metadata["logit_scale"]))  # fmt: skip
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: str) -> torch.Tensor:
+        """``[B, S, H]`` final hidden states of the teacher for a batch, in ``dtype``."""
+        body = pack({"input_ids": input_ids.long(), "attention_mask": attention_mask.long()})
+        return unpack(self._call(f"/hidden?dtype={dtype}", body))["hidden"]
+
+
+@register_teacher
+class ServedTeacher(Teacher):
+    """``teacher_options``: ``url`` (required), ``token_file`` (the server's token), ``dtype`` of the hidden states
+    sent (default: the server's). Recipes: ``teacher: {url: http://host:8600, token_file: ...}``."""
+
+    kind = "served"
+    loads_model = False
+
+    def __init__(self, client: TeacherClient, info: dict, head: LMHeadSpec, dtype: str, vocab_size: int | None):
+        self.client, self.info, self.head, self.dtype = client, info, head, dtype
+        self.name, self.vocab_size = info["model"], vocab_size
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_kd-served")
+        self._heads_on: dict[str, LMHeadSpec] = {}  # the head per device, moved once
+
+    @classmethod
+    def check_setup(cls, trainer, source) -> None:
+        options = trainer.args.teacher_options or {}
+        if not trainer.task_spec.language_model:
+            raise SetupError("teacher_kind", f"served teachers are causal LMs, not task {trainer.task!r}")
+        if not str(options.get("url", "")).startswith(("http://", "https://")):
+            raise SetupError("teacher_options", "a served teacher needs url: http://host:port (hf-kd serve-teacher)")
+        if options.get("dtype") is not None and options["dtype"] not in DTYPES:
+            raise SetupError("teacher_options", f"dtype must be one of {', '.join(DTYPES)}")
+
+    @classmethod
+    def build(cls, trainer, source) -> Teacher:
+        options = trainer.args.teacher_options or {}
+        token = None
+        if options.get("token_file"):
+            with open(options["token_file"], encoding="utf-8") as f:
+                token = f.read().strip()
+        client = TeacherClient(options["url"], token)
+        info = client.info()
+        tokenizer = student_tokenizer(trainer)
+        from hf_kd.teachers.cache.store import tokenizer_hash
+
+        if info.get("tokenizer_hash") and tokenizer is not None and tokenizer_hash(tokenizer) != info["tokenizer_hash"]:
+            raise SetupError("teacher_options", f"the served teacher {info['model']} reads another tokenizer than the "
+                             "student's; a served teacher needs the student's token ids")  # fmt: skip
+        vocab = shared_vocab_size(num_outputs(trainer.model, trainer.task), info["vocab_size"], trainer.task, tokenizer)
+        head = client.head(info["head"])
+        logger.info("served teacher %s at %s: vocab %d, hidden %d, %s", info["model"], client.url, info["vocab_size"],
+                    info["hidden_size"], info["dtype"])  # fmt: skip
+        return cls(client, info, head, options.get("dtype") or info["dtype"], vocab)
+
+    def prefetch(self, batch) -> None:
+        """Send the batch's ids now: the answer arrives while the student runs its forward."""
+        batch.teacher_answer = self._pool.submit(self._ask, batch["input_ids"], batch.get("attention_mask"))
+
+    def _ask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.client.hidden(input_ids.cpu(), mask.cpu(), self.dtype)
+
+    def run(self, inputs, forward, targets):
+        answer: Future | None = getattr(inputs, "teacher_answer", None)
+        hidden = answer.result() if answer is not None else self._ask(inputs["input_ids"], inputs.get("attention_mask"))
+        device = inputs["input_ids"].device
+        if str(device) not in self._heads_on:
+            head = self.head
+            self._heads_on[str(device)] = LMHeadSpec(head.weight.to(device), None if head.bias is None else
+                                                     head.bias.to(device), head.softcap, head.logit_scale)  # fmt: skip
+        # logits at position i predict the token at i + 1: the last position has no target
+        return TeacherHidden(hidden[:, :-1].to(device), self._heads_on[str(device)])
+
+    def describe(self) -> dict[str, str]:
+        return {"teacher kind": f"served ({self.info['model']} at {self.client.url}, hidden states in {self.dtype})"}

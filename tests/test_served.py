@@ -1,0 +1,177 @@
+"""A teacher in another process: the hidden-state server, its client teacher kind, and the CLI on both ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import yaml
+from conftest import load_model, variable_length_examples
+from test_cli import prompt_completion_rows, write_jsonl
+from test_trainer import make_args, state_hash
+
+pytest.importorskip("aiohttp", reason="the teacher server needs aiohttp (the serve extra)")
+
+from hf_kd import DistillationCollator, DistillationTrainer  # noqa: E402
+from hf_kd.errors import SetupError  # noqa: E402
+from hf_kd.teachers.served.server import HiddenStateServer, Limits, _Pending  # noqa: E402
+from hf_kd.teachers.served.teacher import TeacherClient  # noqa: E402
+
+
+@contextlib.contextmanager
+def serving(model, **kwargs):
+    """``HiddenStateServer(model, **kwargs)`` on a free localhost port in a background thread; yields (url, server)."""
+    from aiohttp import web
+
+    server = HiddenStateServer(model, name="tiny-teacher", **kwargs)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(server.app())
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+def batch_of(rows):
+    return DistillationCollator(pad_token_id=0)(rows)
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_a_served_teacher_trains_the_student_exactly_as_the_local_teacher(tmp_path, tiny_dir, chunk):
+    """Two optimizer steps (GA 2) from the same start: the student's weights after training with the teacher in
+    another process equal those after training with it in this one (the fused path: bit for bit)."""
+    from datasets import Dataset
+
+    data = Dataset.from_list(variable_length_examples(16, seed=5))
+    hashes, losses = [], []
+    with serving(load_model(tiny_dir["teacher"])) as (url, server):
+        for teacher in ("local", "served"):
+            student = load_model(tiny_dir["student"])
+            kwargs = {"teacher_kind": "served", "teacher_options": {"url": url}} if teacher == "served" else {}
+            args = make_args(tmp_path / teacher, max_steps=2, gradient_accumulation_steps=2, loss_chunk_size=chunk,
+                             loss_type={"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0, alpha=0.7, **kwargs)
+            trainer = DistillationTrainer(model=student, args=args, train_dataset=data,
+                                          teacher_model=load_model(tiny_dir["teacher"]) if teacher == "local" else None)
+            trainer.train()
+            hashes.append(state_hash(student))
+            losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
+        assert server.requests == 4  # every micro-batch of the served run went through the server
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    if chunk:
+        assert hashes[0] == hashes[1]
+
+
+def test_the_server_refuses_bad_requests_and_wrong_tokens(tmp_path, tiny_dir):
+    with serving(load_model(tiny_dir["teacher"]), token="s3cret", limits=Limits(max_request_tokens=20)) as (url, _):
+        with urllib.request.urlopen(url + "/health") as response:  # no token needed
+            assert json.load(response) == {"status": "ok"}
+        with pytest.raises(SetupError, match="HTTP 401"):
+            TeacherClient(url, token="wrong").info()
+        client = TeacherClient(url, token="s3cret")
+        info = client.info()
+        assert (info["vocab_size"], info["hidden_size"], info["dtype"]) == (40, 48, "float32")
+        with pytest.raises(SetupError, match="HTTP 413.*at most 20"):
+            client.hidden(torch.ones(3, 8, dtype=torch.long), torch.ones(3, 8, dtype=torch.long), "float32")
+        with pytest.raises(SetupError, match=r"HTTP 400.*token ids must be in \[0, 40\)"):
+            client.hidden(torch.full((1, 4), 40), torch.ones(1, 4, dtype=torch.long), "float32")
+        bf16 = client.hidden(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long), "bfloat16")
+        assert bf16.dtype == torch.bfloat16 and bf16.shape == (1, 4, 48)
+
+
+def test_concurrent_clients_get_their_own_answers_and_batching_changes_nothing(tiny_dir):
+    """Several ranks at once: each answer equals that request's answer alone; a batched forward of requests of
+    different lengths equals their forwards one by one."""
+    teacher = load_model(tiny_dir["teacher"])
+    batches = [batch_of(variable_length_examples(n, seed=n, max_len=6 + 2 * n)) for n in (1, 2, 3, 4)]
+    with serving(teacher) as (url, server):
+        client = TeacherClient(url)
+        alone = [client.hidden(b["input_ids"], b["attention_mask"], "float32") for b in batches]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda b: client.hidden(b["input_ids"], b["attention_mask"], "float32"), batches))
+        pending = [_Pending(b["input_ids"], b["attention_mask"], torch.float32, None) for b in batches]
+        batched = server._forward(pending)
+    for a, b, c, batch in zip(alone, together, batched, batches):
+        mask = batch["attention_mask"].bool()
+        assert torch.allclose(a[mask], b[mask], atol=1e-5) and torch.allclose(a[mask], c[mask], atol=1e-5)
+
+
+def test_a_served_teacher_with_another_tokenizer_or_no_server_is_refused(tmp_path, tiny_dir, tokenizer):
+    student = load_model(tiny_dir["student"])
+    args = make_args(tmp_path, teacher_kind="served", teacher_options={"url": "http://127.0.0.1:9"})
+    with pytest.raises(SetupError, match="cannot be reached"):
+        import hf_kd.teachers.served.teacher as served
+
+        served.RETRIES, retries = 0, served.RETRIES
+        try:
+            DistillationTrainer(model=student, args=args)
+        finally:
+            served.RETRIES = retries
+    with serving(load_model(tiny_dir["teacher"]), tokenizer_hash="not-the-students") as (url, _):
+        args = make_args(tmp_path, teacher_kind="served", teacher_options={"url": url})
+        with pytest.raises(SetupError, match="reads another tokenizer"):
+            DistillationTrainer(model=student, args=args, processing_class=tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_teacher_and_train_through_the_cli(tmp_path, tiny_dir, capsys):
+    """`hf-kd serve-teacher DIR --token-file F` in one process, `hf-kd train` with `teacher: {url, token_file}` in
+    another: the run finishes and its card names the served teacher."""
+    from hf_kd.cli import COMPLETE_MARKER, main
+
+    token = tmp_path / "token"
+    token.write_text("abc123\n")
+    port = free_port()
+    teacher_dir = tiny_dir["teacher"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    server = subprocess.Popen([sys.executable, "-m", "hf_kd", "serve-teacher", teacher_dir, "--port", str(port),
+                               "--token-file", str(token)], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for _ in range(600):  # up to a minute for torch and transformers to import
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.1)
+        recipe = {
+            "teacher": {"url": f"http://127.0.0.1:{port}", "token_file": str(token)},
+            "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
+            "data": {"dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
+                     "format": "prompt_completion", "max_length": 16},
+            "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                         "learning_rate": "1e-3", "save_strategy": "no", "use_cpu": True, "report_to": "none",
+                         "disable_tqdm": True, "loss_chunk_size": 8},
+        }  # fmt: skip
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        assert main(["train", str(path)]) == 0, capsys.readouterr().err
+        assert (tmp_path / "out" / COMPLETE_MARKER).exists()
+        assert f"served ({teacher_dir} at http://127.0.0.1:{port}" in (tmp_path / "out" / "README.md").read_text()
+    finally:
+        server.terminate()
+        server.wait(30)
