@@ -146,3 +146,56 @@ def test_the_callers_teacher_logits_are_never_overwritten(masked):
     objective = Objective(loss_type="forward_kl", temperature=2.0, alpha=1.0)
     driver(hidden, weight, bias, teacher, labels if masked else None, objective, chunk_size=4).backward()
     assert torch.equal(teacher, before)
+
+
+def test_the_driver_serves_the_cross_tokenizer_loss_from_logits_and_from_hidden_states(tmp_path, monkeypatch):
+    """The cross-tokenizer loss runs through the same driver with the student as full logits (the identity head) or as
+    hidden states + head: the same terms, and the logits' gradient, pushed through the head by the chain rule here,
+    is the hidden states', weight's and bias's gradient. Prompt rows are masked and the chunks are ragged, so a row
+    of the logits path read or written at the wrong place shows up."""
+    import hf_kd.objective.chunking as chunking
+    from test_cross_tokenizer import STUDENT_MERGES, TEACHER_MERGES, byte_level_tokenizer
+    from transformers import AutoTokenizer
+
+    from hf_kd.teachers.cross_tokenizer.alignment import align_batch
+    from hf_kd.teachers.cross_tokenizer.loss import CrossTokenizerWeights, cross_tokenizer_terms
+    from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
+
+    heads = []  # the student's head in every driver call: None for logits
+    original = chunking.run
+    monkeypatch.setattr("hf_kd.teachers.cross_tokenizer.loss.run",
+                        lambda student, *a, **k: heads.append(student.head) or original(student, *a, **k))  # fmt: skip
+    student_tok = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "s", STUDENT_MERGES))
+    teacher_tok = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "t", TEACHER_MERGES))
+    shared = shared_vocabulary(student_tok, teacher_tok)
+    ids = student_tok("ab cdab abcd a cd", add_special_tokens=False)["input_ids"] + [student_tok.eos_token_id]
+    labels = torch.tensor([[-100, -100, *ids[3:]]])  # a prompt: its rows get no gradient
+    alignment = align_batch(torch.tensor([ids]), None, labels, student_tok, teacher_tok, shared)
+    g = torch.Generator().manual_seed(6)
+    v_s, n_t = len(student_tok), alignment.teacher_inputs["input_ids"].shape[1] - 1
+    hidden = torch.randn(1, len(ids) - 1, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v_s, H, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v_s, generator=g, dtype=torch.float64, requires_grad=True)
+    t_head = LMHeadSpec(torch.randn(len(teacher_tok), 5, generator=g, dtype=torch.float64), None, None, None)
+    teacher = TeacherHidden(torch.randn(1, n_t, 5, generator=g, dtype=torch.float64), t_head)
+    logits = (hidden @ weight.T + bias).detach().requires_grad_()
+    before = logits.detach().clone()
+    objective = Objective("forward_kl", temperature=2.0, alpha=0.6)
+    kwargs = dict(weights=CrossTokenizerWeights(0.8, 0.5), num_items_in_batch=NUM_ITEMS, chunk_size=4)
+
+    from_logits = cross_tokenizer_terms(logits, teacher, alignment, shared, labels, objective, **kwargs)
+    student = StudentHidden(hidden, LMHeadSpec(weight, bias, softcap=None, logit_scale=None))
+    from_hidden = cross_tokenizer_terms(student, teacher, alignment, shared, labels, objective, **kwargs)
+
+    assert heads[0] is None and heads[1] is not None  # both went through the one driver
+    assert alignment.pairs.shape[1] and alignment.span_starts.shape[1]  # exact, span and ULD terms all present
+    for name in ("loss", "distill_loss", "ce_loss", "aligned_fraction", "shared_mass"):
+        torch.testing.assert_close(from_logits[name], from_hidden[name], rtol=1e-12, atol=0, msg=name)
+    assert from_hidden["shared_mass"].item() > 0 and from_hidden["distill_loss"].item() > 0
+    (d_logits,) = torch.autograd.grad(from_logits["loss"], logits)
+    d_hidden, d_weight, d_bias = torch.autograd.grad(from_hidden["loss"], (hidden, weight, bias))
+    assert torch.equal(logits.detach(), before)  # the driver reads logits into its buffers, never writes them
+    assert not d_logits[0, :2].any() and d_logits[0, 2:].abs().sum(-1).min() > 0  # prompt rows 0, every target not
+    torch.testing.assert_close(d_hidden, d_logits @ weight.detach(), **TOL)  # d(hidden) = d(logits) @ W
+    torch.testing.assert_close(d_weight, d_logits[0].T @ hidden.detach()[0], **TOL)  # d(W) = d(logits).T @ hidden
+    torch.testing.assert_close(d_bias, d_logits.sum((0, 1)), **TOL)

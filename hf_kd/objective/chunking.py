@@ -1,39 +1,45 @@
-"""The chunk machinery behind :mod:`hf_kd.objective.fused`: teacher sources, the chunk loop and the autograd Function.
+"""The one chunk driver: the student's target rows a chunk at a time, each chunk's loss and its gradient at once.
 
-For each chunk of ``chunk_size`` valid positions the loop builds that chunk's student logits ``[chunk, V]`` (float32,
-float64 for float64 inputs) from the final hidden states, asks the teacher's *source* for the chunk's teacher side,
-hands both to a *divergence* (a function of :mod:`hf_kd.objective.fused` that returns the chunk's divergence and CE sums and the
-gradient of their alpha-mix w.r.t. the student logits), and folds that gradient straight into d(hidden), d(weight)
-and d(bias). The backward pass only scales those stored gradients by the incoming gradient. Peak extra memory is a
-few ``[chunk_size, V]`` buffers (:class:`Scratch`: allocated once per call, rewritten by every chunk) plus one float32
-``[V, H]`` gradient accumulator, whatever N.
+:func:`run` is called with the student's rows (:class:`LogitRows`: final hidden states and the head that makes their
+logits, or full logits themselves -- the identity head), a teacher *source* and a *divergence*. For each chunk of
+``chunk_size`` rows it builds the chunk's student logits ``[chunk, V]`` (float32, float64 for float64 inputs), asks
+the source for the chunk's teacher side, hands both to the divergence, which returns the chunk's divergence and CE
+sums (and any extra sums it logs) and the gradient of their alpha-mix w.r.t. the student logits, and folds that
+gradient straight into d(hidden), d(weight) and d(bias) (or d(logits)). Summing, the one division by the denominator
+and the autograd Function whose backward only scales the stored gradients are the driver's too. Peak extra memory
+is a few ``[chunk_size, V]`` buffers (:class:`Scratch`: allocated once per call, rewritten by every chunk) plus one
+float32 ``[V, H]`` gradient accumulator, whatever N.
 
-On CUDA a bf16/fp16 student head stays in its dtype: the logits, d(hidden) and d(weight) are tensor-core matmuls with
-float32 output (``out_dtype``), and no float32 copy of the weight is made. Elsewhere (CPU, float32 or float64 weights)
-the weight is cast once per call to the chunk dtype.
+On CUDA a bf16/fp16 head stays in its dtype: the logits, d(hidden) and d(weight) are tensor-core matmuls with float32
+output (``out_dtype``), and no float32 copy of the weight is made (:class:`LogitRows`, :func:`_tensor_core_grads`).
+Elsewhere (CPU, float32 or float64 weights) the weight is cast once per call to the chunk dtype.
 
-A source is built once per call from one of the signals of :mod:`hf_kd.objective.terms`, and turns a slice of the kept rows
-into a :class:`ChunkTeacher`:
+Two losses plug into it: :mod:`hf_kd.objective.fused` (sources below, divergences there) and the cross-tokenizer loss
+(:mod:`hf_kd.teachers.cross_tokenizer.loss`: a source that reads another tokenization's rows, a divergence of its
+own). The built-in sources are built once per call from a signal of :mod:`hf_kd.objective.signals`, and turn a slice
+of the kept rows into a :class:`ChunkTeacher`:
 
-* :class:`~hf_kd.objective.terms.TeacherHidden` -- the chunk's hidden states through the teacher's head (weight cast once);
-* :class:`~hf_kd.objective.terms.TeacherLogits` -- the chunk's rows of the full logits (a ``teacher_forward`` override that
-  returns plain logits, with a fused student);
-* :class:`~hf_kd.objective.terms.TeacherTopK` -- the chunk's cached rows as ``k + 1`` bucket log-probs (:mod:`hf_kd.objective.sparse`).
+* :class:`~hf_kd.objective.signals.TeacherHidden` -- the chunk's hidden states through the teacher's head (weight
+  cast once);
+* :class:`~hf_kd.objective.signals.TeacherLogits` -- the chunk's rows of the full logits (a ``teacher_forward``
+  override that returns plain logits, with a fused student);
+* :class:`~hf_kd.objective.signals.TeacherTopK` -- the chunk's cached rows as ``k + 1`` bucket log-probs
+  (:mod:`hf_kd.objective.sparse`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from hf_kd.objective.losses import Objective
 from hf_kd.models.heads import LMHeadSpec, as_projection_weight, finish_logits, project
-from hf_kd.objective.sparse import check_cache_shapes, sparse_weights, student_bucket_log_probs, teacher_bucket_log_probs
+from hf_kd.objective.losses import Objective
 from hf_kd.objective.signals import TeacherHidden, TeacherLogits, TeacherTopK
+from hf_kd.objective.sparse import student_bucket_log_probs, teacher_bucket_log_probs
 
 CHUNK_SIZE = 256  # default rows per chunk: 128 MB per float32 [256, 128k] buffer; on CPU no slower than 1024
 
@@ -55,7 +61,8 @@ class ChunkPlan:
 
 @dataclass(frozen=True)
 class ChunkTeacher:
-    """The teacher side of one chunk: full logits ``[chunk, V]``, or ``k + 1`` bucket log-probs over ``ids``."""
+    """The teacher side of one chunk from a built-in source: full logits ``[chunk, V]``, or ``k + 1`` bucket
+    log-probs over ``ids``."""
 
     # [chunk, V] logits in a Scratch buffer (a divergence may overwrite them), or [chunk, k + 1] bucket log-probs;
     # in the plan's dtype
@@ -85,54 +92,55 @@ class Scratch:
         return self.buffers[name][:rows]
 
 
-# ---- teacher sources: check a signal, then slices of kept rows -> ChunkTeacher ------------------------------------
+class LogitRows:
+    """One side's rows and how a chunk of them becomes logits ``[c, vocab]`` in ``dtype``: final hidden states
+    ``[N, H]`` through ``head`` (``softcap(scale * (h @ weight.T + bias))``), or logits ``[N, V]`` themselves
+    (``head=None``: the identity head). The head's weight is made ready for the matmul here, once per call
+    (:func:`~hf_kd.models.heads.as_projection_weight`: a bf16/fp16 weight stays so on CUDA), never per chunk.
+
+    ``kept`` ``[n]``: the rows the chunk loop runs over, in order (``None``: every row); a gradient reaches the others
+    as 0. Full logits are read through it chunk by chunk: a mask applied up front would copy ``[N, V]`` once more.
+    """
+
+    def __init__(self, rows: torch.Tensor, head: LMHeadSpec | None, dtype: torch.dtype, vocab: int,
+                 kept: torch.Tensor | None = None):  # fmt: skip
+        self.rows, self.head, self.dtype, self.vocab, self.kept = rows, head, dtype, vocab, kept
+        self.count = rows.shape[0] if kept is None else kept.shape[0]  # rows the chunk loop runs over
+        self.weight = self.bias = None  # as the matmul takes them; rows past vocab are never needed (logits are cut)
+        self.trained = (rows, None, None)  # what a gradient may reach: the rows, the head's weight and bias
+        if head is not None:
+            self.weight = as_projection_weight(head.weight.detach()[:vocab], dtype)
+            self.bias = None if head.bias is None else head.bias.detach()[:vocab].to(dtype)
+            self.trained = (rows, head.weight, head.bias)
+
+    def index(self, chunk: slice) -> slice | torch.Tensor:
+        """A slice of the kept rows -> where they are in ``rows``."""
+        return chunk if self.kept is None else self.kept[chunk]
+
+    def take(self, index: slice | torch.Tensor) -> torch.Tensor:
+        """The rows at ``index`` (a slice: a view), without a graph."""
+        rows = self.rows.detach()
+        return rows[index] if isinstance(index, slice) else rows.index_select(0, index)
+
+    def raw(self, taken: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Taken rows -> their logits before the head's scale and softcap, written into ``out`` when given (without
+        ``out``, logits rows may come back as a view of the caller's tensor: read them, do not write)."""
+        if self.weight is None:
+            taken = taken[:, : self.vocab]
+            return taken.to(self.dtype) if out is None else out.copy_(taken)
+        return project(taken, self.weight, self.bias, self.dtype, out=out)
+
+    def finish(self, raw: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        head = self.head
+        return raw if head is None else finish_logits(raw, head.logit_scale, head.softcap, in_place=in_place)
+
+    def logits(self, index: slice | torch.Tensor) -> torch.Tensor:
+        """The finished logits of the rows at ``index``, without a graph and outside any autocast."""
+        with torch.no_grad(), torch.autocast(self.rows.device.type, enabled=False):
+            return self.finish(self.raw(self.take(index)))
 
 
-def check_head(side: str, hidden: torch.Tensor, head: LMHeadSpec) -> int:
-    """Raise a ValueError naming the ``{side}_...`` argument unless ``hidden [..., H]`` fits ``head``; return its
-    number of rows (the vocabulary of its logits)."""
-    for knob in ("softcap", "logit_scale"):
-        value = getattr(head, knob)
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{side}_{knob} must be a finite number > 0 or None, got {value!r}")
-    if hidden.dim() < 2 or not hidden.is_floating_point():
-        raise ValueError(f"{side}_hidden {tuple(hidden.shape)} must be floating point [..., hidden_size]")
-    weight, bias = head.weight, head.bias
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"{side}_weight {tuple(weight.shape)} must be [vocab, {hidden.shape[-1]}] to match {side}_hidden "
-            f"{tuple(hidden.shape)}"
-        )
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"{side}_bias {tuple(bias.shape)} must be [{weight.shape[0]}] to match {side}_weight")
-    return weight.shape[0]
-
-
-def _same_positions(student_hidden: torch.Tensor, name: str, tensor: torch.Tensor) -> None:
-    if tensor.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and {name} {tuple(tensor.shape)} must have the same "
-            "positions (all dims but the last)"
-        )
-
-
-def check_teacher(teacher, student_hidden: torch.Tensor, objective: Objective) -> tuple[str, int | None]:
-    """Raise a ValueError naming what does not fit the student; return ``(name, rows)``: what to call the teacher's
-    vocabulary in a message, and its size (``None`` for top-k rows, whose ids index the student's vocabulary)."""
-    if isinstance(teacher, TeacherHidden):
-        rows = check_head("teacher", teacher.hidden, teacher.head)
-        _same_positions(student_hidden, "teacher_hidden", teacher.hidden)
-        return "teacher_weight", rows
-    if isinstance(teacher, TeacherLogits):
-        if teacher.logits.dim() < 2 or not teacher.logits.is_floating_point():
-            raise ValueError(f"teacher_logits {tuple(teacher.logits.shape)} must be floating point [..., vocab]")
-        _same_positions(student_hidden, "teacher_logits", teacher.logits)
-        return "teacher_logits", teacher.logits.shape[-1]
-    if isinstance(teacher, TeacherTopK):
-        sparse_weights(objective.weights)  # refuses mse: the cache holds no raw logits
-        check_cache_shapes(student_hidden.shape[:-1], teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob)
-        return "topk_ids", None
-    raise TypeError(f"teacher: expected TeacherHidden, TeacherLogits or TeacherTopK, got {type(teacher).__name__}")
+# ---- teacher sources: a slice of the kept rows (and the call's Scratch) -> ChunkTeacher ------------------------------
 
 
 def kept_rows(tensor: torch.Tensor, position_dims: int, keep: torch.Tensor | None) -> torch.Tensor:
@@ -143,29 +151,24 @@ def kept_rows(tensor: torch.Tensor, position_dims: int, keep: torch.Tensor | Non
 
 
 def _hidden_source(teacher: TeacherHidden, keep, plan: ChunkPlan) -> Callable[[slice, Scratch], ChunkTeacher]:
-    head, dtype = teacher.head, plan.dtype
     hidden = kept_rows(teacher.hidden.detach(), teacher.hidden.dim() - 1, keep)
-    # Cast the weight once per call, not per chunk (rows past vocab are never needed: logits are cut to the prefix).
-    weight = as_projection_weight(head.weight.detach()[: plan.vocab], dtype)
-    bias = None if head.bias is None else head.bias.detach()[: plan.vocab].to(dtype)
+    rows = LogitRows(hidden, teacher.head, plan.dtype, plan.vocab)  # the weight cast once per call, not per chunk
 
-    def chunk(rows: slice, scratch: Scratch) -> ChunkTeacher:
-        chunk_hidden = hidden[rows]
-        logits = project(chunk_hidden, weight, bias, dtype, out=scratch("teacher", chunk_hidden.shape[0]))
-        return ChunkTeacher(finish_logits(logits, head.logit_scale, head.softcap, in_place=True))
+    def chunk(chunk_rows: slice, scratch: Scratch) -> ChunkTeacher:
+        taken = rows.take(chunk_rows)
+        return ChunkTeacher(rows.finish(rows.raw(taken, out=scratch("teacher", taken.shape[0])), in_place=True))
 
     return chunk
 
 
 def _logits_source(teacher: TeacherLogits, keep, plan: ChunkPlan) -> Callable[[slice, Scratch], ChunkTeacher]:
     logits = teacher.logits.detach().flatten(0, teacher.logits.dim() - 2)
-    # Gather the kept rows chunk by chunk: a mask applied up front would copy the whole [N, V] tensor once more.
-    index = None if keep is None else keep.nonzero().squeeze(1)
+    rows = LogitRows(logits, None, plan.dtype, plan.vocab, None if keep is None else keep.nonzero().squeeze(1))
 
-    def chunk(rows: slice, scratch: Scratch) -> ChunkTeacher:
-        values = logits[rows] if index is None else logits.index_select(0, index[rows])
+    def chunk(chunk_rows: slice, scratch: Scratch) -> ChunkTeacher:
+        taken = rows.take(rows.index(chunk_rows))
         # copied into the buffer, never a view: a divergence may overwrite its teacher's values
-        return ChunkTeacher(scratch("teacher", values.shape[0]).copy_(values[:, : plan.vocab]))
+        return ChunkTeacher(rows.raw(taken, out=scratch("teacher", taken.shape[0])))
 
     return chunk
 
@@ -186,112 +189,143 @@ def _topk_source(teacher: TeacherTopK, keep, plan: ChunkPlan) -> Callable[[slice
 
 SOURCES = {TeacherHidden: _hidden_source, TeacherLogits: _logits_source, TeacherTopK: _topk_source}
 
-# A divergence: (student logits [chunk, V], ChunkTeacher or None, labels [chunk] or None, plan, want_grad, scratch)
-# -> (divergence sum or None, CE sum or None, d(alpha-mix)/d(student logits) [chunk, V] or None). The student logits
-# and dense teacher values are Scratch buffers that it may overwrite (the gradient may be one of them).
+# A source: (a slice of the kept rows, the call's Scratch) -> the chunk's teacher side, whatever its divergence reads
+# (a ChunkTeacher for the built-in sources above).
+Source = Callable[[slice, Scratch], object]
+# A divergence: (student logits [chunk, V] before scale and softcap, the teacher side or None, labels [chunk] or None,
+# plan, want_grad, scratch) -> (divergence sum or None, CE sum or None, d(alpha-mix)/d(student logits) [chunk, V] or
+# None[, {name: extra sum}]). The student logits and dense teacher values are Scratch buffers that it may overwrite
+# (the gradient may be one of them); the extra sums (0-dim) are summed over chunks and normalized like the loss.
 Divergence = Callable[..., tuple]
 
 
 # ---- the chunked computation --------------------------------------------------------------------------------------
 
 
-def run(student, teacher_chunk, labels, plan: ChunkPlan, divergence: Divergence, denominator, return_components):
-    """The normalized loss of prepared inputs -> what the public fused losses return.
+class Totals(NamedTuple):
+    """What :func:`run` returns, each divided once by the denominator."""
 
-    ``student`` is ``(hidden [N, H], weight [V_s, H], bias [V_s] or None)`` with masked rows already dropped,
-    ``teacher_chunk`` a source's ``(rows, scratch) -> ChunkTeacher`` (``None`` when the divergence is not needed),
-    ``labels`` ``[N]`` or ``None``.
+    total: torch.Tensor  # the objective; carries the gradients of the student's rows and head
+    divergence: torch.Tensor  # detached, as every logged component
+    ce: torch.Tensor  # detached
+    extras: dict[str, torch.Tensor]  # a divergence's extra sums, detached
+
+
+def run(student: LogitRows, source: Source | None, labels, plan: ChunkPlan, divergence: Divergence, denominator, *,
+        offset: torch.Tensor | None = None) -> Totals:  # fmt: skip
+    """The normalized loss of prepared inputs, chunk by chunk.
+
+    ``student``'s kept rows are the rows the loss sums over (masked rows dropped before any matmul), ``source`` makes
+    each chunk's teacher side (``None`` when the divergence is not needed), ``labels`` ``[n]`` (the kept rows') or
+    ``None``. ``offset``: a divergence sum computed before the pass (0-dim), added to the chunks' before the division;
+    a term over sums across chunks, whose gradient the divergence adds chunk by chunk (its value must not).
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in student):
-        total, div, ce = _FusedObjective.apply(*student, teacher_chunk, labels, plan, divergence, denominator)
-    else:  # evaluation: values only, no per-chunk gradients
-        sums, _ = _chunk_sums(*student, teacher_chunk, labels, plan, divergence, (False, False, False))
-        total, div, ce = _normalized(sums, plan, denominator)
-    if return_components:
-        return total, div if plan.need_divergence else None, ce if plan.need_ce else None
-    return total
-
-
-def _normalized(sums, plan: ChunkPlan, denominator):
-    """``(divergence_sum, ce_sum)`` -> ``(total, divergence, ce)``, each divided once by the denominator."""
-    div_sum, ce_sum = sums
+    trained = student.trained
+    wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in trained)
+    # the Trainer's bf16 autocast must not touch the logits
+    with torch.no_grad(), torch.autocast(student.rows.device.type, enabled=False):
+        (div_sum, ce_sum), extras, grads = _chunk_sums(student, source, labels, plan, divergence, wanted)
+    if offset is not None:
+        div_sum = div_sum + offset
     # combine() of the sums, then one division: a tensor of its own even where alpha = 1 or 0 returns one term
-    return plan.objective.combine(div_sum, ce_sum) / denominator, div_sum / denominator, ce_sum / denominator
-
-
-class _FusedObjective(torch.autograd.Function):
-    """Forward computes the normalized loss and its gradients chunk by chunk; backward scales the stored gradients."""
-
-    @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, teacher_chunk, labels, plan, divergence, denominator):
-        wanted = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], s_bias is not None and ctx.needs_input_grad[2])
-        sums, grads = _chunk_sums(s_hidden, s_weight, s_bias, teacher_chunk, labels, plan, divergence, wanted)
+    total = plan.objective.combine(div_sum, ce_sum) / denominator
+    extras = {name: value / denominator for name, value in extras.items()}
+    if any(wanted):
         # Divide by the denominator in float32 before the cast to a bf16 parameter dtype: the incoming gradient is
         # then 1 (or a small integer) and the backward multiplication is exact.
-        likes = (s_hidden, s_weight, s_bias)
-        grads = [None if g is None else g.div_(denominator).to(like.dtype) for g, like in zip(grads, likes)]
-        ctx.save_for_backward(*grads)
-        total, div, ce = _normalized(sums, plan, denominator)
-        ctx.mark_non_differentiable(div, ce)  # logged components are detached, as in distillation_loss
-        return total, div, ce
+        grads = [None if g is None else g.div_(denominator).to(t.dtype) for g, t in zip(grads, trained)]
+        total = _StoredGradients.apply(total, grads, *trained)
+    return Totals(total, div_sum / denominator, ce_sum / denominator, extras)
+
+
+class _StoredGradients(torch.autograd.Function):
+    """The loss, whose gradients :func:`run` computed with it chunk by chunk: backward only scales them by the incoming
+    gradient (no chunk is kept or recomputed)."""
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_divergence, _grad_ce):
+    def forward(ctx, total, grads, *trained):
+        ctx.save_for_backward(*grads)
+        return total.clone()  # an output of its own, not the input itself
+
+    @staticmethod
+    def backward(ctx, grad_total):
         # bf16 * float32 0-dim: computed in float32, rounded once
-        grads = tuple(None if g is None else g * grad_total for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None)
+        return None, None, *(None if g is None else g * grad_total for g in ctx.saved_tensors)
 
 
-def _chunk_sums(s_hidden, s_weight, s_bias, teacher_chunk, labels, plan: ChunkPlan, divergence, wanted):
-    """Sum the divergence and CE over chunks of rows.
+def _chunk_sums(student: LogitRows, source, labels, plan: ChunkPlan, divergence, wanted):
+    """Sum the divergence, the CE and any extra sums over chunks of the kept rows.
 
-    Returns ``((divergence_sum, ce_sum), (d_hidden, d_weight, d_bias))``: the sums are 0-dim tensors in ``plan.dtype``
-    (0 for a term not computed), the gradients those of ``alpha * divergence_sum + (1 - alpha) * ce_sum`` in
-    ``plan.dtype`` (``None`` where not ``wanted``).
+    Returns ``((divergence_sum, ce_sum), extras, (d_rows, d_weight, d_bias))``: the sums are 0-dim tensors in
+    ``plan.dtype`` (0 for a term not computed), the gradients those of ``alpha * divergence_sum + (1 - alpha) *
+    ce_sum`` in ``plan.dtype`` (``None`` where not ``wanted``).
     """
-    want_hidden, want_weight, want_bias = wanted
-    dtype, vocab, device = plan.dtype, plan.vocab, s_hidden.device
-    with torch.autocast(device.type, enabled=False):  # the Trainer's bf16 autocast must not touch the logits
-        # Once per call: a bf16/fp16 weight stays as it is where CUDA matmuls emit float32, else it is cast to dtype
-        # (rows past vocab: their logits are cut away).
-        s_w = as_projection_weight(s_weight.detach()[:vocab], dtype)
-        s_b = None if s_bias is None else s_bias.detach()[:vocab].to(dtype)
-        scratch = Scratch(min(plan.chunk_size, s_hidden.shape[0]), vocab, dtype, device)
+    want_rows, want_weight, want_bias = wanted
+    dtype, vocab, device = plan.dtype, plan.vocab, student.rows.device
+    scratch = Scratch(min(plan.chunk_size, student.count), vocab, dtype, device)
+    div_sum, ce_sum = (torch.zeros((), dtype=dtype, device=device) for _ in range(2))
+    extras: dict[str, torch.Tensor] = {}
+    d_rows = d_weight = d_bias = None
+    if want_rows:  # every row written by its chunk, unless some are not kept or logit columns are cut away
+        partial = student.kept is not None or student.weight is None
+        d_rows = (torch.zeros if partial else torch.empty)(student.rows.shape, dtype=dtype, device=device)
+    if want_weight:  # d(weight) accumulates in float32 over chunks; rows past vocab stay 0 (those logits are cut away)
+        d_weight = torch.zeros(student.head.weight.shape, dtype=dtype, device=device)
+    if want_bias:
+        d_bias = torch.zeros(student.head.bias.shape, dtype=dtype, device=device)
 
-        div_sum, ce_sum = (torch.zeros((), dtype=dtype, device=device) for _ in range(2))
-        d_hidden = torch.empty(s_hidden.shape, dtype=dtype, device=device) if want_hidden else None
-        # d(weight) accumulates in float32 over chunks; rows past vocab stay 0 (those logits are cut away).
-        d_weight = torch.zeros(s_weight.shape, dtype=dtype, device=device) if want_weight else None
-        d_bias = torch.zeros(s_bias.shape, dtype=dtype, device=device) if want_bias else None
+    for start in range(0, student.count, plan.chunk_size):
+        rows = slice(start, start + plan.chunk_size)
+        index = student.index(rows)
+        taken = student.take(index)
+        # [chunk, vocab] float32 straight from the matmul, into the call's buffer
+        logits = student.raw(taken, out=scratch("student", taken.shape[0]))
+        teacher = None if source is None else source(rows, scratch)
+        chunk_labels = None if labels is None else labels[rows]
+        chunk_div, chunk_ce, d_logits, *more = divergence(logits, teacher, chunk_labels, plan, any(wanted), scratch)
+        if chunk_div is not None:
+            div_sum += chunk_div
+        if chunk_ce is not None:
+            ce_sum += chunk_ce
+        for name, value in (more[0] if more else {}).items():
+            extras[name] = extras[name] + value if name in extras else value.to(dtype)
+        if d_logits is not None:
+            _add_gradients(student, d_logits, taken, index, (d_rows, d_weight, d_bias), scratch)
+    return (div_sum, ce_sum), extras, (d_rows, d_weight, d_bias)
 
-        for start in range(0, s_hidden.shape[0], plan.chunk_size):
-            rows = slice(start, start + plan.chunk_size)
-            hidden = s_hidden[rows].detach()
-            # [chunk, vocab] float32 straight from the matmul, into the call's buffer
-            student = project(hidden, s_w, s_b, dtype, out=scratch("student", hidden.shape[0]))
-            teacher = None if teacher_chunk is None else teacher_chunk(rows, scratch)
-            chunk_div, chunk_ce, d_logits = divergence(
-                student, teacher, None if labels is None else labels[rows], plan, any(wanted), scratch
-            )
-            if chunk_div is not None:
-                div_sum += chunk_div
-            if chunk_ce is not None:
-                ce_sum += chunk_ce
-            if d_logits is None:
-                continue
-            if want_bias:
-                d_bias[:vocab] += d_logits.sum(0)
-            d_rows = d_hidden[rows] if want_hidden else None
-            d_w = d_weight[:vocab] if want_weight else None
-            if s_w.dtype != dtype:
-                _tensor_core_grads(d_logits, hidden, s_w, d_rows, d_w, scratch)
-                continue
-            hidden = hidden.to(dtype)
-            if want_hidden:
-                torch.mm(d_logits, s_w, out=d_rows)
-            if want_weight:
-                d_w.addmm_(d_logits.T, hidden)
-    return (div_sum, ce_sum), (d_hidden, d_weight, d_bias)
+
+def _add_gradients(student: LogitRows, d_logits, taken, index, grads, scratch: Scratch) -> None:
+    """One chunk's ``d_logits`` ``[c, vocab]`` (w.r.t. its logits before scale and softcap) into ``grads``: the rows
+    at ``index`` of ``d_rows``, and added to ``d_weight`` and ``d_bias`` -- the chain rule through the head by hand
+    (matmuls that take a CUDA bf16 weight; autograd has no derivative for them). ``taken``: the chunk's rows."""
+    d_rows, d_weight, d_bias = grads
+    vocab, dtype = student.vocab, d_logits.dtype
+    if d_bias is not None:
+        d_bias[:vocab] += d_logits.sum(0)
+    if student.weight is None:  # the identity head: d(logits) is the gradient of the rows themselves
+        if d_rows is not None:
+            _put(d_rows[:, :vocab], index, d_logits)
+        return
+    d_w = None if d_weight is None else d_weight[:vocab]
+    d_chunk = None
+    if d_rows is not None:  # d(hidden) = d_logits @ W, straight into d_rows where the chunk is a slice of it
+        d_chunk = d_rows[index] if isinstance(index, slice) else taken.new_empty(taken.shape, dtype=dtype)
+    if student.weight.dtype != dtype:
+        _tensor_core_grads(d_logits, taken, student.weight, d_chunk, d_w, scratch)
+    else:
+        if d_chunk is not None:
+            torch.mm(d_logits, student.weight, out=d_chunk)
+        if d_w is not None:  # d(W) += d_logits.T @ hidden
+            d_w.addmm_(d_logits.T, taken.to(dtype))
+    if d_chunk is not None and not isinstance(index, slice):
+        _put(d_rows, index, d_chunk)
+
+
+def _put(target: torch.Tensor, index: slice | torch.Tensor, rows: torch.Tensor) -> None:
+    if isinstance(index, slice):
+        target[index].copy_(rows)
+    else:
+        target.index_copy_(0, index, rows)
 
 
 def _tensor_core_grads(d_logits, hidden, weight, d_hidden, d_weight, scratch: Scratch) -> None:

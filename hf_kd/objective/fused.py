@@ -4,9 +4,10 @@ student's ever exists.
 
 * :func:`fused_distillation_loss` (teacher hidden states + head) and :func:`fused_sparse_distillation_loss` (teacher
   top-k cache) are thin wrappers that name every knob, as the unfused losses do;
-* :func:`fused_objective` is the one driver behind them: validation, masked rows dropped before any matmul, the
-  dtype rule, exact global normalization, and the chunk loop of :mod:`hf_kd.objective.chunking`, for any teacher signal of
-  :mod:`hf_kd.objective.terms` (hidden states, full logits, top-k);
+* :func:`fused_objective` is the entry point behind them: validation (each error names the argument), masked rows
+  dropped before any matmul, the dtype rule and the denominator, then the one chunk driver
+  (:func:`hf_kd.objective.chunking.run`) with a teacher source for any signal of :mod:`hf_kd.objective.signals`
+  (hidden states, full logits, top-k);
 * a *divergence* is what one chunk computes: :func:`_autograd_divergence` for any objective, or
   :func:`_forward_kl_closed_form`, the same numbers with the gradient written out, where it applies.
 
@@ -16,15 +17,17 @@ its head cannot be fused so that the caller falls back to full logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from hf_kd.objective.chunking import CHUNK_SIZE, SOURCES, ChunkPlan, ChunkTeacher, Scratch, check_head, check_teacher, kept_rows, run
+from hf_kd.objective.chunking import CHUNK_SIZE, SOURCES, ChunkPlan, ChunkTeacher, LogitRows, Scratch, kept_rows, run
 from hf_kd.objective.losses import Objective, check_label_ids, check_labels, normalizer, target_rows
+from hf_kd.objective.sparse import check_cache_shapes, sparse_weights
 from hf_kd.models.heads import LMHeadSpec, finish_logits, lm_head_spec  # noqa: F401 (re-export)
-from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherSignal, TeacherTopK
+from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK
 
 
 def fused_distillation_loss(
@@ -189,8 +192,14 @@ def fused_objective(
     divergence = _forward_kl_closed_form if _closed_form_applies(plan) else _autograd_divergence
     # Normalization exactly as in distillation_loss: sum over valid positions / (num_items_in_batch or count).
     denominator = normalizer(s_hidden.shape[0], num_items_in_batch, device=s_hidden.device, dtype=dtype)
-    trained = (s_hidden, student.head.weight, student.head.bias)  # what receives a gradient
-    return run(trained, teacher_chunk, flat_labels, plan, divergence, denominator, return_components)
+    rows = LogitRows(s_hidden, student.head, dtype, vocab)  # hidden, weight and bias receive a gradient
+    total, div, ce, _ = run(rows, teacher_chunk, flat_labels, plan, divergence, denominator)
+    if return_components:
+        return total, div if plan.need_divergence else None, ce if plan.need_ce else None
+    return total
+
+
+# ---- checks: each names the argument that does not fit ------------------------------------------------------------
 
 
 def _check(student: StudentHidden, teacher, labels, objective: Objective, chunk_size, vocab_size) -> int:
@@ -212,6 +221,53 @@ def _check(student: StudentHidden, teacher, labels, objective: Objective, chunk_
         )
     check_labels(labels, student.hidden.shape[:-1], objective.alpha, "student_hidden without its hidden dim")
     return s_vocab
+
+
+def check_head(side: str, hidden: torch.Tensor, head: LMHeadSpec) -> int:
+    """Raise a ValueError naming the ``{side}_...`` argument unless ``hidden [..., H]`` fits ``head``; return its
+    number of rows (the vocabulary of its logits)."""
+    for knob in ("softcap", "logit_scale"):
+        value = getattr(head, knob)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{side}_{knob} must be a finite number > 0 or None, got {value!r}")
+    if hidden.dim() < 2 or not hidden.is_floating_point():
+        raise ValueError(f"{side}_hidden {tuple(hidden.shape)} must be floating point [..., hidden_size]")
+    weight, bias = head.weight, head.bias
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{side}_weight {tuple(weight.shape)} must be [vocab, {hidden.shape[-1]}] to match {side}_hidden "
+            f"{tuple(hidden.shape)}"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"{side}_bias {tuple(bias.shape)} must be [{weight.shape[0]}] to match {side}_weight")
+    return weight.shape[0]
+
+
+def _same_positions(student_hidden: torch.Tensor, name: str, tensor: torch.Tensor) -> None:
+    if tensor.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} and {name} {tuple(tensor.shape)} must have the same "
+            "positions (all dims but the last)"
+        )
+
+
+def check_teacher(teacher, student_hidden: torch.Tensor, objective: Objective) -> tuple[str, int | None]:
+    """Raise a ValueError naming what does not fit the student; return ``(name, rows)``: what to call the teacher's
+    vocabulary in a message, and its size (``None`` for top-k rows, whose ids index the student's vocabulary)."""
+    if isinstance(teacher, TeacherHidden):
+        rows = check_head("teacher", teacher.hidden, teacher.head)
+        _same_positions(student_hidden, "teacher_hidden", teacher.hidden)
+        return "teacher_weight", rows
+    if isinstance(teacher, TeacherLogits):
+        if teacher.logits.dim() < 2 or not teacher.logits.is_floating_point():
+            raise ValueError(f"teacher_logits {tuple(teacher.logits.shape)} must be floating point [..., vocab]")
+        _same_positions(student_hidden, "teacher_logits", teacher.logits)
+        return "teacher_logits", teacher.logits.shape[-1]
+    if isinstance(teacher, TeacherTopK):
+        sparse_weights(objective.weights)  # refuses mse: the cache holds no raw logits
+        check_cache_shapes(student_hidden.shape[:-1], teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob)
+        return "topk_ids", None
+    raise TypeError(f"teacher: expected TeacherHidden, TeacherLogits or TeacherTopK, got {type(teacher).__name__}")
 
 
 # ---- divergences: one chunk's (divergence sum, CE sum, d(alpha-mix)/d(student logits)) ------------------------------

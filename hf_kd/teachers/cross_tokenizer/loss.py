@@ -19,26 +19,28 @@ student's target positions divided by their count (``num_items_in_batch`` in tra
 * **CE** over every student target, aligned or not; ``alpha`` mixes it in as everywhere.
 
 Temperature acts on the teacher's probabilities before they are projected, and on the span's two buckets as in
-:mod:`hf_kd.objective.sparse`. ``mse`` needs logits over one vocabulary and is refused. One pass over the student's target
-rows, a chunk at a time, makes both models' logits for the chunk and takes the chunk's gradient at once (with respect
-to the student's hidden states and head, or its logits), as :mod:`hf_kd.objective.chunking` does; only ``d(hidden)`` and
-``d(weight)`` outlive a chunk, so on the fused path nothing of size ``[tokens, vocab]`` is held. The span term depends
-on sums across chunks: it is evaluated first, and its gradient enters the pass as fixed weights on each token's
-log-probability (:func:`_span_term`).
+:mod:`hf_kd.objective.sparse`. ``mse`` needs logits over one vocabulary and is refused. The loss runs through the one
+chunk driver, :func:`hf_kd.objective.chunking.run`, which owns the pass over the student's target rows: each chunk's
+student logits (from hidden states and head, or full logits), the gradient taken at once and folded into ``d(hidden)``
+and ``d(weight)`` (or ``d(logits)``), the sums and their one division, so that on the fused path nothing of size
+``[tokens, vocab]`` is held. This module supplies what is its own: a teacher *source* (the teacher rows a chunk reads,
+each projected once: :func:`_teacher_source`), a *divergence* (the terms above and the shared mass it logs:
+:class:`_Divergence`) and the span term, which depends on sums across chunks: it is evaluated first, and its gradient
+enters the pass as fixed weights on each token's log-probability (:func:`_span_term`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
+from hf_kd.models.heads import finish_logits
+from hf_kd.objective.chunking import ChunkPlan, LogitRows, run
 from hf_kd.objective.divergences import uld_distance  # noqa: F401 (the ULD term; importable from here)
 from hf_kd.objective.signals import TeacherHidden, TeacherLogits
 from hf_kd.teachers.cross_tokenizer.alignment import Alignment
 from hf_kd.objective.losses import Objective, normalizer, target_rows
-from hf_kd.models.heads import as_projection_weight, finish_logits, project
 from hf_kd.objective.sparse import EMPTY_TAIL
 from hf_kd.teachers.cross_tokenizer.vocabulary import Extensions, SharedVocabulary
 
@@ -126,68 +128,6 @@ def two_buckets(log_prob: torch.Tensor) -> torch.Tensor:
     return torch.stack([log_prob.clamp_min(EMPTY_TAIL), rest.clamp_min(EMPTY_TAIL)], dim=-1)
 
 
-class _Rows:
-    """A side's aligned rows as logits, a chunk at a time: full logits ``[N, V]`` or hidden states ``[N, H]`` with the
-    head that projects them (:class:`hf_kd.objective.terms.StudentHidden` / ``TeacherHidden``). ``tensors``: what a gradient
-    may reach (the rows, and the head's weight and bias). The head's weight is made ready for the matmul once per call
-    (:func:`hf_kd.models.loading.as_projection_weight`: a CUDA bf16 weight stays bf16), never per chunk."""
-
-    def __init__(self, signal):
-        head = getattr(signal, "head", None)
-        rows = signal.hidden if head is not None else getattr(signal, "logits", signal)
-        self.rows, self.head = rows.reshape(-1, rows.shape[-1]), head
-        self.tensors = [self.rows] + ([] if head is None else [t for t in (head.weight, head.bias) if t is not None])
-        self.dtype = torch.promote_types(self.rows.dtype, torch.float32)
-        if head is not None:
-            self.dtype = torch.promote_types(self.dtype, head.weight.dtype)
-            self.weight = as_projection_weight(head.weight.detach(), self.dtype)
-            self.bias = None if head.bias is None else head.bias.detach().to(self.dtype)
-
-    def raw(self, index: torch.Tensor) -> torch.Tensor:
-        """The rows' logits before the head's scale and softcap (no graph)."""
-        with torch.no_grad(), torch.autocast(self.rows.device.type, enabled=False):
-            if self.head is None:
-                return self.rows[index].detach().to(self.dtype)
-            return project(self.rows[index].detach(), self.weight, self.bias, self.dtype)
-
-    def finish(self, raw: torch.Tensor) -> torch.Tensor:
-        return raw if self.head is None else finish_logits(raw, self.head.logit_scale, self.head.softcap)
-
-    def logits(self, index: torch.Tensor) -> torch.Tensor:
-        """Float32 (at least) logits of the rows at ``index``, without a graph."""
-        return self.finish(self.raw(index))
-
-    def add_gradients(self, grads: list, index: torch.Tensor, d_raw: torch.Tensor) -> None:
-        """Add a chunk's ``d(loss) / d(raw logits)`` to the gradients of the rows, the weight and the bias: the chain
-        rule through the head by hand (matmuls that accept a CUDA bf16 weight; autograd has no derivative for them)."""
-        if self.head is None:
-            if grads[0] is not None:
-                grads[0].index_add_(0, index, d_raw)
-            return
-        with torch.no_grad(), torch.autocast(self.rows.device.type, enabled=False):
-            if grads[0] is not None:  # d(hidden) = d_raw @ W
-                grads[0].index_add_(0, index, project(d_raw, self.weight.T, None, self.dtype))
-            if len(grads) > 1 and grads[1] is not None:  # d(W) = d_raw.T @ hidden
-                hidden = as_projection_weight(self.rows[index].detach(), self.dtype)
-                grads[1] += project(d_raw.T, hidden.T, None, self.dtype)
-            if len(grads) > 2 and grads[2] is not None:
-                grads[2] += d_raw.sum(0)
-
-
-class _WithGradients(torch.autograd.Function):
-    """A value whose gradients were computed in the forward, chunk by chunk: the backward scales them by the incoming
-    gradient (no chunk is kept or recomputed, as in :mod:`hf_kd.objective.chunking`)."""
-
-    @staticmethod
-    def forward(ctx, value, grads, *tensors):
-        ctx.grads, ctx.dtypes = grads, [t.dtype for t in tensors]
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return (None, None, *(None if g is None else (grad_output * g).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)))
-
-
 def cross_tokenizer_terms(
     student,
     teacher,
@@ -204,138 +144,188 @@ def cross_tokenizer_terms(
     different tokenizers.
 
     Args:
-        student: ``[B, S - 1, V_s]`` aligned logits, or a :class:`hf_kd.objective.terms.StudentHidden` (fused path).
+        student: ``[B, S - 1, V_s]`` aligned logits, or a :class:`hf_kd.objective.signals.StudentHidden` (fused path).
         teacher: ``[B, S_t - 1, V_t]`` aligned logits of the teacher's batch (``alignment.teacher_inputs``) as a
             ``TeacherLogits`` / ``TeacherHidden``.
-        alignment: :func:`hf_kd.teachers.cross_tokenizer.alignment.align_batch` of this batch; ``labels``: ``[B, S - 1]`` aligned labels.
+        alignment: :func:`hf_kd.teachers.cross_tokenizer.alignment.align_batch` of this batch; ``labels``: ``[B, S - 1]``
+            aligned labels.
     Returns:
         Scalars; ``aligned_fraction`` is the one-to-one targets and ``shared_mass`` the teacher's probability on shared
         tokens summed over them, both divided like the loss (their ratio is the mean shared mass per aligned target).
     """
-    student_rows, teacher_rows = _Rows(student), _Rows(teacher)
-    device = student_rows.rows.device
     flat_labels, keep = target_rows(labels, objective.ignore_index)
-    rows = keep.nonzero().flatten()  # every student row that counts; pairs and span rows are among them
-    dtype = torch.promote_types(student_rows.rows.dtype, torch.float32)  # float64 in, float64 out
-    plan = _RowPlan(alignment, keep.numel(), device, dtype)
+    kept = keep.nonzero().flatten()  # every student row that counts; pairs and span rows are among them
+    s_rows, t_rows = _rows(student, kept), _rows(teacher)
+    device, dtype = s_rows.rows.device, s_rows.dtype  # float64 in, float64 out
     denominator = normalizer(alignment.targets, num_items_in_batch, device=device, dtype=dtype)
-    span_value, plan.span_weight = _span_term(student_rows, teacher_rows, alignment, shared, objective, chunk_size)
-    t_ids, segmentation = shared.teacher_ids.to(device), shared.segmentation.to(device)
-    projection = segmentation[:, 0]
-    temperature = objective.temperature
-
-    def chunk_terms(s_logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``[divergence, ce, shared mass]`` sums of a chunk of target rows (``s_logits``: their student logits)."""
-        log_p_s = torch.log_softmax(s_logits, dim=-1)
-        zero = log_p_s.new_zeros(())
-        ce = -log_p_s.gather(-1, targets.unsqueeze(-1)).sum()
-        exact = uld = mass = zero
-        # every teacher row this chunk reads (after the same text, inside a token, where a span starts), projected once
-        wanted = [plan.boundary_row[index], plan.inner_row[index]]
-        if weights.uld:
-            wanted.append(plan.start_row[index])
-        wanted = torch.cat(wanted)
-        teacher_ids_read = torch.unique(wanted[wanted >= 0])  # sorted: looked up by searchsorted below
-        with torch.no_grad():
-            read = teacher_rows.logits(teacher_ids_read) if teacher_ids_read.numel() else None
-        t_at = lambda rows_: read[torch.searchsorted(teacher_ids_read, rows_)]  # noqa: E731
-        at_boundary = plan.boundary_row[index] >= 0
-        if at_boundary.any():  # both have read the same text: next-token distributions, the teacher's projected
-            with torch.no_grad():
-                t_logits = t_at(plan.boundary_row[index][at_boundary])
-                t_projected, has = projected_log_probs(t_logits, projection, s_logits.shape[-1], temperature)
-                paired = plan.teacher_row[index][at_boundary] >= 0
-                mass = torch.softmax(t_logits[paired], -1)[:, t_ids].sum()  # on shared tokens, one-to-one targets
-            # the teacher side as "logits" whose log_softmax(x / T) is its projected distribution itself
-            exact = objective.divergence(s_logits[at_boundary][has], temperature * t_projected[has]).sum()
-        inside = plan.inner_row[index] >= 0
-        if inside.any():  # a target inside a teacher token: what the teacher's token says comes next
-            with torch.no_grad():
-                t_logits = t_at(plan.inner_row[index][inside])
-                t_inner, has = inner_log_probs(t_logits, plan.inner_before[index][inside], segmentation,
-                                               s_logits.shape[-1], temperature)  # fmt: skip
-            if has.any():
-                exact = exact + objective.divergence(s_logits[inside][has], temperature * t_inner[has]).sum()
-        in_span = plan.span_token[index] >= 0
-        if in_span.any():  # the span term's gradient: fixed weights on these factors' log-probs (see _span_term)
-            tokens = plan.span_token[index][in_span]
-            factor = log_p_s[in_span].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            ends = plan.span_last[index][in_span]
-            if ends.any():
-                ends_lp = last_log_probs(log_p_s[in_span][ends], tokens[ends], shared.student_extensions)
-                factor = factor.masked_scatter(ends, ends_lp)
-            weighted = (plan.span_weight[index][in_span] * factor).sum()
-            exact = exact + weighted - weighted.detach()  # adds the gradient, not the value (counted once, below)
-        starts = plan.start_row[index] >= 0
-        if weights.uld and starts.any():  # where a span group starts, both sides have read the same text
-            with torch.no_grad():
-                t_probs = torch.softmax(t_at(plan.start_row[index][starts]) / temperature, dim=-1)
-            s_probs = log_p_s[starts].exp() if temperature == 1 else torch.softmax(s_logits[starts] / temperature, -1)
-            uld = uld_distance(s_probs, t_probs).sum()
-        return torch.stack([weights.exact * exact + weights.uld * uld, ce, mass.detach()])
-
-    track = torch.is_grad_enabled() and any(t.requires_grad for t in student_rows.tensors)
-    coefficients = (objective.alpha / denominator, (1 - objective.alpha) / denominator)  # d total / d (sums0, sums1)
-    grads = [None if not t.requires_grad else torch.zeros(t.shape, dtype=dtype, device=device)
-             for t in student_rows.tensors] if track else []  # fmt: skip
-    sums = torch.zeros(3, device=device, dtype=dtype)
     chunk = max(chunk_size, 1)
-    for start in range(0, rows.numel(), chunk):
-        index, targets = rows[start : start + chunk], flat_labels[start : start + chunk]
-        with torch.enable_grad() if track else contextlib.nullcontext():
-            raw = student_rows.raw(index).requires_grad_(track)
-            part = chunk_terms(student_rows.finish(raw), index, targets)
-            if track:  # this chunk's share of the gradient, now: its logits are freed before the next chunk
-                share = coefficients[0] * part[0] + coefficients[1] * part[1]
-                (d_raw,) = torch.autograd.grad(share, raw)
-                student_rows.add_gradients(grads, index, d_raw.to(dtype))
-        sums = sums + part.detach()
-    divergence = (sums[0] + weights.exact * span_value) / denominator
-    ce = sums[1] / denominator
-    stats = {"aligned_fraction": torch.tensor(float(alignment.pairs.shape[1]), device=device, dtype=dtype) / denominator,
-             "shared_mass": sums[2] / denominator}  # fmt: skip
-    total = objective.combine(divergence, ce)
-    if track:
-        total = _WithGradients.apply(total, grads, *student_rows.tensors)
-    return {"loss": total, "distill_loss": divergence, "ce_loss": ce, **stats}
+    span_value, span_weight = _span_term(s_rows, t_rows, alignment, shared, objective, chunk)
+    row_plan = _RowPlan.of(alignment, keep.numel(), span_weight)[kept]
+    head = s_rows.head
+    plan = ChunkPlan(objective, s_rows.vocab, chunk, dtype, need_divergence=True, need_ce=True,  # both always logged
+                     student_softcap=None if head is None else head.softcap,
+                     student_logit_scale=None if head is None else head.logit_scale, dense_teacher=False)  # fmt: skip
+    source = _teacher_source(t_rows, row_plan, uld=bool(weights.uld))
+    # the span term's value is added once; its gradient comes through the chunks (fixed weights, see _span_term)
+    total, divergence, ce, extras = run(s_rows, source, flat_labels, plan, _Divergence(shared, weights, device),
+                                        denominator, offset=weights.exact * span_value)  # fmt: skip
+    pairs = torch.tensor(float(alignment.pairs.shape[1]), device=device, dtype=dtype)
+    shared_mass = extras.get("shared_mass", torch.zeros((), device=device, dtype=dtype))  # no chunk: no target
+    return {"loss": total, "distill_loss": divergence, "ce_loss": ce, "aligned_fraction": pairs / denominator,
+            "shared_mass": shared_mass}  # fmt: skip
 
 
+def _rows(signal, kept: torch.Tensor | None = None) -> LogitRows:
+    """A side's rows, flattened over their positions, as the chunk driver reads them: full logits (a tensor or a
+    ``TeacherLogits``) or hidden states with their head (``StudentHidden`` / ``TeacherHidden``)."""
+    head = getattr(signal, "head", None)
+    rows = signal.hidden if head is not None else getattr(signal, "logits", signal)
+    rows = rows.reshape(-1, rows.shape[-1])
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    if head is not None:
+        dtype = torch.promote_types(dtype, head.weight.dtype)
+    return LogitRows(rows, head, dtype, rows.shape[-1] if head is None else head.weight.shape[0], kept)
+
+
+@dataclass(frozen=True)
 class _RowPlan:
-    """What each flat student row is to the loss: its teacher row if it aligns one to one, the teacher row where its
-    span group starts if it starts one, its token if it is in a span group (-1: none), and that token's weight in the
-    span term's gradient."""
+    """What each student row is to the loss (-1: none): its teacher row if it aligns one to one, the teacher row where
+    it and the teacher have read the same text (``boundary_row``), where its span group starts if it starts one, the
+    teacher row of the token it is read inside and the student ids read since that token began, its token if it is in
+    a span group and whether it is the span's last, and that token's weight in the span term's gradient."""
 
-    def __init__(self, alignment: Alignment, rows: int, device, dtype):
-        self.teacher_row = torch.full((rows,), -1, dtype=torch.long, device=device)
-        self.teacher_row[alignment.pairs[0]] = alignment.pairs[1]
-        self.start_row = torch.full((rows,), -1, dtype=torch.long, device=device)
-        self.start_row[alignment.span_starts[0]] = alignment.span_starts[1]
+    teacher_row: torch.Tensor  # [N]
+    boundary_row: torch.Tensor  # [N]
+    start_row: torch.Tensor  # [N]
+    inner_row: torch.Tensor  # [N]
+    inner_before: torch.Tensor  # [N, DEPTH]
+    span_token: torch.Tensor  # [N]
+    span_last: torch.Tensor  # [N] bool
+    span_weight: torch.Tensor  # [N]
+
+    @classmethod
+    def of(cls, alignment: Alignment, rows: int, span_weight: torch.Tensor) -> _RowPlan:
+        """The plan of the ``rows`` flat student rows of a batch."""
+        device = span_weight.device
+        none = lambda: torch.full((rows,), -1, dtype=torch.long, device=device)  # noqa: E731
+        teacher_row, start_row, span_token, inner_row = none(), none(), none(), none()
+        teacher_row[alignment.pairs[0]] = alignment.pairs[1]
+        start_row[alignment.span_starts[0]] = alignment.span_starts[1]
         # after the same text, where the projection speaks for the target: one to one, or a span start that fits
         fitting = torch.where(alignment.span_start_fits, alignment.span_starts[1], -1)
-        self.boundary_row = self.teacher_row.clone()
-        self.boundary_row[alignment.span_starts[0]] = torch.maximum(self.boundary_row[alignment.span_starts[0]], fitting)
-        self.span_token = torch.full((rows,), -1, dtype=torch.long, device=device)
-        self.span_token[alignment.span_student[0]] = alignment.span_student[1]
-        self.inner_row = torch.full((rows,), -1, dtype=torch.long, device=device)  # the teacher row of its token
-        self.inner_row[alignment.inner[0]] = alignment.inner[1]
-        self.inner_before = torch.full((rows, alignment.inner.shape[0] - 2), -1, dtype=torch.long, device=device)
-        self.inner_before[alignment.inner[0]] = alignment.inner[2:].T
-        self.span_last = torch.zeros(rows, dtype=torch.bool, device=device)  # the last token of its span
-        self.span_last[alignment.span_student[0]] = last_in_group(alignment.span_student[2])
-        self.span_weight = torch.zeros(rows, device=device, dtype=dtype)
+        boundary_row = teacher_row.clone()
+        boundary_row[alignment.span_starts[0]] = torch.maximum(boundary_row[alignment.span_starts[0]], fitting)
+        span_token[alignment.span_student[0]] = alignment.span_student[1]
+        inner_row[alignment.inner[0]] = alignment.inner[1]
+        inner_before = torch.full((rows, alignment.inner.shape[0] - 2), -1, dtype=torch.long, device=device)
+        inner_before[alignment.inner[0]] = alignment.inner[2:].T
+        span_last = torch.zeros(rows, dtype=torch.bool, device=device)
+        span_last[alignment.span_student[0]] = last_in_group(alignment.span_student[2])
+        return cls(teacher_row, boundary_row, start_row, inner_row, inner_before, span_token, span_last, span_weight)
+
+    def __getitem__(self, rows) -> _RowPlan:
+        """The plan of some rows (an index or a slice)."""
+        return _RowPlan(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
-def _span_term(student: _Rows, teacher: _Rows, alignment: Alignment, shared: SharedVocabulary, objective: Objective,
-               chunk: int):  # fmt: skip
-    """The span groups' term and, per student row, the weight of its factor's log-probability in its gradient.
+@dataclass(frozen=True)
+class _ChunkTeacher:
+    """What one chunk of student rows reads of the teacher: the chunk's row plan, and every teacher row it reads (after
+    the same text, inside a token, where a span starts) as logits, each projected once."""
+
+    rows: _RowPlan
+    read: torch.Tensor  # [r] the teacher rows read, sorted
+    logits: torch.Tensor | None  # [r, V_t]
+
+    def at(self, teacher_rows: torch.Tensor) -> torch.Tensor:
+        """``[m]`` teacher rows among those read -> their ``[m, V_t]`` logits."""
+        return self.logits[torch.searchsorted(self.read, teacher_rows)]
+
+
+def _teacher_source(teacher: LogitRows, row_plan: _RowPlan, uld: bool):
+    """The chunk driver's source: a slice of the student's target rows -> its :class:`_ChunkTeacher`."""
+
+    def chunk(rows: slice, _scratch) -> _ChunkTeacher:
+        part = row_plan[rows]
+        wanted = torch.cat([part.boundary_row, part.inner_row] + ([part.start_row] if uld else []))
+        read = torch.unique(wanted[wanted >= 0])  # sorted: looked up by searchsorted
+        return _ChunkTeacher(part, read, teacher.logits(read) if read.numel() else None)
+
+    return chunk
+
+
+class _Divergence:
+    """The chunk driver's divergence: a chunk's ``(exact + ULD term sum, CE sum, d(alpha-mix)/d(student logits),
+    {"shared_mass": sum})``, the gradient by autograd through the chunk's terms (:meth:`terms`)."""
+
+    def __init__(self, shared: SharedVocabulary, weights: CrossTokenizerWeights, device):
+        self.shared, self.weights = shared, weights
+        self.t_ids, self.segmentation = shared.teacher_ids.to(device), shared.segmentation.to(device)
+
+    def __call__(self, student, teacher: _ChunkTeacher, labels, plan: ChunkPlan, want_grad: bool, _scratch):
+        raw = student.detach().requires_grad_(want_grad)  # a leaf of its own over the chunk's buffer
+        with torch.set_grad_enabled(want_grad):
+            logits = finish_logits(raw, plan.student_logit_scale, plan.student_softcap)
+            divergence, ce, mass = self.terms(logits, teacher, labels, plan.objective)
+            mix = plan.objective.combine(divergence, ce)
+            grad = None
+            if want_grad:  # a chunk with nothing aligned and alpha = 1 has no term that reaches the student
+                grad = torch.autograd.grad(mix, raw)[0] if mix.requires_grad else torch.zeros_like(raw)
+        return divergence.detach(), ce.detach(), grad, {"shared_mass": mass}
+
+    def terms(self, s_logits: torch.Tensor, teacher: _ChunkTeacher, targets: torch.Tensor, objective: Objective):
+        """``(exact and ULD terms, CE, shared mass)`` sums of a chunk of target rows (``s_logits``: their student
+        logits ``[c, V_s]``; ``targets`` ``[c]``)."""
+        temperature, weights, part = objective.temperature, self.weights, teacher.rows
+        log_p_s = torch.log_softmax(s_logits, dim=-1)
+        ce = -log_p_s.gather(-1, targets.unsqueeze(-1)).sum()
+        exact = uld = mass = log_p_s.new_zeros(())
+        at_boundary = part.boundary_row >= 0
+        if at_boundary.any():  # both have read the same text: next-token distributions, the teacher's projected
+            with torch.no_grad():
+                t_logits = teacher.at(part.boundary_row[at_boundary])
+                t_projected, has = projected_log_probs(t_logits, self.segmentation[:, 0], s_logits.shape[-1],
+                                                       temperature)  # fmt: skip
+                paired = part.teacher_row[at_boundary] >= 0
+                mass = torch.softmax(t_logits[paired], -1)[:, self.t_ids].sum()  # on shared tokens, one-to-one targets
+            # the teacher side as "logits" whose log_softmax(x / T) is its projected distribution itself
+            exact = objective.divergence(s_logits[at_boundary][has], temperature * t_projected[has]).sum()
+        inside = part.inner_row >= 0
+        if inside.any():  # a target inside a teacher token: what the teacher's token says comes next
+            with torch.no_grad():
+                t_inner, has = inner_log_probs(teacher.at(part.inner_row[inside]), part.inner_before[inside],
+                                               self.segmentation, s_logits.shape[-1], temperature)  # fmt: skip
+            if has.any():
+                exact = exact + objective.divergence(s_logits[inside][has], temperature * t_inner[has]).sum()
+        in_span = part.span_token >= 0
+        if in_span.any():  # the span term's gradient: fixed weights on these factors' log-probs (see _span_term)
+            tokens = part.span_token[in_span]
+            factor = log_p_s[in_span].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            ends = part.span_last[in_span]
+            if ends.any():
+                ends_lp = last_log_probs(log_p_s[in_span][ends], tokens[ends], self.shared.student_extensions)
+                factor = factor.masked_scatter(ends, ends_lp)
+            weighted = (part.span_weight[in_span] * factor).sum()
+            exact = exact + weighted - weighted.detach()  # adds the gradient, not the value (the driver's offset)
+        starts = part.start_row >= 0
+        if weights.uld and starts.any():  # where a span group starts, both sides have read the same text
+            with torch.no_grad():
+                t_probs = torch.softmax(teacher.at(part.start_row[starts]) / temperature, dim=-1)
+            s_probs = log_p_s[starts].exp() if temperature == 1 else torch.softmax(s_logits[starts] / temperature, -1)
+            uld = uld_distance(s_probs, t_probs).sum()
+        return weights.exact * exact + weights.uld * uld, ce, mass.detach()
+
+
+def _span_term(student: LogitRows, teacher: LogitRows, alignment: Alignment, shared: SharedVocabulary,
+               objective: Objective, chunk: int):  # fmt: skip
+    """The span groups' term and, per flat student row, the weight of its factor's log-probability in its gradient.
 
     Each side's probability that the text goes on with the span's text: the chain rule over its tokens in the span,
     the last factor summed over every token whose text starts with the last token's (" s5 s3" goes on with " s5" as
     well as " s5" itself does; :func:`last_log_probs`). The term is a function of sums across chunks: it is evaluated
     here without a graph, and its derivative with respect to every factor becomes a fixed weight, so that the chunk
     pass adds the exact gradient while holding one chunk at a time."""
-    rows = student.rows.shape[0]
-    weight = torch.zeros(rows, device=student.rows.device, dtype=torch.promote_types(student.rows.dtype, torch.float32))
+    weight = torch.zeros(student.rows.shape[0], device=student.rows.device, dtype=student.dtype)
     groups = alignment.span_starts.shape[1]
     if not groups:
         return student.rows.new_zeros((), dtype=torch.float32), weight
@@ -371,7 +361,7 @@ def last_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, extensions: Ex
     return torch.logsumexp(ranked.masked_fill(~inside, -torch.inf), dim=-1)
 
 
-def _factor_log_probs(side: _Rows, rows: torch.Tensor, tokens: torch.Tensor, last: torch.Tensor,
+def _factor_log_probs(side: LogitRows, rows: torch.Tensor, tokens: torch.Tensor, last: torch.Tensor,
                       extensions: Extensions, chunk: int) -> torch.Tensor:  # fmt: skip
     """``[M]`` each span token's factor at its row (T = 1): log p(token), or for the last of a span
     :func:`last_log_probs`; ``chunk`` rows at a time, without a graph."""
