@@ -19,7 +19,7 @@ import torch
 import yaml
 from conftest import load_model, variable_length_examples
 from test_cli import prompt_completion_rows, write_jsonl
-from test_trainer import make_args, state_hash
+from test_trainer import make_args
 
 pytest.importorskip("aiohttp", reason="the teacher server needs aiohttp (the serve extra)")
 
@@ -58,7 +58,8 @@ def batch_of(rows):
 @pytest.mark.parametrize("chunk", [0, 8])
 def test_a_served_teacher_trains_the_student_exactly_as_the_local_teacher(tmp_path, tiny_dir, chunk):
     """Two optimizer steps (GA 2) from the same start: the student's weights after training with the teacher in
-    another process equal those after training with it in this one (the fused path: bit for bit)."""
+    another process equal those after training with it in this one (to float32 rounding: the server may batch the
+    step's two requests into one forward of another shape)."""
     from datasets import Dataset
 
     data = Dataset.from_list(variable_length_examples(16, seed=5))
@@ -72,12 +73,12 @@ def test_a_served_teacher_trains_the_student_exactly_as_the_local_teacher(tmp_pa
             trainer = DistillationTrainer(model=student, args=args, train_dataset=data,
                                           teacher_model=load_model(tiny_dir["teacher"]) if teacher == "local" else None)
             trainer.train()
-            hashes.append(state_hash(student))
+            hashes.append([p.detach().clone() for p in student.parameters()])
             losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
         assert server.requests == 4  # every micro-batch of the served run went through the server
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
-    if chunk:
-        assert hashes[0] == hashes[1]
+    for a, b in zip(*hashes):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_the_server_refuses_bad_requests_and_wrong_tokens(tmp_path, tiny_dir):

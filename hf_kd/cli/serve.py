@@ -29,6 +29,9 @@ def run_serve_teacher(args) -> int:
             init_kwargs["dtype"] = teacher.dtype
     if args.dtype is not None:
         init_kwargs["dtype"] = args.dtype
+    if args.token_file is None and not _loopback(args.host):
+        raise RecipeError(args.model, "--token-file", f"serving on {args.host} (beyond this machine) needs a token: "
+                          "write one to a file and pass --token-file FILE (clients set teacher.token_file)")  # fmt: skip
     token = None
     if args.token_file is not None:
         if not os.path.isfile(args.token_file):
@@ -41,6 +44,17 @@ def run_serve_teacher(args) -> int:
     print(f"serving {name} at http://{args.host}:{args.port} (hidden states; Ctrl-C stops)", file=sys.stderr, flush=True)
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
     return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _tokenizer_hash(name: str) -> str | None:

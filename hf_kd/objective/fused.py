@@ -188,7 +188,9 @@ def fused_objective(
     if plan.need_ce:
         check_label_ids(flat_labels, vocab, objective.ignore_index)
     # alpha = 0 and nothing logged: the teacher is never read (a hidden teacher's weight is not even cast)
-    teacher_chunk = SOURCES[type(teacher)](teacher, keep, plan) if plan.need_divergence else None
+    # a signal of its own kind (several teachers' mixture) brings its own source of chunk rows
+    make_source = SOURCES.get(type(teacher)) or type(teacher).chunk_source
+    teacher_chunk = make_source(teacher, keep, plan) if plan.need_divergence else None
     divergence = _forward_kl_closed_form if _closed_form_applies(plan) else _autograd_divergence
     # Normalization exactly as in distillation_loss: sum over valid positions / (num_items_in_batch or count).
     denominator = normalizer(s_hidden.shape[0], num_items_in_batch, device=s_hidden.device, dtype=dtype)
@@ -263,6 +265,8 @@ def check_teacher(teacher, student_hidden: torch.Tensor, objective: Objective) -
             raise ValueError(f"teacher_logits {tuple(teacher.logits.shape)} must be floating point [..., vocab]")
         _same_positions(student_hidden, "teacher_logits", teacher.logits)
         return "teacher_logits", teacher.logits.shape[-1]
+    if hasattr(teacher, "check_against"):  # a signal of its own kind checks itself
+        return teacher.check_against(student_hidden, objective)
     if isinstance(teacher, TeacherTopK):
         sparse_weights(objective.weights)  # refuses mse: the cache holds no raw logits
         check_cache_shapes(student_hidden.shape[:-1], teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob)

@@ -128,7 +128,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(raw, dict):
         raise RecipeError(path, "recipe", "expected a mapping with teacher, student, data and training sections")
     raw = _with_overrides(raw, section_overrides)
-    reject_unknown(path, "", raw, ("teacher", "student", "data", "training", "peft"))
+    reject_unknown(path, "", raw, ("teacher", "teachers", "student", "data", "training", "peft"))
+    if "teachers" in raw:
+        raw = {**raw, "teacher": _mixture_section(path, raw)}
     for name in ("teacher", "student", "data"):
         if name not in raw:
             raise RecipeError(path, name, "required section missing")
@@ -179,6 +181,35 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise RecipeError(path, "teacher.name_or_path", "'self' (the student's base model, adapters disabled) needs a "
                                                          "peft section: without adapters teacher and student are one model")  # fmt: skip
     return recipe
+
+
+def _mixture_section(path: str, raw: dict) -> dict:
+    """``teachers: [{..., weight: w}, ...]`` -> the teacher section of a ``mixture`` teacher (each member checked as a
+    teacher section of its own)."""
+    if "teacher" in raw:
+        raise RecipeError(path, "teachers", "give either teacher (one) or teachers (several), not both")
+    members = raw["teachers"]
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+        raise RecipeError(path, "teachers", "expected a list of two teacher sections or more")
+    sections, weights = [], []
+    for index, member in enumerate(members):
+        member = dict(member)
+        weights.append(member.pop("weight", 1.0))
+        if not isinstance(weights[-1], (int, float)) or isinstance(weights[-1], bool) or weights[-1] < 0:
+            raise RecipeError(path, f"teachers[{index}].weight", f"must be a number >= 0, got {weights[-1]!r}")
+        if member.get("url") and "name_or_path" not in member:
+            member["name_or_path"] = member["url"]
+        section = section_of(path, f"teachers[{index}]", member, ModelSection)
+        check_model(path, "teacher", section)
+        spec = {k: v for k, v in dataclasses.asdict(section).items() if v not in (None, {})}
+        if "dtype" in spec:  # as for one teacher: a from_pretrained keyword
+            spec["init_kwargs"] = {**spec.get("init_kwargs", {}), "dtype": spec.pop("dtype")}
+        if loads_teacher_model(section) and section.name_or_path != "self":
+            spec.setdefault("tokenizer", section.name_or_path)  # the teacher's own, as for one teacher
+        sections.append(spec)
+    if sum(weights) == 0:
+        raise RecipeError(path, "teachers", "every weight is 0")
+    return {"name_or_path": "mixture", "kind": "mixture", "options": {"teachers": sections, "weights": weights}}
 
 
 def _with_overrides(raw: dict, overrides: dict[str, dict[str, str]]) -> dict:

@@ -1,8 +1,9 @@
 """The kinds of teacher behind one interface (:mod:`hf_kd.teachers.registry`), one module each: ``model``,
-``own_base`` (``self``), ``cache/``, ``cross_tokenizer/``, ``served/`` (a teacher in another process). Importing this package registers the built-in kinds."""
+``own_base`` (``self``), ``cache/``, ``cross_tokenizer/``, ``served/`` (a teacher in another process), ``mixture`` (several at once). Importing this package registers the built-in kinds."""
 
 from hf_kd.teachers.cache.teacher import CachedTeacher
 from hf_kd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
+from hf_kd.teachers.mixture import MixtureTeacher
 from hf_kd.teachers.model import ModelTeacher, shared_vocab_size
 from hf_kd.teachers.own_base import SelfTeacher
 from hf_kd.teachers.served.teacher import ServedTeacher
@@ -12,6 +13,7 @@ __all__ = [
     "TEACHERS",
     "CachedTeacher",
     "CrossTokenizerTeacher",
+    "MixtureTeacher",
     "ModelTeacher",
     "SelfTeacher",
     "ServedTeacher",

@@ -9,7 +9,8 @@ object, never the kind.
 
 Built-in kinds: ``model`` (a frozen model; another tokenizer makes it ``cross_tokenizer``), ``self`` (the student's
 base model, adapters off), ``cache`` (top-k log-probabilities on disk), ``cross_tokenizer``, ``served`` (a teacher
-in another process, ``hf-kd serve-teacher``, answering with hidden states).
+in another process, ``hf-kd serve-teacher``, answering with hidden states), ``mixture`` (several teachers, their
+distributions mixed per token).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Teacher:
 
     def prefetch(self, batch) -> None:
         """Called when a training micro-batch exists, before the student's forward: a teacher in another process may
-        send its request now and leave the answer on ``batch.teacher_answer`` for :meth:`run`."""
+        send its request now and leave the answer in ``batch.teacher_answers[id(self)]`` for :meth:`run`."""
 
     def run(self, inputs: Mapping[str, Any], forward: Forward, targets: torch.Tensor | None):
         """The teacher's view of a batch, without a graph: model outputs (``logits``, and ``final_hidden_state`` on

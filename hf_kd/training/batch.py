@@ -18,7 +18,7 @@ class Batch(Mapping):
 
     def __init__(self, tensors: Mapping[str, Any], targets: torch.Tensor | None, count: torch.Tensor):
         self.tensors, self.targets, self.count = dict(tensors), targets, count
-        self.teacher_answer = None  # what a teacher asked for this batch ahead of the loss (Teacher.prefetch)
+        self.teacher_answers: dict = {}  # what teachers asked for this batch ahead of the loss (Teacher.prefetch)
 
     @classmethod
     def of(cls, inputs: Mapping[str, Any], task: Task) -> Batch:
@@ -38,7 +38,7 @@ class Batch(Mapping):
         """This batch with ``tensors`` (its own, moved by the Trainer) and its targets on ``device``."""
         targets = None if self.targets is None else self.targets.to(device)
         moved = Batch(tensors, targets, self.count.to(device))
-        moved.teacher_answer = self.teacher_answer
+        moved.teacher_answers = self.teacher_answers
         return moved
 
     def __getitem__(self, key: str) -> Any:

@@ -162,7 +162,8 @@ class HiddenStateServer:
             return self._refusal(503, "the queue is full; retry", **{"Retry-After": "1"})
         hidden = await pending.answer
         self.requests += 1
-        return web.Response(body=pack({"hidden": hidden}), content_type="application/octet-stream")
+        return web.Response(body=pack({"hidden": hidden}), content_type="application/octet-stream",
+                            headers={"X-Head-Hash": self.head_hash})  # fmt: skip
 
     # ---- the worker: batches what waits, one forward at a time ---------------------------------------------------
 

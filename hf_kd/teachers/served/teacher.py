@@ -28,20 +28,34 @@ logger = logging.getLogger(__name__)
 RETRIES = 5  # a busy (503) or unreachable server is retried this often, 1, 2, 4, ... s apart
 
 
+class TeacherUnavailable(RuntimeError):
+    """The teacher server failed during training (unreachable after every retry, or now serving another model): the
+    run stops at this step; nothing of the step is applied."""
+
+
 class TeacherClient:
     """The HTTP side: ``/info``, ``/head`` and ``/hidden`` of a teacher server, with the token and retries."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0):
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+        self.head_hash: str | None = None  # set by head(): every answer must come from that head's model
 
     def _call(self, path: str, body: bytes | None = None) -> bytes:
+        data, headers = self._exchange(path, body)
+        sent = headers.get("X-Head-Hash")
+        if path.startswith("/hidden") and self.head_hash is not None and sent != self.head_hash:
+            raise TeacherUnavailable(f"teacher server {self.url} now serves another model (its head changed); "
+                                     "restart it with the teacher this run started with")  # fmt: skip
+        return data
+
+    def _exchange(self, path: str, body: bytes | None) -> tuple[bytes, dict]:
         request = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
         if self.token is not None:
             request.add_header(TOKEN_HEADER, f"Bearer {self.token}")
         for attempt in range(RETRIES + 1):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
+                    return response.read(), dict(response.headers)
             except urllib.error.HTTPError as err:
                 message = err.read().decode(errors="replace")
                 if err.code != 503 or attempt == RETRIES:
@@ -67,6 +81,7 @@ class TeacherClient:
         data = self._call("/head")
         if digest(data) != expected_hash:
             raise SetupError("teacher_options", f"teacher server {self.url}: the head changed since /info; restart")
+        self.head_hash = expected_hash
         tensors, metadata = unpack(data), head_metadata(data)
         return LMHeadSpec(tensors["weight"], tensors.get("bias"), json.loads(metadata["softcap"]),
                           json.loads(metadata["logit_scale"]))  # fmt: skip
@@ -124,15 +139,18 @@ class ServedTeacher(Teacher):
 
     def prefetch(self, batch) -> None:
         """Send the batch's ids now: the answer arrives while the student runs its forward."""
-        batch.teacher_answer = self._pool.submit(self._ask, batch["input_ids"], batch.get("attention_mask"))
+        batch.teacher_answers[id(self)] = self._pool.submit(self._ask, batch["input_ids"], batch.get("attention_mask"))
 
     def _ask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         return self.client.hidden(input_ids.cpu(), mask.cpu(), self.dtype)
 
     def run(self, inputs, forward, targets):
-        answer: Future | None = getattr(inputs, "teacher_answer", None)
-        hidden = answer.result() if answer is not None else self._ask(inputs["input_ids"], inputs.get("attention_mask"))
+        answer: Future | None = getattr(inputs, "teacher_answers", {}).pop(id(self), None)
+        try:
+            hidden = answer.result() if answer is not None else self._ask(inputs["input_ids"], inputs.get("attention_mask"))
+        except SetupError as err:  # at setup a refusal; in training the step cannot be computed: the run stops
+            raise TeacherUnavailable(err.problem) from None
         device = inputs["input_ids"].device
         if str(device) not in self._heads_on:
             head = self.head
