@@ -106,6 +106,25 @@ def test_saved_student_carries_a_card_of_its_training(tmp_path, tiny_dir, tokeni
     assert "## Recipe" in text and "org/tiny-data" in text and "hf_SECRET" not in text
 
 
+def test_a_student_of_a_teacher_with_another_tokenizer_says_so(tmp_path, tiny_dir, tokenizer):
+    """The card records cross-tokenizer distillation: the teacher's tokenizer, the shared vocabulary, and how the
+    first training examples aligned at setup."""
+    from test_cross_tokenizer import permuted_wordlevel
+
+    perm_dir, _ = permuted_wordlevel(tmp_path / "perm_tok", seed=3)
+    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=tiny_dir["teacher"],
+                                  args=make_args(tmp_path, max_steps=1, teacher_tokenizer_name_or_path=perm_dir),
+                                  train_dataset=Dataset.from_list(variable_length_examples(8, seed=1)),
+                                  processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert f"| teacher tokenizer (cross-tokenizer) | {perm_dir} |" in text
+    assert "| shared vocabulary | 40 tokens (100.0% of the student's) |" in text
+    assert ("| alignment at setup | of the target positions of the first 8 training examples, 100.0% align one to one, "
+            "0.0% in merged spans, the rest with nothing (CE only) |") in text  # fmt: skip
+
+
 def test_push_to_hub_uploads_the_student_and_its_card(tmp_path, tiny_dir, tokenizer, monkeypatch):
     """Everything up to the network: the repo created, the folder and files uploaded, the card they carry."""
     uploads = []

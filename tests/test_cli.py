@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -277,7 +278,66 @@ def test_ctrl_c_says_how_to_resume(tmp_path, tiny_dir, files, capsys, monkeypatc
     code, _, err = run(["train", path], capsys)
     assert code == 130 and "Traceback" not in err
     assert err.strip() == (f"interrupted: the last checkpoint is {tmp_path / 'out' / 'checkpoint-2'}; resume with: "
-                           f"hf-kd train {path} --resume_from_checkpoint true")  # fmt: skip
+                           f"hf-kd train {tmp_path / 'out' / 'hf_kd_recipe.yaml'} --resume_from_checkpoint true")  # fmt: skip
+
+
+def test_the_printed_resume_command_resumes_the_run_as_started(tmp_path, tiny_dir, files, capsys, monkeypatch):
+    """Overrides on the command line (another output_dir, more steps, fewer samples) are part of the run: the resume
+    command printed on Ctrl-C reproduces them, from any working directory, and continues from the checkpoint."""
+    from hf_kd.training.trainer import DistillationTrainer
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]})  # max_steps 2, no checkpoints
+    out = tmp_path / "run 2"  # a space: the printed command quotes it
+    steps, interrupt_at = [], [2]
+    training_step = DistillationTrainer.training_step
+
+    def counted(self, *args, **kwargs):
+        if self.state.global_step in interrupt_at:  # after checkpoint-2 was written: Ctrl-C
+            raise KeyboardInterrupt
+        steps.append(self.state.global_step)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationTrainer, "training_step", counted)
+    code, _, err = run(["train", path, "--output_dir", out, "--max_steps", "4", "--save_strategy", "steps",
+                        "--save_steps", "2", "--data.max_samples", "16", "--hub_token", "hf_SECRET"], capsys)  # fmt: skip
+    assert code == 130 and steps == [0, 1], err
+    saved = (out / "hf_kd_recipe.yaml").read_text()  # output_dir is what push_to_hub uploads: no secret in it
+    assert "hf_SECRET" not in saved and "# Left out (secrets): training.hub_token;" in saved
+    hint = err.strip().splitlines()[-1]
+    assert hint.startswith(f"interrupted: the last checkpoint is {out / 'checkpoint-2'}; resume with: hf-kd train ")
+    argv = shlex.split(hint.split("resume with: ", 1)[1])
+    assert argv[:2] == ["hf-kd", "train"]
+
+    steps.clear()
+    interrupt_at.clear()
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = run(argv[1:], capsys)
+    assert code == 0, err
+    assert steps == [2, 3]  # resumed after step 2, up to the command line's max_steps 4
+    marker = read_marker(out)
+    assert marker["global_step"] == 4 and marker["resolved_recipe"]["data"]["max_samples"] == 16
+    assert not os.path.exists(tmp_path / "out")  # the recipe's own output_dir was never used
+
+
+def test_an_interrupt_line_starts_on_a_line_of_its_own(tmp_path, tiny_dir, files, capsys, monkeypatch):
+    """Ctrl-C leaves the training bar open (no on_train_end): the interrupted line must not continue the bar's."""
+    from tqdm.auto import tqdm
+
+    import hf_kd.cli.train
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]})
+
+    def interrupted(recipe, overwrite=False):
+        bar = tqdm(total=4)
+        bar.update(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_kd.cli.train, "run_train", interrupted)
+    code, _, err = run(["train", path], capsys)
+    assert code == 130
+    line = next(line for line in err.split("\n") if "interrupted" in line)
+    assert line.startswith("interrupted before the first checkpoint"), repr(line)
 
 
 def test_output_dir_that_is_a_models_own_directory_is_refused(tmp_path, tiny_dir, files, capsys):
@@ -395,6 +455,25 @@ def test_a_cpu_run_is_quiet_and_logs_tokens_per_second(tmp_path, tiny_dir, files
     assert read_marker(tmp_path / "out")["metrics"]["train"]["train_target_tokens_per_second"] > 0
 
 
+def test_a_clean_run_prints_no_deepspeed_line_and_no_future_warning(tmp_path, tiny_dir, files):
+    """In a fresh process (the warnings and loggers of a first import): a LoRA run without DeepSpeed prints neither
+    DeepSpeed's accelerator line (accelerate imports deepspeed whenever it is installed, and on a machine without a
+    GPU it says it found none) nor PEFT's FutureWarning about a renamed transformers property."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, disable_tqdm=False)
+    with open(path) as f:
+        recipe = yaml.safe_load(f)
+    recipe["peft"] = {"r": 4, "lora_alpha": 8}
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    done = subprocess.run([sys.executable, "-m", "hf_kd", "train", path], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for printed in (done.stderr, done.stdout):  # DeepSpeed's logger writes to stdout
+        assert "DeepSpeed" not in printed and "deepspeed" not in printed, printed
+        assert "FutureWarning" not in printed, printed
+    assert read_marker(tmp_path / "out")["global_step"] == 2
+
+
 def test_cpu_threads_default_to_one_unless_omp_num_threads_says(monkeypatch):
     from types import SimpleNamespace
 
@@ -490,7 +569,8 @@ def test_check_offline_hub_recipe_says_what_it_could_not_check(tmp_path, capsys,
     path.write_text("teacher: {name_or_path: hf-kd-test/no-such-teacher}\nstudent: {name_or_path: hf-kd-test/no-such-student}\n"
                     "data: {dataset: hf-kd-test/no-such-data}\ntraining: {output_dir: out, bf16: true}\n")  # fmt: skip
     code, out, err = run(["check", path], capsys)
-    assert code == 0, err
+    gpu = torch.cuda.is_available()  # without one, bf16: true is what train would refuse here
+    assert code == (0 if gpu else 1), err
     assert "Traceback" not in err
     unchecked = [line for line in out.splitlines() if line.startswith("not checked: ")]
     assert [line.split(" (")[0] for line in unchecked] == [
@@ -498,7 +578,43 @@ def test_check_offline_hub_recipe_says_what_it_could_not_check(tmp_path, capsys,
         "not checked: student tokenizer", "not checked: memory estimate: needs both configs",
     ]  # fmt: skip
     assert "HF_HUB_OFFLINE is set" in unchecked[0]
-    assert out.rstrip().splitlines()[-1] == "verdict: ok, no problem found; 5 thing(s) not checked (listed above)"
+    assert out.rstrip().splitlines()[-1] == ("verdict: ok, no problem found" if gpu else "verdict: FAIL: hf-kd train "
+                                             "would refuse this recipe (training.bf16)") + "; 5 thing(s) not checked (listed above)"
+
+
+def test_check_refuses_what_train_refuses_before_loading(tmp_path, tiny_dir, files, capsys):
+    """The refusals `hf-kd train` makes before loading a weight are check's FAIL lines (exit 1): an output_dir train
+    would not write to, and hardware settings this machine cannot run (with what to change to run them here)."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]})
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / COMPLETE_MARKER).write_text("{}")
+    code, out, _ = run(["check", path], capsys)
+    assert code == 1, out
+    assert f"FAIL training.output_dir: {tmp_path / 'out'} already holds a finished run ({COMPLETE_MARKER})" in out
+    assert out.rstrip().splitlines()[-1] == "verdict: FAIL: hf-kd train would refuse this recipe (training.output_dir)"
+    code, _, err = run(["train", path], capsys)
+    assert code == 2 and "training.output_dir: " in err and "already holds a finished run" in err
+
+    unfinished = tmp_path / "unfinished"
+    os.makedirs(unfinished / "checkpoint-1")
+    code, out, _ = run(["check", path, "--output_dir", unfinished], capsys)
+    assert code == 1 and f"FAIL training.output_dir: {unfinished} holds checkpoints of an unfinished run" in out
+    code, out, _ = run(["check", path, "--output_dir", unfinished, "--resume_from_checkpoint", "true"], capsys)
+    assert code == 0 and out.rstrip().splitlines()[-1] == "verdict: ok, no problem found", out
+    code, out, _ = run(["check", path, "--output_dir", tmp_path / "new", "--resume_from_checkpoint", "true"], capsys)
+    assert code == 1 and "FAIL training.resume_from_checkpoint: no checkpoint-* in " in out
+
+    if not torch.cuda.is_available():
+        code, out, _ = run(["check", path, "--output_dir", tmp_path / "new", "--bf16", "true", "--use_cpu", "false"],
+                           capsys)  # fmt: skip
+        assert code == 1, out
+        assert ("FAIL training.bf16: this machine cannot train in bf16 (no GPU with bf16 support); set bf16: false "
+                "(--bf16 false); a machine with such a GPU runs it as written") in out
+        assert out.rstrip().splitlines()[-1] == "verdict: FAIL: hf-kd train would refuse this recipe (training.bf16)"
+        code, _, err = run(["train", path, "--output_dir", tmp_path / "new", "--bf16", "true", "--use_cpu", "false"],
+                           capsys)  # fmt: skip
+        assert code == 2 and "training.bf16: this machine cannot train in bf16" in err
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_check_without_a_network_does_not_wait_for_the_hub(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SPECIALS, WORDS, load_model, save_tiny_llama
+from conftest import SPECIALS, WORDS, load_model, save_tiny_llama, variable_length_examples
 from datasets import Dataset
 from test_trainer import make_args
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -200,6 +200,26 @@ def test_permuted_vocabulary_equals_same_tokenizer_path(tmp_path, tiny_dir, toke
     assert float(terms_b["shared_mass"]) == pytest.approx(1.0, rel=1e-5)  # every token shared
     for a, b in zip(grads_a, grads_b):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_teacher_with_another_tokenizer_is_announced_in_one_warning(tmp_path, tiny_dir, tokenizer, caplog):
+    """Switching to cross-tokenizer distillation is never silent: one WARNING (shown without any logging setup) that
+    names both tokenizers, the shared vocabulary and how the first training examples align."""
+    import logging
+
+    perm_dir, _ = permuted_wordlevel(tmp_path / "perm_tok", seed=3)
+    rows = variable_length_examples(8, seed=1)
+    with caplog.at_level(logging.WARNING):
+        DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=tiny_dir["teacher"],
+                            args=make_args(tmp_path, teacher_tokenizer_name_or_path=perm_dir), processing_class=tokenizer,
+                            train_dataset=Dataset.from_list(rows))  # fmt: skip
+    records = [r for r in caplog.records if "cross-tokenizer" in r.getMessage()]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert records[0].getMessage() == (
+        f"cross-tokenizer distillation: the teacher's tokenizer ({perm_dir}, 40 tokens) is not the student's "
+        f"({tiny_dir['tokenizer']}, 40 tokens); 40 tokens are shared (100.0% of the student's); of the target positions "
+        "of the first 8 training examples, 100.0% align one to one, 0.0% in merged spans, the rest with nothing (CE only)"
+    )  # fmt: skip
 
 
 def test_cross_tokenizer_pair_trains_and_held_out_kl_falls(tmp_path, byte_pair):

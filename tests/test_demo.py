@@ -11,7 +11,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd.cli import main
-from hf_kd.cli.demo import IMPOSSIBLE_NATS, OBJECTIVES, SPECIALS, Settings, make_chain, process_nll, sample, sample_quality
+from hf_kd.cli.demo import (
+    IMPOSSIBLE_NATS,
+    OBJECTIVES,
+    SPECIALS,
+    Settings,
+    make_chain,
+    plot,
+    process_nll,
+    sample,
+    sample_quality,
+)
 
 
 def test_fast_demo_end_to_end(tmp_path, capsys):
@@ -107,3 +117,26 @@ def test_sample_nll_can_beat_the_entropy():
     assert own["impossible"] == sharp["impossible"] == 0
     assert own["nll"] == pytest.approx(entropy[seqs[:, :-2], seqs[:, 1:-1]].mean().item(), abs=0.03)  # ~ its entropy
     assert sharp["nll"] == pytest.approx(sharp["mode_bound"]) and sharp["nll"] < own["nll"] - 0.3
+
+
+def test_the_plot_shows_the_range_where_the_students_differ(tmp_path, monkeypatch):
+    """The first evaluations sit near 16 while the students end between 4.5 and 6: the axis runs from the floor to a
+    bit above the worst final value, and the floor and teacher lines are labelled on the picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {"CE only": [(10, 16.0), (20, 6.4), (30, 5.9)], "forward KL": [(10, 15.0), (20, 4.9), (30, 4.6)],
+              "reverse KL": [(10, 15.5), (20, 5.0), (30, 4.7)]}  # fmt: skip
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    assert plot(curves, 4.3, 4.5, str(tmp_path / "p.png")) == f"plot: {tmp_path / 'p.png'}"
+    ax = figures[0].axes[0]
+    low, high = ax.get_ylim()
+    assert low == pytest.approx(4.3 - 0.05 * 1.6) and high == pytest.approx(5.9 + 0.25 * 1.6)  # the range is 4.3 - 5.9
+    texts = [t.get_text() for t in ax.texts]
+    assert "true process (floor) 4.300" in texts and "teacher 4.500" in texts
+    assert ax.get_title().endswith("(the first evaluations lie above, up to 16.0)")
+    close(figures[0])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

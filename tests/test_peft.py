@@ -169,6 +169,33 @@ def test_lora_student_trains_only_adapters_and_saves_them(tmp_path, tiny_dir, ba
     torch.testing.assert_close(logits(loaded, batch), trained, rtol=0, atol=1e-6)
 
 
+def test_adapters_of_a_student_given_by_a_relative_path_load_from_anywhere(tmp_path, tiny_dir, batch, monkeypatch):
+    """PEFT records the student's name_or_path as the adapters' base model: a relative one (``./student``) would
+    only resolve from the directory training ran in."""
+    import json
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+
+    shutil.copytree(tiny_dir["student"], tmp_path / "run" / "student")
+    monkeypatch.chdir(tmp_path / "run")
+    student = AutoModelForCausalLM.from_pretrained("./student", dtype=torch.float32)
+    args = make_args(tmp_path, max_steps=2, optim="adamw_torch", learning_rate=1e-2)
+    trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), peft_config=lora(),
+                                  args=args, train_dataset=Dataset.from_list(variable_length_examples(8, seed=4)))
+    trainer.train()
+    trainer.save_model()
+    trained = logits(trainer.model.eval(), batch)
+    out = tmp_path / "out"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "run" / "student")
+
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(loaded, batch), trained, rtol=0, atol=1e-6)
+
+
 def test_save_merged_copies_and_leaves_the_trained_model_alone(tmp_path, tiny_dir, batch):
     trainer = _trained(tmp_path, tiny_dir, lora(target_modules=["q_proj", "v_proj", "down_proj"]), save_merged=True,
                        save_strategy="steps", save_steps=2)

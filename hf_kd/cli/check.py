@@ -3,7 +3,9 @@
 Everything is read from configs and tokenizers (local paths, the Hub cache, or the Hub when online); no weights are
 downloaded. Whatever cannot be reached is reported as not checked, never as a failure. Without a network (one
 2-second connection attempt to the Hub decides) only local files and the cache are read, as with HF_HUB_OFFLINE=1.
-The last line is the verdict: whether `hf-kd train` would refuse the recipe, and what was not checked.
+The refusals `hf-kd train` makes before loading anything are made here too, on this machine: hardware settings it
+cannot run (bf16 without a GPU) and an output directory train would not write to. The last line is the verdict: whether
+`hf-kd train` would refuse the recipe, and what was not checked.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-
-import torch
 
 from hf_kd.models.adapters import SELF_TEACHER
 from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
@@ -126,8 +126,7 @@ def check_recipe(recipe: Recipe) -> Report:
     report = Report()
     args = recipe.training_args(check_hardware=False)
     report.add(f"recipe {recipe.path}: valid")
-    if any(recipe.training.get(k) for k in ("bf16", "fp16", "tf32")) and not torch.cuda.is_available():
-        report.add("note: training asks for bf16/fp16/tf32, which this machine (no CUDA) cannot run; the GPU machine can")
+    _check_refusals(recipe, args, report)
 
     found: dict[str, Found] = {}
     for role, section in (("teacher", recipe.teacher), ("student", recipe.student)):
@@ -221,6 +220,26 @@ def check_recipe(recipe: Recipe) -> Report:
     else:
         report.unchecked.append("memory estimate: needs both configs")
     return report
+
+
+def _check_refusals(recipe: Recipe, args, report: Report) -> None:
+    """What `hf-kd train` refuses before it loads a tokenizer or a weight, on this machine: the hardware settings
+    (bf16/fp16/tf32 without a GPU that has them) and the output directory (a finished run, an unfinished one not
+    resumed, a resume without checkpoints). `check` has no --overwrite_output_dir: it checks the run as `train`
+    would start it without one."""
+    from hf_kd.cli.train import check_output_dir, resume_target
+    from hf_kd.recipe.schema import HARDWARE_FIELDS, RecipeError
+
+    try:
+        recipe.training_args(check_hardware=True)
+    except RecipeError as err:
+        field = err.key.removeprefix("training.")
+        where = "; a machine with such a GPU runs it as written" if field in HARDWARE_FIELDS else ""
+        report.fail(f"{err.key}: {err.problem}{where}")
+    try:
+        check_output_dir(recipe, args, resume_target(args.resume_from_checkpoint), overwrite=False)
+    except RecipeError as err:
+        report.fail(f"{err.key}: {err.problem}")
 
 
 SAMPLE_SIZE = 256  # examples read for the data checks (or tokenizer_check_samples, if more)

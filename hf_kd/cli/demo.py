@@ -291,6 +291,17 @@ def format_table(rows: list[dict], entropy: float, s: Settings) -> str:
     return "\n".join(lines + [textwrap.fill(note, width=len(header)) for note in notes])
 
 
+def y_range(curves: dict, floor: float, teacher: float) -> tuple[float, float]:
+    """The perplexity axis of the picture: from just below the floor (or the lowest point) to a quarter of the range
+    above the worst final value of a student (or the teacher). That is where the objectives differ; the first
+    evaluations, near the vocabulary size, lie above it (a linear axis up to them squashed the students into a sliver)."""
+    finals = [points[-1][1] for points in curves.values() if points]
+    bottom = min([floor, teacher, *(ppl for points in curves.values() for _, ppl in points)])
+    top = max([teacher, *finals])
+    span = max(top - bottom, 0.01 * top)  # flat curves still get a visible band
+    return bottom - 0.05 * span, top + 0.25 * span
+
+
 def plot(curves: dict, floor: float, teacher: float, path: str) -> str:
     try:
         import matplotlib
@@ -299,15 +310,23 @@ def plot(curves: dict, floor: float, teacher: float, path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "plot: matplotlib is not installed, no PNG written (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for name, points in curves.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.axhline(floor, color="k", linestyle="--", label="true process (floor)")
-    ax.axhline(teacher, color="gray", linestyle=":", label="teacher")
+    low, high = y_range(curves, floor, teacher)
+    for value, text, style in ((floor, "true process (floor)", dict(color="k", linestyle="--")),
+                               (teacher, "teacher", dict(color="gray", linestyle=":"))):  # fmt: skip
+        ax.axhline(value, label=text, **style)
+        # the line's name on it, at the left edge (the students reach these levels last, at the right)
+        ax.text(0.01, value, f"{text} {value:.3f}", transform=ax.get_yaxis_transform(), ha="left", va="bottom",
+                fontsize=8, color=style["color"])  # fmt: skip
+    ax.set_ylim(low, high)
+    highest = max((ppl for points in curves.values() for _, ppl in points), default=high)
+    cut = f"\n(the first evaluations lie above, up to {highest:.1f})" if highest > high else ""
     ax.set_xlabel("student step")
     ax.set_ylabel("validation perplexity")
-    ax.set_title("hf-kd demo: equal-budget students")
-    ax.legend()
+    ax.set_title(f"hf-kd demo: equal-budget students{cut}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: the curves stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

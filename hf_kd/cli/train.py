@@ -7,14 +7,20 @@ import glob
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
+
+import yaml
 
 from hf_kd.cli import COMPLETE_MARKER, OUTPUT_DIR_HELP  # noqa: F401
 from hf_kd.recipe.recipe import Recipe, RecipeError, loads_teacher_model
 
 logger = logging.getLogger("hf_kd")
+# output_dir/RESOLVED_RECIPE: the recipe as this run started it (every command-line override applied), written when
+# training starts; `hf-kd train <it> --resume_from_checkpoint true` continues the run from any working directory
+RESOLVED_RECIPE = "hf_kd_recipe.yaml"
 
 
 def _checkpoints(output_dir: str) -> list[str]:
@@ -22,7 +28,7 @@ def _checkpoints(output_dir: str) -> list[str]:
     return sorted((p for p in found if p.rsplit("-", 1)[-1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
-def _resume_target(value: str | None) -> str | bool | None:
+def resume_target(value: str | None) -> str | bool | None:
     """``resume_from_checkpoint``: ``true`` resumes from the last checkpoint in output_dir, a path from that one."""
     if value is None or str(value).lower() in ("", "false", "no", "none"):
         return None
@@ -64,6 +70,58 @@ def clear_previous_run(args) -> None:
                 os.remove(os.path.join(out, COMPLETE_MARKER))
             for path in _checkpoints(out):
                 shutil.rmtree(path)
+
+
+def _absolute(value):
+    """A local path made absolute (the run's working directory no longer matters); anything else (a Hub id, "self",
+    None, a teacher kind's own name) as it was."""
+    if isinstance(value, str) and value and value != "self" and os.path.exists(os.path.expanduser(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def _without_secrets(value, where: str, dropped: list[str]):
+    """``value`` without the keys the model card never publishes (hub_token, api_key, ...); their dotted names are
+    appended to ``dropped``."""
+    from hf_kd.training.card import is_secret_key
+
+    if isinstance(value, dict):
+        dropped += [f"{where}{key}" for key in value if is_secret_key(key)]
+        return {key: _without_secrets(v, f"{where}{key}.", dropped) for key, v in value.items() if not is_secret_key(key)}
+    if isinstance(value, list):
+        return [_without_secrets(v, where, dropped) for v in value]
+    return value
+
+
+def save_resolved_recipe(recipe: Recipe, output_dir: str) -> str:
+    """Write the recipe as this run resolved it to ``output_dir/hf_kd_recipe.yaml``: the YAML with every command-line
+    override applied and local paths made absolute, without ``resume_from_checkpoint`` (the resume command adds it)
+    and without secrets (output_dir is what push_to_hub uploads: the file names the keys left out). Returns the
+    file's path."""
+    dropped: list[str] = []
+    resolved = json.loads(json.dumps(recipe.to_dict(), default=str))  # plain YAML types: tuples -> lists, enums -> str
+    resolved = _without_secrets(resolved, "", dropped)
+    for role in ("teacher", "student"):
+        for key in ("name_or_path", "tokenizer", "cache"):
+            resolved[role][key] = _absolute(resolved[role].get(key))
+    for key in ("dataset", "eval_split"):
+        resolved["data"][key] = _absolute(resolved["data"].get(key))
+    training = resolved["training"]
+    training.pop("resume_from_checkpoint", None)
+    training["output_dir"] = os.path.abspath(os.path.expanduser(training["output_dir"]))  # required: never missing
+    if "teacher_cache" in training:  # a --teacher_cache override
+        training["teacher_cache"] = _absolute(training["teacher_cache"])
+    path = os.path.join(output_dir, RESOLVED_RECIPE)
+    header = (f"# The recipe of the run in this directory, as `hf-kd train` resolved it from {recipe.path} (command-line "
+              f"overrides applied, local paths absolute).\n# Resume the run with: hf-kd train "
+              f"{shlex.quote(os.path.abspath(path))} --resume_from_checkpoint true\n")  # fmt: skip
+    if dropped:
+        header += f"# Left out (secrets): {', '.join(dropped)}; pass them again on the command line (--key value).\n"
+    os.makedirs(output_dir, exist_ok=True)
+    with open(f"{path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
+        f.write(header + yaml.safe_dump(resolved, sort_keys=False))
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    return path
 
 
 def _load(loader, name: str, key: str, recipe: Recipe, **kwargs):
@@ -185,6 +243,39 @@ def _quiet_transformers_bars():
             hf_logging.enable_progress_bar()
 
 
+class _NoDeepSpeedAcceleratorLine(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU ..." warning (printed to stdout)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
+@contextlib.contextmanager
+def _quiet_deepspeed_import(args):
+    """A run without DeepSpeed does not print DeepSpeed's accelerator line. hf_kd imports deepspeed only for a
+    DeepSpeed run (hf_kd.models.sharding), but accelerate's ``unwrap_model`` imports it whenever it is installed
+    (from the Trainer's ``__init__``), and its import on a machine without a GPU warns that it "was unable to detect"
+    one. A DeepSpeed run keeps the line."""
+    uses_deepspeed = bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if uses_deepspeed or "deepspeed" in sys.modules:  # imported already: its line, if any, is out
+        yield
+        return
+    deepspeed_logger, line = logging.getLogger("DeepSpeed"), _NoDeepSpeedAcceleratorLine()
+    deepspeed_logger.addFilter(line)  # deepspeed's own logger setup keeps a logger's filters
+    try:
+        yield
+    finally:
+        deepspeed_logger.removeFilter(line)
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an interrupt left open (Ctrl-C skips the Trainer's on_train_end): the line printed
+    next starts a line of its own instead of continuing the bar's."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     """Train the recipe's student; returns the metrics written to ``training_complete.json``."""
     from hf_kd.models.adapters import SELF_TEACHER
@@ -195,7 +286,7 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     args = recipe.training_args()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
-    resume = _resume_target(args.resume_from_checkpoint)
+    resume = resume_target(args.resume_from_checkpoint)
     check_output_dir(recipe, args, resume, overwrite)
     train_on_cpu_defaults(recipe, args)
 
@@ -226,19 +317,22 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
 
         peft_config = LoraConfig(**recipe.peft)
     try:
-        trainer = DistillationTrainer(
-            model=student,
-            args=args,  # holds teacher_model_name_or_path / _init_kwargs (or teacher_cache): the trainer loads the teacher
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,  # saved with the student; proves padded vocab rows are padding
-            peft_config=peft_config,
-            recipe=recipe.to_dict(),  # embedded in the model card
-        )
+        with _quiet_deepspeed_import(args):
+            trainer = DistillationTrainer(
+                model=student,
+                args=args,  # holds teacher_model_name_or_path / _init_kwargs (or teacher_cache): it loads the teacher
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=tokenizer,  # saved with the student; proves padded vocab rows are padding
+                peft_config=peft_config,
+                recipe=recipe.to_dict(),  # embedded in the model card
+            )
     except SetupError as err:  # a pair that cannot be distilled (vocabularies, label sets, a cache of other data)
         raise RecipeError(recipe.path, recipe_key(err.field), err.problem.strip().splitlines()[0]) from None
     if overwrite:
         clear_previous_run(args)
+    if args.process_index == 0:  # the run as started, for the resume command (train_command prints it)
+        save_resolved_recipe(recipe, args.output_dir)
     started = time.time()
     with _quiet_transformers_bars():
         result = trainer.train(resume_from_checkpoint=resume)
@@ -274,7 +368,6 @@ def _write_marker(output_dir: str, recipe: Recipe, metrics: dict, step: int, sec
     os.replace(path + ".tmp", path)  # atomic: the marker is either absent or complete
 
 
-
 def train_command(recipe: Recipe, overwrite: bool) -> int:
     """``run_train``; a NaN step or Ctrl-C ends it with one line (no traceback) that says what is kept and how to
     go on. Exit codes: 1 for a fault, 130 for an interrupt (as a shell reports Ctrl-C)."""
@@ -287,12 +380,18 @@ def train_command(recipe: Recipe, overwrite: bool) -> int:
         print(f"error: {recipe.path}: training stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _end_progress_bars()
         out = recipe.training_args(check_hardware=False).output_dir
         checkpoints = _checkpoints(out)
-        if checkpoints:
-            print(f"interrupted: the last checkpoint is {checkpoints[-1]}; resume with: hf-kd train {recipe.path} "
+        # the recipe as this command resolved it: resuming with the original file would drop the overrides
+        command = f"hf-kd train {shlex.quote(save_resolved_recipe(recipe, out))}"
+        if os.path.exists(os.path.join(out, COMPLETE_MARKER)):  # --overwrite_output_dir had not cleared it yet
+            print(f"interrupted before training started; start again with: {command} --overwrite_output_dir",
+                  file=sys.stderr)  # fmt: skip
+        elif checkpoints:
+            print(f"interrupted: the last checkpoint is {checkpoints[-1]}; resume with: {command} "
                   "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
         else:
-            print(f"interrupted before the first checkpoint (nothing kept in {out}); start again with: hf-kd train "
-                  f"{recipe.path}", file=sys.stderr)  # fmt: skip
+            print(f"interrupted before the first checkpoint (none in {out}); start again with: {command}",
+                  file=sys.stderr)  # fmt: skip
         return 130

@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import importlib.util
 import logging
+import os
+import warnings
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -76,11 +78,24 @@ def wrap_student(model: nn.Module, peft_config, gradient_checkpointing: bool = F
         # reentrant checkpointing only back-propagates into a segment whose input requires grad; the embeddings are
         # frozen, so make their output require it
         model.enable_input_require_grads()
-    model = get_peft_model(model, peft_config)
+    _record_base_model_path(model)
+    with warnings.catch_warnings():
+        # peft reads transformers 5's deprecated `is_gradient_checkpointing` (renamed is_activation_checkpointing)
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(model, peft_config)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("PEFT student: %d of %d parameters train (%.3f%%), targets %s", trainable, total,
                 100 * trainable / max(total, 1), getattr(peft_config, "target_modules", None))  # fmt: skip
     return model
+
+
+def _record_base_model_path(model: nn.Module) -> None:
+    """A student loaded from a local directory names it by its absolute path: PEFT writes ``name_or_path`` into the
+    adapter's ``base_model_name_or_path``, and a relative one (``./student``) would load from nowhere else. A Hub id
+    stays as it is."""
+    name = getattr(model, "name_or_path", None)
+    if isinstance(name, str) and name and os.path.isdir(os.path.expanduser(name)):
+        model.name_or_path = os.path.abspath(os.path.expanduser(name))
 
 
 def qlora_quantization_config(compute_dtype: torch.dtype = torch.bfloat16):

@@ -15,13 +15,14 @@ from hf_kd.models.loading import freeze, load_model
 from hf_kd.models.sharding import prepare_teacher
 from hf_kd.objective.divergences import DIVERGENCES
 from hf_kd.objective.signals import TeacherHidden, TeacherLogits
-from hf_kd.teachers.cross_tokenizer.alignment import align_batch
+from hf_kd.teachers.cross_tokenizer.alignment import align_batch, alignment_summary
 from hf_kd.teachers.cross_tokenizer.loss import CrossTokenizerWeights, TeacherAligned
 from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
 from hf_kd.teachers.model import load_teacher_tokenizer, student_tokenizer
 from hf_kd.teachers.registry import Teacher, register_teacher
 
 logger = logging.getLogger(__name__)
+SETUP_SAMPLE = 16  # training examples aligned at setup for the one line that announces the pair (check aligns 64)
 NO_COMPLETIONS = ("a teacher with another tokenizer cannot write the student's completions; use on-policy "
                   "distillation (lmbda) or the dataset's completions")  # fmt: skip
 
@@ -38,6 +39,7 @@ class CrossTokenizerTeacher(Teacher):
         self.student_tokenizer, self.tokenizer, self.weights = student_tokenizer, teacher_tokenizer, weights
         self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
         self._shared_on: dict[str, object] = {}  # the shared vocabulary's tensors per device, moved once
+        self.aligned_at_setup: dict[str, float] | None = None  # alignment_summary of the first training examples
 
     @classmethod
     def check_setup(cls, trainer, source) -> None:
@@ -74,11 +76,31 @@ class CrossTokenizerTeacher(Teacher):
         args = trainer.args
         weights = CrossTokenizerWeights(args.cross_tokenizer_exact_weight, args.cross_tokenizer_uld_weight)
         teacher = cls(prepare_teacher(trainer.accelerator, model), name, tokenizer, teacher_tokenizer, weights)
-        shared = teacher.shared
-        logger.info("cross-tokenizer distillation: student tokenizer %d tokens, teacher %d, %d shared (%.1f%% of the "
-                    "student's)", shared.student_size, shared.teacher_size, len(shared.student_ids),
-                    100 * shared.overlap)  # fmt: skip
+        if trainer.is_world_process_zero():  # a WARNING: the switch to another way of distilling is never silent
+            teacher.aligned_at_setup = teacher._align_sample(trainer.train_dataset)
+            logger.warning(teacher.setup_line())
         return teacher
+
+    def _align_sample(self, dataset) -> dict[str, float] | None:
+        """:func:`alignment_summary` of the first training examples (what `hf-kd check` estimates on its sample), or
+        ``None`` where the dataset cannot be indexed, has no ``input_ids`` and ``labels`` or no target (prompts only)."""
+        try:
+            rows = [dataset[i] for i in range(min(len(dataset), SETUP_SAMPLE))]
+        except TypeError:  # no dataset, or one without a length (an IterableDataset): nothing to sample
+            return None
+        examples = [{key: [int(t) for t in row[key]] for key in ("input_ids", "labels")} for row in rows
+                    if isinstance(row, dict) and "input_ids" in row and "labels" in row]  # fmt: skip
+        found = alignment_summary(self.student_tokenizer, self.tokenizer, examples) if examples else None
+        return {**found, "examples": float(len(examples))} if found and found["targets"] else None
+
+    def setup_line(self) -> str:
+        """One line: both tokenizers, the shared vocabulary, and how the first training examples align."""
+        shared, found = self.shared, self.aligned_at_setup
+        line = (f"cross-tokenizer distillation: the teacher's tokenizer ({_name(self.tokenizer)}, "
+                f"{shared.teacher_size} tokens) is not the student's ({_name(self.student_tokenizer)}, "
+                f"{shared.student_size} tokens); {len(shared.student_ids)} tokens are shared ({100 * shared.overlap:.1f}% "
+                "of the student's)")  # fmt: skip
+        return line + (f"; {_aligned(found)}" if found is not None else "")
 
     def run(self, inputs, forward, targets):
         alignment = align_batch(inputs["input_ids"], inputs.get("attention_mask"), targets, self.student_tokenizer,
@@ -106,4 +128,15 @@ class CrossTokenizerTeacher(Teacher):
             "teacher tokenizer (cross-tokenizer)": getattr(self.tokenizer, "name_or_path", ""),
             "shared vocabulary": f"{len(shared.student_ids)} tokens ({100 * shared.overlap:.1f}% of the student's)",
             "cross-tokenizer weights (exact, ULD)": f"{weights.exact}, {weights.uld}",
+            **({"alignment at setup": _aligned(self.aligned_at_setup)} if self.aligned_at_setup else {}),
         }
+
+
+def _name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def _aligned(found: dict[str, float]) -> str:
+    return (f"of the target positions of the first {found['examples']:.0f} training examples, "
+            f"{100 * found['one_to_one']:.1f}% align one to one, {100 * found['in_spans']:.1f}% in merged spans, the "
+            "rest with nothing (CE only)")
