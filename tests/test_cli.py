@@ -766,3 +766,12 @@ def test_a_directory_without_tokenizer_files_is_refused(tmp_path, tiny_dir, file
     code, _, err = run(["train", path], capsys)
     assert code == 2
     assert_one_error_line(err, f"error: {path}: teacher.tokenizer: {tmp_path / 'bare'} holds no tokenizer files")
+
+
+def test_the_completion_marker_holds_no_secret(tmp_path, tiny_dir, files, capsys):
+    """training_complete.json sits in output_dir, which push_to_hub uploads: a token given to train is not in it."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, max_steps=1)
+    code, _, err = run(["train", path, "--hub_token", "hf_SECRET_MARKER"], capsys)
+    assert code == 0, err
+    marker = (tmp_path / "out" / "training_complete.json").read_text()
+    assert "hf_SECRET_MARKER" not in marker and '"max_steps": 1' in marker

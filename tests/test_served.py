@@ -30,15 +30,16 @@ from hf_kd.teachers.served.teacher import TeacherClient  # noqa: E402
 
 
 @contextlib.contextmanager
-def serving(model, **kwargs):
-    """``HiddenStateServer(model, **kwargs)`` on a free localhost port in a background thread; yields (url, server)."""
+def serving(model, port: int = 0, **kwargs):
+    """``HiddenStateServer(model, **kwargs)`` on localhost (a free port unless given) in a background thread; yields
+    (url, server)."""
     from aiohttp import web
 
     server = HiddenStateServer(model, name="tiny-teacher", **kwargs)
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(server.app())
     loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
     loop.run_until_complete(site.start())
     port = site._server.sockets[0].getsockname()[1]
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -176,3 +177,87 @@ def test_serve_teacher_and_train_through_the_cli(tmp_path, tiny_dir, capsys):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_server_restarted_mid_run_is_waited_for_and_another_model_is_refused(tiny_dir, monkeypatch):
+    """A client retries with backoff while its server restarts (the same model: it goes on); a server that comes
+    back with another model is refused by the head's hash on its answer."""
+    import hf_kd.teachers.served.teacher as served
+
+    real_sleep = time.sleep
+    monkeypatch.setattr(served.time, "sleep", lambda seconds: real_sleep(min(seconds, 0.5)))  # a quicker backoff
+    ids, mask = torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+    port = free_port()
+    teacher = load_model(tiny_dir["teacher"])
+    with serving(teacher, port=port) as (url, _):
+        client = TeacherClient(url)
+        client.head(client.info()["head"])
+        before = client.hidden(ids, mask, "float32")
+    restarted = threading.Event()
+
+    def restart_later():  # the server comes back after the client's first tries failed
+        real_sleep(1.0)
+        with serving(teacher, port=port):
+            restarted.set()
+            real_sleep(3.0)
+
+    threading.Thread(target=restart_later, daemon=True).start()
+    assert torch.equal(client.hidden(ids, mask, "float32"), before) and restarted.is_set()
+    real_sleep(3.5)
+    other = load_model(tiny_dir["teacher_padded"])  # another model: another head
+    with serving(other, port=port), pytest.raises(served.TeacherUnavailable, match="now serves another model"):
+        client.hidden(ids, mask, "float32")
+
+
+def test_a_server_gone_for_good_stops_the_run_with_one_line(tmp_path, tiny_dir, files_dir, capsys, monkeypatch):
+    """The server stops answering after the first checkpoint: `hf-kd train` exits 1 with one line that names the
+    checkpoint and the command that resumes; the step the teacher could not answer is not applied."""
+    import hf_kd.teachers.served.teacher as served
+    from hf_kd.cli import main
+
+    monkeypatch.setattr(served, "RETRIES", 0)
+    stop = threading.Event()
+    with serving(load_model(tiny_dir["teacher"])) as (url, server):
+        real = served.TeacherClient.hidden
+
+        def hidden(self, *args):
+            if stop.is_set():
+                raise SetupError("teacher_options", f"teacher server {self.url} cannot be reached (gone)")
+            return real(self, *args)
+
+        monkeypatch.setattr(served.TeacherClient, "hidden", hidden)
+        from transformers import TrainerCallback
+
+        class StopServer(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                stop.set()
+
+        import hf_kd.training.trainer as trainer_module
+
+        original_init = trainer_module.DistillationTrainer.__init__
+
+        def init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            self.add_callback(StopServer())
+
+        monkeypatch.setattr(trainer_module.DistillationTrainer, "__init__", init)
+        recipe = {
+            "teacher": {"url": url},
+            "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
+            "data": {"dataset": files_dir, "format": "prompt_completion", "max_length": 16},
+            "training": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
+                         "learning_rate": "1e-3", "save_strategy": "steps", "save_steps": 1, "use_cpu": True,
+                         "report_to": "none", "disable_tqdm": True},
+        }  # fmt: skip
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {path}: training stopped: teacher server {url} cannot be reached")
+    assert f"the last checkpoint is {tmp_path / 'out' / 'checkpoint-1'}; resume with: hf-kd train" in err[-1]
+    assert not (tmp_path / "out" / "checkpoint-2").exists() and not (tmp_path / "out" / "training_complete.json").exists()
+
+
+@pytest.fixture
+def files_dir(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(16))

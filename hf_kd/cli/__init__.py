@@ -22,7 +22,9 @@ OUTPUT_DIR_HELP = (
     "output_dir: checkpoints go to output_dir/checkpoint-* while training; the final student (weights, config, "
     "tokenizer) is written to output_dir after the last step, and only then output_dir/training_complete.json "
     "(recipe, metrics, versions). A directory without that file is not a finished run. A finished output_dir is "
-    "never trained over (--overwrite_output_dir); an unfinished one is resumed with --resume_from_checkpoint true."
+    "never trained over (--overwrite_output_dir); an unfinished one is resumed with --resume_from_checkpoint true. "
+    "output_dir/hf_kd_recipe.yaml is the recipe as the command resolved it (overrides applied): Ctrl-C prints the "
+    "command that resumes from it."
 )
 
 # ---- entry point ----------------------------------------------------------------------------------------------------

@@ -355,7 +355,7 @@ def _write_marker(output_dir: str, recipe: Recipe, metrics: dict, step: int, sec
 
     payload = {
         "recipe": os.path.abspath(recipe.path),
-        "resolved_recipe": recipe.to_dict(),
+        "resolved_recipe": _without_secrets(recipe.to_dict(), "", []),  # output_dir is what push_to_hub uploads
         "global_step": step,
         "train_seconds": round(seconds, 1),
         "metrics": metrics,
@@ -371,6 +371,7 @@ def _write_marker(output_dir: str, recipe: Recipe, metrics: dict, step: int, sec
 def train_command(recipe: Recipe, overwrite: bool) -> int:
     """``run_train``; a NaN step or Ctrl-C ends it with one line (no traceback) that says what is kept and how to
     go on. Exit codes: 1 for a fault, 130 for an interrupt (as a shell reports Ctrl-C)."""
+    from hf_kd.teachers.served.teacher import TeacherUnavailable
     from hf_kd.training.faults import NonFiniteError
 
     try:
@@ -378,6 +379,15 @@ def train_command(recipe: Recipe, overwrite: bool) -> int:
         return 0
     except NonFiniteError as err:
         print(f"error: {recipe.path}: training stopped: {err}", file=sys.stderr)
+        return 1
+    except TeacherUnavailable as err:  # the step was not applied; the run resumes from its last checkpoint
+        _end_progress_bars()
+        out = recipe.training_args(check_hardware=False).output_dir
+        checkpoints = _checkpoints(out)
+        command = f"hf-kd train {shlex.quote(save_resolved_recipe(recipe, out))}"
+        where = (f"the last checkpoint is {checkpoints[-1]}; resume with: {command} --resume_from_checkpoint true"
+                 if checkpoints else f"no checkpoint yet; start again with: {command}")  # fmt: skip
+        print(f"error: {recipe.path}: training stopped: {err}; {where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         _end_progress_bars()

@@ -44,8 +44,9 @@ class TeacherClient:
         data, headers = self._exchange(path, body)
         sent = headers.get("X-Head-Hash")
         if path.startswith("/hidden") and self.head_hash is not None and sent != self.head_hash:
-            raise TeacherUnavailable(f"teacher server {self.url} now serves another model (its head changed); "
-                                     "restart it with the teacher this run started with")  # fmt: skip
+            raise TeacherUnavailable(f"teacher server {self.url} now serves another model (head {str(sent)[:12]}, "
+                                     f"not {self.head_hash[:12]}); restart it with the teacher this run started "
+                                     "with")  # fmt: skip
         return data
 
     def _exchange(self, path: str, body: bytes | None) -> tuple[bytes, dict]:
