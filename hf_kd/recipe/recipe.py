@@ -81,7 +81,10 @@ class Recipe:
         cache = {"teacher_cache": self.teacher.cache} if self.teacher.cache else {}
         if self.teacher.url is not None:
             served = {"url": self.teacher.url, "token_file": self.teacher.token_file}
-            cache.update(teacher_kind="served", teacher_options={**self.teacher.options, **served})
+            if self.teacher.server == "vllm":
+                served["top_k"] = self.teacher.top_k
+            kind = "vllm" if self.teacher.server == "vllm" else "served"
+            cache.update(teacher_kind=kind, teacher_options={**self.teacher.options, **served})
         elif self.teacher.kind is not None:
             cache.update(teacher_kind=self.teacher.kind, teacher_options=self.teacher.options or None)
         return {
@@ -144,7 +147,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         check_model(path, name, model)
     if student.cache is not None:
         raise RecipeError(path, "student.cache", "only the teacher can be cached (hf-kd cache-teacher); remove it")
-    for key in ("kind", "options", "url", "token_file"):
+    for key in ("kind", "options", "url", "token_file"):  # (server and top_k have defaults: not checked)
         if getattr(student, key):
             raise RecipeError(path, f"student.{key}", "applies to the teacher only; remove it")
     data = section_of(path, "data", raw["data"], DataSection)
@@ -201,7 +204,11 @@ def _mixture_section(path: str, raw: dict) -> dict:
             member["name_or_path"] = member["url"]
         section = section_of(path, f"teachers[{index}]", member, ModelSection)
         check_model(path, "teacher", section)
+        if section.server != "hf_kd":
+            raise RecipeError(path, f"teachers[{index}].server", "a mixture mixes full distributions; a vLLM "
+                              "teacher sends top-k log-probabilities (serve it with hf-kd serve-teacher)")  # fmt: skip
         spec = {k: v for k, v in dataclasses.asdict(section).items() if v not in (None, {})}
+        spec.pop("server"), spec.pop("top_k")  # the defaults of a served teacher: hf-kd serve-teacher
         if "dtype" in spec:  # as for one teacher: a from_pretrained keyword
             spec["init_kwargs"] = {**spec.get("init_kwargs", {}), "dtype": spec.pop("dtype")}
         if loads_teacher_model(section) and section.name_or_path != "self":

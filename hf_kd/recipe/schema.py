@@ -50,6 +50,8 @@ class ModelSection:
     options: dict = field(default_factory=dict)  # teacher only: the settings of a teacher kind of your own
     url: str | None = None  # teacher only: a teacher server (hf-kd serve-teacher); name_or_path defaults to it
     token_file: str | None = None  # teacher only: the file holding that server's token
+    server: str = "hf_kd"  # teacher only: what answers at url: hf_kd (hf-kd serve-teacher: hidden states) or vllm
+    top_k: int = 20  # teacher only, server vllm: log-probabilities per position (vLLM's --max-logprobs, default 20)
 
 
 @dataclass
@@ -181,6 +183,8 @@ def check_model(path: str, name: str, model: ModelSection) -> None:
     if name == "teacher" and model.url is not None:
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", model.url):
             raise RecipeError(path, "teacher.url", f"{model.url!r} is not http://host:port (hf-kd serve-teacher)")
+        if model.server not in ("hf_kd", "vllm"):
+            raise RecipeError(path, "teacher.server", f"{model.server!r} is not hf_kd (hf-kd serve-teacher) or vllm")
         if model.token_file is not None and not os.path.isfile(os.path.expanduser(model.token_file)):
             raise RecipeError(path, "teacher.token_file", f"no such file: {os.path.abspath(model.token_file)}")
         return  # a served teacher: nothing local to check

@@ -7,6 +7,7 @@ from hf_kd.teachers.mixture import MixtureTeacher
 from hf_kd.teachers.model import ModelTeacher, shared_vocab_size
 from hf_kd.teachers.own_base import SelfTeacher
 from hf_kd.teachers.served.teacher import ServedTeacher
+from hf_kd.teachers.served.vllm import VLLMTeacher
 from hf_kd.teachers.registry import TEACHERS, Teacher, make_teacher, register_teacher, teacher_kind
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "ModelTeacher",
     "SelfTeacher",
     "ServedTeacher",
+    "VLLMTeacher",
     "Teacher",
     "make_teacher",
     "register_teacher",

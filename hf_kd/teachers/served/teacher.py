@@ -49,8 +49,10 @@ class TeacherClient:
                                      "with")  # fmt: skip
         return data
 
-    def _exchange(self, path: str, body: bytes | None) -> tuple[bytes, dict]:
+    def _exchange(self, path: str, body: bytes | None, json_body: bool = False) -> tuple[bytes, dict]:
         request = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
+        if json_body:
+            request.add_header("Content-Type", "application/json")
         if self.token is not None:
             request.add_header(TOKEN_HEADER, f"Bearer {self.token}")
         for attempt in range(RETRIES + 1):
