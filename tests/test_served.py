@@ -262,3 +262,33 @@ def test_a_server_gone_for_good_stops_the_run_with_one_line(tmp_path, tiny_dir, 
 @pytest.fixture
 def files_dir(tmp_path):
     return write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(16))
+
+
+def test_a_served_teacher_of_another_tokenizer_distills_across_tokenizers(tmp_path, tiny_dir, tokenizer):
+    """The server gets the teacher's own ids: the same loss and gradients as the same teacher in this process."""
+    from test_cross_tokenizer import permuted_teacher, permuted_wordlevel
+    from transformers import AutoTokenizer
+
+    from hf_kd.teachers.cache.store import tokenizer_hash
+
+    perm_dir, new_id_of = permuted_wordlevel(tmp_path / "perm", seed=3)
+    permuted = permuted_teacher(load_model(tiny_dir["teacher"]), new_id_of)
+    batch = batch_of([{"input_ids": r, "labels": [-100] + r[1:]} for r in
+                      (tokenizer(t)["input_ids"] for t in ("w3 w5 w7 w9 w2 <eos>", "w4 w4 w10"))])  # fmt: skip
+    results = []
+    with serving(permuted, tokenizer_hash=tokenizer_hash(AutoTokenizer.from_pretrained(perm_dir))) as (url, server):
+        for where in ("local", "served"):
+            student = load_model(tiny_dir["student"])
+            kwargs = {"teacher_kind": "served", "teacher_options": {"url": url}} if where == "served" else {}
+            args = make_args(tmp_path, loss_chunk_size=8, alpha=0.6, teacher_tokenizer_name_or_path=perm_dir, **kwargs)
+            trainer = DistillationTrainer(model=student, args=args, processing_class=tokenizer,
+                                          teacher_model=permuted if where == "local" else None)  # fmt: skip
+            assert type(trainer.teacher).__name__ == "CrossTokenizerTeacher"
+            loss = trainer.compute_loss(student, dict(batch))
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+        assert server.requests == 1
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -34,8 +34,10 @@ class CrossTokenizerTeacher(Teacher):
 
     kind = "cross_tokenizer"
 
-    def __init__(self, model: nn.Module, name: str | None, student_tokenizer, teacher_tokenizer, weights):
+    def __init__(self, model: nn.Module | None, name: str | None, student_tokenizer, teacher_tokenizer, weights,
+                 remote=None):  # fmt: skip
         self.model, self.name = model, name
+        self.remote = remote  # a served teacher that answers for the teacher's ids instead of a model here
         self.student_tokenizer, self.tokenizer, self.weights = student_tokenizer, teacher_tokenizer, weights
         self.shared = shared_vocabulary(student_tokenizer, teacher_tokenizer)
         self._shared_on: dict[str, object] = {}  # the shared vocabulary's tensors per device, moved once
@@ -67,15 +69,18 @@ class CrossTokenizerTeacher(Teacher):
         return cls.from_model(trainer, freeze(model), name, teacher_tokenizer)
 
     @classmethod
-    def from_model(cls, trainer, model: nn.Module, name: str | None, teacher_tokenizer) -> CrossTokenizerTeacher:
-        """A loaded, frozen model and its tokenizer: what the pair must allow, and the one log line that says it."""
+    def from_model(cls, trainer, model: nn.Module | None, name: str | None, teacher_tokenizer,
+                   remote=None) -> CrossTokenizerTeacher:  # fmt: skip
+        """A loaded, frozen model (or a ``remote`` served teacher, :meth:`ServedTeacher.aligned_hidden`) and its
+        tokenizer: what the pair must allow, and the one log line that says it."""
         tokenizer = student_tokenizer(trainer)
         if not getattr(tokenizer, "is_fast", False) or not getattr(teacher_tokenizer, "is_fast", False):
             raise SetupError("teacher_tokenizer_name_or_path", "cross-tokenizer alignment needs fast tokenizers "
                              "(character offsets) on both sides; load them with use_fast=True")  # fmt: skip
         args = trainer.args
         weights = CrossTokenizerWeights(args.cross_tokenizer_exact_weight, args.cross_tokenizer_uld_weight)
-        teacher = cls(prepare_teacher(trainer.accelerator, model), name, tokenizer, teacher_tokenizer, weights)
+        model = None if model is None else prepare_teacher(trainer.accelerator, model)
+        teacher = cls(model, name, tokenizer, teacher_tokenizer, weights, remote)
         if trainer.is_world_process_zero():  # a WARNING: the switch to another way of distilling is never silent
             teacher.aligned_at_setup = teacher._align_sample(trainer.train_dataset)
             logger.warning(teacher.setup_line())
@@ -108,6 +113,9 @@ class CrossTokenizerTeacher(Teacher):
         device = inputs["input_ids"].device
         if str(device) not in self._shared_on:
             self._shared_on[str(device)] = self.shared.to(device)
+        if self.remote is not None:  # the teacher's ids go to its server; its hidden states come back
+            signal = self.remote.aligned_hidden(alignment.teacher_inputs)
+            return TeacherAligned(signal, alignment, self._shared_on[str(device)], self.weights)
         self.model.eval()
         with torch.no_grad():
             outputs = forward(self.model, alignment.teacher_inputs)

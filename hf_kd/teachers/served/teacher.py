@@ -131,14 +131,45 @@ class ServedTeacher(Teacher):
         tokenizer = student_tokenizer(trainer)
         from hf_kd.teachers.cache.store import tokenizer_hash
 
-        if info.get("tokenizer_hash") and tokenizer is not None and tokenizer_hash(tokenizer) != info["tokenizer_hash"]:
-            raise SetupError("teacher_options", f"the served teacher {info['model']} reads another tokenizer than the "
-                             "student's; a served teacher needs the student's token ids")  # fmt: skip
-        vocab = shared_vocab_size(num_outputs(trainer.model, trainer.task), info["vocab_size"], trainer.task, tokenizer)
         head = client.head(info["head"])
+        if info.get("tokenizer_hash") and tokenizer is not None and tokenizer_hash(tokenizer) != info["tokenizer_hash"]:
+            return cls._across_tokenizers(trainer, client, info, head, options)
+        vocab = shared_vocab_size(num_outputs(trainer.model, trainer.task), info["vocab_size"], trainer.task, tokenizer)
         logger.info("served teacher %s at %s: vocab %d, hidden %d, %s", info["model"], client.url, info["vocab_size"],
                     info["hidden_size"], info["dtype"])  # fmt: skip
         return cls(client, info, head, options.get("dtype") or info["dtype"], vocab)
+
+    @classmethod
+    def _across_tokenizers(cls, trainer, client, info, head, options) -> Teacher:
+        """A served teacher of another tokenizer: a cross-tokenizer teacher whose teacher-side ids go to the server
+        (the teacher's tokenizer: teacher_tokenizer_name_or_path, recipes teacher.tokenizer)."""
+        from hf_kd.teachers.cache.store import tokenizer_hash
+        from hf_kd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
+        from hf_kd.teachers.model import load_teacher_tokenizer
+
+        teacher_tokenizer = load_teacher_tokenizer(trainer.args, None)
+        if teacher_tokenizer is None or tokenizer_hash(teacher_tokenizer) != info["tokenizer_hash"]:
+            raise SetupError("teacher_tokenizer_name_or_path", f"the served teacher {info['model']} reads another "
+                             "tokenizer than the student's: name that tokenizer (recipes: teacher.tokenizer) to "
+                             "distill across tokenizers")  # fmt: skip
+        CrossTokenizerTeacher.check_setup(trainer, info["model"])
+        remote = cls(client, info, head, options.get("dtype") or info["dtype"], None)
+        return CrossTokenizerTeacher.from_model(trainer, None, info["model"], teacher_tokenizer, remote=remote)
+
+    def aligned_hidden(self, inputs) -> TeacherHidden:
+        """The teacher's hidden states for ``inputs`` (its own ids), aligned: position i predicts token i + 1."""
+        try:
+            hidden = self._ask(inputs["input_ids"], inputs.get("attention_mask"))
+        except SetupError as err:
+            raise TeacherUnavailable(err.problem) from None
+        return TeacherHidden(hidden[:, :-1].to(inputs["input_ids"].device), self._head_on(inputs["input_ids"].device))
+
+    def _head_on(self, device) -> LMHeadSpec:
+        if str(device) not in self._heads_on:
+            head = self.head
+            self._heads_on[str(device)] = LMHeadSpec(head.weight.to(device), None if head.bias is None else
+                                                     head.bias.to(device), head.softcap, head.logit_scale)  # fmt: skip
+        return self._heads_on[str(device)]
 
     def prefetch(self, batch) -> None:
         """Send the batch's ids now: the answer arrives while the student runs its forward."""
@@ -155,12 +186,8 @@ class ServedTeacher(Teacher):
         except SetupError as err:  # at setup a refusal; in training the step cannot be computed: the run stops
             raise TeacherUnavailable(err.problem) from None
         device = inputs["input_ids"].device
-        if str(device) not in self._heads_on:
-            head = self.head
-            self._heads_on[str(device)] = LMHeadSpec(head.weight.to(device), None if head.bias is None else
-                                                     head.bias.to(device), head.softcap, head.logit_scale)  # fmt: skip
         # logits at position i predict the token at i + 1: the last position has no target
-        return TeacherHidden(hidden[:, :-1].to(device), self._heads_on[str(device)])
+        return TeacherHidden(hidden[:, :-1].to(device), self._head_on(device))
 
     def describe(self) -> dict[str, str]:
         return {"teacher kind": f"served ({self.info['model']} at {self.client.url}, hidden states in {self.dtype})"}
