@@ -14,13 +14,19 @@ hidden states and lm_head weights, student and teacher of the same H:
 * ``fused``: ``hf_kd.fused_distillation_loss`` (chunk 256 unless ``--chunk-sizes``);
 * ``naive``: what a user writes: ``hidden @ W.T`` for both models, ``distillation_loss`` on the full logits, autograd;
 * ``before``: ``fused`` from ``--compare-with``'s package (e.g. a ``git worktree`` of an older commit);
-* ``compiled``: ``fused`` with its per-chunk softmax/KL/gradient math compiled by ``torch.compile`` (``--compile``).
+* ``compiled``: ``fused`` with its per-chunk softmax/KL/gradient math compiled by ``torch.compile`` (``--compile``);
+* ``fused, bf16 autocast`` (CPU): ``fused`` under ``torch.autocast("cpu", torch.bfloat16)`` over the same float32
+  weights, as the Trainer's ``bf16=True`` runs it: the head GEMMs in bf16, the math in float32. Only where the CPU
+  has bf16 matrix units (``amx_bf16`` or ``avx512_bf16`` in ``/proc/cpuinfo``); elsewhere its row says so, since a
+  bf16 GEMM emulated in float32 is slower than float32 and no measure of the path.
 
 The methods take turns, repeat after repeat, in one process (a shared machine's load hits them alike), after one
 untimed warm-up call each (compilation, allocator). On CPU every cell reports the fastest wall time and the fastest
 process CPU time (one torch thread: CPU time is the work, wall time adds waits for the other jobs); ratios are taken
-against the floor of the same cell. On CUDA times are synchronized wall times and the peak memory above the inputs is
-reported too. Results go to ``benchmarks/results/fused_speed[_cuda].{md,json}``.
+against the floor of the same cell. On CUDA times are synchronized wall times. Both report the peak memory above the
+inputs: on CUDA the allocator's peak, on CPU the process's peak resident memory (``VmHWM``, reset through
+``/proc/self/clear_refs``; glibc's mmap threshold fixed so that freed buffers leave) above its resident memory before
+one more call of each method. Results go to ``benchmarks/results/fused_speed[_cuda].{md,json}``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.machine import machine  # noqa: E402 (after the path insert)
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024**3
+AUTOCAST = "fused, bf16 autocast"
+
+
+def bf16_units() -> list[str]:
+    """The CPU's bf16 matrix-unit flags among ``amx_bf16`` (Intel Xeon 4th gen+) and ``avx512_bf16`` (also AMD Zen 4+),
+    read off ``/proc/cpuinfo`` (empty: none, or not Linux)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags.split()]
+
+
+def peak_rss_above(step) -> int | None:
+    """Bytes of the process's peak resident memory during ``step()`` above its resident memory before it (Linux)."""
+    import ctypes
+
+    def status(key: str) -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith(key + ":"))) * 1024
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**17)  # M_MMAP_THRESHOLD fixed at 128 KB: every buffer mmapped, unmapped when freed
+        libc.malloc_trim(0)  # hand freed heap pages back: the baseline is what is live
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        base = status("VmRSS")
+    except (OSError, StopIteration):
+        return None
+    step()
+    return status("VmHWM") - base
 
 
 def inputs(n: int, h: int, v: int, device, dtype, seed: int = 0) -> dict:
@@ -114,11 +151,14 @@ def floor_step(x: dict, chunk_size: int):
     return d_hidden, d_weight
 
 
-def fused_step(package, x: dict, chunk_size: int):
-    loss = package.fused_distillation_loss(
-        x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["labels"],
-        alpha=0.5, chunk_size=chunk_size,
-    )  # fmt: skip
+def fused_step(package, x: dict, chunk_size: int, autocast: bool = False):
+    import torch
+
+    with torch.autocast(x["labels"].device.type, torch.bfloat16, enabled=autocast):
+        loss = package.fused_distillation_loss(
+            x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["labels"],
+            alpha=0.5, chunk_size=chunk_size,
+        )  # fmt: skip
     loss.backward()
     x["student_hidden"].grad = x["student_weight"].grad = None
     return loss.item()
@@ -195,6 +235,8 @@ def cell(args, v: int, h: int, packages: dict) -> dict:
                 fused._forward_kl_closed_form = eager
 
         methods["compiled"] = compiled
+    if not cuda and args.units:
+        methods[AUTOCAST] = lambda: fused_step(packages["fused"], x, args.chunk_sizes[0], autocast=True)
     if not args.no_naive:
         methods["naive"] = lambda: naive_step(x)
 
@@ -219,9 +261,14 @@ def cell(args, v: int, h: int, packages: dict) -> dict:
             results[name]["cpu"].append(time.process_time() - cpu)
             if cuda:
                 results[name]["peak"] = max(results[name]["peak"], torch.cuda.max_memory_allocated() - base)
-    losses = [r["loss"] for r in results.values() if r["loss"] is not None]
+    if not cuda:  # one more call each, alone: the peak resident memory above what was resident before it
+        for name, step in methods.items():
+            results[name]["peak"] = peak_rss_above(step)
+    losses = [r["loss"] for n, r in results.items() if r["loss"] is not None and n != AUTOCAST]
     if max(losses) - min(losses) > (1e-2 if cuda else 1e-4) * abs(losses[0]):  # cuda: naive has bf16 logits
         raise RuntimeError(f"V={v} H={h}: the methods disagree on the loss: {losses}")
+    if AUTOCAST in results and abs(results[AUTOCAST]["loss"] - losses[0]) > 1e-3 * abs(losses[0]):  # bf16 inputs
+        raise RuntimeError(f"V={v} H={h}: bf16 autocast is off the float32 loss: {results[AUTOCAST]['loss']}")
     return {"vocab": v, "hidden": h, "tokens": args.tokens, "methods": results}
 
 
@@ -232,8 +279,8 @@ def markdown(cells: list, args, header: str) -> str:
         lines += ["| V | H | method | time (ms) | x floor | x naive | peak above inputs (GB) |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
     else:
-        lines += ["| V | H | method | wall (s) | CPU (s) | x floor (wall) | x floor (CPU) | x naive (CPU) |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        columns = "wall (s) | CPU (s) | x floor (wall) | x floor (CPU) | x naive (CPU) | peak above inputs (MB)"
+        lines += [f"| V | H | method | {columns} |", "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         m = c["methods"]
         floor_wall, floor_cpu = min(m["floor"]["wall"]), min(m["floor"]["cpu"])
@@ -246,8 +293,12 @@ def markdown(cells: list, args, header: str) -> str:
                              f"{vs_naive} | {r['peak'] / GB:.2f} |")  # fmt: skip
             else:
                 vs_naive = f"{cpu / min(naive['cpu']):.2f}x" if naive else "-"
+                peak = "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
                 lines.append(f"| {c['vocab']} | {c['hidden']} | {name} | {wall:.3f} | {cpu:.3f} | "
-                             f"{wall / floor_wall:.2f}x | {cpu / floor_cpu:.2f}x | {vs_naive} |")  # fmt: skip
+                             f"{wall / floor_wall:.2f}x | {cpu / floor_cpu:.2f}x | {vs_naive} | {peak} |")  # fmt: skip
+        if not cuda and not args.units:
+            lines.append(f"| {c['vocab']} | {c['hidden']} | {AUTOCAST} | not measured: this CPU has no bf16 matrix "
+                         "units (neither amx_bf16 nor avx512_bf16 in /proc/cpuinfo) | | | | | |")  # fmt: skip
     compiled = [r["first_call_s"] for c in cells for n, r in c["methods"].items() if n == "compiled"]
     if compiled:
         lines += ["", f"compiled: first call (compilation) {max(compiled):.0f} s at most per cell"]
@@ -277,6 +328,7 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     torch.set_num_threads(args.threads)
+    args.units = [] if cuda else bf16_units()
     vocabs = args.vocabs or ("128256" if cuda else "32000,128256")
     hiddens = args.hiddens or ("4096" if cuda else "256,1024")
     args.tokens = args.tokens or (8192 if cuda else 1024)
@@ -292,10 +344,12 @@ def main() -> None:
             cells.append(cell(args, v, h, packages))
             print(f"done V={v} H={h}", file=sys.stderr, flush=True)
     where = machine(args.device) + ("" if cuda else f", {args.threads} torch thread(s)")
+    if not cuda:
+        where += f", bf16 matrix units: {', '.join(args.units) or 'none'}"
     load = os.getloadavg()
-    header = (f"{where}; torch {torch.__version__}; {'bf16' if cuda else 'float32'}, N={args.tokens} positions (10% "
-              f"masked), forward KL + CE, alpha=0.5, T=1; fastest of {args.repeats} forward+backward; load average "
-              f"{load[0]:.1f} on {os.cpu_count()} CPUs; {time.time() - started:.0f} s")  # fmt: skip
+    header = (f"{where}; torch {torch.__version__}; {'bf16' if cuda else 'float32 weights'}, N={args.tokens} "
+              f"positions (10% masked), forward KL + CE, alpha=0.5, T=1; fastest of {args.repeats} forward+backward; "
+              f"load average {load[0]:.1f} on {os.cpu_count()} CPUs; {time.time() - started:.0f} s")  # fmt: skip
     text = markdown(cells, args, header)
     print(text)
     stem = "fused_speed" + ("_cuda" if cuda else "") + ("_quick" if args.quick else "")

@@ -233,12 +233,15 @@ def test_bfloat16_inputs_give_the_float32_loss_of_the_bf16_values():
         torch.testing.assert_close(got.float(), want_grads[name], rtol=1e-2, atol=1e-4, msg=name)  # one bf16 rounding
 
 
-def test_autocast_does_not_lower_the_logits_precision():
+def test_autocast_runs_the_head_in_bf16_and_stays_close():
+    """Under autocast the head's GEMMs take bf16 inputs (tests/test_mixed_precision.py holds them to the budget);
+    the softmax and divergence math stay float32, so the loss moves by ~1e-4, not more."""
     inputs = make(torch.float32)
     expected = fused(inputs, chunk_size=8, alpha=0.5, **HYPER)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = fused(inputs, chunk_size=8, alpha=0.5, **HYPER)
-    torch.testing.assert_close(under_autocast, expected, rtol=1e-6, atol=0)  # bf16 matmuls would be ~1e-3 off
+    torch.testing.assert_close(under_autocast, expected, rtol=1e-3, atol=0)
+    assert not torch.equal(under_autocast, expected)  # autocast reached the GEMMs
 
 
 # ---------------------------------------------------------------- errors

@@ -11,8 +11,13 @@ is a few ``[chunk_size, V]`` buffers (:class:`Scratch`: allocated once per call,
 float32 ``[V, H]`` gradient accumulator, whatever N.
 
 On CUDA a bf16/fp16 head stays in its dtype: the logits, d(hidden) and d(weight) are tensor-core matmuls with float32
-output (``out_dtype``), and no float32 copy of the weight is made (:class:`LogitRows`, :func:`_tensor_core_grads`).
-Elsewhere (CPU, float32 or float64 weights) the weight is cast once per call to the chunk dtype.
+output (``out_dtype``), and no float32 copy of the weight is made (:class:`LogitRows`, :func:`_low_precision_grads`).
+Under the Trainer's autocast (``bf16=True`` over float32 master weights, CUDA or CPU) each head's weight is cast once
+per call to the autocast dtype and takes the same path; on CPU, where no matmul emits float32, the logits come from
+:func:`~hf_kd.models.heads.compensated_mm` (two bf16 matmuls: float32-exact products of the bf16 inputs), d(hidden)
+from one bf16 matmul and d(weight) from bf16 matmuls added block by block into its float32 accumulator. The
+softmax/divergence math is float32 either way. Elsewhere (outside autocast: CPU, float32 or float64 weights) the
+weight is cast once per call to the chunk dtype.
 
 Two losses plug into it: :mod:`hf_kd.objective.fused` (sources below, divergences there) and the cross-tokenizer loss
 (:mod:`hf_kd.teachers.cross_tokenizer.loss`: a source that reads another tokenization's rows, a divergence of its
@@ -36,12 +41,13 @@ from typing import NamedTuple
 
 import torch
 
-from hf_kd.models.heads import LMHeadSpec, as_projection_weight, finish_logits, project
+from hf_kd.models.heads import LMHeadSpec, _mm_emits, as_projection_weight, autocast_dtype, finish_logits, project
 from hf_kd.objective.losses import Objective
 from hf_kd.objective.signals import TeacherHidden, TeacherLogits, TeacherTopK
 from hf_kd.objective.sparse import student_bucket_log_probs, teacher_bucket_log_probs
 
 CHUNK_SIZE = 256  # default rows per chunk: 128 MB per float32 [256, 128k] buffer; on CPU no slower than 1024
+BLOCK_ELEMENTS = 2**20  # a 2 MB bf16 block of d(weight) on CPU: 3x a float32 addmm's speed (4 MB: as fast, 16 MB: 2x)
 
 
 @dataclass(frozen=True)
@@ -87,16 +93,18 @@ class Scratch:
 
     def __call__(self, name: str, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Buffer ``name`` cut to its first ``rows`` rows (contiguous), in ``dtype`` (default: the chunk dtype)."""
-        if name not in self.buffers:
-            self.buffers[name] = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)
-        return self.buffers[name][:rows]
+        key = f"{name} {dtype or self.dtype}"  # one buffer per name and dtype
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)
+        return self.buffers[key][:rows]
 
 
 class LogitRows:
     """One side's rows and how a chunk of them becomes logits ``[c, vocab]`` in ``dtype``: final hidden states
     ``[N, H]`` through ``head`` (``softcap(scale * (h @ weight.T + bias))``), or logits ``[N, V]`` themselves
     (``head=None``: the identity head). The head's weight is made ready for the matmul here, once per call
-    (:func:`~hf_kd.models.heads.as_projection_weight`: a bf16/fp16 weight stays so on CUDA), never per chunk.
+    (:func:`~hf_kd.models.heads.as_projection_weight`: a bf16/fp16 weight stays so on CUDA; under autocast, the
+    autocast dtype, read here, where the caller's autocast is still on), never per chunk.
 
     ``kept`` ``[n]``: the rows the chunk loop runs over, in order (``None``: every row); a gradient reaches the others
     as 0. Full logits are read through it chunk by chunk: a mask applied up front would copy ``[N, V]`` once more.
@@ -109,7 +117,8 @@ class LogitRows:
         self.weight = self.bias = None  # as the matmul takes them; rows past vocab are never needed (logits are cut)
         self.trained = (rows, None, None)  # what a gradient may reach: the rows, the head's weight and bias
         if head is not None:
-            self.weight = as_projection_weight(head.weight.detach()[:vocab], dtype)
+            low = autocast_dtype(rows.device, dtype)  # bf16 GEMMs under the Trainer's autocast, float32 math after
+            self.weight = as_projection_weight(head.weight.detach()[:vocab], dtype, low)
             self.bias = None if head.bias is None else head.bias.detach()[:vocab].to(dtype)
             self.trained = (rows, head.weight, head.bias)
 
@@ -122,13 +131,17 @@ class LogitRows:
         rows = self.rows.detach()
         return rows[index] if isinstance(index, slice) else rows.index_select(0, index)
 
-    def raw(self, taken: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def raw(self, taken: torch.Tensor, out: torch.Tensor | None = None, scratch: Scratch | None = None) -> torch.Tensor:
         """Taken rows -> their logits before the head's scale and softcap, written into ``out`` when given (without
-        ``out``, logits rows may come back as a view of the caller's tensor: read them, do not write)."""
+        ``out``, logits rows may come back as a view of the caller's tensor: read them, do not write). ``scratch``:
+        the call's buffers, for a low-precision matmul's own (free again when this returns)."""
         if self.weight is None:
             taken = taken[:, : self.vocab]
             return taken.to(self.dtype) if out is None else out.copy_(taken)
-        return project(taken, self.weight, self.bias, self.dtype, out=out)
+        low, low_out = self.weight.dtype, None
+        if scratch is not None and low != self.dtype and not _mm_emits(taken.device, low, self.dtype):
+            low_out = scratch("low_precision", taken.shape[0], low)  # compensated_mm's [c, V] buffer
+        return project(taken, self.weight, self.bias, self.dtype, out=out, low_out=low_out)
 
     def finish(self, raw: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         head = self.head
@@ -156,7 +169,8 @@ def _hidden_source(teacher: TeacherHidden, keep, plan: ChunkPlan) -> Callable[[s
 
     def chunk(chunk_rows: slice, scratch: Scratch) -> ChunkTeacher:
         taken = rows.take(chunk_rows)
-        return ChunkTeacher(rows.finish(rows.raw(taken, out=scratch("teacher", taken.shape[0])), in_place=True))
+        raw = rows.raw(taken, out=scratch("teacher", taken.shape[0]), scratch=scratch)
+        return ChunkTeacher(rows.finish(raw, in_place=True))
 
     return chunk
 
@@ -222,7 +236,7 @@ def run(student: LogitRows, source: Source | None, labels, plan: ChunkPlan, dive
     """
     trained = student.trained
     wanted = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in trained)
-    # the Trainer's bf16 autocast must not touch the logits
+    # the Trainer's autocast must not touch the logits: LogitRows read it already and chose each matmul's dtype
     with torch.no_grad(), torch.autocast(student.rows.device.type, enabled=False):
         (div_sum, ce_sum), extras, grads = _chunk_sums(student, source, labels, plan, divergence, wanted)
     if offset is not None:
@@ -279,7 +293,7 @@ def _chunk_sums(student: LogitRows, source, labels, plan: ChunkPlan, divergence,
         index = student.index(rows)
         taken = student.take(index)
         # [chunk, vocab] float32 straight from the matmul, into the call's buffer
-        logits = student.raw(taken, out=scratch("student", taken.shape[0]))
+        logits = student.raw(taken, out=scratch("student", taken.shape[0]), scratch=scratch)
         teacher = None if source is None else source(rows, scratch)
         chunk_labels = None if labels is None else labels[rows]
         chunk_div, chunk_ce, d_logits, *more = divergence(logits, teacher, chunk_labels, plan, any(wanted), scratch)
@@ -297,7 +311,7 @@ def _chunk_sums(student: LogitRows, source, labels, plan: ChunkPlan, divergence,
 def _add_gradients(student: LogitRows, d_logits, taken, index, grads, scratch: Scratch) -> None:
     """One chunk's ``d_logits`` ``[c, vocab]`` (w.r.t. its logits before scale and softcap) into ``grads``: the rows
     at ``index`` of ``d_rows``, and added to ``d_weight`` and ``d_bias`` -- the chain rule through the head by hand
-    (matmuls that take a CUDA bf16 weight; autograd has no derivative for them). ``taken``: the chunk's rows."""
+    (matmuls that take a bf16 weight; autograd has no derivative for them). ``taken``: the chunk's rows."""
     d_rows, d_weight, d_bias = grads
     vocab, dtype = student.vocab, d_logits.dtype
     if d_bias is not None:
@@ -311,7 +325,7 @@ def _add_gradients(student: LogitRows, d_logits, taken, index, grads, scratch: S
     if d_rows is not None:  # d(hidden) = d_logits @ W, straight into d_rows where the chunk is a slice of it
         d_chunk = d_rows[index] if isinstance(index, slice) else taken.new_empty(taken.shape, dtype=dtype)
     if student.weight.dtype != dtype:
-        _tensor_core_grads(d_logits, taken, student.weight, d_chunk, d_w, scratch)
+        _low_precision_grads(d_logits, taken, student.weight, d_chunk, d_w, scratch)
     else:
         if d_chunk is not None:
             torch.mm(d_logits, student.weight, out=d_chunk)
@@ -328,24 +342,46 @@ def _put(target: torch.Tensor, index: slice | torch.Tensor, rows: torch.Tensor) 
         target.index_copy_(0, index, rows)
 
 
-def _tensor_core_grads(d_logits, hidden, weight, d_hidden, d_weight, scratch: Scratch) -> None:
-    """``d_hidden = d_logits @ weight`` and ``d_weight += d_logits.T @ hidden`` for a bf16/fp16 ``weight`` on CUDA.
+def _low_precision_grads(d_logits, hidden, weight, d_hidden, d_weight, scratch: Scratch) -> None:
+    """``d_hidden = d_logits @ weight`` and ``d_weight += d_logits.T @ hidden`` for a bf16/fp16 ``weight`` (CUDA, or
+    under autocast).
 
-    ``d_logits`` ``[c, V]`` (float32) is rounded once to the weight's dtype; both matmuls run on tensor cores with
-    float32 output. ``d_weight`` ``[V, H]`` (float32, ``None``: not wanted) takes the product straight from the matmul
-    where torch can (``addmm(..., out_dtype=)`` on a float32 ``self``), else from a float32 matmul (older torch):
-    never through a ``[V, H]`` temporary.
+    ``d_logits`` ``[c, V]`` (float32) is rounded once to the weight's dtype; both matmuls take it. On CUDA they run on
+    tensor cores with float32 output, and ``d_weight`` ``[V, H]`` (float32, ``None``: not wanted) takes the product
+    straight from the matmul where torch can (``addmm(..., out_dtype=)`` on a float32 ``self``), else from a float32
+    matmul (older torch): never through a ``[V, H]`` temporary. Without ``out_dtype`` (CPU), d(hidden) comes out of
+    the matmul in bf16 (up to 2^-8 relative per element, as its input's rounding; 0.2% in norm, where the rounding of
+    the logits' inputs costs ~1%) and d(weight) is added in float32 block by block of the vocabulary
+    (:func:`_add_low_precision_product`).
     """
     low = weight.dtype
-    rounded = scratch("low_precision_grad", d_logits.shape[0], low).copy_(d_logits)
+    rounded = scratch("low_precision", d_logits.shape[0], low).copy_(d_logits)
+    emits = _mm_emits(weight.device, low, torch.float32)
     if d_hidden is not None:
-        torch.mm(rounded, weight, out_dtype=d_hidden.dtype, out=d_hidden)
+        if emits:
+            torch.mm(rounded, weight, out_dtype=d_hidden.dtype, out=d_hidden)
+        else:
+            d_hidden.copy_(torch.mm(rounded, weight))
     if d_weight is None:
         return
-    if _addmm_accumulates(d_weight.device, low, d_weight.dtype):
+    if emits and _addmm_accumulates(d_weight.device, low, d_weight.dtype):
         torch.addmm(d_weight, rounded.T, hidden.to(low), out_dtype=d_weight.dtype, out=d_weight)
-    else:
+    elif emits:
         d_weight.addmm_(d_logits.T, hidden.to(d_weight.dtype))
+    else:
+        _add_low_precision_product(d_weight, rounded.T, hidden.to(low))
+
+
+def _add_low_precision_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``total [V, H] += a [V, c] @ b [c, H]`` for bf16/fp16 ``a`` and ``b`` and a float32 ``total``, where no matmul
+    adds into float32 (CPU): the product of ``BLOCK_ELEMENTS // H`` rows of ``a`` at a time in a small temporary,
+    added while it is still in cache. Each block's product is rounded once (2^-8 relative) and the sum over chunks
+    is float32; no ``[V, H]`` temporary."""
+    rows = max(1, BLOCK_ELEMENTS // total.shape[1])
+    block = torch.empty(min(rows, total.shape[0]), total.shape[1], dtype=a.dtype, device=a.device)
+    for start in range(0, total.shape[0], rows):
+        part = a[start : start + rows]
+        total[start : start + rows].add_(torch.mm(part, b, out=block[: part.shape[0]]))
 
 
 @functools.cache

@@ -165,7 +165,7 @@ class DistillationTrainer(Trainer):
             return inputs
         started = time.perf_counter()
         inputs = self._prepare_inputs(inputs)
-        with self.autocast_smart_context_manager():  # bf16 / fp16 training: generate in the same precision
+        with self.accelerator.autocast():  # bf16 / fp16 training: generate in the same precision
             if turn == "student":  # the student as it is now: PEFT adapters on
                 generated = self.generate_completions(self.accelerator.unwrap_model(self.model), inputs)
             else:
@@ -265,7 +265,9 @@ class DistillationTrainer(Trainer):
         batch = Batch.of(inputs, self.task_spec)
         student_outputs = self.student_forward(model, batch)
         teacher_outputs = self.teacher_forward(batch)
-        terms = self.distillation_terms(student_outputs, teacher_outputs, batch.targets, num_items_in_batch)
+        with self.accelerator.autocast():  # bf16 / fp16 training: the loss's head GEMMs too (accelerate wraps only
+            # model.forward), its softmax and divergence math in float32
+            terms = self.distillation_terms(student_outputs, teacher_outputs, batch.targets, num_items_in_batch)
         loss = terms["loss"]
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
             # The count is global, and DDP averages gradients over processes: undo that mean to get the global sum.
