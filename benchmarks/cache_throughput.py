@@ -29,9 +29,17 @@ def _llama(vocab: int, hidden: int, layers: int, seed: int):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1),
-                         max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=max(hidden // 128, 1),
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -48,12 +56,24 @@ def _train(student, teacher, cache_path, data, args, out_dir) -> float:
             marks.append(time.perf_counter())
 
     config = DistillationConfig(
-        output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-4,
-        report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, use_cpu=args.device == "cpu",
-        teacher_cache=cache_path, loss_type="forward_kl", temperature=1.0, alpha=0.9, dataloader_drop_last=True,
-    )  # fmt: skip
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data,
-                                  callbacks=[Clock()])  # fmt: skip
+        output_dir=out_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        teacher_cache=cache_path,
+        loss_type="forward_kl",
+        temperature=1.0,
+        alpha=0.9,
+        dataloader_drop_last=True,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=data, callbacks=[Clock()]
+    )
     trainer.train()
     step_times = sorted(b - a for a, b in zip(marks, marks[1:]))  # steps 2..N: the first one warms up
     return args.batch_size * (args.length - 1) / step_times[len(step_times) // 2]  # the median step: robust to noise
@@ -96,8 +116,15 @@ def main() -> None:
             caches, builds = {}, {}
             for k in ks:
                 start = time.perf_counter()
-                caches[k] = build_teacher_cache(teacher, data, f"{tmp}/{hidden}-{k}", k=k, batch_size=args.batch_size,
-                                                device=args.device, progress=False)  # fmt: skip
+                caches[k] = build_teacher_cache(
+                    teacher,
+                    data,
+                    f"{tmp}/{hidden}-{k}",
+                    k=k,
+                    batch_size=args.batch_size,
+                    device=args.device,
+                    progress=False,
+                )
                 builds[k] = time.perf_counter() - start
             live, cached = [], {k: [] for k in ks}
             for _ in range(args.repeats):  # interleaved, best of: a busy machine only ever slows a run down
@@ -117,8 +144,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, k, live, cached, build, size in table:
-        lines.append(f"| {label} | {k} | {live:,.0f} | {cached:,.0f} | {cached / live:.2f}x | {build:.1f} | "
-                     f"{size:.1f} | {8 * k + 8} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {k} | {live:,.0f} | {cached:,.0f} | {cached / live:.2f}x | {build:.1f} | "
+            f"{size:.1f} | {8 * k + 8} |"
+        )
     print("\n" + "\n".join(lines))
     if not args.quick:
         out = Path(__file__).resolve().parent / "results" / "cache_throughput.md"

@@ -58,8 +58,10 @@ def _machine() -> str:
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} CPUs (load average {load:.1f} at the start), Python {platform.python_version()}, "
-            f"torch {torch.__version__}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs (load average {load:.1f} at the start), Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def _timed(argv: list[str], env: dict) -> tuple[float, str]:
@@ -153,13 +155,16 @@ def threads_table(steps: int, thread_counts: list[int]) -> list[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("OMP_NUM_THREADS", None)
     header = " | ".join(f"{n} thread{'s' if n > 1 else ''} (s/step)" for n in thread_counts)
-    lines = [f"| models | student / teacher params | tokens x batch | {header} | {thread_counts[-1]} vs 1 |",
-             "|---|---|---|" + "---|" * (len(thread_counts) + 1)]
+    lines = [
+        f"| models | student / teacher params | tokens x batch | {header} | {thread_counts[-1]} vs 1 |",
+        "|---|---|---|" + "---|" * (len(thread_counts) + 1),
+    ]
     for name, (student, teacher, vocab, length, batch) in SIZES.items():
         medians = []
         for threads in thread_counts:
-            code = STEP.format(threads=threads, vocab=vocab, length=length, batch=batch, steps=steps, student=student,
-                               teacher=teacher)  # fmt: skip
+            code = STEP.format(
+                threads=threads, vocab=vocab, length=length, batch=batch, steps=steps, student=student, teacher=teacher
+            )
             done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             medians.append(result["median"])

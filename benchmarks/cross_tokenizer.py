@@ -64,9 +64,12 @@ METHODS = {  # name -> (teacher, DistillationConfig settings); alpha = 0 leaves 
     CE: ("A", {"loss_type": "forward_kl", "alpha": 0.0}),
     SAME: ("A", {"loss_type": "forward_kl", "alpha": 1.0}),
     CROSS: ("B", {"loss_type": "forward_kl", "alpha": 1.0}),
-    "cross-tokenizer, ULD weight 1 (B)": ("B", {"loss_type": "forward_kl", "alpha": 1.0, "cross_tokenizer_uld_weight": 1.0}),
+    "cross-tokenizer, ULD weight 1 (B)": (
+        "B",
+        {"loss_type": "forward_kl", "alpha": 1.0, "cross_tokenizer_uld_weight": 1.0},
+    ),
     "cross-tokenizer + CE, alpha 0.5 (B)": ("B", {"loss_type": "forward_kl", "alpha": 0.5}),
-}  # fmt: skip
+}
 
 
 # ---- tokenizers -----------------------------------------------------------------------------------------------------
@@ -86,8 +89,9 @@ def coarse_merges(seqs: torch.Tensor, symbols: int, count: int) -> list[tuple[st
 
     chars = [chr(0x4E00 + k) for k in range(symbols)]  # symbol k -> one CJK character
     core = Tokenizer(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=len(chars) + count, initial_alphabet=chars, limit_alphabet=len(chars),
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(chars) + count, initial_alphabet=chars, limit_alphabet=len(chars), show_progress=False
+    )
     core.train_from_iterator(["".join(chars[k] for k in row) for row in seqs.tolist()], trainer)
     merges = json.loads(core.to_str())["model"]["merges"]
     spell = lambda piece: "".join(f"Ġs{chars.index(c)}" for c in piece)
@@ -166,9 +170,9 @@ def teacher_signal(teacher, student_tok, teacher_tok, dataset, rows: int = 64) -
     * ``span_gap``: on merged spans spelled by one teacher token, log P(any teacher token that starts with the span's
       text) - log P(that token), mean over spans: how far the chain-rule term's teacher probability falls short of the
       text's (0 where no longer token starts with it)."""
+    from hf_kd.data import DistillationCollator
     from hf_kd.teachers.cross_tokenizer.alignment import align_batch
     from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
-    from hf_kd.data import DistillationCollator
 
     shared = shared_vocabulary(student_tok, teacher_tok)
     batch = DistillationCollator()([dataset[i] for i in range(min(rows, len(dataset)))])
@@ -196,8 +200,13 @@ def teacher_signal(teacher, student_tok, teacher_tok, dataset, rows: int = 64) -
     for row, token in zip(rows_t[single].tolist(), tokens_t[single].tolist()):
         longer = [v for v, words in enumerate(spells) if words[: len(spells[token])] == spells[token]]
         gaps.append(math.log(probs[row, longer].sum()) - math.log(probs[row, token]))
-    return {"boundaries": len(targets), "nll_shared": -renormalized.log().mean().item(),
-            "nll_marginal": -marginal.log().mean().item(), "spans": len(gaps), "span_gap": statistics.fmean(gaps)}  # fmt: skip
+    return {
+        "boundaries": len(targets),
+        "nll_shared": -renormalized.log().mean().item(),
+        "nll_marginal": -marginal.log().mean().item(),
+        "spans": len(gaps),
+        "span_gap": statistics.fmean(gaps),
+    }
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -246,11 +255,22 @@ def run(s, seeds: list[int], out_dir: Path | None, merges: int = MERGES, command
         for t, tok in toks.items():
             teachers[t] = demo.build_model(len(tok), s.teacher_size, s.seq_len, seed=0)
             clock = time.time()
-            demo._train(Trainer, f"teacher {t} (CE)", s.teacher_steps, model=teachers[t], train_dataset=data[t, "teacher"],
-                        args=demo._args(tmp, s, s.teacher_steps, 0), data_collator=DistillationCollator())  # fmt: skip
-            tokenizers[t] = {"vocab": len(tok), "tokens_per_symbol": tokens_per_symbol(data[t, "test"], symbols),
-                             "params": sum(p.numel() for p in teachers[t].parameters()), "train_s": time.time() - clock,
-                             "nll": statistics.fmean(nll_per_symbol(teachers[t], data[t, "test"], symbols))}  # fmt: skip
+            demo._train(
+                Trainer,
+                f"teacher {t} (CE)",
+                s.teacher_steps,
+                model=teachers[t],
+                train_dataset=data[t, "teacher"],
+                args=demo._args(tmp, s, s.teacher_steps, 0),
+                data_collator=DistillationCollator(),
+            )
+            tokenizers[t] = {
+                "vocab": len(tok),
+                "tokens_per_symbol": tokens_per_symbol(data[t, "test"], symbols),
+                "params": sum(p.numel() for p in teachers[t].parameters()),
+                "train_s": time.time() - clock,
+                "nll": statistics.fmean(nll_per_symbol(teachers[t], data[t, "test"], symbols)),
+            }
         signal = teacher_signal(teachers["B"], toks["A"], toks["B"], data["A", "student"])
 
         runs: dict[str, list[dict]] = {name: [] for name in METHODS}
@@ -258,32 +278,53 @@ def run(s, seeds: list[int], out_dir: Path | None, merges: int = MERGES, command
             for name, (t, settings) in METHODS.items():
                 student = demo.build_model(len(toks["A"]), s.student_size, s.seq_len, seed=1000 + seed)  # one init
                 cross = {"teacher_tokenizer_name_or_path": os.path.join(tmp, "tok_B")} if t == "B" else {}
-                args = demo._args(tmp, s, s.student_steps, seed, temperature=1.0, logging_first_step=True, **settings,
-                                  **cross)  # fmt: skip
+                args = demo._args(
+                    tmp, s, s.student_steps, seed, temperature=1.0, logging_first_step=True, **settings, **cross
+                )
                 clock, cpu = time.time(), time.process_time()
-                trainer = demo._train(DistillationTrainer, f"seed {seed}, {name}", s.student_steps, model=student,
-                                      teacher_model=teachers[t], args=args, train_dataset=data["A", "student"],
-                                      processing_class=toks["A"])  # fmt: skip
+                trainer = demo._train(
+                    DistillationTrainer,
+                    f"seed {seed}, {name}",
+                    s.student_steps,
+                    model=student,
+                    teacher_model=teachers[t],
+                    args=args,
+                    train_dataset=data["A", "student"],
+                    processing_class=toks["A"],
+                )
                 assert (type(trainer.teacher).__name__ == "CrossTokenizerTeacher") == (t == "B")
                 logs = [e for e in trainer.state.log_history if "loss" in e]  # logs[0]: the first step alone
                 fractions = [e["aligned_fraction"] for e in logs if "aligned_fraction" in e]
-                runs[name].append({
-                    "nll": statistics.fmean(nll_per_symbol(student, data["A", "test"], symbols)),
-                    "train_s": time.time() - clock, "train_cpu_s": time.process_time() - cpu,
-                    "first_step": {k: logs[0][k] for k in ("aligned_fraction", "shared_mass", "distill_loss") if k in logs[0]},
-                    "mean_aligned_fraction": statistics.fmean(fractions) if fractions else None,
-                })  # fmt: skip
+                runs[name].append(
+                    {
+                        "nll": statistics.fmean(nll_per_symbol(student, data["A", "test"], symbols)),
+                        "train_s": time.time() - clock,
+                        "train_cpu_s": time.process_time() - cpu,
+                        "first_step": {
+                            k: logs[0][k] for k in ("aligned_fraction", "shared_mass", "distill_loss") if k in logs[0]
+                        },
+                        "mean_aligned_fraction": statistics.fmean(fractions) if fractions else None,
+                    }
+                )
 
     methods = {name: {"nll": mean_std([r["nll"] for r in values]), "runs": values} for name, values in runs.items()}
     for name in [name for name, (t, _) in METHODS.items() if t == "B"]:
         kept = [gain_kept(ce["nll"], same["nll"], x["nll"]) for ce, same, x in zip(runs[CE], runs[SAME], runs[name])]
         methods[name]["gain_kept"] = {"per_seed": kept, "mean_std": mean_std(kept)}
     results = {
-        "settings": asdict(s), "seeds": seeds, "merges": merges, "entropy_nats_per_symbol": entropy,
-        "tokenizers": tokenizers, "teacher_signal": signal, "methods": methods, "threads": torch.get_num_threads(),
-        "machine": machine(), "command": command, "wall_s": round(time.time() - started, 1),
+        "settings": asdict(s),
+        "seeds": seeds,
+        "merges": merges,
+        "entropy_nats_per_symbol": entropy,
+        "tokenizers": tokenizers,
+        "teacher_signal": signal,
+        "methods": methods,
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "command": command,
+        "wall_s": round(time.time() - started, 1),
         "cpu_s": round(time.process_time() - cpu_started, 1),
-    }  # fmt: skip
+    }
     text = markdown(results)
     print(text)
     if out_dir is not None:
@@ -320,74 +361,97 @@ def markdown(results: dict) -> str:
     readme = [
         "## README section",
         "",
-        (f"**Cross-tokenizer KD** (`benchmarks/cross_tokenizer.py`, the demo's task): teacher B reads the text with a "
-         f"coarser byte-level BPE ({tok['B']['tokens_per_symbol']:.2f} tokens per symbol, {tok['B']['vocab']} tokens) "
-         f"than the student ({tok['A']['tokens_per_symbol']:.2f}, {tok['A']['vocab']}); teacher A uses the student's. "
-         f"Held-out NLL per symbol (floor {floor:.3f}), mean ± std over {len(seeds)} student seeds; gain kept = "
-         "(CE - x) / (CE - same-tokenizer KD), per seed:"),
+        (
+            f"**Cross-tokenizer KD** (`benchmarks/cross_tokenizer.py`, the demo's task): teacher B reads the text with a "
+            f"coarser byte-level BPE ({tok['B']['tokens_per_symbol']:.2f} tokens per symbol, {tok['B']['vocab']} tokens) "
+            f"than the student ({tok['A']['tokens_per_symbol']:.2f}, {tok['A']['vocab']}); teacher A uses the student's. "
+            f"Held-out NLL per symbol (floor {floor:.3f}), mean ± std over {len(seeds)} student seeds; gain kept = "
+            "(CE - x) / (CE - same-tokenizer KD), per seed:"
+        ),
         "",
         "| model | NLL / symbol | ppl / symbol | gain kept |",
         "|---|---|---|---|",
-        *(f"| teacher {t} ({what} tokenizer) | {tok[t]['nll']:.3f} | {math.exp(tok[t]['nll']):.2f} | |"
-          for t, what in (("A", "student's"), ("B", "coarse"))),
-        *(f"| student: {name} | {v['nll'][0]:.3f} ± {v['nll'][1]:.3f} | {math.exp(v['nll'][0]):.2f} | "
-          f"{_pct(v['gain_kept']['mean_std']) if 'gain_kept' in v else ''} |" for name, v in m.items()),
+        *(
+            f"| teacher {t} ({what} tokenizer) | {tok[t]['nll']:.3f} | {math.exp(tok[t]['nll']):.2f} | |"
+            for t, what in (("A", "student's"), ("B", "coarse"))
+        ),
+        *(
+            f"| student: {name} | {v['nll'][0]:.3f} ± {v['nll'][1]:.3f} | {math.exp(v['nll'][0]):.2f} | "
+            f"{_pct(v['gain_kept']['mean_std']) if 'gain_kept' in v else ''} |"
+            for name, v in m.items()
+        ),
         "",
-        (f"Teacher B, trained on the same texts and budget, is {tok['B']['nll'] - tok['A']['nll']:.2f} nats per symbol "
-         f"behind teacher A and {m[CE]['nll'][0] - tok['B']['nll']:.2f} ahead of the CE-only student; cross-tokenizer KD "
-         f"with the default objective keeps {_pct(kept['mean_std'])} of the same-tokenizer gain (per seed "
-         f"{', '.join(f'{100 * k:.0f}%' for k in kept['per_seed'])}: {_verdict(kept['per_seed'])}); "
-         + "; ".join(f"{name.removesuffix(' (B)')}: {_pct(m[name]['gain_kept']['mean_std'])}, "
-                     f"{_verdict(m[name]['gain_kept']['per_seed'])}" for name in variants) + ". "
-         f"Only {100 * aligned:.0f}% of the targets align one to one. Where both have read the same text the student "
-         f"learns teacher B's next-token probabilities credited to the symbol each of its tokens starts with (its own "
-         f"belief: NLL of the next symbol {sig['nll_marginal']:.2f} nats, against {sig['nll_shared']:.2f} for its "
-         "probabilities of the shared one-symbol tokens alone, which exclude every longer token), targets inside a "
-         "teacher token learn what its tokens spell next, and a merged span's chain rule ends with every token that "
-         f"goes on with the span's text (the last token alone falls {sig['span_gap']:.2f} nats short on average). "
-         f"Teacher B itself, not A, bounds what it can teach. "
-         f"One task, one tokenizer pair, {len(seeds)} seeds: "
-         f"{sure}, its size is rough."),
-    ]  # fmt: skip
+        (
+            f"Teacher B, trained on the same texts and budget, is {tok['B']['nll'] - tok['A']['nll']:.2f} nats per symbol "
+            f"behind teacher A and {m[CE]['nll'][0] - tok['B']['nll']:.2f} ahead of the CE-only student; cross-tokenizer KD "
+            f"with the default objective keeps {_pct(kept['mean_std'])} of the same-tokenizer gain (per seed "
+            f"{', '.join(f'{100 * k:.0f}%' for k in kept['per_seed'])}: {_verdict(kept['per_seed'])}); "
+            + "; ".join(
+                f"{name.removesuffix(' (B)')}: {_pct(m[name]['gain_kept']['mean_std'])}, "
+                f"{_verdict(m[name]['gain_kept']['per_seed'])}"
+                for name in variants
+            )
+            + ". "
+            f"Only {100 * aligned:.0f}% of the targets align one to one. Where both have read the same text the student "
+            f"learns teacher B's next-token probabilities credited to the symbol each of its tokens starts with (its own "
+            f"belief: NLL of the next symbol {sig['nll_marginal']:.2f} nats, against {sig['nll_shared']:.2f} for its "
+            "probabilities of the shared one-symbol tokens alone, which exclude every longer token), targets inside a "
+            "teacher token learn what its tokens spell next, and a merged span's chain rule ends with every token that "
+            f"goes on with the span's text (the last token alone falls {sig['span_gap']:.2f} nats short on average). "
+            f"Teacher B itself, not A, bounds what it can teach. "
+            f"One task, one tokenizer pair, {len(seeds)} seeds: "
+            f"{sure}, its size is rough."
+        ),
+    ]
     details = [
         "",
         "## Details",
         "",
-        (f"Order-2 Markov chain, {s['symbols']} symbols, {s['successors']} successors per context; test set "
-         f"{s['test_seqs']} sequences x {s['seq_len'] - 2} completion symbols. Teachers h={s['teacher_size'][0]} "
-         f"L={s['teacher_size'][1]}, {s['teacher_seqs']} sequences, {s['teacher_steps']} steps x batch {s['batch_size']}; "
-         f"students h={s['student_size'][0]} L={s['student_size'][1]}, {s['student_seqs']} transfer sequences, "
-         f"{s['student_steps']} steps x batch {s['batch_size']}, lr {s['learning_rate']:g} cosine, T = 1; seeds "
-         f"{seeds}; coarse tokenizer: {results['merges']} learned merges."),
+        (
+            f"Order-2 Markov chain, {s['symbols']} symbols, {s['successors']} successors per context; test set "
+            f"{s['test_seqs']} sequences x {s['seq_len'] - 2} completion symbols. Teachers h={s['teacher_size'][0]} "
+            f"L={s['teacher_size'][1]}, {s['teacher_seqs']} sequences, {s['teacher_steps']} steps x batch {s['batch_size']}; "
+            f"students h={s['student_size'][0]} L={s['student_size'][1]}, {s['student_seqs']} transfer sequences, "
+            f"{s['student_steps']} steps x batch {s['batch_size']}, lr {s['learning_rate']:g} cosine, T = 1; seeds "
+            f"{seeds}; coarse tokenizer: {results['merges']} learned merges."
+        ),
         "",
         "| tokenizer | vocabulary | tokens / symbol | teacher params | teacher train s | teacher NLL / symbol |",
         "|---|---|---|---|---|---|",
-        *(f"| {t} | {v['vocab']} | {v['tokens_per_symbol']:.3f} | {v['params']:,} | {v['train_s']:.0f} | {v['nll']:.4f} |"
-          for t, v in (("A (student's)", tok["A"]), ("B (coarse)", tok["B"]))),
+        *(
+            f"| {t} | {v['vocab']} | {v['tokens_per_symbol']:.3f} | {v['params']:,} | {v['train_s']:.0f} | {v['nll']:.4f} |"
+            for t, v in (("A (student's)", tok["A"]), ("B (coarse)", tok["B"]))
+        ),
         "",
         "| student | NLL / symbol, per seed | s/run wall (CPU) | first step: aligned fraction, shared mass, distill loss |",
         "|---|---|---|---|",
-        *(f"| {name} | {', '.join(format(r['nll'], '.4f') for r in v['runs'])} | "
-          f"{statistics.fmean(r['train_s'] for r in v['runs']):.1f} "
-          f"({statistics.fmean(r['train_cpu_s'] for r in v['runs']):.1f}) | "
-          f"{'; '.join(', '.join(f'{x:.3g}' for x in r['first_step'].values()) for r in v['runs'])} |"
-          for name, v in m.items()),
-    ]  # fmt: skip
+        *(
+            f"| {name} | {', '.join(format(r['nll'], '.4f') for r in v['runs'])} | "
+            f"{statistics.fmean(r['train_s'] for r in v['runs']):.1f} "
+            f"({statistics.fmean(r['train_cpu_s'] for r in v['runs']):.1f}) | "
+            f"{'; '.join(', '.join(f'{x:.3g}' for x in r['first_step'].values()) for r in v['runs'])} |"
+            for name, v in m.items()
+        ),
+    ]
     cross = [r for name in [CROSS, *variants] for r in m[name]["runs"]]
     plain = [r for name in (CE, SAME) for r in m[name]["runs"]]
     slower = statistics.fmean(r["train_cpu_s"] for r in cross) / statistics.fmean(r["train_cpu_s"] for r in plain)
     details += [
         "",
-        (f"Teacher signal ({sig['boundaries']} common boundaries, {sig['spans']} one-token spans in the first 64 "
-         f"transfer sequences): next-symbol NLL {sig['nll_shared']:.3f} (shared tokens, renormalized) vs "
-         f"{sig['nll_marginal']:.3f} (first-symbol marginal); span gap {sig['span_gap']:.3f} nats. "
-         f"Mean aligned fraction over a cross run: {statistics.fmean(r['mean_aligned_fraction'] for r in cross):.3f}. "
-         f"A cross-tokenizer run takes {slower:.1f}x the CPU time of a same-tokenizer one (alignment in Python, every "
-         "batch)."),
+        (
+            f"Teacher signal ({sig['boundaries']} common boundaries, {sig['spans']} one-token spans in the first 64 "
+            f"transfer sequences): next-symbol NLL {sig['nll_shared']:.3f} (shared tokens, renormalized) vs "
+            f"{sig['nll_marginal']:.3f} (first-symbol marginal); span gap {sig['span_gap']:.3f} nats. "
+            f"Mean aligned fraction over a cross run: {statistics.fmean(r['mean_aligned_fraction'] for r in cross):.3f}. "
+            f"A cross-tokenizer run takes {slower:.1f}x the CPU time of a same-tokenizer one (alignment in Python, every "
+            "batch)."
+        ),
         "",
-        (f"Machine: {results['machine']}; {results['threads']} torch thread(s). Command: `{results['command']}`. "
-         f"Wall {results['wall_s']:.0f} s, CPU {results['cpu_s']:.0f} s."),
-    ]  # fmt: skip
+        (
+            f"Machine: {results['machine']}; {results['threads']} torch thread(s). Command: `{results['command']}`. "
+            f"Wall {results['wall_s']:.0f} s, CPU {results['cpu_s']:.0f} s."
+        ),
+    ]
     return "\n".join(readme + details)
 
 

@@ -54,11 +54,23 @@ def train_tokenizer(texts: list[str], vocab: int, split_words: bool, folder: Pat
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split_words else pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex("\n+"), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    core.pre_tokenizer = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if split_words
+        else pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex("\n+"), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    )
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(texts, trainer)
     PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>").save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
@@ -99,12 +111,12 @@ def time_losses(student, teacher, shared, ids, hidden: int, repeats: int) -> dic
     """Fastest CPU seconds of one forward + backward per method (the methods take turns)."""
     import torch
 
-    from hf_kd.teachers.cross_tokenizer.alignment import align_batch
-    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
+    from hf_kd.models.heads import LMHeadSpec
     from hf_kd.objective.fused import fused_distillation_loss
     from hf_kd.objective.losses import Objective
-    from hf_kd.models.heads import LMHeadSpec
     from hf_kd.objective.signals import StudentHidden, TeacherHidden
+    from hf_kd.teachers.cross_tokenizer.alignment import align_batch
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
 
     batch = torch.tensor([ids])
     alignment = align_batch(batch, None, batch[:, 1:], student, teacher, shared)
@@ -120,9 +132,14 @@ def time_losses(student, teacher, shared, ids, hidden: int, repeats: int) -> dic
 
     def cross():
         head = LMHeadSpec(s_weight, None, None, None)
-        terms = cross_tokenizer_terms(StudentHidden(s_hidden, head),
-                                      TeacherHidden(t_hidden, LMHeadSpec(t_weight, None, None, None)),
-                                      alignment, shared, labels, objective)  # fmt: skip
+        terms = cross_tokenizer_terms(
+            StudentHidden(s_hidden, head),
+            TeacherHidden(t_hidden, LMHeadSpec(t_weight, None, None, None)),
+            alignment,
+            shared,
+            labels,
+            objective,
+        )
         terms["loss"].backward()
 
     def same():
@@ -137,7 +154,11 @@ def time_losses(student, teacher, shared, ids, hidden: int, repeats: int) -> dic
             logits @ s_weight.detach()
             logits.T @ h
 
-    best = {"cross-tokenizer loss": float("inf"), "same-tokenizer fused loss": float("inf"), "matmul floor": float("inf")}
+    best = {
+        "cross-tokenizer loss": float("inf"),
+        "same-tokenizer fused loss": float("inf"),
+        "matmul floor": float("inf"),
+    }
     for _ in range(repeats):
         for name, fn in zip(best, (cross, same, floor)):
             s_hidden.grad = s_weight.grad = None
@@ -161,7 +182,8 @@ def main(argv=None) -> None:
 
     hf_logging.set_verbosity_error()
     chars, (v_s, v_t), (count, length), repeats = (
-        (3_000_000, (4_000, 6_000), (4, 256), 2) if args.quick else (30_000_000, (16_000, 24_000), (16, 1024), 3))  # fmt: skip
+        (3_000_000, (4_000, 6_000), (4, 256), 2) if args.quick else (30_000_000, (16_000, 24_000), (16, 1024), 3)
+    )
     started, cpu = time.time(), time.process_time()
     texts = corpus(chars)
     train_texts, held_out = texts[: int(len(texts) * 0.9)], texts[int(len(texts) * 0.9) :]
@@ -171,35 +193,54 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         student = train_tokenizer(train_texts[:half], v_s, True, Path(folder) / "student")
         teachers = {  # another family: trained on other text, another size; and one that merges across spaces
-            "words split first (like two GPT-style families)": train_tokenizer(train_texts[half:], v_t, True,
-                                                                               Path(folder) / "teacher_words"),
+            "words split first (like two GPT-style families)": train_tokenizer(
+                train_texts[half:], v_t, True, Path(folder) / "teacher_words"
+            ),
             "merges across spaces": train_tokenizer(train_texts[half:], v_t, False, Path(folder) / "teacher_lines"),
-        }  # fmt: skip
+        }
     canonical = windows(student, held_out, count, length)
     sampled = [resampled(student, ids, 7) for ids in canonical]
     result = {"machine": machine(), "student_vocab": len(student), "teachers": {}}
-    lines = [f"# Cross-tokenizer cost ({'--quick' if args.quick else 'default'})", "",
-             f"{result['machine']}, torch {torch.__version__}, 1 thread. Student tokenizer {len(student)} tokens "
-             f"(words split first); teachers {v_t} tokens trained on other text. Loss: one forward + backward, "
-             f"N = {length - 1} targets, H = {args.hidden}, fastest CPU time of {repeats}, against the fused same-tokenizer loss "
-             "and its matmul floor.", "",
-             "| teacher tokenizer | shared tokens | aligned 1:1 | align, canonical (k tok/s) | align, sampled-like "
-             "(k tok/s) | cross loss (ms) | same-tokenizer fused (ms) | floor (ms) | cross / fused |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Cross-tokenizer cost ({'--quick' if args.quick else 'default'})",
+        "",
+        f"{result['machine']}, torch {torch.__version__}, 1 thread. Student tokenizer {len(student)} tokens "
+        f"(words split first); teachers {v_t} tokens trained on other text. Loss: one forward + backward, "
+        f"N = {length - 1} targets, H = {args.hidden}, fastest CPU time of {repeats}, against the fused same-tokenizer loss "
+        "and its matmul floor.",
+        "",
+        "| teacher tokenizer | shared tokens | aligned 1:1 | align, canonical (k tok/s) | align, sampled-like "
+        "(k tok/s) | cross loss (ms) | same-tokenizer fused (ms) | floor (ms) | cross / fused |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for kind, teacher in teachers.items():
         shared = shared_vocabulary(student, teacher)
-        rates = {name: time_alignment(student, teacher, shared, batches)
-                 for name, batches in (("canonical", canonical), ("sampled", sampled))}  # fmt: skip
+        rates = {
+            name: time_alignment(student, teacher, shared, batches)
+            for name, batches in (("canonical", canonical), ("sampled", sampled))
+        }
         losses, alignment = time_losses(student, teacher, shared, canonical[0], args.hidden, repeats)
-        result["teachers"][kind] = {"shared": len(shared.student_ids), "alignment": rates, "loss_cpu_seconds": losses,
-                                    "pairs": alignment.pairs.shape[1], "span_groups": alignment.span_starts.shape[1]}  # fmt: skip
+        result["teachers"][kind] = {
+            "shared": len(shared.student_ids),
+            "alignment": rates,
+            "loss_cpu_seconds": losses,
+            "pairs": alignment.pairs.shape[1],
+            "span_groups": alignment.span_starts.shape[1],
+        }
         cross, same, floor = losses.values()
-        lines.append(f"| {kind} | {100 * shared.overlap:.0f}% | {100 * rates['canonical'][1]:.0f}% | "
-                     f"{rates['canonical'][0]:.0f} | {rates['sampled'][0]:.0f} | {1000 * cross:.0f} | {1000 * same:.0f} | "
-                     f"{1000 * floor:.0f} | {cross / same:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {kind} | {100 * shared.overlap:.0f}% | {100 * rates['canonical'][1]:.0f}% | "
+            f"{rates['canonical'][0]:.0f} | {rates['sampled'][0]:.0f} | {1000 * cross:.0f} | {1000 * same:.0f} | "
+            f"{1000 * floor:.0f} | {cross / same:.2f}x |"
+        )
     result.update(wall_seconds=time.time() - started, cpu_seconds=time.process_time() - cpu)
-    lines += ["", "Sampled-like: every 7th token re-spelled as its bytes (what an on-policy sample may be), aligned "
-              "by counting bytes.", "", f"Run: {result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU."]
+    lines += [
+        "",
+        "Sampled-like: every 7th token re-spelled as its bytes (what an on-policy sample may be), aligned "
+        "by counting bytes.",
+        "",
+        f"Run: {result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU.",
+    ]
     stem = "cross_tokenizer_speed_quick" if args.quick else "cross_tokenizer_speed"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))

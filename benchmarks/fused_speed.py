@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing hf_kd
 
 from benchmarks.machine import machine  # noqa: E402 (after the path insert)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024**3
 AUTOCAST = "fused, bf16 autocast"
@@ -156,9 +157,14 @@ def fused_step(package, x: dict, chunk_size: int, autocast: bool = False):
 
     with torch.autocast(x["labels"].device.type, torch.bfloat16, enabled=autocast):
         loss = package.fused_distillation_loss(
-            x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["labels"],
-            alpha=0.5, chunk_size=chunk_size,
-        )  # fmt: skip
+            x["student_hidden"],
+            x["student_weight"],
+            x["teacher_hidden"],
+            x["teacher_weight"],
+            x["labels"],
+            alpha=0.5,
+            chunk_size=chunk_size,
+        )
     loss.backward()
     x["student_hidden"].grad = x["student_weight"].grad = None
     return loss.item()
@@ -276,8 +282,10 @@ def markdown(cells: list, args, header: str) -> str:
     cuda = args.device.startswith("cuda")
     lines = [header, ""]
     if cuda:
-        lines += ["| V | H | method | time (ms) | x floor | x naive | peak above inputs (GB) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| V | H | method | time (ms) | x floor | x naive | peak above inputs (GB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
     else:
         columns = "wall (s) | CPU (s) | x floor (wall) | x floor (CPU) | x naive (CPU) | peak above inputs (MB)"
         lines += [f"| V | H | method | {columns} |", "|---|---|---|---|---|---|---|---|---|"]
@@ -289,16 +297,22 @@ def markdown(cells: list, args, header: str) -> str:
             wall, cpu = min(r["wall"]), min(r["cpu"])
             if cuda:
                 vs_naive = f"{wall / min(naive['wall']):.2f}x" if naive else "-"
-                lines.append(f"| {c['vocab']} | {c['hidden']} | {name} | {wall * 1e3:.1f} | {wall / floor_wall:.2f}x | "
-                             f"{vs_naive} | {r['peak'] / GB:.2f} |")  # fmt: skip
+                lines.append(
+                    f"| {c['vocab']} | {c['hidden']} | {name} | {wall * 1e3:.1f} | {wall / floor_wall:.2f}x | "
+                    f"{vs_naive} | {r['peak'] / GB:.2f} |"
+                )
             else:
                 vs_naive = f"{cpu / min(naive['cpu']):.2f}x" if naive else "-"
                 peak = "-" if r["peak"] is None else f"{r['peak'] / 2**20:.0f}"
-                lines.append(f"| {c['vocab']} | {c['hidden']} | {name} | {wall:.3f} | {cpu:.3f} | "
-                             f"{wall / floor_wall:.2f}x | {cpu / floor_cpu:.2f}x | {vs_naive} | {peak} |")  # fmt: skip
+                lines.append(
+                    f"| {c['vocab']} | {c['hidden']} | {name} | {wall:.3f} | {cpu:.3f} | "
+                    f"{wall / floor_wall:.2f}x | {cpu / floor_cpu:.2f}x | {vs_naive} | {peak} |"
+                )
         if not cuda and not args.units:
-            lines.append(f"| {c['vocab']} | {c['hidden']} | {AUTOCAST} | not measured: this CPU has no bf16 matrix "
-                         "units (neither amx_bf16 nor avx512_bf16 in /proc/cpuinfo) | | | | | |")  # fmt: skip
+            lines.append(
+                f"| {c['vocab']} | {c['hidden']} | {AUTOCAST} | not measured: this CPU has no bf16 matrix "
+                "units (neither amx_bf16 nor avx512_bf16 in /proc/cpuinfo) | | | | | |"
+            )
     compiled = [r["first_call_s"] for c in cells for n, r in c["methods"].items() if n == "compiled"]
     if compiled:
         lines += ["", f"compiled: first call (compilation) {max(compiled):.0f} s at most per cell"]
@@ -311,8 +325,11 @@ def main() -> None:
     parser.add_argument("--vocabs", default=None, help="comma-separated (default 32000,128256; cuda: 128256)")
     parser.add_argument("--hiddens", default=None, help="comma-separated H (default 256,1024; cuda: 4096)")
     parser.add_argument("--tokens", type=int, default=None, help="N positions (default 1024; cuda: 8192)")
-    parser.add_argument("--chunk-sizes", default="256", help="fused chunk sizes, comma-separated; the first is the "
-                        "floor's and before's/compiled's")  # fmt: skip
+    parser.add_argument(
+        "--chunk-sizes",
+        default="256",
+        help="fused chunk sizes, comma-separated; the first is the floor's and before's/compiled's",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per method (the fastest is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--compare-with", help="directory of another hf_kd package (or a checkout holding one)")
@@ -347,9 +364,11 @@ def main() -> None:
     if not cuda:
         where += f", bf16 matrix units: {', '.join(args.units) or 'none'}"
     load = os.getloadavg()
-    header = (f"{where}; torch {torch.__version__}; {'bf16' if cuda else 'float32 weights'}, N={args.tokens} "
-              f"positions (10% masked), forward KL + CE, alpha=0.5, T=1; fastest of {args.repeats} forward+backward; "
-              f"load average {load[0]:.1f} on {os.cpu_count()} CPUs; {time.time() - started:.0f} s")  # fmt: skip
+    header = (
+        f"{where}; torch {torch.__version__}; {'bf16' if cuda else 'float32 weights'}, N={args.tokens} "
+        f"positions (10% masked), forward KL + CE, alpha=0.5, T=1; fastest of {args.repeats} forward+backward; "
+        f"load average {load[0]:.1f} on {os.cpu_count()} CPUs; {time.time() - started:.0f} s"
+    )
     text = markdown(cells, args, header)
     print(text)
     stem = "fused_speed" + ("_cuda" if cuda else "") + ("_quick" if args.quick else "")

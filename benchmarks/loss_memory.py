@@ -52,9 +52,14 @@ def _worker(args) -> None:
             loss = distillation_loss(student_logits, teacher_logits, labels, alpha=0.5)
         else:
             loss = fused_distillation_loss(
-                student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                alpha=0.5, chunk_size=args.chunk_size,
-            )  # fmt: skip
+                student_hidden,
+                student_weight,
+                teacher_hidden,
+                teacher_weight,
+                labels,
+                alpha=0.5,
+                chunk_size=args.chunk_size,
+            )
         loss.backward()
         student_hidden.grad = student_weight.grad = None
         return loss.item()
@@ -82,10 +87,24 @@ def _worker(args) -> None:
 
 def _run(args, method: str, n: int, v: int, chunk_size: int = 0) -> dict:
     command = [
-        sys.executable, __file__, "--worker", "--method", method, "--n", str(n), "--v", str(v),
-        "--hidden", str(args.hidden), "--chunk-size", str(chunk_size), "--repeats", str(args.repeats),
-        "--device", args.device,
-    ]  # fmt: skip
+        sys.executable,
+        __file__,
+        "--worker",
+        "--method",
+        method,
+        "--n",
+        str(n),
+        "--v",
+        str(v),
+        "--hidden",
+        str(args.hidden),
+        "--chunk-size",
+        str(chunk_size),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{method} N={n} V={v} failed:\n{done.stderr[-2000:]}")
@@ -96,8 +115,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small grid: N in {512, 2048}, V in {4096, 16384}")
     parser.add_argument("--hidden", type=int, default=256, help="H of both models")
-    parser.add_argument("--chunk-sizes", default="256,1024", help="fused chunk_size values to compare (256: the "
-                        "default of fused_distillation_loss and of the trainer's loss_chunk_size)")  # fmt: skip
+    parser.add_argument(
+        "--chunk-sizes",
+        default="256,1024",
+        help="fused chunk_size values to compare (256: the "
+        "default of fused_distillation_loss and of the trainer's loss_chunk_size)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="forward+backward runs per cell; the fastest is timed")
     parser.add_argument("--max-gb", type=float, default=18.0, help="skip naive cells projected to need more")
     parser.add_argument("--device", default="cpu")
@@ -140,8 +163,10 @@ def main() -> None:
             )
         print(f"done N={n} V={v}", file=sys.stderr, flush=True)
 
-    print(f"device={args.device} H={args.hidden} float32, forward_kl alpha=0.5, 10% of positions masked, "
-          f"time = fastest of {args.repeats} forward+backward")  # fmt: skip
+    print(
+        f"device={args.device} H={args.hidden} float32, forward_kl alpha=0.5, 10% of positions masked, "
+        f"time = fastest of {args.repeats} forward+backward"
+    )
     print("| N | V | method | extra peak (GB) | x naive | time (s) | x naive |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))

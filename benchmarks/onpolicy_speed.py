@@ -51,8 +51,8 @@ def dataset(new_tokens: int, n: int, tmp: str):
     """The demo's data layout: two prompt symbols (labels -100), then ``new_tokens`` completion symbols, no EOS."""
     import numpy as np
 
-    from hf_kd.data import load_raw_dataset, tokenize_dataset
     from hf_kd.cli.demo import Settings, build_tokenizer, make_chain, sample, write_jsonl
+    from hf_kd.data import load_raw_dataset, tokenize_dataset
     from hf_kd.recipe.recipe import DataSection
 
     s = Settings()
@@ -87,19 +87,41 @@ def time_steps(student_size, teacher, data, tokenizer, lmbda: float, args, tmp: 
 
     student = build_model(len(tokenizer), student_size, args.new_tokens + 2, seed=1)
     config = DistillationConfig(
-        output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps + 1, learning_rate=1e-3,
-        report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, use_cpu=args.device == "cpu",
-        loss_type="reverse_kl", temperature=1.0, alpha=1.0, lmbda=lmbda, max_new_tokens=args.new_tokens,
-        generation_kwargs={"eos_token_id": []}, dataloader_drop_last=True, seed=0,
-    )  # fmt: skip
-    trainer = Timed(model=student.to(args.device), teacher_model=teacher, args=config, train_dataset=data,
-                    processing_class=tokenizer, callbacks=[Clock()])  # fmt: skip
+        output_dir=tmp,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps + 1,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        loss_type="reverse_kl",
+        temperature=1.0,
+        alpha=1.0,
+        lmbda=lmbda,
+        max_new_tokens=args.new_tokens,
+        generation_kwargs={"eos_token_id": []},
+        dataloader_drop_last=True,
+        seed=0,
+    )
+    trainer = Timed(
+        model=student.to(args.device),
+        teacher_model=teacher,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
     trainer.train()
     walls = [b[0] - a[0] for a, b in itertools.pairwise(marks)]  # steps 2..N: the first one warms up
     cpus = [b[1] - a[1] for a, b in itertools.pairwise(marks)]
     shares = [p / w for p, w in zip(prepare[1:], walls)]  # step k + 1's prepare_batch runs between marks k and k + 1
-    return {"step_s": statistics.median(walls), "step_cpu_s": statistics.median(cpus),
-            "prepare_share": statistics.median(shares) if lmbda > 0 else 0.0}  # fmt: skip
+    return {
+        "step_s": statistics.median(walls),
+        "step_cpu_s": statistics.median(cpus),
+        "prepare_share": statistics.median(shares) if lmbda > 0 else 0.0,
+    }
 
 
 def time_generation(model, vocab: int, new_tokens: int, args, use_cache: bool = True, calls: int = 0) -> dict:
@@ -120,13 +142,19 @@ def time_generation(model, vocab: int, new_tokens: int, args, use_cache: bool = 
         else:  # complete() always asks for the cache; the reference path calls generate itself
             ids = torch.tensor(prompts, device=args.device)
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                     use_cache=False)[:, 2:].tolist()  # fmt: skip
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, use_cache=False
+                )[:, 2:].tolist()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     assert all(len(c) == new_tokens for c in out), "a completion stopped early"
     wall, cpu = min(walls[warmup:]), min(cpus[warmup:])
-    return {"s": wall, "cpu_s": cpu, "ms_per_token": 1e3 * wall / new_tokens, "cpu_ms_per_token": 1e3 * cpu / new_tokens}
+    return {
+        "s": wall,
+        "cpu_s": cpu,
+        "ms_per_token": 1e3 * wall / new_tokens,
+        "cpu_ms_per_token": 1e3 * cpu / new_tokens,
+    }
 
 
 def run(args) -> dict:
@@ -139,9 +167,17 @@ def run(args) -> dict:
     datasets.disable_progress_bars()
     torch.set_num_threads(args.threads)
     students = dict(list(STUDENTS.items())[:1]) if args.quick else STUDENTS
-    results = {"machine": machine(), "threads": args.threads, "device": args.device, "batch_size": args.batch_size,
-               "new_tokens": args.new_tokens, "steps": args.steps, "repeats": args.repeats, "step": {},
-               "generation": {}}  # fmt: skip
+    results = {
+        "machine": machine(),
+        "threads": args.threads,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "new_tokens": args.new_tokens,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "step": {},
+        "generation": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         data, tokenizer = dataset(args.new_tokens, args.batch_size * (args.steps + 1), tmp)
         vocab = len(tokenizer)
@@ -166,10 +202,12 @@ def run(args) -> dict:
 
 def markdown(r: dict, command: str) -> str:
     lines = [
-        (f"Machine: {r['machine']}, {r['threads']} torch thread(s), {r['device']}. Command: `{command}`. Reverse KL, "
-         f"T = 1, batch {r['batch_size']}, completions of {r['new_tokens']} tokens (no EOS stop), teacher "
-         f"h={TEACHER[0]} L={TEACHER[1]}, the demo's 19-token vocabulary; step: median of {r['steps']} steps after a "
-         f"warm-up, the faster of {r['repeats']} interleaved runs; CPU = process time."),
+        (
+            f"Machine: {r['machine']}, {r['threads']} torch thread(s), {r['device']}. Command: `{command}`. Reverse KL, "
+            f"T = 1, batch {r['batch_size']}, completions of {r['new_tokens']} tokens (no EOS stop), teacher "
+            f"h={TEACHER[0]} L={TEACHER[1]}, the demo's 19-token vocabulary; step: median of {r['steps']} steps after a "
+            f"warm-up, the faster of {r['repeats']} interleaved runs; CPU = process time."
+        ),
         "",
         "(a, b) an on-policy step (lmbda 1) vs an off-policy step:",
         "",
@@ -179,27 +217,37 @@ def markdown(r: dict, command: str) -> str:
     for name, cell in r["step"].items():
         off, on = cell["off-policy"], cell["on-policy"]
         ratio, cpu_ratio = on["step_s"] / off["step_s"], on["step_cpu_s"] / off["step_cpu_s"]
-        lines.append(f"| {name} | {off['step_s']:.3f} ({off['step_cpu_s']:.3f}) | {on['step_s']:.3f} "
-                     f"({on['step_cpu_s']:.3f}) | {ratio:.2f}x ({cpu_ratio:.2f}x) | "
-                     f"{100 * on['prepare_share']:.0f}% |")  # fmt: skip
+        lines.append(
+            f"| {name} | {off['step_s']:.3f} ({off['step_cpu_s']:.3f}) | {on['step_s']:.3f} "
+            f"({on['step_cpu_s']:.3f}) | {ratio:.2f}x ({cpu_ratio:.2f}x) | "
+            f"{100 * on['prepare_share']:.0f}% |"
+        )
     big = str(max(LENGTHS))
     lines += [
         "",
-        (f"(c) generation alone (`hf_kd.training.generation.complete`, batch {r['batch_size']}, KV cache on): seconds (CPU s) "
-         f"and wall (CPU) ms per new token, the fastest of {r['repeats']} calls; x{LENGTHS[0]}: time relative to "
-         f"{LENGTHS[0]} tokens (linear: {', '.join(f'{n / LENGTHS[0]:g}' for n in LENGTHS)}); no KV cache: one call."),
+        (
+            f"(c) generation alone (`hf_kd.training.generation.complete`, batch {r['batch_size']}, KV cache on): seconds (CPU s) "
+            f"and wall (CPU) ms per new token, the fastest of {r['repeats']} calls; x{LENGTHS[0]}: time relative to "
+            f"{LENGTHS[0]} tokens (linear: {', '.join(f'{n / LENGTHS[0]:g}' for n in LENGTHS)}); no KV cache: one call."
+        ),
         "",
-        (f"| model | {' | '.join(f'{n} tokens s (CPU s)' for n in LENGTHS)} | ms/token at "
-         f"{' / '.join(map(str, LENGTHS))} | x{LENGTHS[0]} at {big} (CPU) | {big} tokens, no KV cache |"),
+        (
+            f"| model | {' | '.join(f'{n} tokens s (CPU s)' for n in LENGTHS)} | ms/token at "
+            f"{' / '.join(map(str, LENGTHS))} | x{LENGTHS[0]} at {big} (CPU) | {big} tokens, no KV cache |"
+        ),
         "|---|" + "---|" * (len(LENGTHS) + 3),
     ]
     for name, cells in r["generation"].items():
         timed = [cells[str(n)] for n in LENGTHS]
         nocache = cells[f"{big}, no KV cache"]
-        lines.append(f"| {name} | " + " | ".join(f"{c['s']:.3f} ({c['cpu_s']:.3f})" for c in timed)
-                     + " | " + " / ".join(f"{c['ms_per_token']:.2f} ({c['cpu_ms_per_token']:.2f})" for c in timed)
-                     + f" | {timed[-1]['s'] / timed[0]['s']:.2f}x ({timed[-1]['cpu_s'] / timed[0]['cpu_s']:.2f}x) | "
-                     f"{nocache['s']:.2f} s ({nocache['s'] / timed[-1]['s']:.0f}x cached) |")  # fmt: skip
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{c['s']:.3f} ({c['cpu_s']:.3f})" for c in timed)
+            + " | "
+            + " / ".join(f"{c['ms_per_token']:.2f} ({c['cpu_ms_per_token']:.2f})" for c in timed)
+            + f" | {timed[-1]['s'] / timed[0]['s']:.2f}x ({timed[-1]['cpu_s'] / timed[0]['cpu_s']:.2f}x) | "
+            f"{nocache['s']:.2f} s ({nocache['s'] / timed[-1]['s']:.0f}x cached) |"
+        )
     return "\n".join(lines)
 
 

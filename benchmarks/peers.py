@@ -51,6 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing hf_kd
 
 from benchmarks.machine import machine  # noqa: E402 (after the path insert)
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # GKDTrainer lives in trl.experimental (TRL 1.x)
 
 GB = 1024**3
@@ -96,10 +97,18 @@ def _llama(vocab: int, size: tuple[int, int], seq_len: int, seed: int, dtype):
     heads = max(hidden // 64, 1)
     # Llama-3's proportions at a tiny width: MLP 3.5x hidden, 4 query heads per KV head (head_dim 64, not 128)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(3.5 * hidden), num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), max_position_embeddings=seq_len,
-        tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(3.5 * hidden),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 4, 1),
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
@@ -112,8 +121,9 @@ def _dataset(setup: Setup):
     rows = (setup.warmup + setup.steps) * setup.batch_size
     ids = torch.randint(3, setup.vocab, (rows, setup.seq_len), generator=g)
     # Every position is a target (labels = input ids; the trainers shift them), no padding: the same tensors for all.
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
-                              "labels": ids.tolist()})  # fmt: skip
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": ids.tolist()}
+    )
 
 
 def _tokenizer():
@@ -129,11 +139,20 @@ def _tokenizer():
 def _common_args(setup: Setup, out_dir: str) -> dict:
     cuda = setup.device.startswith("cuda")
     return {
-        "output_dir": out_dir, "max_steps": setup.warmup + setup.steps, "per_device_train_batch_size": setup.batch_size,
-        "learning_rate": 1e-4, "lr_scheduler_type": "constant", "logging_steps": 10**6, "save_strategy": "no",
-        "report_to": "none", "disable_tqdm": True, "use_cpu": not cuda, "bf16": cuda, "dataloader_num_workers": 0,
+        "output_dir": out_dir,
+        "max_steps": setup.warmup + setup.steps,
+        "per_device_train_batch_size": setup.batch_size,
+        "learning_rate": 1e-4,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 10**6,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": not cuda,
+        "bf16": cuda,
+        "dataloader_num_workers": 0,
         "seed": 0,
-    }  # fmt: skip
+    }
 
 
 def _trainer(method: str, setup: Setup, teacher, student, data, out_dir: str, callbacks):
@@ -147,15 +166,17 @@ def _trainer(method: str, setup: Setup, teacher, student, data, out_dir: str, ca
         from hf_kd import DistillationConfig, DistillationTrainer
 
         chunk = setup.chunk_size if method == "hf_kd_fused" else 0
-        args = DistillationConfig(**_common_args(setup, out_dir), loss_type="forward_kl", temperature=1.0, alpha=1.0,
-                                  loss_chunk_size=chunk)  # fmt: skip
+        args = DistillationConfig(
+            **_common_args(setup, out_dir), loss_type="forward_kl", temperature=1.0, alpha=1.0, loss_chunk_size=chunk
+        )
         return DistillationTrainer(teacher_model=teacher, args=args, **common)
     if method == "trl_gkd":
         GKDConfig, GKDTrainer = gkd_classes()
         # lmbda=0: never on-policy; seq_kd=False: never teacher-generated; beta=0: generalized JSD -> forward KL.
         # temperature only affects GKD's sampling (its loss runs at T=1), so 1.0 is the same objective as hf_kd's.
-        args = GKDConfig(**_common_args(setup, out_dir), lmbda=0.0, seq_kd=False, beta=0.0, temperature=1.0,
-                         max_length=setup.seq_len)  # fmt: skip
+        args = GKDConfig(
+            **_common_args(setup, out_dir), lmbda=0.0, seq_kd=False, beta=0.0, temperature=1.0, max_length=setup.seq_len
+        )
         return GKDTrainer(teacher_model=teacher, args=args, processing_class=_tokenizer(), **common)
     raise ValueError(f"unknown method {method!r}")
 
@@ -226,7 +247,9 @@ def measure(method: str, setup: Setup) -> dict:
     times: list[float] = []
 
     if method == "teacher_forward":
-        batch = {k: torch.tensor(data[: setup.batch_size][k], device=setup.device) for k in ("input_ids", "attention_mask")}
+        batch = {
+            k: torch.tensor(data[: setup.batch_size][k], device=setup.device) for k in ("input_ids", "attention_mask")
+        }
         memory.start()
         for _ in range(setup.warmup + setup.steps):
             sync()
@@ -257,10 +280,15 @@ def measure(method: str, setup: Setup) -> dict:
     peak = memory.peak()
     step = statistics.median(times[setup.warmup :])
     return {
-        "method": method, "vocab": setup.vocab, "step_s": step, "step_times_s": times,
-        "min_step_s": min(times[setup.warmup :]), "tokens_per_s": setup.batch_size * (setup.seq_len - 1) / step,
-        "peak_bytes": peak, "loss_at_init": loss_at_init,
-    }  # fmt: skip
+        "method": method,
+        "vocab": setup.vocab,
+        "step_s": step,
+        "step_times_s": times,
+        "min_step_s": min(times[setup.warmup :]),
+        "tokens_per_s": setup.batch_size * (setup.seq_len - 1) / step,
+        "peak_bytes": peak,
+        "loss_at_init": loss_at_init,
+    }
 
 
 def _loss_at_init(trainer, method: str, data, setup: Setup) -> float:
@@ -334,8 +362,14 @@ def loss_agreement(vocab: int = 1000, seed: int = 0) -> dict | None:
     for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0)):
         ours = distillation_loss(student, teacher, labels, loss_type=name, temperature=1.0).item()
         theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels, beta=beta, temperature=1.0).item()
-        result[name] = {"trl_beta": beta, "hf_kd": ours, "trl": theirs, "reference": reference[name],
-                        "abs_diff": abs(ours - theirs), "trl_vs_reference": abs(theirs - reference[name])}  # fmt: skip
+        result[name] = {
+            "trl_beta": beta,
+            "hf_kd": ours,
+            "trl": theirs,
+            "reference": reference[name],
+            "abs_diff": abs(ours - theirs),
+            "trl_vs_reference": abs(theirs - reference[name]),
+        }
     return result
 
 
@@ -363,9 +397,15 @@ def targets(ratio: dict) -> dict:
     """The issue's targets for hf_kd fused at the largest vocabulary measured: value, bound, met (None: not measured)."""
     vocab = max(ratio)
     fused = ratio[vocab].get("hf_kd_fused", {})
-    return {name: {"vocab": vocab, "value": fused.get(name), "bound": bound,
-                   "met": None if fused.get(name) is None else fused[name] <= bound}
-            for name, bound in TARGETS.items()}  # fmt: skip
+    return {
+        name: {
+            "vocab": vocab,
+            "value": fused.get(name),
+            "bound": bound,
+            "met": None if fused.get(name) is None else fused[name] <= bound,
+        }
+        for name, bound in TARGETS.items()
+    }
 
 
 def _x(value) -> str:
@@ -373,9 +413,12 @@ def _x(value) -> str:
 
 
 def markdown(cells: dict, ratio: dict, setup: Setup, header: str) -> str:
-    lines = [header, "",
-             "| V | method | step (s) | min step (s) | tokens/s | peak (GB) | step x TRL | peak x TRL | KD / (SFT + teacher fwd) |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        header,
+        "",
+        "| V | method | step (s) | min step (s) | tokens/s | peak (GB) | step x TRL | peak x TRL | KD / (SFT + teacher fwd) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for vocab, by_method in cells.items():
         for method in METHODS:
             cell = by_method.get(method)
@@ -428,37 +471,55 @@ def report(cells: dict, setup: Setup, out_dir: Path, stem: str, seconds: float) 
     agreement = loss_agreement()
     where = machine(setup.device) + (f", {setup.threads} torch thread(s)" if setup.threads else "")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    header = (f"{where}; {setup.device}; teacher h={setup.teacher[0]} L={setup.teacher[1]}, student "
-              f"h={setup.student[0]} L={setup.student[1]}, batch {setup.batch_size} x {setup.seq_len} tokens, "
-              f"forward KL T=1; step: median (and min) of {setup.steps} steps after {setup.warmup} warm-up; peak above "
-              "models loaded; ratios from the medians")  # fmt: skip
+    header = (
+        f"{where}; {setup.device}; teacher h={setup.teacher[0]} L={setup.teacher[1]}, student "
+        f"h={setup.student[0]} L={setup.student[1]}, batch {setup.batch_size} x {setup.seq_len} tokens, "
+        f"forward KL T=1; step: median (and min) of {setup.steps} steps after {setup.warmup} warm-up; peak above "
+        "models loaded; ratios from the medians"
+    )
     table = markdown(cells, ratio, setup, header)
     lines = [table, ""]
     for name, check in checks.items():
         state = "not measured" if check["met"] is None else ("met" if check["met"] else "NOT met")
-        lines.append(f"target {name} (hf_kd fused, V={check['vocab']}): {_x(check['value'])} <= {check['bound']}x: {state}")
+        lines.append(
+            f"target {name} (hf_kd fused, V={check['vocab']}): {_x(check['value'])} <= {check['bound']}x: {state}"
+        )
     for vocab, by_method in cells.items():
         losses = {m: by_method[m]["loss_at_init"] for m in KD_METHODS if m in by_method}
         spread = max(losses.values()) - min(losses.values())
-        lines.append(f"loss on the first batch, V={vocab}: " + ", ".join(f"{LABELS[m]} {v:.6f}" for m, v in losses.items())
-                     + f" (max diff {spread:.1e})")  # fmt: skip
+        lines.append(
+            f"loss on the first batch, V={vocab}: "
+            + ", ".join(f"{LABELS[m]} {v:.6f}" for m, v in losses.items())
+            + f" (max diff {spread:.1e})"
+        )
     if agreement is None:
         lines.append("loss check vs TRL's generalized_jsd_loss: TRL not installed")
     else:
         for name, a in agreement.items():
-            lines.append(f"{name} vs TRL generalized_jsd_loss(beta={a['trl_beta']:g}), float64, T=1, same logits: "
-                         f"hf_kd {a['hf_kd']:.10f}, TRL {a['trl']:.10f}, from the definition {a['reference']:.10f}; "
-                         f"|hf_kd - TRL| {a['abs_diff']:.1e}, |TRL - definition| {a['trl_vs_reference']:.1e}")  # fmt: skip
+            lines.append(
+                f"{name} vs TRL generalized_jsd_loss(beta={a['trl_beta']:g}), float64, T=1, same logits: "
+                f"hf_kd {a['hf_kd']:.10f}, TRL {a['trl']:.10f}, from the definition {a['reference']:.10f}; "
+                f"|hf_kd - TRL| {a['abs_diff']:.1e}, |TRL - definition| {a['trl_vs_reference']:.1e}"
+            )
     if load is not None:
-        lines.append(f"load average during the run (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
-                     f"{os.cpu_count()} CPUs; wall time {seconds:.0f} s")  # fmt: skip
+        lines.append(
+            f"load average during the run (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
+            f"{os.cpu_count()} CPUs; wall time {seconds:.0f} s"
+        )
     text = "\n".join(lines)
     print(text)
     results = {
-        "machine": where, "device": setup.device, "setup": asdict(setup), "cells": cells, "ratios": ratio,
-        "targets": checks, "loss_agreement_vs_trl": agreement, "load_average": load, "seconds": round(seconds, 1),
+        "machine": where,
+        "device": setup.device,
+        "setup": asdict(setup),
+        "cells": cells,
+        "ratios": ratio,
+        "targets": checks,
+        "loss_agreement_vs_trl": agreement,
+        "load_average": load,
+        "seconds": round(seconds, 1),
         "versions": _versions(),
-    }  # fmt: skip
+    }
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     (out_dir / f"{stem}.md").write_text(text + "\n", encoding="utf-8")
     print(plot(cells, out_dir / f"{stem}.png", header))
@@ -499,8 +560,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps per cell (the median is kept)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores); 1 on a CPU shared "
-                        "with other jobs, where extra threads spin against them and timings swing 2x")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: all cores); 1 on a CPU shared "
+        "with other jobs, where extra threads spin against them and timings swing 2x",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON, markdown and PNG go")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
@@ -511,8 +577,14 @@ def main() -> None:
         print(json.dumps(measure(args.worker, setup)))
         return
     vocabs = [int(v) for v in args.vocabs.split(",")]
-    setup = Setup(seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                  device=args.device, threads=args.threads)  # fmt: skip
+    setup = Setup(
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        threads=args.threads,
+    )
     stem = "peers"
     if args.quick:
         vocabs, setup.seq_len, setup.steps, stem = [32000], 256, 2, "peers_quick"

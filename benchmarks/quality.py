@@ -74,8 +74,8 @@ SAMPLE_FIELDS = ("nll", "impossible_share", "kl", "self_nll", "teacher_nll", "te
 def tokenized(seqs, tokenizer, folder: str, name: str):
     """Symbol sequences ``[n, L]`` -> the demo's dataset: its jsonl (prompt = the first two symbols, which have no
     order-2 context), read and tokenized by hf_kd.data as ``hf-kd demo`` does (completion-only labels, no EOS)."""
-    from hf_kd.data import load_raw_dataset, tokenize_dataset
     from hf_kd.cli.demo import write_jsonl
+    from hf_kd.data import load_raw_dataset, tokenize_dataset
     from hf_kd.recipe.recipe import DataSection
 
     path = os.path.join(folder, f"{name}.jsonl")
@@ -110,8 +110,10 @@ def run(s, seeds: list[int], out_dir: Path, stem: str) -> dict:
     started = time.time()
     rng = np.random.default_rng(0)  # the process, the data and the teacher are fixed; seeds vary the students
     chain = make_chain(s, rng)
-    splits = {name: sample(chain, n, s.seq_len, rng)
-              for name, n in (("teacher", s.teacher_seqs), ("student", s.student_seqs), ("test", s.test_seqs))}  # fmt: skip
+    splits = {
+        name: sample(chain, n, s.seq_len, rng)
+        for name, n in (("teacher", s.teacher_seqs), ("student", s.student_seqs), ("test", s.test_seqs))
+    }
     tokenizer = build_tokenizer(s.symbols)
     floor_ppl, _ = true_process_metrics(chain, splits["test"])
     entropy = math.log(floor_ppl)
@@ -127,8 +129,15 @@ def run(s, seeds: list[int], out_dir: Path, stem: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = {name: tokenized(seqs, tokenizer, tmp, name) for name, seqs in splits.items()}
         teacher = build_model(len(tokenizer), s.teacher_size, s.seq_len, seed=0)
-        _train(Trainer, "teacher (CE)", s.teacher_steps, model=teacher, args=_args(tmp, s, s.teacher_steps, 0),
-               train_dataset=data["teacher"], data_collator=DistillationCollator())  # fmt: skip
+        _train(
+            Trainer,
+            "teacher (CE)",
+            s.teacher_steps,
+            model=teacher,
+            args=_args(tmp, s, s.teacher_steps, 0),
+            train_dataset=data["teacher"],
+            data_collator=DistillationCollator(),
+        )
         teacher_ppl = evaluate(teacher, data["test"])[0]
         teacher_samples = [quality(teacher, seed) for seed in seeds]
         runs: dict[str, list[dict]] = {name: [] for name in METHODS}
@@ -139,25 +148,45 @@ def run(s, seeds: list[int], out_dir: Path, stem: str) -> dict:
                 generates = settings.get("lmbda", 0) > 0 or settings.get("seq_kd", False)
                 settings = {**DEFAULTS, **settings, **(generation_args(s) if generates else {})}
                 clock, cpu = time.time(), time.process_time()
-                trainer = _train(DistillationTrainer, f"seed {seed}, {name}", s.student_steps, model=student,
-                                 teacher_model=teacher, args=_args(tmp, s, s.student_steps, seed, **settings),
-                                 train_dataset=data["student"])  # fmt: skip
+                trainer = _train(
+                    DistillationTrainer,
+                    f"seed {seed}, {name}",
+                    s.student_steps,
+                    model=student,
+                    teacher_model=teacher,
+                    args=_args(tmp, s, s.student_steps, seed, **settings),
+                    train_dataset=data["student"],
+                )
                 shares = [e["generation_time_share"] for e in trainer.state.log_history if "generation_time_share" in e]
-                runs[name].append({
-                    "ppl": evaluate(student, data["test"])[0], "sample": quality(student, seed, teacher),
-                    "train_s": time.time() - clock, "train_cpu_s": time.process_time() - cpu,
-                    "generation_time_share": statistics.fmean(shares) if shares else None,
-                })  # fmt: skip
+                runs[name].append(
+                    {
+                        "ppl": evaluate(student, data["test"])[0],
+                        "sample": quality(student, seed, teacher),
+                        "train_s": time.time() - clock,
+                        "train_cpu_s": time.process_time() - cpu,
+                        "generation_time_share": statistics.fmean(shares) if shares else None,
+                    }
+                )
 
     results = {
-        "settings": asdict(s), "seeds": seeds, "floor_ppl": floor_ppl, "entropy_nats": entropy,
-        "impossible_nats": IMPOSSIBLE_NATS, "threads": torch.get_num_threads(), "teacher_ppl": teacher_ppl,
+        "settings": asdict(s),
+        "seeds": seeds,
+        "floor_ppl": floor_ppl,
+        "entropy_nats": entropy,
+        "impossible_nats": IMPOSSIBLE_NATS,
+        "threads": torch.get_num_threads(),
+        "teacher_ppl": teacher_ppl,
         "teacher_samples": summarize_samples(teacher_samples),
-        "methods": {name: {**summarize([r["ppl"] for r in values], entropy),
-                           **summarize_samples([r["sample"] for r in values]), "runs": values}
-                    for name, values in runs.items()},
+        "methods": {
+            name: {
+                **summarize([r["ppl"] for r in values], entropy),
+                **summarize_samples([r["sample"] for r in values]),
+                "runs": values,
+            }
+            for name, values in runs.items()
+        },
         "seconds": round(time.time() - started, 1),
-    }  # fmt: skip
+    }
     text = markdown(results)
     print(text)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,9 +208,11 @@ def summarize_samples(samples: list[dict]) -> dict:
 def summarize(values: list[float], entropy: float) -> dict:
     """Per-seed perplexities -> mean, sample std (0 for one seed) and mean excess nats over the floor."""
     return {
-        "ppl": values, "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "ppl": values,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "excess_nats": statistics.fmean(math.log(v) - entropy for v in values),
-    }  # fmt: skip
+    }
 
 
 def _cell(pair, digits: int = 3, scale: float = 1.0) -> str:
@@ -193,40 +224,52 @@ def markdown(results: dict) -> str:
     runs = [r for m in results["methods"].values() for r in m["runs"]]
     plain = [r["train_s"] for r in runs if r["generation_time_share"] is None]
     lines = [
-        (f"Synthetic order-2 Markov chain ({s['symbols']} symbols, {s['successors']} successors per context), test set "
-         f"{s['test_seqs']} x {s['seq_len'] - 2} target tokens. Teacher h={s['teacher_size'][0]} "
-         f"L={s['teacher_size'][1]} ({s['teacher_seqs']} sequences, {s['teacher_steps']} steps); students "
-         f"h={s['student_size'][0]} L={s['student_size'][1]}, {s['student_seqs']} transfer sequences, "
-         f"{s['student_steps']} steps x batch {s['batch_size']}, lr {s['learning_rate']:g} cosine; generated "
-         f"completions {s['seq_len'] - 2} tokens, no EOS stop; seeds {seeds}; {results.get('threads', 1)} torch "
-         f"thread(s); {results['seconds']:.0f} s."),
+        (
+            f"Synthetic order-2 Markov chain ({s['symbols']} symbols, {s['successors']} successors per context), test set "
+            f"{s['test_seqs']} x {s['seq_len'] - 2} target tokens. Teacher h={s['teacher_size'][0]} "
+            f"L={s['teacher_size'][1]} ({s['teacher_seqs']} sequences, {s['teacher_steps']} steps); students "
+            f"h={s['student_size'][0]} L={s['student_size'][1]}, {s['student_seqs']} transfer sequences, "
+            f"{s['student_steps']} steps x batch {s['batch_size']}, lr {s['learning_rate']:g} cosine; generated "
+            f"completions {s['seq_len'] - 2} tokens, no EOS stop; seeds {seeds}; {results.get('threads', 1)} torch "
+            f"thread(s); {results['seconds']:.0f} s."
+        ),
         "",
-        (f"Sample columns: the test prompts completed by each model at temperature 1. NLL: the true process's NLL per "
-         f"token (each token the process cannot emit charged {results['impossible_nats']:.2f} nats); impossible: the "
-         f"share of such tokens; KL(·‖process) = NLL minus the model's own NLL of its samples; teacher NLL and "
-         f"KL(·‖teacher) likewise under the teacher. s/run: wall (CPU) seconds of one student's training, mean over "
-         f"seeds, the share spent generating in brackets; off-policy runs took {min(plain, default=0):.0f}-"
-         f"{max(plain, default=0):.0f} s."),
+        (
+            f"Sample columns: the test prompts completed by each model at temperature 1. NLL: the true process's NLL per "
+            f"token (each token the process cannot emit charged {results['impossible_nats']:.2f} nats); impossible: the "
+            f"share of such tokens; KL(·‖process) = NLL minus the model's own NLL of its samples; teacher NLL and "
+            f"KL(·‖teacher) likewise under the teacher. s/run: wall (CPU) seconds of one student's training, mean over "
+            f"seeds, the share spent generating in brackets; off-policy runs took {min(plain, default=0):.0f}-"
+            f"{max(plain, default=0):.0f} s."
+        ),
         "",
-        ("| model | test ppl | excess nats | sample NLL | impossible % | KL(·‖process) | teacher NLL | KL(·‖teacher) "
-         "| s/run |"),
+        (
+            "| model | test ppl | excess nats | sample NLL | impossible % | KL(·‖process) | teacher NLL | KL(·‖teacher) "
+            "| s/run |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
-        (f"| true process (floor) | {results['floor_ppl']:.4f} | 0 | {results['entropy_nats']:.3f} | 0 | 0 | - | - "
-         "| - |"),
-    ]  # fmt: skip
+        (
+            f"| true process (floor) | {results['floor_ppl']:.4f} | 0 | {results['entropy_nats']:.3f} | 0 | 0 | - | - "
+            "| - |"
+        ),
+    ]
     t = results["teacher_samples"]
-    lines.append(f"| teacher (CE) | {results['teacher_ppl']:.4f} | "
-                 f"{math.log(results['teacher_ppl']) - results['entropy_nats']:.4f} | {_cell(t['sample_nll'])} | "
-                 f"{_cell(t['sample_impossible_share'], 1, 100)} | {_cell(t['sample_kl'])} | - | - | - |")  # fmt: skip
+    lines.append(
+        f"| teacher (CE) | {results['teacher_ppl']:.4f} | "
+        f"{math.log(results['teacher_ppl']) - results['entropy_nats']:.4f} | {_cell(t['sample_nll'])} | "
+        f"{_cell(t['sample_impossible_share'], 1, 100)} | {_cell(t['sample_kl'])} | - | - | - |"
+    )
     for name, m in results["methods"].items():
         seconds = statistics.fmean(r["train_s"] for r in m["runs"])
         cpu = statistics.fmean(r["train_cpu_s"] for r in m["runs"])
         shares = [r["generation_time_share"] for r in m["runs"] if r["generation_time_share"] is not None]
         timing = f"{seconds:.0f} ({cpu:.0f})" + (f" [{100 * statistics.fmean(shares):.0f}% gen]" if shares else "")
-        lines.append(f"| student: {name} | {m['mean']:.4f} ± {m['std']:.4f} | {m['excess_nats']:.4f} | "
-                     f"{_cell(m['sample_nll'])} | {_cell(m['sample_impossible_share'], 1, 100)} | "
-                     f"{_cell(m['sample_kl'])} | {_cell(m.get('sample_teacher_nll'))} | "
-                     f"{_cell(m.get('sample_teacher_kl'))} | {timing} |")  # fmt: skip
+        lines.append(
+            f"| student: {name} | {m['mean']:.4f} ± {m['std']:.4f} | {m['excess_nats']:.4f} | "
+            f"{_cell(m['sample_nll'])} | {_cell(m['sample_impossible_share'], 1, 100)} | "
+            f"{_cell(m['sample_kl'])} | {_cell(m.get('sample_teacher_nll'))} | "
+            f"{_cell(m.get('sample_teacher_kl'))} | {timing} |"
+        )
     return "\n".join(lines)
 
 
@@ -238,8 +281,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="student seeds per method")
     parser.add_argument("--steps", type=int, help="student steps (default: the demo's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and markdown go")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models gain nothing from more, "
-                        "and on a shared CPU extra threads spin against other processes and run 10x slower)")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: tiny models gain nothing from more, "
+        "and on a shared CPU extra threads spin against other processes and run 10x slower)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     s = FAST if args.quick else Settings()

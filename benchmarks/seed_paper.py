@@ -120,12 +120,8 @@ def digits_split(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
     images, labels = load_digits(return_X_y=True)  # pixel intensities 0..16
     index = list(range(len(labels)))
-    train, rest = train_test_split(
-        index, train_size=0.6, random_state=seed, stratify=labels
-    )
-    valid, test = train_test_split(
-        rest, train_size=0.5, random_state=seed, stratify=labels[rest]
-    )
+    train, rest = train_test_split(index, train_size=0.6, random_state=seed, stratify=labels)
+    valid, test = train_test_split(rest, train_size=0.5, random_state=seed, stratify=labels[rest])
     x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 8.0 - 1.0
     y = torch.tensor(labels)
     parts = {"train": train, "valid": valid, "test": test}
@@ -145,9 +141,7 @@ def symmetric_noise(labels: torch.Tensor, fraction: float, classes: int, seed: i
 
 def rows(x: torch.Tensor, y: torch.Tensor) -> list[dict]:
     """A map-style dataset the Trainer's default collator stacks into batches."""
-    return [
-        {"pixel_values": pixels, "labels": int(label)} for pixels, label in zip(x, y)
-    ]
+    return [{"pixel_values": pixels, "labels": int(label)} for pixels, label in zip(x, y)]
 
 
 # ---- models, training, measures -----------------------------------------------------
@@ -159,14 +153,19 @@ def vit(config: dict, seed: int):
     torch.manual_seed(seed)  # the initialization
     hidden = config["hidden_size"]
     return ViTForImageClassification(
-        ViTConfig(image_size=8, patch_size=4, num_channels=1, num_attention_heads=4,
-                  intermediate_size=2 * hidden, num_labels=10, **config)
-    )  # fmt: skip
+        ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            num_labels=10,
+            **config,
+        )
+    )
 
 
-def train(
-    model, data, s: Settings, steps: int, seed: int, tmp: str, teacher=None, **kd
-):
+def train(model, data, s: Settings, steps: int, seed: int, tmp: str, teacher=None, **kd):
     """Train ``model`` in place (CE with a plain Trainer, or hf_kd from ``teacher``) and
     return the seconds it took."""
     from transformers import Trainer
@@ -176,17 +175,26 @@ def train(
 
     started = time.time()
     args = DistillationConfig(
-        output_dir=f"{tmp}/run", max_steps=steps, per_device_train_batch_size=s.batch_size,
-        learning_rate=s.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-        weight_decay=0.0, seed=seed, use_cpu=True, save_strategy="no", report_to=[], disable_tqdm=True,
-        logging_steps=steps, loss_chunk_size=0, **kd,  # 0: a classifier's loss uses full logits anyway
-    )  # fmt: skip
+        output_dir=f"{tmp}/run",
+        max_steps=steps,
+        per_device_train_batch_size=s.batch_size,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        seed=seed,
+        use_cpu=True,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        logging_steps=steps,
+        loss_chunk_size=0,
+        **kd,  # 0: a classifier's loss uses full logits anyway
+    )
     if teacher is None:
         trainer = Trainer(model=model, args=args, train_dataset=data)
     else:
-        trainer = DistillationTrainer(
-            model=model, teacher_model=teacher, args=args, train_dataset=data
-        )
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=data)
     trainer.remove_callback(PrinterCallback)  # no log dicts on stdout
     trainer.train()
     return time.time() - started
@@ -201,9 +209,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(-1) == y).double().mean().item()
 
 
-def logit_distance(
-    student: torch.Tensor, teacher: torch.Tensor, centered=True
-) -> float:
+def logit_distance(student: torch.Tensor, teacher: torch.Tensor, centered=True) -> float:
     """Mean over examples and classes of the squared logit difference, ``[N, C]`` each.
     ``centered`` removes each example's mean difference first: a shift softmax ignores."""
     diff = student.double() - teacher.double()
@@ -242,28 +248,29 @@ def run(s: Settings, out_dir: Path | None, command: str = "") -> dict:
         if bars:
             hf_logging.enable_progress_bar()
     results.update(
-        settings=asdict(s), teacher=TEACHER, student=STUDENT, assistant=ASSISTANT,
-        split={k: len(v[1]) for k, v in split.items()}, machine=machine(),
-        threads=torch.get_num_threads(), command=command,
-        seconds=round(time.time() - clock, 1), cpu_seconds=round(time.process_time() - cpu, 1),
-    )  # fmt: skip
+        settings=asdict(s),
+        teacher=TEACHER,
+        student=STUDENT,
+        assistant=ASSISTANT,
+        split={k: len(v[1]) for k, v in split.items()},
+        machine=machine(),
+        threads=torch.get_num_threads(),
+        command=command,
+        seconds=round(time.time() - clock, 1),
+        cpu_seconds=round(time.process_time() - cpu, 1),
+    )
     return report(results, out_dir)
 
 
 def report(results: dict, out_dir: Path | None) -> dict:
     """Judge the claims from the runs; with ``out_dir``, write the JSON and markdown."""
-    settings = {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in results["settings"].items()
-    }
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in results["settings"].items()}
     results["claims"] = claims(results, Settings(**settings))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(results, indent=2)
         (out_dir / "seed_paper.json").write_text(text + "\n", encoding="utf-8")
-        (out_dir / "seed_paper.md").write_text(
-            markdown(results) + "\n", encoding="utf-8"
-        )
+        (out_dir / "seed_paper.md").write_text(markdown(results) + "\n", encoding="utf-8")
     return results
 
 
@@ -297,8 +304,11 @@ def distill(teacher, data, split: dict, s: Settings, tmp: str, condition: str) -
         seconds = train(model, data, s, s.student_steps, seed, tmp, by, **kd)
         found = score(model, teacher_test, split) | {"seed": seed, "seconds": seconds}
         runs.setdefault(name, []).append(found)
-        print(f"{condition}, seed {seed}, {name}: test accuracy {found['test_acc']:.3f}, "
-              f"{seconds:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{condition}, seed {seed}, {name}: test accuracy {found['test_acc']:.3f}, {seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         return model
 
     for seed in range(s.seeds):
@@ -381,30 +391,23 @@ def claims(results: dict, s: Settings) -> list[dict]:
     clean = results["students"]["clean"]
     noisy = {c: r for c, r in results["students"].items() if c != "clean"}
     low, high = kl(min(s.temperatures))[0], kl(max(s.temperatures))[0]
-    alpha_1 = [
-        n for n in clean if n == "MSE" or n.startswith("KL") and "alpha" not in n
-    ]
+    alpha_1 = [n for n in clean if n == "MSE" or n.startswith("KL") and "alpha" not in n]
     dist = {n: statistics.fmean(values(clean[n], "distance")) for n in alpha_1}
     trend = ", ".join(f"{n.removeprefix('KL ')} {d:.2f}" for n, d in dist.items())
     closer = paired(values(clean[low], "distance"), values(clean[high], "distance"))
     points = [r for n in alpha_1 for r in clean[n]]
     corr = correlation(values(points, "distance"), values(points))
     r_text = "n/a" if corr is None else f"r = {corr['r']:+.2f} (p {corr['p']:.2g})"
-    mse = {
-        n: paired(values(clean["MSE"]), values(clean[n])) for n in alpha_1 if n != "MSE"
-    }
+    mse = {n: paired(values(clean["MSE"]), values(clean[n])) for n in alpha_1 if n != "MSE"}
     seq = paired(values(clean[ASSISTED[1]]), values(clean[SEQUENTIAL]))
     small, large = kl(min(s.noisy_temperatures))[0], kl(max(s.noisy_temperatures))[0]
     vs_ce = {c: paired(values(r[small]), values(r["CE"])) for c, r in noisy.items()}
     beside = " / ".join(  # the students against their noisy teachers
-        f"{100 * statistics.fmean(values(r[small])):.1f}% vs "
-        f"{100 * results['teachers'][c]['test_acc']:.1f}%"
+        f"{100 * statistics.fmean(values(r[small])):.1f}% vs {100 * results['teachers'][c]['test_acc']:.1f}%"
         for c, r in noisy.items()
     )
     vs_large = {  # small T minus large T, and minus MSE, at each noise level
-        f"minus {other}": {
-            c: paired(values(r[small]), values(r[other])) for c, r in noisy.items()
-        }
+        f"minus {other}": {c: paired(values(r[small]), values(r[other])) for c, r in noisy.items()}
         for other in (large, "MSE")
     }
 
@@ -424,22 +427,39 @@ def claims(results: dict, s: Settings) -> list[dict]:
     # as a paired() result whose "mean" is -r: the paper expects a negative r
     towards = {"distance vs accuracy": {**corr, "mean": -corr["r"]}} if corr else {}
     return [
-        row("1a", "as T grows, KL-based KD approaches logit matching",
+        row(
+            "1a",
+            "as T grows, KL-based KD approaches logit matching",
             f"logit distance to the teacher: {trend}; {low} minus {high}: {_diff(closer, 1)}",
-            {f"{low} - {high}": closer}),
-        row("1b", "closer logit matching goes with a better student",
+            {f"{low} - {high}": closer},
+        ),
+        row(
+            "1b",
+            "closer logit matching goes with a better student",
             f"distance vs test accuracy, {len(points)} clean alpha-1 KD runs: {r_text}",
-            towards),
+            towards,
+        ),
         row("2", "logit MSE outperforms KL", f"MSE minus {listed(mse)}", mse),
-        row("3", "sequential distillation can help",
+        row(
+            "3",
+            "sequential distillation can help",
             f"MSE student taught by an MSE-distilled assistant ({size(ASSISTANT)}), minus "
-            f"taught by the teacher: {_diff(seq)}", {"sequential - direct": seq}),
-        row("4a", "KD mitigates label noise",
-            f"{small} minus CE: {listed(vs_ce)} ({small} students vs their teachers: {beside})", vs_ce),
-        row("4b", "particularly KL with a small T",
+            f"taught by the teacher: {_diff(seq)}",
+            {"sequential - direct": seq},
+        ),
+        row(
+            "4a",
+            "KD mitigates label noise",
+            f"{small} minus CE: {listed(vs_ce)} ({small} students vs their teachers: {beside})",
+            vs_ce,
+        ),
+        row(
+            "4b",
+            "particularly KL with a small T",
             ". ".join(f"{small} {o}: {listed(d)}" for o, d in vs_large.items()),
-            {f"{o}, {c}": d for o, ds in vs_large.items() for c, d in ds.items()}),
-    ]  # fmt: skip
+            {f"{o}, {c}": d for o, ds in vs_large.items() for c, d in ds.items()},
+        ),
+    ]
 
 
 # ---- the report ---------------------------------------------------------------------
@@ -452,74 +472,77 @@ def _acc(xs: list[float]) -> str:
 
 def markdown(r: dict) -> str:
     s, n = r["settings"], r["settings"]["seeds"]
-    sds = [
-        d["sd"]
-        for c in r["claims"]
-        if c["claim"] in ("2", "3", "4a", "4b")
-        for d in c["stats"].values()
-    ]
+    sds = [d["sd"] for c in r["claims"] if c["claim"] in ("2", "3", "4a", "4b") for d in c["stats"].values()]
     lines = [
         "## README table",
         "",
         "| claim (Kim et al. 2021) | paper | here | agrees? |",
         "|---|---|---|---|",
     ]
+    lines += [f"| {c['claim']} | {c['paper']} | {c['here']} | {c['agrees']} |" for c in r["claims"]]
     lines += [
-        f"| {c['claim']} | {c['paper']} | {c['here']} | {c['agrees']} |"
-        for c in r["claims"]
+        "",
+        (
+            f"Spread: {n} seed{'s' * (n > 1)}; accuracy differences are paired within a seed (mean ± sample std "
+            f"over seeds; that std is {100 * min(sds):.1f}-{100 * max(sds):.1f} pp here). A 'yes' or 'no' needs "
+            f"p < {SIGNIFICANT} in a two-sided paired t-test (df {n - 1}), comparison by comparison, with no "
+            "correction for making many of them; anything else is 'not resolved'. 1b pools runs that share "
+            "seeds, so its p is optimistic."
+        ),
+        "",
+        "## Setup",
+        "",
+        (
+            f"Digits (scikit-learn, 8x8, 10 classes), split train/valid/test {r['split']['train']}/"
+            f"{r['split']['valid']}/{r['split']['test']} (seed 0, stratified). ViTs, 4x4 patches: teacher "
+            f"{size(r['teacher'])} ({r['teachers']['clean']['params']:,} parameters, CE, {s['teacher_steps']} "
+            f"steps); students {size(r['student'])}, each {s['student_steps']} steps x batch {s['batch_size']}, "
+            f"AdamW lr {s['learning_rate']:g}, cosine; seeds 0-{n - 1}, each fixing the students' init and batch "
+            f"order. Sequential: an assistant ({size(r['assistant'])}) distilled by MSE teaches a student by MSE. "
+            "Logit distance: mean squared difference of a student's test logits from its first teacher's, each "
+            "example's mean removed."
+        ),
+        "",
+        (
+            f"Machine: {r['machine']}, {r['threads']} torch thread(s). Command: `{r['command']}`. "
+            f"Wall {r['seconds']:.0f} s, CPU {r['cpu_seconds']:.0f} s."
+        ),
     ]
-    lines += [
-        "",
-        (f"Spread: {n} seed{'s' * (n > 1)}; accuracy differences are paired within a seed (mean ± sample std "
-         f"over seeds; that std is {100 * min(sds):.1f}-{100 * max(sds):.1f} pp here). A 'yes' or 'no' needs "
-         f"p < {SIGNIFICANT} in a two-sided paired t-test (df {n - 1}), comparison by comparison, with no "
-         "correction for making many of them; anything else is 'not resolved'. 1b pools runs that share "
-         "seeds, so its p is optimistic."),
-        "", "## Setup", "",
-        (f"Digits (scikit-learn, 8x8, 10 classes), split train/valid/test {r['split']['train']}/"
-        f"{r['split']['valid']}/{r['split']['test']} (seed 0, stratified). ViTs, 4x4 patches: teacher "
-        f"{size(r['teacher'])} ({r['teachers']['clean']['params']:,} parameters, CE, {s['teacher_steps']} "
-        f"steps); students {size(r['student'])}, each {s['student_steps']} steps x batch {s['batch_size']}, "
-        f"AdamW lr {s['learning_rate']:g}, cosine; seeds 0-{n - 1}, each fixing the students' init and batch "
-        f"order. Sequential: an assistant ({size(r['assistant'])}) distilled by MSE teaches a student by MSE. "
-        "Logit distance: mean squared difference of a student's test logits from its first teacher's, each "
-        "example's mean removed."),
-        "",
-        (f"Machine: {r['machine']}, {r['threads']} torch thread(s). Command: `{r['command']}`. "
-        f"Wall {r['seconds']:.0f} s, CPU {r['cpu_seconds']:.0f} s."),
-    ]  # fmt: skip
     for condition, runs in r["students"].items():
         t = r["teachers"][condition]
         where = "clean" if condition == "clean" else f"{condition} on the"
-        learned = (
-            t["memorized"]
-            and f"; it predicts {100 * t['memorized']:.0f}% of the flipped labels"
-        )
+        learned = t["memorized"] and f"; it predicts {100 * t['memorized']:.0f}% of the flipped labels"
         lines += [
-            "", f"## Students, {where} training labels", "",
-            f"Teacher: test accuracy {100 * t['test_acc']:.2f}% (clean test labels){learned or ''}.", "",
+            "",
+            f"## Students, {where} training labels",
+            "",
+            f"Teacher: test accuracy {100 * t['test_acc']:.2f}% (clean test labels){learned or ''}.",
+            "",
             "| student | test acc % | minus CE, paired | valid acc % | logit distance | s/run |",
             "|---|---|---|---|---|---|",
-        ]  # fmt: skip
+        ]
         for name, rs in runs.items():
             vs = "-" if name == "CE" else _diff(paired(values(rs), values(runs["CE"])))
             distance = statistics.fmean(values(rs, "distance"))
             seconds = statistics.fmean(values(rs, "seconds"))
-            lines.append(f"| {name} | {_acc(values(rs))} | {vs} | {_acc(values(rs, 'valid_acc'))} "
-                         f"| {distance:.3f} | {seconds:.1f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {_acc(values(rs))} | {vs} | {_acc(values(rs, 'valid_acc'))} "
+                f"| {distance:.3f} | {seconds:.1f} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="1 seed, few steps")
     parser.add_argument("--seeds", type=int, help="student seeds (default 5)")
     parser.add_argument("--student-steps", type=int, help="per student (default 500)")
     parser.add_argument("--out", type=Path, help="default: results/ (--fast: nowhere)")
-    parser.add_argument("--report", type=Path, help="a seed_paper.json: no training, "
-                        "only its claims and tables written again (after editing them)")  # fmt: skip
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="a seed_paper.json: no training, only its claims and tables written again (after editing them)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: a second thread only spins on a shared CPU
     s = FAST if args.fast else Settings()

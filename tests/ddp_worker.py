@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from conftest import load_model, variable_length_examples
 from datasets import Dataset
 
-from conftest import load_model, variable_length_examples
 from hf_kd import DistillationConfig, DistillationTrainer
 
 SHIPPED_FSDP = Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
@@ -135,11 +135,25 @@ def main(argv=None):
     if opts.engine == "onpolicy":
         settings["generation_kwargs"] = {"do_sample": False, "eos_token_id": early_eos(load_model(opts.student), rows)}
     args = DistillationConfig(
-        output_dir=opts.out, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.ga, max_steps=3,
-        learning_rate=0.3, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+        output_dir=opts.out,
+        per_device_train_batch_size=opts.batch,
+        gradient_accumulation_steps=opts.ga,
+        max_steps=3,
+        learning_rate=0.3,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
         train_sampling_strategy="sequential",  # the same examples in the same step, whatever the world size
-        loss_type={"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0, alpha=0.6,
-        report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, **settings,
+        loss_type={"forward_kl": 0.5, "reverse_kl": 0.5},
+        temperature=2.0,
+        alpha=0.6,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        **settings,
     )
     # after the config: under ZeRO-3 from_pretrained now loads each model already partitioned
     model = load_model(opts.student)
@@ -150,8 +164,13 @@ def main(argv=None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer)
-    trainer = DistillationTrainer(model=model, teacher_model=teacher_model, args=args, processing_class=tokenizer,
-                                  train_dataset=Dataset.from_list(rows))  # fmt: skip
+    trainer = DistillationTrainer(
+        model=model,
+        teacher_model=teacher_model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows),
+    )
     # the teacher is never wrapped for gradients: no DDP wrapper, no gradient buckets
     assert not isinstance(trainer.teacher_model, torch.nn.parallel.DistributedDataParallel)
     if opts.engine in SHARDED:  # the engine really is the one asked for (a CPU patch that stopped working fails here)
@@ -167,8 +186,17 @@ def main(argv=None):
         trainer.save_model(f"{opts.out}/student")  # every rank takes part in gathering the full state dict
     accelerator = trainer.accelerator
     with open(f"{opts.out}/teacher.{accelerator.process_index}.json", "w") as f:
-        json.dump({"full": full_teacher, "before": before, "after": after, "fused": trainer.use_fused_loss,
-                   "world": accelerator.num_processes, "vocab_size": trainer.vocab_size}, f)  # fmt: skip
+        json.dump(
+            {
+                "full": full_teacher,
+                "before": before,
+                "after": after,
+                "fused": trainer.use_fused_loss,
+                "world": accelerator.num_processes,
+                "vocab_size": trainer.vocab_size,
+            },
+            f,
+        )
     if accelerator.is_main_process:
         if opts.engine not in SHARDED:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{opts.out}/weights.pt")

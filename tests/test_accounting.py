@@ -14,8 +14,12 @@ KW = dict(loss_type={"forward_kl": 0.6, "reverse_kl": 0.4}, temperature=2.0, alp
 
 def trained(tmp_path, tiny_dir, dataset, trainer_class=DistillationTrainer, resume=None, **overrides):
     args = make_args(tmp_path, **{**KW, "per_device_train_batch_size": 2, "learning_rate": 0.3, **overrides})
-    trainer = trainer_class(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                            args=args, train_dataset=dataset)  # fmt: skip
+    trainer = trainer_class(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=args,
+        train_dataset=dataset,
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -27,8 +31,9 @@ def train_logs(trainer):
 def test_components_are_window_means_after_resume_and_the_run_mean_at_the_end(tmp_path, tiny_dir):
     data = Dataset.from_list(variable_length_examples(16, seed=21))
     every_step = train_logs(trained(tmp_path / "every", tiny_dir, data, max_steps=5, logging_steps=1))
-    windows = trained(tmp_path / "windows", tiny_dir, data, max_steps=5, logging_steps=2, save_strategy="steps",
-                      save_steps=2)  # fmt: skip
+    windows = trained(
+        tmp_path / "windows", tiny_dir, data, max_steps=5, logging_steps=2, save_strategy="steps", save_steps=2
+    )
     logs = train_logs(windows)
     for step in (2, 4):  # each window: the mean of its own steps
         expected = (every_step[step - 1]["distill_loss"] + every_step[step]["distill_loss"]) / 2
@@ -39,8 +44,14 @@ def test_components_are_window_means_after_resume_and_the_run_mean_at_the_end(tm
         assert summary[f"train_{name}"] == pytest.approx(sum(r[name] for r in every_step.values()) / 5, rel=1e-5)
 
     # resumed at step 2: the first window (steps 3-4) is divided by its 2 steps, not by global_step 4
-    resumed = trained(tmp_path / "resumed", tiny_dir, data, max_steps=5, logging_steps=2,
-                      resume=str(tmp_path / "windows" / "out" / "checkpoint-2"))  # fmt: skip
+    resumed = trained(
+        tmp_path / "resumed",
+        tiny_dir,
+        data,
+        max_steps=5,
+        logging_steps=2,
+        resume=str(tmp_path / "windows" / "out" / "checkpoint-2"),
+    )
     assert train_logs(resumed)[4]["distill_loss"] == pytest.approx(logs[4]["distill_loss"], rel=1e-5)
     summary = resumed.state.log_history[-1]
     expected = sum(every_step[s]["distill_loss"] for s in (3, 4, 5)) / 3  # the steps this run trained
@@ -67,8 +78,11 @@ def by_hand(student, teacher, rows):
 def test_eval_loss_is_the_token_weighted_objective_and_predict_leaves_nothing(tmp_path, tiny_dir, chunk):
     rows = variable_length_examples(7, seed=5, min_len=3, max_len=14)  # batches of 3, 3, 1: unequal token counts
     student, teacher = load_model(tiny_dir["student"]), load_model(tiny_dir["teacher"])
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(
-        tmp_path, per_device_eval_batch_size=3, loss_chunk_size=chunk, **KW))  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, per_device_eval_batch_size=3, loss_chunk_size=chunk, **KW),
+    )
     loss, distill, ce = by_hand(student, teacher, rows)
     first = trainer.evaluate(Dataset.from_list(rows))
     assert first["eval_loss"] == pytest.approx(loss, rel=1e-5)
@@ -94,9 +108,12 @@ def test_compute_metrics_and_predict_get_the_plain_trainers_logits(tmp_path, tin
         seen.append(prediction.predictions)
         return {"rows": float(len(prediction.predictions))}
 
-    trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, loss_chunk_size=chunk, per_device_eval_batch_size=5),
-                                  compute_metrics=compute_metrics)  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, loss_chunk_size=chunk, per_device_eval_batch_size=5),
+        compute_metrics=compute_metrics,
+    )
     metrics = trainer.evaluate(Dataset.from_list(rows))
     batch = DistillationCollator()(rows)
     with torch.no_grad():
@@ -126,12 +143,22 @@ def test_a_rewritten_batch_is_counted_as_rewritten(tmp_path, tiny_dir, chunk):
     """Batch 1 x GA 4 with rewritten batches makes the same update as one batch of 4 rewritten by hand."""
     rows = variable_length_examples(4, seed=3, min_len=6, max_len=14)
     rewritten = [{**r, "labels": truncate(torch.tensor([r["labels"]]))[0].tolist()} for r in rows]
-    ga = trained(tmp_path / "ga", tiny_dir, Dataset.from_list(rows), TruncatingTrainer, loss_chunk_size=chunk,
-                 per_device_train_batch_size=1, gradient_accumulation_steps=4)  # fmt: skip
-    whole = trained(tmp_path / "whole", tiny_dir, Dataset.from_list(rewritten), loss_chunk_size=chunk,
-                    per_device_train_batch_size=4)  # fmt: skip
-    assert int(ga.tokens_trained) == int(whole.tokens_trained) == sum(
-        sum(1 for x in r["labels"][1:] if x != -100) for r in rewritten
+    ga = trained(
+        tmp_path / "ga",
+        tiny_dir,
+        Dataset.from_list(rows),
+        TruncatingTrainer,
+        loss_chunk_size=chunk,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+    )
+    whole = trained(
+        tmp_path / "whole", tiny_dir, Dataset.from_list(rewritten), loss_chunk_size=chunk, per_device_train_batch_size=4
+    )
+    assert (
+        int(ga.tokens_trained)
+        == int(whole.tokens_trained)
+        == sum(sum(1 for x in r["labels"][1:] if x != -100) for r in rewritten)
     )
     for key, value in whole.model.state_dict().items():
         torch.testing.assert_close(ga.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -150,8 +177,12 @@ def test_gradient_accumulation_is_exact_where_transformers_ignores_loss_is_scale
         student = load_model(tiny_dir["student"])
         student.accepts_loss_kwargs = False  # a student whose forward takes no num_items_in_batch
         args = make_args(tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, **KW)
-        trainer = OlderTransformersTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
-                                           train_dataset=Dataset.from_list(rows))  # fmt: skip
+        trainer = OlderTransformersTrainer(
+            model=student,
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+        )
         trainer.train()
         weights[name] = student.state_dict()
     for key, value in weights["b4ga1"].items():

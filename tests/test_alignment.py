@@ -12,13 +12,29 @@ from conftest import save_tiny_llama
 from test_cross_tokenizer import full_byte_level
 from transformers import AutoTokenizer
 
-from hf_kd.teachers.cross_tokenizer.alignment import _align_example, _ends_from_offsets, _teacher_bos, _whole_characters, align_batch
+from hf_kd.teachers.cross_tokenizer.alignment import (
+    _align_example,
+    _ends_from_offsets,
+    _teacher_bos,
+    _whole_characters,
+    align_batch,
+)
 from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
 
 MULTILINGUAL = [
-    "a 你好", "x 你", "pi. 你好", "Hello 你好 world", "I like 北京 a lot", "你好", "好 好", "数据 and more",
-    "emoji 😀 ok 👍🏽!", "café naïve Ünïcödé", "def f(x):\n    return x**2  # 平方 ✓", "Привет, мир. مرحبا",
-]  # fmt: skip
+    "a 你好",
+    "x 你",
+    "pi. 你好",
+    "Hello 你好 world",
+    "I like 北京 a lot",
+    "你好",
+    "好 好",
+    "数据 and more",
+    "emoji 😀 ok 👍🏽!",
+    "café naïve Ünïcödé",
+    "def f(x):\n    return x**2  # 平方 ✓",
+    "Привет, мир. مرحبا",
+]
 
 
 def test_a_token_that_ends_inside_a_character_has_no_end_of_its_own():
@@ -41,11 +57,14 @@ def test_a_span_whose_first_teacher_token_ends_inside_a_character(tmp_path, stud
     """SmolLM2 writes " 你" as "Ġä" "½" "ł"-like pieces: the span group's first teacher token has no end of its own
     (the crash of the issue). The projection speaks for the student's first token only if that token ends within the
     characters the teacher's first token holds whole."""
-    student = AutoTokenizer.from_pretrained(full_byte_level(tmp_path / "s", student_merges, ["<pad>"], pad_token="<pad>"))
+    student = AutoTokenizer.from_pretrained(
+        full_byte_level(tmp_path / "s", student_merges, ["<pad>"], pad_token="<pad>")
+    )
     teacher = AutoTokenizer.from_pretrained(full_byte_level(tmp_path / "t", [("Ġ", "ä")], ["<pad>"], pad_token="<pad>"))
     ids = student("a 你", add_special_tokens=False)["input_ids"]
-    alignment = align_batch(torch.tensor([ids]), None, torch.tensor([ids[1:]]), student, teacher,
-                            shared_vocabulary(student, teacher))  # fmt: skip
+    alignment = align_batch(
+        torch.tensor([ids]), None, torch.tensor([ids[1:]]), student, teacher, shared_vocabulary(student, teacher)
+    )
     assert alignment.span_start_fits.tolist() == [fits]
     assert alignment.span_student.shape[1] == len(ids) - 1  # every target but the first sits in the one span group
 
@@ -113,10 +132,18 @@ def test_cross_tokenizer_training_on_multilingual_data_through_the_cli(tmp_path,
         "teacher": {"name_or_path": str(teacher_dir)},
         "student": {"name_or_path": str(student_dir)},
         "data": {"dataset": str(data), "format": "text", "max_length": 48},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
-                     "learning_rate": "1e-3", "logging_steps": 1, "save_strategy": "no", "use_cpu": True,
-                     "report_to": "none", "disable_tqdm": True},
-    }  # fmt: skip
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": "1e-3",
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "use_cpu": True,
+            "report_to": "none",
+            "disable_tqdm": True,
+        },
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert main(["train", str(path)]) == 0, capsys.readouterr().err

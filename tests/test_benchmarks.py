@@ -51,11 +51,21 @@ def _cell(step: float, peak_gb: float) -> dict:
 
 def test_ratios_and_targets_from_synthetic_cells():
     cells = {
-        32000: {"sft": _cell(1.0, 1), "teacher_forward": _cell(0.5, 1), "hf_kd_fused": _cell(3.0, 2),
-                "hf_kd_unfused": _cell(4.0, 4), "trl_gkd": _cell(4.0, 4)},
-        128256: {"sft": _cell(2.0, 1), "teacher_forward": _cell(1.0, 1), "hf_kd_fused": _cell(3.0, 1),
-                 "hf_kd_unfused": _cell(6.0, 5), "trl_gkd": _cell(5.0, 4)},
-    }  # fmt: skip
+        32000: {
+            "sft": _cell(1.0, 1),
+            "teacher_forward": _cell(0.5, 1),
+            "hf_kd_fused": _cell(3.0, 2),
+            "hf_kd_unfused": _cell(4.0, 4),
+            "trl_gkd": _cell(4.0, 4),
+        },
+        128256: {
+            "sft": _cell(2.0, 1),
+            "teacher_forward": _cell(1.0, 1),
+            "hf_kd_fused": _cell(3.0, 1),
+            "hf_kd_unfused": _cell(6.0, 5),
+            "trl_gkd": _cell(5.0, 4),
+        },
+    }
     ratio = peers.ratios(cells)
     fused = ratio[128256]["hf_kd_fused"]
     assert fused["step_vs_trl"] == pytest.approx(3.0 / 5.0)

@@ -20,9 +20,22 @@ LOSS_KW = dict(loss_type={"forward_kl": 0.6, "reverse_kl": 0.4}, temperature=2.0
 
 
 def make_args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.5,
-                optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none",
-                save_strategy="no", logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     return DistillationConfig(**{**base, **overrides})
 
 
@@ -47,9 +60,19 @@ def caches(tmp_path_factory, peaked_teacher, tokenizer, rows):
     """k = 8 and k = V = 40 caches of the peaked teacher over ``rows`` (several shards, uneven batches)."""
     root = tmp_path_factory.mktemp("caches")
     data = Dataset.from_list(rows)
-    return {k: build_teacher_cache(load_model(peaked_teacher), data, str(root / f"k{k}"), k=k, tokenizer=tokenizer,
-                                   batch_size=3, shard_size=5, **BUILD)
-            for k in (8, 40)}  # fmt: skip
+    return {
+        k: build_teacher_cache(
+            load_model(peaked_teacher),
+            data,
+            str(root / f"k{k}"),
+            k=k,
+            tokenizer=tokenizer,
+            batch_size=3,
+            shard_size=5,
+            **BUILD,
+        )
+        for k in (8, 40)
+    }
 
 
 def test_cache_holds_the_teachers_top_k(caches, peaked_teacher, rows, tokenizer):
@@ -96,19 +119,30 @@ def test_training_from_cache_reproduces_the_live_teacher(tmp_path, tiny_dir, pea
     data = Dataset.from_list(rows)
     loss_kw = LOSS_KW if k == 40 else dict(loss_type="forward_kl", temperature=1.0, alpha=0.7)
     runs, evals = {}, {}
-    variants = [("live", {}), ("cache", {"teacher_cache": caches[k].path}),
-                ("cache_full_logits", {"teacher_cache": caches[k].path, "loss_chunk_size": 0})]  # fmt: skip
+    variants = [
+        ("live", {}),
+        ("cache", {"teacher_cache": caches[k].path}),
+        ("cache_full_logits", {"teacher_cache": caches[k].path, "loss_chunk_size": 0}),
+    ]
     for name, extra in variants:
         student = load_model(tiny_dir["student"])
-        args = make_args(tmp_path / name, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                         **loss_kw, **extra)  # fmt: skip
+        args = make_args(
+            tmp_path / name,
+            max_steps=3,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            **loss_kw,
+            **extra,
+        )
         teacher = load_model(peaked_teacher) if name == "live" else None
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
         trainer.train()
         runs[name] = student.state_dict(), [r for r in trainer.state.log_history if "loss" in r]
         evals[name] = trainer.evaluate(Dataset.from_list(rows[:6]))  # cached rows too
         if name != "live":
-            assert trainer.teacher_model is None and isinstance(trainer.teacher.cache, TeacherCache)  # no teacher model in memory
+            assert trainer.teacher_model is None and isinstance(
+                trainer.teacher.cache, TeacherCache
+            )  # no teacher model in memory
             assert trainer.teacher.name == os.path.abspath(peaked_teacher)
             assert trainer.use_fused_loss == (name == "cache")  # chunked over the student's lm_head by default
     # the chunked sparse loss and the sparse loss on full logits train the same student
@@ -163,8 +197,9 @@ def test_mismatched_caches_and_data_are_refused(tmp_path, tiny_dir, caches, rows
     with pytest.raises(ValueError, match="vocabulary differs"):
         DistillationTrainer(model=student, args=args, processing_class=_other_tokenizer())
     with pytest.raises(ValueError, match="names the teacher"):
-        DistillationTrainer(model=student, args=make_args(tmp_path, teacher_cache=path,
-                                                          teacher_model_name_or_path=tiny_dir["student"]))  # fmt: skip
+        DistillationTrainer(
+            model=student, args=make_args(tmp_path, teacher_cache=path, teacher_model_name_or_path=tiny_dir["student"])
+        )
     with pytest.raises(ValueError, match="covers 40 vocab rows, the student has 44"):  # no tokenizer to prove padding
         DistillationTrainer(model=load_model(tiny_dir["student_padded"]), args=args)
     with pytest.raises(ValueError, match="replaces the teacher model"):
@@ -197,11 +232,13 @@ def test_tampered_cache_files_are_refused(tmp_path, tiny_dir, rows, tokenizer):
     with pytest.raises(ValueError, match="other settings .*k: 5 there, 4 now"):  # resuming with another k
         build_teacher_cache(load_model(tiny_dir["teacher"]), data, path, k=4, tokenizer=tokenizer, **BUILD)
     with_metadata()
-    other = build_teacher_cache(load_model(tiny_dir["teacher_padded"]), data, str(tmp_path / "padded"), k=4,
-                                tokenizer=tokenizer, **BUILD)  # fmt: skip
+    other = build_teacher_cache(
+        load_model(tiny_dir["teacher_padded"]), data, str(tmp_path / "padded"), k=4, tokenizer=tokenizer, **BUILD
+    )
     with pytest.raises(ValueError, match="rebuild it with vocab_size=40"):  # cache of a 48-row teacher, student 40
-        DistillationTrainer(model=student, args=make_args(tmp_path, teacher_cache=other.path),
-                            processing_class=tokenizer)  # fmt: skip
+        DistillationTrainer(
+            model=student, args=make_args(tmp_path, teacher_cache=other.path), processing_class=tokenizer
+        )
 
 
 def test_interrupted_build_resumes_to_an_identical_cache(tmp_path, tiny_dir, rows, tokenizer, monkeypatch):
@@ -245,8 +282,11 @@ def test_cli_caches_a_recipe_and_trains_from_it(tmp_path, tiny_dir, capsys, pair
     from hf_kd.cli import main
 
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": " ".join(f"w{(7 * i + j) % 37}" for j in range(3 + i % 5))}) + "\n"
-                            for i in range(10)))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"text": " ".join(f"w{(7 * i + j) % 37}" for j in range(3 + i % 5))}) + "\n" for i in range(10)
+        )
+    )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"teacher: {{name_or_path: {tiny_dir[pair[0]]}, tokenizer: {tiny_dir['tokenizer']}}}\n"
@@ -301,21 +341,38 @@ def test_recipe_teacher_cache_section(tmp_path, tiny_dir, capsys):
 def test_same_ids_with_other_label_masks_are_two_rows(tmp_path, tiny_dir, tokenizer):
     ids = [5, 9, 12, 7, 30, 22]
     rows = [{"input_ids": ids, "labels": [-100, -100] + ids[2:]}, {"input_ids": ids, "labels": list(ids)}]
-    cache = build_teacher_cache(load_model(tiny_dir["teacher"]), Dataset.from_list(rows), str(tmp_path / "c"), k=40,
-                                tokenizer=tokenizer, **BUILD)  # fmt: skip
+    cache = build_teacher_cache(
+        load_model(tiny_dir["teacher"]),
+        Dataset.from_list(rows),
+        str(tmp_path / "c"),
+        k=40,
+        tokenizer=tokenizer,
+        **BUILD,
+    )
     assert len(set(cache.data["key"])) == 2 and cache.missing(Dataset.from_list(rows)) == []
     student = load_model(tiny_dir["student"])
-    cached = DistillationTrainer(model=student, args=make_args(tmp_path, teacher_cache=cache.path, loss_chunk_size=0),
-                                 processing_class=tokenizer, train_dataset=Dataset.from_list(rows))  # fmt: skip
-    live = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                               args=make_args(tmp_path, loss_chunk_size=0))  # fmt: skip
+    cached = DistillationTrainer(
+        model=student,
+        args=make_args(tmp_path, teacher_cache=cache.path, loss_chunk_size=0),
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows),
+    )
+    live = DistillationTrainer(
+        model=student, teacher_model=load_model(tiny_dir["teacher"]), args=make_args(tmp_path, loss_chunk_size=0)
+    )
     for row in rows:  # k = V: each row's cached loss is the live teacher's
         batch = DistillationCollator()([row])
-        torch.testing.assert_close(cached.compute_loss(student, batch), live.compute_loss(student, batch), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            cached.compute_loss(student, batch), live.compute_loss(student, batch), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_an_eval_set_without_cached_rows_is_refused_at_setup(tmp_path, tiny_dir, caches, rows, tokenizer):
     other = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]
     with pytest.raises(ValueError, match="teacher_cache: .* no row for 1 of the 1 eval examples"):
-        DistillationTrainer(model=load_model(tiny_dir["student"]), args=make_args(tmp_path, teacher_cache=caches[8].path),
-                            train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(other))  # fmt: skip
+        DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            args=make_args(tmp_path, teacher_cache=caches[8].path),
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(other),
+        )

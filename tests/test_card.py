@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from test_trainer import make_args
 
 from hf_kd import DistillationTrainer
+from hf_kd.objective.losses import Objective
 from hf_kd.teachers.cache.build import build_teacher_cache
 from hf_kd.training.card import distillation_card, final_eval_metrics, final_losses
-from hf_kd.objective.losses import Objective
 
 CARD_KW = dict(
     model_name="tiny-kd",
@@ -76,18 +76,37 @@ def test_final_losses_are_the_last_logged_values():
         {"loss": 1.0, "distill_loss": 0.5, "ce_loss": 2.0, "step": 2},
         {"train_loss": 2.0, "train_runtime": 1.0, "step": 2},
     ]
-    assert final_losses(history) == {"loss": 1.0, "distill_loss": 0.5, "ce_loss": 2.0, "eval_loss": 2.5,
-                                     "eval_distill_loss": 1.5, "train_loss": 2.0}  # fmt: skip
+    assert final_losses(history) == {
+        "loss": 1.0,
+        "distill_loss": 0.5,
+        "ce_loss": 2.0,
+        "eval_loss": 2.5,
+        "eval_distill_loss": 1.5,
+        "train_loss": 2.0,
+    }
 
 
 def test_saved_student_carries_a_card_of_its_training(tmp_path, tiny_dir, tokenizer):
     train_rows = variable_length_examples(8, seed=1)
-    args = make_args(tmp_path, max_steps=2, loss_type={"forward_kl": 0.5, "mse": 0.5}, alpha=0.75, temperature=2.0,
-                     eval_strategy="steps", eval_steps=2)
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        loss_type={"forward_kl": 0.5, "mse": 0.5},
+        alpha=0.75,
+        temperature=2.0,
+        eval_strategy="steps",
+        eval_steps=2,
+    )
     recipe = {"data": {"dataset": "org/tiny-data"}, "training": {"max_steps": 2, "hub_token": "hf_SECRET"}}
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=tiny_dir["teacher"], args=args,
-                                  train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
-                                  eval_dataset=Dataset.from_list(variable_length_examples(4, seed=2)), recipe=recipe)
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=tiny_dir["teacher"],
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        processing_class=tokenizer,
+        eval_dataset=Dataset.from_list(variable_length_examples(4, seed=2)),
+        recipe=recipe,
+    )
     trainer.train()
     trainer.save_model()
     text = (tmp_path / "out" / "README.md").read_text()
@@ -112,17 +131,22 @@ def test_a_student_of_a_teacher_with_another_tokenizer_says_so(tmp_path, tiny_di
     from test_cross_tokenizer import permuted_wordlevel
 
     perm_dir, _ = permuted_wordlevel(tmp_path / "perm_tok", seed=3)
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=tiny_dir["teacher"],
-                                  args=make_args(tmp_path, max_steps=1, teacher_tokenizer_name_or_path=perm_dir),
-                                  train_dataset=Dataset.from_list(variable_length_examples(8, seed=1)),
-                                  processing_class=tokenizer)  # fmt: skip
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=tiny_dir["teacher"],
+        args=make_args(tmp_path, max_steps=1, teacher_tokenizer_name_or_path=perm_dir),
+        train_dataset=Dataset.from_list(variable_length_examples(8, seed=1)),
+        processing_class=tokenizer,
+    )
     trainer.train()
     trainer.save_model()
     text = (tmp_path / "out" / "README.md").read_text()
     assert f"| teacher tokenizer (cross-tokenizer) | {perm_dir} |" in text
     assert "| shared vocabulary | 40 tokens (100.0% of the student's) |" in text
-    assert ("| alignment at setup | of the target positions of the first 8 training examples, 100.0% align one to one, "
-            "0.0% in merged spans, the rest with nothing (CE only) |") in text  # fmt: skip
+    assert (
+        "| alignment at setup | of the target positions of the first 8 training examples, 100.0% align one to one, "
+        "0.0% in merged spans, the rest with nothing (CE only) |"
+    ) in text
 
 
 def test_push_to_hub_uploads_the_student_and_its_card(tmp_path, tiny_dir, tokenizer, monkeypatch):
@@ -137,8 +161,14 @@ def test_push_to_hub_uploads_the_student_and_its_card(tmp_path, tiny_dir, tokeni
         paths = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
         files = sorted(filter_repo_objects(paths, ignore_patterns=ignore_patterns))  # what upload_folder would send
         card = folder / "README.md"
-        uploads.append({"repo_id": repo_id, "files": files, "card": card.read_text() if card.exists() else None,
-                        "adapters": sorted(load_file(folder / "adapter_model.safetensors"))})  # fmt: skip
+        uploads.append(
+            {
+                "repo_id": repo_id,
+                "files": files,
+                "card": card.read_text() if card.exists() else None,
+                "adapters": sorted(load_file(folder / "adapter_model.safetensors")),
+            }
+        )
         if run_as_future:  # checkpoint pushes run in the background
             done = Future()
             done.set_result(None)
@@ -147,9 +177,14 @@ def test_push_to_hub_uploads_the_student_and_its_card(tmp_path, tiny_dir, tokeni
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     args = make_args(tmp_path, push_to_hub=True, hub_model_id="me/tiny-kd", save_strategy="steps", save_steps=1)
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=args, processing_class=tokenizer, peft_config=LoraConfig(r=4),
-                                  train_dataset=Dataset.from_list(variable_length_examples(4)))
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=args,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4),
+        train_dataset=Dataset.from_list(variable_length_examples(4)),
+    )
     trainer.train()
     assert [u["card"] for u in uploads] == [None]  # the checkpoint push (hub_strategy every_save): no card needed
     uploads.clear()
@@ -170,10 +205,19 @@ def test_card_holds_the_final_evaluation_metrics():
     history = [
         {"eval_loss": 2.5, "eval_top1_agreement": 0.1, "step": 1},
         {"loss": 1.0, "step": 2},
-        {"eval_loss": 2.0, "eval_distill_loss": 1.5, "eval_top1_agreement": 0.625, "eval_teacher_kl": 0.25,
-         "eval_student_perplexity": 7.5, "eval_runtime": 0.1, "eval_samples_per_second": 80.0, "epoch": 1.0, "step": 2},
+        {
+            "eval_loss": 2.0,
+            "eval_distill_loss": 1.5,
+            "eval_top1_agreement": 0.625,
+            "eval_teacher_kl": 0.25,
+            "eval_student_perplexity": 7.5,
+            "eval_runtime": 0.1,
+            "eval_samples_per_second": 80.0,
+            "epoch": 1.0,
+            "step": 2,
+        },
         {"train_loss": 2.0, "train_runtime": 1.0, "step": 2},
-    ]  # fmt: skip
+    ]
     metrics = final_eval_metrics(history)
     assert metrics == {"eval_top1_agreement": 0.625, "eval_teacher_kl": 0.25, "eval_student_perplexity": 7.5}
     text = str(distillation_card(kind="full", eval_metrics=metrics, **CARD_KW))
@@ -189,13 +233,23 @@ def test_only_secrets_are_dropped_from_the_recipe():
         "teacher": {"name_or_path": "org/t", "tokenizer": "org/t-tok", "init_kwargs": {"token": "hf_INIT"}},
         "student": {"name_or_path": "org/s", "tokenizer": "org/s-tok"},
         "data": {"dataset": "org/d", "tokenizer_check_samples": 64, "max_length": 512},
-        "training": {"hub_token": "hf_HUB", "push_to_hub_token": "hf_PUSH", "report_to": "wandb",
-                     "hub_private_repo": True},
+        "training": {
+            "hub_token": "hf_HUB",
+            "push_to_hub_token": "hf_PUSH",
+            "report_to": "wandb",
+            "hub_private_repo": True,
+        },
         "peft": {"API_KEY": "sk-1"},
-    }  # fmt: skip
+    }
     text = str(distillation_card(kind="full", recipe=recipe, **CARD_KW))
-    for kept in ("tokenizer: org/t-tok", "tokenizer: org/s-tok", "tokenizer_check_samples: 64", "max_length: 512",
-                 "hub_private_repo: true", "report_to: wandb"):  # fmt: skip
+    for kept in (
+        "tokenizer: org/t-tok",
+        "tokenizer: org/s-tok",
+        "tokenizer_check_samples: 64",
+        "max_length: 512",
+        "hub_private_repo: true",
+        "report_to: wandb",
+    ):
         assert kept in text, kept
     for secret in ("hf_INIT", "hf_HUB", "hf_PUSH", "sk-1", "hub_token", "API_KEY"):
         assert secret not in text, secret
@@ -206,17 +260,30 @@ def test_only_secrets_are_dropped_from_the_recipe():
 
 def test_a_student_of_a_teacher_cache_says_so(tmp_path, tiny_dir, tokenizer):
     rows = variable_length_examples(8, seed=3)
-    cache = build_teacher_cache(load_model(tiny_dir["teacher"]), Dataset.from_list(rows), str(tmp_path / "cache"), k=8,
-                                tokenizer=tokenizer, device="cpu", progress=False)  # fmt: skip
+    cache = build_teacher_cache(
+        load_model(tiny_dir["teacher"]),
+        Dataset.from_list(rows),
+        str(tmp_path / "cache"),
+        k=8,
+        tokenizer=tokenizer,
+        device="cpu",
+        progress=False,
+    )
     args = make_args(tmp_path, max_steps=1, teacher_cache=cache.path)
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), args=args, train_dataset=Dataset.from_list(rows),
-                                  processing_class=tokenizer)  # fmt: skip
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     trainer.train()
     trainer.save_model()
     text = (tmp_path / "out" / "README.md").read_text()
     assert f"| teacher | `{tiny_dir['teacher']}` through a top-8 teacher cache |" in text
-    assert (f"| teacher outputs | a top-k cache (`hf-kd cache-teacher`, `{cache.path}`): k = 8 of 40 vocab rows, the "
-            "teacher's log-probabilities at T = 1; every other token's mass is one tail bucket, so the loss compares "
-            "k + 1 buckets, exact at T = 1 and an approximation at other T |") in text  # fmt: skip
+    assert (
+        f"| teacher outputs | a top-k cache (`hf-kd cache-teacher`, `{cache.path}`): k = 8 of 40 vocab rows, the "
+        "teacher's log-probabilities at T = 1; every other token's mass is one tail bucket, so the loss compares "
+        "k + 1 buckets, exact at T = 1 and an approximation at other T |"
+    ) in text
     live = str(distillation_card(kind="full", **CARD_KW))
     assert "teacher cache" not in live and "teacher outputs" not in live

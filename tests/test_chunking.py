@@ -10,8 +10,8 @@ import torch
 
 import hf_kd.objective.fused as fused
 from hf_kd import distillation_loss
-from hf_kd.objective.losses import Objective
 from hf_kd.models.heads import LMHeadSpec
+from hf_kd.objective.losses import Objective
 from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits, TeacherTopK
 
 N, H, V = 23, 6, 17  # N = 23 is prime: chunk_size 4 leaves a ragged last chunk
@@ -56,10 +56,25 @@ def test_teacher_logits_match_distillation_loss(monkeypatch, name, alpha):
     hidden, weight, bias, teacher, labels = make()
     objective = Objective(alpha=alpha, **OBJECTIVES[name])
 
-    expected = distillation_loss(hidden @ weight.T + bias, teacher, labels, **objective.loss_kwargs(),
-                                 num_items_in_batch=NUM_ITEMS, return_components=True)  # fmt: skip
-    actual = driver(hidden, weight, bias, teacher, labels, objective, num_items_in_batch=NUM_ITEMS, chunk_size=4,
-                    return_components=True)  # fmt: skip
+    expected = distillation_loss(
+        hidden @ weight.T + bias,
+        teacher,
+        labels,
+        **objective.loss_kwargs(),
+        num_items_in_batch=NUM_ITEMS,
+        return_components=True,
+    )
+    actual = driver(
+        hidden,
+        weight,
+        bias,
+        teacher,
+        labels,
+        objective,
+        num_items_in_batch=NUM_ITEMS,
+        chunk_size=4,
+        return_components=True,
+    )
 
     assert bool(closed_form_calls) == name.startswith("forward_kl")  # a dense logits teacher takes the closed form
     assert actual[0].requires_grad and not actual[1].requires_grad and not actual[2].requires_grad
@@ -153,18 +168,20 @@ def test_the_driver_serves_the_cross_tokenizer_loss_from_logits_and_from_hidden_
     hidden states + head: the same terms, and the logits' gradient, pushed through the head by the chain rule here,
     is the hidden states', weight's and bias's gradient. Prompt rows are masked and the chunks are ragged, so a row
     of the logits path read or written at the wrong place shows up."""
-    import hf_kd.objective.chunking as chunking
     from test_cross_tokenizer import STUDENT_MERGES, TEACHER_MERGES, byte_level_tokenizer
     from transformers import AutoTokenizer
 
+    import hf_kd.objective.chunking as chunking
     from hf_kd.teachers.cross_tokenizer.alignment import align_batch
     from hf_kd.teachers.cross_tokenizer.loss import CrossTokenizerWeights, cross_tokenizer_terms
     from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
 
     heads = []  # the student's head in every driver call: None for logits
     original = chunking.run
-    monkeypatch.setattr("hf_kd.teachers.cross_tokenizer.loss.run",
-                        lambda student, *a, **k: heads.append(student.head) or original(student, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        "hf_kd.teachers.cross_tokenizer.loss.run",
+        lambda student, *a, **k: heads.append(student.head) or original(student, *a, **k),
+    )
     student_tok = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "s", STUDENT_MERGES))
     teacher_tok = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "t", TEACHER_MERGES))
     shared = shared_vocabulary(student_tok, teacher_tok)

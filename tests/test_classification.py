@@ -21,9 +21,17 @@ KW = dict(loss_type="forward_kl", temperature=3.0, alpha=0.6)
 
 def bert(cls, hidden, seed, num_labels=3):
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=40,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return cls(config)
 
 
@@ -41,8 +49,12 @@ def texts(n, seed=0):
     rows = []
     for _ in range(n):
         length = int(torch.randint(2, 9, (1,), generator=g))
-        rows.append({"text": " ".join(words[int(i)] for i in torch.randint(0, 37, (length,), generator=g)),
-                     "label": int(torch.randint(0, 3, (1,), generator=g))})
+        rows.append(
+            {
+                "text": " ".join(words[int(i)] for i in torch.randint(0, 37, (length,), generator=g)),
+                "label": int(torch.randint(0, 3, (1,), generator=g)),
+            }
+        )
     return rows
 
 
@@ -76,10 +88,12 @@ def test_sequence_classification_trains_with_and_without_labels(tmp_path, saved_
     for name, data, alpha in (("labeled", labeled, 0.5), ("unlabeled", labeled.remove_columns("label"), 1.0)):
         student = BertForSequenceClassification.from_pretrained(root / "student")
         before = student.classifier.weight.clone()
-        args = make_args(tmp_path / name, max_steps=2, learning_rate=0.5, alpha=alpha, temperature=2.0,
-                         per_device_train_batch_size=4)
-        trainer = DistillationTrainer(model=student, teacher_model=str(root / "teacher"), args=args,
-                                      train_dataset=data, processing_class=tok)
+        args = make_args(
+            tmp_path / name, max_steps=2, learning_rate=0.5, alpha=alpha, temperature=2.0, per_device_train_batch_size=4
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=str(root / "teacher"), args=args, train_dataset=data, processing_class=tok
+        )
         trainer.train()
         logs = [r for r in trainer.state.log_history if "loss" in r]
         assert len(logs) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
@@ -108,31 +122,50 @@ def test_token_classification_is_not_shifted(tmp_path):
 def test_image_classifier(tmp_path):
     def vit(hidden, seed):
         torch.manual_seed(seed)
-        return ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=hidden,
-                                                   num_hidden_layers=1, num_attention_heads=2,
-                                                   intermediate_size=hidden, num_labels=4))
+        return ViTForImageClassification(
+            ViTConfig(
+                image_size=8,
+                patch_size=4,
+                num_channels=3,
+                hidden_size=hidden,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=hidden,
+                num_labels=4,
+            )
+        )
 
     teacher, student = vit(32, 5), vit(16, 6)
     teacher.save_pretrained(tmp_path / "vit_teacher")  # by path: loaded as the ViTForImageClassification it was
     g = torch.Generator().manual_seed(1)
     rows = [{"pixel_values": torch.randn(3, 8, 8, generator=g).tolist(), "labels": i % 4} for i in range(8)]
-    trainer = DistillationTrainer(model=student, teacher_model=str(tmp_path / "vit_teacher"),
-                                  train_dataset=Dataset.from_list(rows), args=make_args(tmp_path, max_steps=2, **KW))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=str(tmp_path / "vit_teacher"),
+        train_dataset=Dataset.from_list(rows),
+        args=make_args(tmp_path, max_steps=2, **KW),
+    )
     assert type(trainer.teacher_model).__name__ == "ViTForImageClassification"
     assert trainer.task == "classification"
     batch = trainer.data_collator(rows[:4])
     ours = trainer.compute_loss(student, batch)
-    expected = distillation_loss(student(pixel_values=batch["pixel_values"]).logits,
-                                 teacher(pixel_values=batch["pixel_values"]).logits, batch["labels"], **KW)
+    expected = distillation_loss(
+        student(pixel_values=batch["pixel_values"]).logits,
+        teacher(pixel_values=batch["pixel_values"]).logits,
+        batch["labels"],
+        **KW,
+    )
     torch.testing.assert_close(ours, expected)
     trainer.train()
 
 
 def test_label_sets_must_match(tmp_path):
     with pytest.raises(ValueError, match="labels"):
-        DistillationTrainer(model=bert(BertForSequenceClassification, 32, 1, num_labels=3),
-                            teacher_model=bert(BertForSequenceClassification, 32, 2, num_labels=4),
-                            args=make_args(tmp_path))
+        DistillationTrainer(
+            model=bert(BertForSequenceClassification, 32, 1, num_labels=3),
+            teacher_model=bert(BertForSequenceClassification, 32, 2, num_labels=4),
+            args=make_args(tmp_path),
+        )
 
 
 def test_a_classifier_builds_without_a_fused_loss_warning(tmp_path, saved_pair, caplog):
@@ -142,7 +175,11 @@ def test_a_classifier_builds_without_a_fused_loss_warning(tmp_path, saved_pair, 
     root, tokenizer = saved_pair
     student = BertForSequenceClassification.from_pretrained(root / "student")
     with caplog.at_level(logging.WARNING, logger="hf_kd"):
-        trainer = DistillationTrainer(model=student, teacher_model=str(root / "teacher"), processing_class=tokenizer,
-                                      args=make_args(tmp_path, **KW))  # fmt: skip
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=str(root / "teacher"),
+            processing_class=tokenizer,
+            args=make_args(tmp_path, **KW),
+        )
     assert trainer.args.loss_chunk_size and not trainer.use_fused_loss
     assert not [r for r in caplog.records if "loss_chunk_size" in r.getMessage()]

@@ -33,15 +33,31 @@ def prompt_completion_rows(n: int, seed: int = 0):
     return rows
 
 
-def write_recipe(path, tiny_dir, data: dict, teacher: str = "teacher", student: str = "student",
-                 teacher_tokenizer: str | None = None, **training) -> str:  # fmt: skip
+def write_recipe(
+    path,
+    tiny_dir,
+    data: dict,
+    teacher: str = "teacher",
+    student: str = "student",
+    teacher_tokenizer: str | None = None,
+    **training,
+) -> str:
     recipe = {
         "teacher": {"name_or_path": tiny_dir[teacher], "tokenizer": teacher_tokenizer or tiny_dir["tokenizer"]},
         "student": {"name_or_path": tiny_dir[student], "tokenizer": tiny_dir["tokenizer"]},
         "data": {"format": "prompt_completion", "max_length": 16, **data},
-        "training": {"output_dir": str(path.parent / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
-                     "learning_rate": "1e-3", "logging_steps": 1, "save_strategy": "no", "use_cpu": True,
-                     "report_to": "none", "disable_tqdm": True, **training},
+        "training": {
+            "output_dir": str(path.parent / "out"),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": "1e-3",
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "use_cpu": True,
+            "report_to": "none",
+            "disable_tqdm": True,
+            **training,
+        },
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(path)
@@ -74,8 +90,10 @@ def assert_one_error_line(err: str, start: str) -> None:
 
 def test_bad_recipe_is_one_line_and_exit_2(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text("teacher: {name_or_path: org/t}\nstudent: {name_or_path: org/s}\ndata: {dataset: org/d}\n"
-                    "training: {output_dir: out, learning_rat: 1.0e-5}\n")  # fmt: skip
+    path.write_text(
+        "teacher: {name_or_path: org/t}\nstudent: {name_or_path: org/s}\ndata: {dataset: org/d}\n"
+        "training: {output_dir: out, learning_rat: 1.0e-5}\n"
+    )
     for command in ("train", "check", "cache-teacher"):
         extra = ["--output", tmp_path / "cache"] if command == "cache-teacher" else []
         code, _, err = run([command, path, *extra], capsys)
@@ -103,8 +121,10 @@ def test_inputs_that_gave_tracebacks_are_one_line(tmp_path, tiny_dir, capsys):
     if importlib.util.find_spec("wandb") is None:
         path = write_recipe(tmp_path / "w.yaml", tiny_dir, {"dataset": str(empty)}, report_to="wandb")
         code, _, err = run(["train", path], capsys)
-        assert (code, err) == (2, f"error: {path}: training.report_to: wandb is not installed: pip install wandb, or "
-                                  "set report_to: none\n")  # fmt: skip
+        assert (code, err) == (
+            2,
+            f"error: {path}: training.report_to: wandb is not installed: pip install wandb, or set report_to: none\n",
+        )
     if not torch.cuda.is_available():
         path = write_recipe(tmp_path / "b.yaml", tiny_dir, {"dataset": str(empty)}, bf16=True, use_cpu=False)
         code, _, err = run(["train", path], capsys)
@@ -125,13 +145,24 @@ def test_check_applies_the_data_checks_of_train(tmp_path, tiny_dir, capsys):
 def test_python_m_hf_kd_entry_point(tmp_path):
     """The real entry point (`python -m hf_kd`, what `accelerate launch -m hf_kd` runs): exit 2 and one line."""
     path = tmp_path / "recipe.yaml"
-    path.write_text("teacher: {name_or_path: org/t}\nstudent: {name_or_path: org/s}\ndata: {dataset: org/d}\n"
-                    "training: {output_dir: out}\n")  # fmt: skip
+    path.write_text(
+        "teacher: {name_or_path: org/t}\nstudent: {name_or_path: org/s}\ndata: {dataset: org/d}\n"
+        "training: {output_dir: out}\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "hf_kd", "train", str(path), "--max_stepz", "10"], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_kd", "train", str(path), "--max_stepz", "10"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
-    assert done.stderr == f"error: {path}: --max_stepz: not a DistillationConfig / TrainingArguments field (did you mean --max_steps?)\n"
+    assert (
+        done.stderr
+        == f"error: {path}: --max_stepz: not a DistillationConfig / TrainingArguments field (did you mean --max_steps?)\n"
+    )
 
 
 def test_bad_data_exits_2_and_writes_nothing(tmp_path, tiny_dir, files, capsys):
@@ -152,7 +183,9 @@ def save_swapped_tokenizer(tmp_path) -> str:
     core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     other = str(tmp_path / "other_tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(other)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(other)
     return other
 
 
@@ -166,7 +199,9 @@ def save_lowercasing_tokenizer(tmp_path) -> str:
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     other = str(tmp_path / "lowercasing_tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(other)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(other)
     return other
 
 
@@ -177,8 +212,11 @@ def test_tokenizers_with_one_vocabulary_that_disagree_are_refused(tmp_path, tiny
     path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, teacher_tokenizer=other)
     code, _, err = run(["train", path], capsys)
     assert code == 2
-    assert_one_error_line(err, f"error: {path}: tokenizers: the teacher and student tokenizers disagree on sample "
-                               "example 0 at token 1: the student has id 2 ('<unk>'), the teacher id 5 ('w2')")  # fmt: skip
+    assert_one_error_line(
+        err,
+        f"error: {path}: tokenizers: the teacher and student tokenizers disagree on sample "
+        "example 0 at token 1: the student has id 2 ('<unk>'), the teacher id 5 ('w2')",
+    )
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -189,8 +227,10 @@ def test_tokenizers_with_other_vocabularies_distill_across_tokenizers(tmp_path, 
     path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher_tokenizer=other)
     code, out, _ = run(["check", path], capsys)
     assert code == 0, out
-    assert ("tokenizers: different vocabularies -> cross-tokenizer distillation; 40 tokens spelled alike (100.0% of the "
-            "student's 40, the teacher has 40)") in out  # fmt: skip
+    assert (
+        "tokenizers: different vocabularies -> cross-tokenizer distillation; 40 tokens spelled alike (100.0% of the "
+        "student's 40, the teacher has 40)"
+    ) in out
     assert "target positions in 24 sample examples, 100.0% align one to one" in out
     assert "shared tokens: 100.0% of the teacher's target tokens" in out
     code, _, err = run(["train", path], capsys)
@@ -198,7 +238,10 @@ def test_tokenizers_with_other_vocabularies_distill_across_tokenizers(tmp_path, 
     metrics = json.loads((tmp_path / "out" / COMPLETE_MARKER).read_text())
     assert metrics["metrics"]["train"]["train_aligned_fraction"] == pytest.approx(1.0)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"| teacher tokenizer (cross-tokenizer) | {other} |" in card and "| shared vocabulary | 40 tokens (100.0%" in card
+    assert (
+        f"| teacher tokenizer (cross-tokenizer) | {other} |" in card
+        and "| shared vocabulary | 40 tokens (100.0%" in card
+    )
     code, _, err = run(["cache-teacher", path, "--output", tmp_path / "cache"], capsys)  # a cache needs one tokenizer
     assert code == 2
     assert_one_error_line(err, f"error: {path}: teacher.tokenizer: a teacher cache needs teacher and student to share")
@@ -207,8 +250,12 @@ def test_tokenizers_with_other_vocabularies_distill_across_tokenizers(tmp_path, 
 
 @pytest.mark.parametrize("case", ["self_with_init_kwargs", "vocab_too_small"])
 def test_a_trainer_setup_error_names_the_recipe_key_it_comes_from(tmp_path, tiny_dir, files, capsys, case):
-    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]},
-                        teacher="teacher_small" if case == "vocab_too_small" else "teacher")  # fmt: skip
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        {"dataset": files["train"]},
+        teacher="teacher_small" if case == "vocab_too_small" else "teacher",
+    )
     recipe = yaml.safe_load(open(path))
     if case == "self_with_init_kwargs":
         recipe["teacher"] = {"name_or_path": "self", "init_kwargs": {"attn_implementation": "eager"}}
@@ -242,8 +289,14 @@ def test_generation_combinations_that_cannot_work_are_refused(tmp_path, tiny_dir
 
 def test_on_policy_recipe_on_prompt_only_data_trains(tmp_path, tiny_dir, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"w{i} w{i + 1} w{i + 2}"} for i in range(8)])
-    path = write_recipe(tmp_path / "p.yaml", tiny_dir, {"dataset": prompts, "format": "prompt"}, lmbda=1.0,
-                        max_new_tokens=4, loss_type="reverse_kl")  # fmt: skip
+    path = write_recipe(
+        tmp_path / "p.yaml",
+        tiny_dir,
+        {"dataset": prompts, "format": "prompt"},
+        lmbda=1.0,
+        max_new_tokens=4,
+        loss_type="reverse_kl",
+    )
     code, _, err = run(["train", path], capsys)
     assert code == 0, err
     marker = read_marker(tmp_path / "out")
@@ -257,11 +310,17 @@ def test_a_nan_teacher_stops_the_run_with_one_line_and_no_marker(tmp_path, tiny_
     with torch.no_grad():
         teacher.lm_head.weight[4, 0] = float("nan")
     teacher.save_pretrained(tmp_path / "nan_teacher")
-    path = write_recipe(tmp_path / "r.yaml", {**tiny_dir, "nan": str(tmp_path / "nan_teacher")},
-                        {"dataset": files["train"]}, teacher="nan")  # fmt: skip
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        {**tiny_dir, "nan": str(tmp_path / "nan_teacher")},
+        {"dataset": files["train"]},
+        teacher="nan",
+    )
     code, _, err = run(["train", path], capsys)
     assert code == 1
-    assert_one_error_line(err, f"error: {path}: training stopped: step 1: the teacher ({tmp_path / 'nan_teacher'}) gave NaN")
+    assert_one_error_line(
+        err, f"error: {path}: training stopped: step 1: the teacher ({tmp_path / 'nan_teacher'}) gave NaN"
+    )
     assert not os.path.exists(os.path.join(tmp_path / "out", COMPLETE_MARKER))
 
 
@@ -277,8 +336,10 @@ def test_ctrl_c_says_how_to_resume(tmp_path, tiny_dir, files, capsys, monkeypatc
     monkeypatch.setattr(hf_kd.cli.train, "run_train", interrupted)
     code, _, err = run(["train", path], capsys)
     assert code == 130 and "Traceback" not in err
-    assert err.strip() == (f"interrupted: the last checkpoint is {tmp_path / 'out' / 'checkpoint-2'}; resume with: "
-                           f"hf-kd train {tmp_path / 'out' / 'hf_kd_recipe.yaml'} --resume_from_checkpoint true")  # fmt: skip
+    assert err.strip() == (
+        f"interrupted: the last checkpoint is {tmp_path / 'out' / 'checkpoint-2'}; resume with: "
+        f"hf-kd train {tmp_path / 'out' / 'hf_kd_recipe.yaml'} --resume_from_checkpoint true"
+    )
 
 
 def test_the_printed_resume_command_resumes_the_run_as_started(tmp_path, tiny_dir, files, capsys, monkeypatch):
@@ -298,8 +359,25 @@ def test_the_printed_resume_command_resumes_the_run_as_started(tmp_path, tiny_di
         return training_step(self, *args, **kwargs)
 
     monkeypatch.setattr(DistillationTrainer, "training_step", counted)
-    code, _, err = run(["train", path, "--output_dir", out, "--max_steps", "4", "--save_strategy", "steps",
-                        "--save_steps", "2", "--data.max_samples", "16", "--hub_token", "hf_SECRET"], capsys)  # fmt: skip
+    code, _, err = run(
+        [
+            "train",
+            path,
+            "--output_dir",
+            out,
+            "--max_steps",
+            "4",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--data.max_samples",
+            "16",
+            "--hub_token",
+            "hf_SECRET",
+        ],
+        capsys,
+    )
     assert code == 130 and steps == [0, 1], err
     saved = (out / "hf_kd_recipe.yaml").read_text()  # output_dir is what push_to_hub uploads: no secret in it
     assert "hf_SECRET" not in saved and "# Left out (secrets): training.hub_token;" in saved
@@ -357,8 +435,9 @@ def read_marker(out) -> dict:
 
 def test_train_end_to_end_and_output_dir_life_cycle(tmp_path, tiny_dir, files, capsys):
     # evaluation only at the end (eval_strategy no): the card must still show the final eval losses
-    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"], "eval_size": 4},
-                        save_strategy="steps", save_steps=2)  # fmt: skip
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"], "eval_size": 4}, save_strategy="steps", save_steps=2
+    )
     out = str(tmp_path / "out")
     code, _, err = run(["train", path, "--max_steps", "3"], capsys)
     assert code == 0, err
@@ -395,10 +474,14 @@ def test_train_end_to_end_and_output_dir_life_cycle(tmp_path, tiny_dir, files, c
     shutil.copytree(os.path.join(out, "checkpoint-2"), os.path.join(unfinished, "checkpoint-2"))
     code, _, err = run(["train", path, "--output_dir", unfinished], capsys)
     assert code == 2
-    assert_one_error_line(err, f"error: {path}: training.output_dir: {unfinished} holds checkpoints of an unfinished "
-                               "run (last: checkpoint-2); pass --resume_from_checkpoint true")  # fmt: skip
-    code, _, err = run(["train", path, "--output_dir", unfinished, "--resume_from_checkpoint", "true", "--max_steps", "4"],
-                       capsys)  # fmt: skip
+    assert_one_error_line(
+        err,
+        f"error: {path}: training.output_dir: {unfinished} holds checkpoints of an unfinished "
+        "run (last: checkpoint-2); pass --resume_from_checkpoint true",
+    )
+    code, _, err = run(
+        ["train", path, "--output_dir", unfinished, "--resume_from_checkpoint", "true", "--max_steps", "4"], capsys
+    )
     assert code == 0, err
     assert read_marker(unfinished)["global_step"] == 4
     assert read_marker(unfinished)["metrics"]["train"]["train_runtime"] > 0
@@ -422,8 +505,14 @@ def test_the_last_steps_evaluation_is_not_run_twice(tmp_path, tiny_dir, files, c
         return evaluate(self, *args, **kwargs)
 
     monkeypatch.setattr(DistillationTrainer, "evaluate", counted)
-    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"], "eval_size": 4},
-                        eval_strategy="steps", eval_steps=2, max_steps=4)  # fmt: skip
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        {"dataset": files["train"], "eval_size": 4},
+        eval_strategy="steps",
+        eval_steps=2,
+        max_steps=4,
+    )
     code, out, err = run(["train", path], capsys)
     assert code == 0, err
     assert calls == [2, 4]  # the final metrics are the step-4 evaluation's, not a third one
@@ -441,8 +530,16 @@ def test_the_last_steps_evaluation_is_not_run_twice(tmp_path, tiny_dir, files, c
 def test_a_cpu_run_is_quiet_and_logs_tokens_per_second(tmp_path, tiny_dir, files, capsys):
     """No pin_memory warnings (no accelerator to pin for), no "Writing model shards" bars inside the training bar,
     and the target tokens per second of each logging window and of the run."""
-    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, use_cpu=False, max_steps=4,
-                        logging_steps=2, save_strategy="steps", save_steps=2)  # fmt: skip
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        {"dataset": files["train"]},
+        use_cpu=False,
+        max_steps=4,
+        logging_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, out, err = run(["train", path], capsys)
@@ -465,8 +562,14 @@ def test_a_clean_run_prints_no_deepspeed_line_and_no_future_warning(tmp_path, ti
     recipe["peft"] = {"r": 4, "lora_alpha": 8}
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f, sort_keys=False)
-    done = subprocess.run([sys.executable, "-m", "hf_kd", "train", path], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_kd", "train", path],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     for printed in (done.stderr, done.stdout):  # DeepSpeed's logger writes to stdout
         assert "DeepSpeed" not in printed and "deepspeed" not in printed, printed
@@ -521,18 +624,32 @@ def test_check_plans_the_run_from_the_data_sample(tmp_path, tiny_dir, capsys):
     sample when the split is larger than it)."""
     rows = [{"prompt": "w1 w2", "completion": " ".join(["w3"] * (4 if i % 3 else 20))} for i in range(300)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)  # every third completion runs past max_length 16
-    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, per_device_train_batch_size=4,
-                        gradient_accumulation_steps=2, max_steps=30)  # fmt: skip
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        {"dataset": data},
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=30,
+    )
     code, out, _ = run(["check", path], capsys)
     assert code == 0, out
-    assert ("data: the first 256 examples tokenize to 256 trainable examples, 2054 target tokens; 86 truncated to "
-            "max_length=16 (602 tokens cut)") in out  # 170 x 5 + 86 x 14 targets; 86 have 2 + 21 tokens: 7 cut from each
-    assert ("data: estimated from the first 256 of 300 examples: ~300 trainable examples, 38 optimizer steps per epoch "
-            "at batch 4 x GA 2 x 1 process = 8; max_steps=30 is 0.79 epochs") in out  # fmt: skip
-    code, out, _ = run(["check", path, "--data.max_samples", "100", "--data.eval_size", "20", "--max_steps", "-1"], capsys)
+    assert (
+        "data: the first 256 examples tokenize to 256 trainable examples, 2054 target tokens; 86 truncated to "
+        "max_length=16 (602 tokens cut)"
+    ) in out  # 170 x 5 + 86 x 14 targets; 86 have 2 + 21 tokens: 7 cut from each
+    assert (
+        "data: estimated from the first 256 of 300 examples: ~300 trainable examples, 38 optimizer steps per epoch "
+        "at batch 4 x GA 2 x 1 process = 8; max_steps=30 is 0.79 epochs"
+    ) in out
+    code, out, _ = run(
+        ["check", path, "--data.max_samples", "100", "--data.eval_size", "20", "--max_steps", "-1"], capsys
+    )
     assert code == 0, out
-    assert ("data: estimated from the first 256 of 300 examples, 20 held out for evaluation: ~80 trainable examples, 10 "
-            "optimizer steps per epoch at batch 4 x GA 2 x 1 process = 8; num_train_epochs=3 is 30 steps") in out
+    assert (
+        "data: estimated from the first 256 of 300 examples, 20 held out for evaluation: ~80 trainable examples, 10 "
+        "optimizer steps per epoch at batch 4 x GA 2 x 1 process = 8; num_train_epochs=3 is 30 steps"
+    ) in out
 
 
 def test_check_gives_one_verdict_on_tokenizers_that_disagree(tmp_path, tiny_dir, capsys):
@@ -540,23 +657,35 @@ def test_check_gives_one_verdict_on_tokenizers_that_disagree(tmp_path, tiny_dir,
     shared rows" before the FAIL, and a last line that says train would refuse it."""
     other = save_lowercasing_tokenizer(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w1", "completion": "W2 w3"}] * 4)
-    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": data}, teacher="teacher_padded",
-                        student="student_padded", teacher_tokenizer=other)  # fmt: skip
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        {"dataset": data},
+        teacher="teacher_padded",
+        student="student_padded",
+        teacher_tokenizer=other,
+    )
     code, out, _ = run(["check", path], capsys)
     assert code == 1, out
     assert "distilling over the shared" not in out
-    assert ("vocab: teacher 48 rows, student 44 rows, tokenizer 40 tokens; the tokenizers disagree (below), so the rows "
-            "do not mean the same tokens") in out  # fmt: skip
+    assert (
+        "vocab: teacher 48 rows, student 44 rows, tokenizer 40 tokens; the tokenizers disagree (below), so the rows "
+        "do not mean the same tokens"
+    ) in out
     assert "FAIL tokenizers: the teacher and student tokenizers disagree on sample example 0 at token 1" in out
     assert out.rstrip().splitlines()[-1] == "verdict: FAIL: hf-kd train would refuse this recipe (tokenizers)"
 
 
 def test_check_padded_vocabularies_and_a_vocab_too_small(tmp_path, tiny_dir, files, capsys):
-    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher="teacher_padded",
-                        student="student_padded")  # fmt: skip
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher="teacher_padded", student="student_padded"
+    )
     code, out, _ = run(["check", path], capsys)
     assert code == 0, out
-    assert "vocab: teacher 48 rows, student 44 rows, tokenizer 40 tokens -> distilling over the shared first 44 rows" in out
+    assert (
+        "vocab: teacher 48 rows, student 44 rows, tokenizer 40 tokens -> distilling over the shared first 44 rows"
+        in out
+    )
     path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher="teacher_small")
     code, out, _ = run(["check", path], capsys)
     assert code == 1
@@ -566,20 +695,32 @@ def test_check_padded_vocabularies_and_a_vocab_too_small(tmp_path, tiny_dir, fil
 def test_check_offline_hub_recipe_says_what_it_could_not_check(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = tmp_path / "hub.yaml"
-    path.write_text("teacher: {name_or_path: hf-kd-test/no-such-teacher}\nstudent: {name_or_path: hf-kd-test/no-such-student}\n"
-                    "data: {dataset: hf-kd-test/no-such-data}\ntraining: {output_dir: out, bf16: true}\n")  # fmt: skip
+    path.write_text(
+        "teacher: {name_or_path: hf-kd-test/no-such-teacher}\nstudent: {name_or_path: hf-kd-test/no-such-student}\n"
+        "data: {dataset: hf-kd-test/no-such-data}\ntraining: {output_dir: out, bf16: true}\n"
+    )
     code, out, err = run(["check", path], capsys)
     gpu = torch.cuda.is_available()  # without one, bf16: true is what train would refuse here
     assert code == (0 if gpu else 1), err
     assert "Traceback" not in err
     unchecked = [line for line in out.splitlines() if line.startswith("not checked: ")]
     assert [line.split(" (")[0] for line in unchecked] == [
-        "not checked: teacher config", "not checked: student config", "not checked: teacher tokenizer",
-        "not checked: student tokenizer", "not checked: memory estimate: needs both configs",
-    ]  # fmt: skip
+        "not checked: teacher config",
+        "not checked: student config",
+        "not checked: teacher tokenizer",
+        "not checked: student tokenizer",
+        "not checked: memory estimate: needs both configs",
+    ]
     assert "HF_HUB_OFFLINE is set" in unchecked[0]
-    assert out.rstrip().splitlines()[-1] == ("verdict: ok, no problem found" if gpu else "verdict: FAIL: hf-kd train "
-                                             "would refuse this recipe (training.bf16)") + "; 5 thing(s) not checked (listed above)"
+    assert (
+        out.rstrip().splitlines()[-1]
+        == (
+            "verdict: ok, no problem found"
+            if gpu
+            else "verdict: FAIL: hf-kd train would refuse this recipe (training.bf16)"
+        )
+        + "; 5 thing(s) not checked (listed above)"
+    )
 
 
 def test_check_refuses_what_train_refuses_before_loading(tmp_path, tiny_dir, files, capsys):
@@ -605,14 +746,18 @@ def test_check_refuses_what_train_refuses_before_loading(tmp_path, tiny_dir, fil
     assert code == 1 and "FAIL training.resume_from_checkpoint: no checkpoint-* in " in out
 
     if not torch.cuda.is_available():
-        code, out, _ = run(["check", path, "--output_dir", tmp_path / "new", "--bf16", "true", "--use_cpu", "false"],
-                           capsys)  # fmt: skip
+        code, out, _ = run(
+            ["check", path, "--output_dir", tmp_path / "new", "--bf16", "true", "--use_cpu", "false"], capsys
+        )
         assert code == 1, out
-        assert ("FAIL training.bf16: this machine cannot train in bf16 (no GPU with bf16 support); set bf16: false "
-                "(--bf16 false); a machine with such a GPU runs it as written") in out
+        assert (
+            "FAIL training.bf16: this machine cannot train in bf16 (no GPU with bf16 support); set bf16: false "
+            "(--bf16 false); a machine with such a GPU runs it as written"
+        ) in out
         assert out.rstrip().splitlines()[-1] == "verdict: FAIL: hf-kd train would refuse this recipe (training.bf16)"
-        code, _, err = run(["train", path, "--output_dir", tmp_path / "new", "--bf16", "true", "--use_cpu", "false"],
-                           capsys)  # fmt: skip
+        code, _, err = run(
+            ["train", path, "--output_dir", tmp_path / "new", "--bf16", "true", "--use_cpu", "false"], capsys
+        )
         assert code == 2 and "training.bf16: this machine cannot train in bf16" in err
     assert not os.path.exists(tmp_path / "new")
 
@@ -634,16 +779,19 @@ def test_check_without_a_network_does_not_wait_for_the_hub(tmp_path, capsys, mon
     hf_kd.cli.check.hub_reachable.cache_clear()
     try:
         path = tmp_path / "hub.yaml"
-        path.write_text("teacher: {name_or_path: hf-kd-test/no-such-teacher}\nstudent: {name_or_path: hf-kd-test/no-"
-                        "such-student}\ndata: {dataset: hf-kd-test/no-such-data}\ntraining: {output_dir: out}\n")  # fmt: skip
+        path.write_text(
+            "teacher: {name_or_path: hf-kd-test/no-such-teacher}\nstudent: {name_or_path: hf-kd-test/no-"
+            "such-student}\ndata: {dataset: hf-kd-test/no-such-data}\ntraining: {output_dir: out}\n"
+        )
         code, out, _ = run(["check", path], capsys)
     finally:
         hf_kd.cli.check.hub_reachable.cache_clear()
     assert code == 0, out
     assert attempts == [(("huggingface.co", 443), 2.0)]  # once for the whole check
     unchecked = [line for line in out.splitlines() if line.startswith("not checked: ")]
-    assert len(unchecked) == 5 and all("huggingface.co is unreachable (no network? HF_HUB_OFFLINE=1 skips" in line
-                                       for line in unchecked[:4])  # fmt: skip
+    assert len(unchecked) == 5 and all(
+        "huggingface.co is unreachable (no network? HF_HUB_OFFLINE=1 skips" in line for line in unchecked[:4]
+    )
 
 
 def test_hub_probe_gives_up_after_its_timeout(monkeypatch):
@@ -678,29 +826,61 @@ def bert_pair(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("bert_cli")
 
     def config(hidden, **kwargs):
-        return BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=4,
-                          intermediate_size=2 * hidden, max_position_embeddings=64, **kwargs)  # fmt: skip
+        return BertConfig(
+            vocab_size=40,
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+            **kwargs,
+        )
 
     torch.manual_seed(0)
     labels = {0: "neg", 1: "neu", 2: "pos"}
-    BertForSequenceClassification(config(48, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()}))\
-        .save_pretrained(root / "teacher")  # fmt: skip
+    BertForSequenceClassification(
+        config(48, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
+    ).save_pretrained(root / "teacher")
     BertForMaskedLM(config(32)).save_pretrained(root / "student")
     rng = random.Random(0)
-    rows = [{"sentence": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))), "label": rng.randrange(3)}
-            for _ in range(20)]  # fmt: skip
-    return {"teacher": str(root / "teacher"), "student": str(root / "student"), "tokenizer": tiny_dir["tokenizer"],
-            "data": write_jsonl(root / "sst.jsonl", rows), "root": root}  # fmt: skip
+    rows = [
+        {"sentence": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))), "label": rng.randrange(3)}
+        for _ in range(20)
+    ]
+    return {
+        "teacher": str(root / "teacher"),
+        "student": str(root / "student"),
+        "tokenizer": tiny_dir["tokenizer"],
+        "data": write_jsonl(root / "sst.jsonl", rows),
+        "root": root,
+    }
 
 
 def write_classification_recipe(path, pair, data: str, **training) -> str:
     recipe = {
         "teacher": {"name_or_path": pair["teacher"], "tokenizer": pair["tokenizer"]},
         "student": {"name_or_path": pair["student"], "tokenizer": pair["tokenizer"]},
-        "data": {"dataset": data, "format": "classification", "text_field": "sentence", "max_length": 16, "eval_size": 4},
-        "training": {"output_dir": str(path.parent / "out"), "task": "classification", "temperature": 2.0, "alpha": 0.5,
-                     "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": "1e-3", "loss_chunk_size": 0,
-                     "use_cpu": True, "report_to": "none", "disable_tqdm": True, **training},
+        "data": {
+            "dataset": data,
+            "format": "classification",
+            "text_field": "sentence",
+            "max_length": 16,
+            "eval_size": 4,
+        },
+        "training": {
+            "output_dir": str(path.parent / "out"),
+            "task": "classification",
+            "temperature": 2.0,
+            "alpha": 0.5,
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": "1e-3",
+            "loss_chunk_size": 0,
+            "use_cpu": True,
+            "report_to": "none",
+            "disable_tqdm": True,
+            **training,
+        },
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(path)
@@ -729,8 +909,15 @@ def test_a_student_fine_tuned_on_other_classes_gets_the_teachers_head(tmp_path, 
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(1)
-    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=64, num_labels=5)  # fmt: skip
+    config = BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=5,
+    )
     BertForSequenceClassification(config).save_pretrained(tmp_path / "student5")
     pair = {**bert_pair, "student": str(tmp_path / "student5")}
     code, _, err = run(["train", write_classification_recipe(tmp_path / "r.yaml", pair, bert_pair["data"])], capsys)
@@ -739,8 +926,10 @@ def test_a_student_fine_tuned_on_other_classes_gets_the_teachers_head(tmp_path, 
     assert student.config.num_labels == 3 and student.classifier.weight.shape == (3, 32)
 
 
-@pytest.mark.parametrize("label, problem", [(3, "train data has label 3, but the teacher has 3 classes"),
-                                            (-1, "labels must be class ids 0, 1, ...")])  # fmt: skip
+@pytest.mark.parametrize(
+    "label, problem",
+    [(3, "train data has label 3, but the teacher has 3 classes"), (-1, "labels must be class ids 0, 1, ...")],
+)
 def test_classification_labels_are_checked(tmp_path, bert_pair, capsys, label, problem):
     rows = [{"sentence": "w1 w2", "label": 0}] * 4 + [{"sentence": "w3", "label": label}]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -761,8 +950,12 @@ def test_a_directory_without_tokenizer_files_is_refused(tmp_path, tiny_dir, file
     """transformers builds an empty tokenizer (special tokens only) from a BERT checkpoint without tokenizer files."""
     from transformers import BertConfig
 
-    BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path / "bare")
-    path = write_recipe(tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher_tokenizer=str(tmp_path / "bare"))
+    BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
+        tmp_path / "bare"
+    )
+    path = write_recipe(
+        tmp_path / "r.yaml", tiny_dir, {"dataset": files["train"]}, teacher_tokenizer=str(tmp_path / "bare")
+    )
     code, _, err = run(["train", path], capsys)
     assert code == 2
     assert_one_error_line(err, f"error: {path}: teacher.tokenizer: {tmp_path / 'bare'} holds no tokenizer files")

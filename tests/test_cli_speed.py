@@ -28,8 +28,14 @@ BASE = "teacher: {name_or_path: org/teacher}\nstudent: {name_or_path: org/studen
 def hf_kd_process(argv, cache_dir) -> tuple[list[str], int, str]:
     """(heavy modules imported, exit code, stderr without the probe's line) of `hf-kd ARGV` in a new process."""
     env = {**os.environ, "HF_KD_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *map(str, argv)], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *map(str, argv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     lines = done.stderr.splitlines()
     heavy, code = lines[-1].split(" ")
     return [m for m in heavy[len("HEAVY=") :].split(",") if m], int(code[len("CODE=") :]), "\n".join(lines[:-1])
@@ -62,13 +68,20 @@ def test_a_typo_imports_nothing_heavy_once_the_names_are_cached(tmp_path):
     hf_kd_process(["train", recipe], cache)  # caches LoraConfig's names
     for argv, message in [
         (["train", recipe], "peft.lora_alpah: unknown key (did you mean 'lora_alpha'?)"),
-        (["train", recipe, "--max_stepz", "10"], ("--max_stepz: not a DistillationConfig / TrainingArguments field "
-                                                  "(did you mean --max_steps?)")),
-        (["train", recipe, "--max_samples", "10"], ("--max_samples: not a DistillationConfig / TrainingArguments "
-                                                    "field; it is a recipe key: pass --data.max_samples")),
+        (
+            ["train", recipe, "--max_stepz", "10"],
+            ("--max_stepz: not a DistillationConfig / TrainingArguments field (did you mean --max_steps?)"),
+        ),
+        (
+            ["train", recipe, "--max_samples", "10"],
+            (
+                "--max_samples: not a DistillationConfig / TrainingArguments "
+                "field; it is a recipe key: pass --data.max_samples"
+            ),
+        ),
         (["check", recipe, "--data.max_sample", "10"], "data.max_sample: unknown key (did you mean 'max_samples'?)"),
         (["check", recipe, "--teacher.dtype", "bf16"], "teacher.dtype: 'bf16' is not one of"),
-    ]:  # fmt: skip
+    ]:
         heavy, code, err = hf_kd_process(argv, cache)
         assert heavy == [] and code == 2 and err.startswith(f"error: {recipe}: {message}"), (argv, err)
 

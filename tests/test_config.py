@@ -17,15 +17,21 @@ def test_defaults_and_help_on_every_distillation_field():
     args = DistillationConfig(output_dir="x")
     assert (args.loss_type, args.temperature, args.alpha, args.scale_by_temperature) == ("forward_kl", 1.0, 1.0, True)
     own = [f for f in fields(DistillationConfig) if f.name not in {g.name for g in fields(TrainingArguments)}]
-    assert {f.name for f in own} >= {"loss_type", "temperature", "alpha", "jsd_beta", "skew_lambda",
-                                       "scale_by_temperature", "teacher_model_name_or_path", "teacher_model_init_kwargs"}
+    assert {f.name for f in own} >= {
+        "loss_type",
+        "temperature",
+        "alpha",
+        "jsd_beta",
+        "skew_lambda",
+        "scale_by_temperature",
+        "teacher_model_name_or_path",
+        "teacher_model_init_kwargs",
+    }
     for f in own:
         assert f.metadata["help"].endswith(" "), f.name  # concatenated help strings end with a space
 
 
-@pytest.mark.parametrize(
-    "argv_value", [json.dumps(MIX), "forward_kl=0.7,mse=0.3", "forward_kl=0.7, mse=0.3"]
-)
+@pytest.mark.parametrize("argv_value", [json.dumps(MIX), "forward_kl=0.7,mse=0.3", "forward_kl=0.7, mse=0.3"])
 def test_dict_loss_type_from_command_line(argv_value):
     (args,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
         ["--output_dir", "x", "--loss_type", argv_value]

@@ -12,10 +12,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_kd import DistillationCollator, DistillationTrainer
-from hf_kd.teachers.cross_tokenizer.alignment import align_batch, group_tokens
-from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary, token_strings
 from hf_kd.errors import SetupError
+from hf_kd.teachers.cross_tokenizer.alignment import align_batch, group_tokens
 from hf_kd.teachers.cross_tokenizer.loss import span_log_probs, two_buckets, uld_distance
+from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary, token_strings
 
 # ---- tokenizers built here ----------------------------------------------------------------------------------------
 
@@ -42,7 +42,9 @@ def permuted_wordlevel(path, seed: int) -> tuple[str, list[int]]:
     vocab = {tokens[old]: new for new, old in enumerate(order)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(path)
     new_id_of = [0] * len(tokens)
     for new, old in enumerate(order):
         new_id_of[old] = new
@@ -50,7 +52,11 @@ def permuted_wordlevel(path, seed: int) -> tuple[str, list[int]]:
 
 
 STUDENT_MERGES = [("a", "b"), ("c", "d")]  # "ab", "cd"
-TEACHER_MERGES = [("Ġ", "a"), ("a", "b"), ("ab", "c")]  # "Ġa" (first: it wins), "ab", "abc": coarser in places, finer in others
+TEACHER_MERGES = [
+    ("Ġ", "a"),
+    ("a", "b"),
+    ("ab", "c"),
+]  # "Ġa" (first: it wins), "ab", "abc": coarser in places, finer in others
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +76,10 @@ def test_token_strings_are_bytes_for_byte_level(byte_pair):
     assert strings[student.convert_tokens_to_ids("Ġ")] == b" " and strings[student.convert_tokens_to_ids("cd")] == b"cd"
     assert strings[student.eos_token_id] == ("special", "eos_token")
     shared = shared_vocabulary(student, teacher)
-    pairs = {student.convert_ids_to_tokens(s): teacher.convert_ids_to_tokens(t)
-             for s, t in zip(shared.student_ids.tolist(), shared.teacher_ids.tolist())}  # fmt: skip
+    pairs = {
+        student.convert_ids_to_tokens(s): teacher.convert_ids_to_tokens(t)
+        for s, t in zip(shared.student_ids.tolist(), shared.teacher_ids.tolist())
+    }
     assert pairs == {"<pad>": "<pad>", "<eos>": "<eos>", "a": "a", "b": "b", "c": "c", "d": "d", "Ġ": "Ġ", "ab": "ab"}
 
 
@@ -182,8 +190,14 @@ def test_permuted_vocabulary_equals_same_tokenizer_path(tmp_path, tiny_dir, toke
     results = []
     for teacher_model, teacher_tok in ((teacher, None), (permuted, perm_dir)):
         student = load_model(tiny_dir["student"])
-        args = make_args(tmp_path, loss_type={"forward_kl": 0.5, "jsd": 0.5}, temperature=2.0, alpha=0.6,
-                         loss_chunk_size=chunk, teacher_tokenizer_name_or_path=teacher_tok)  # fmt: skip
+        args = make_args(
+            tmp_path,
+            loss_type={"forward_kl": 0.5, "jsd": 0.5},
+            temperature=2.0,
+            alpha=0.6,
+            loss_chunk_size=chunk,
+            teacher_tokenizer_name_or_path=teacher_tok,
+        )
         trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=args, processing_class=tokenizer)
         assert (type(trainer.teacher).__name__ == "CrossTokenizerTeacher") == (teacher_tok is not None)
         student.train()
@@ -210,16 +224,20 @@ def test_a_teacher_with_another_tokenizer_is_announced_in_one_warning(tmp_path, 
     perm_dir, _ = permuted_wordlevel(tmp_path / "perm_tok", seed=3)
     rows = variable_length_examples(8, seed=1)
     with caplog.at_level(logging.WARNING):
-        DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=tiny_dir["teacher"],
-                            args=make_args(tmp_path, teacher_tokenizer_name_or_path=perm_dir), processing_class=tokenizer,
-                            train_dataset=Dataset.from_list(rows))  # fmt: skip
+        DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            teacher_model=tiny_dir["teacher"],
+            args=make_args(tmp_path, teacher_tokenizer_name_or_path=perm_dir),
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list(rows),
+        )
     records = [r for r in caplog.records if "cross-tokenizer" in r.getMessage()]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     assert records[0].getMessage() == (
         f"cross-tokenizer distillation: the teacher's tokenizer ({perm_dir}, 40 tokens) is not the student's "
         f"({tiny_dir['tokenizer']}, 40 tokens); 40 tokens are shared (100.0% of the student's); of the target positions "
         "of the first 8 training examples, 100.0% align one to one, 0.0% in merged spans, the rest with nothing (CE only)"
-    )  # fmt: skip
+    )
 
 
 def test_cross_tokenizer_pair_trains_and_held_out_kl_falls(tmp_path, byte_pair):
@@ -239,11 +257,27 @@ def test_cross_tokenizer_pair_trains_and_held_out_kl_falls(tmp_path, byte_pair):
         ids = student_tok(text)["input_ids"] + [student_tok.eos_token_id]
         return {"input_ids": ids, "labels": [-100, -100] + ids[2:]}
 
-    train, held_out = Dataset.from_list([example() for _ in range(64)]), Dataset.from_list([example() for _ in range(16)])
-    args = make_args(tmp_path, max_steps=40, learning_rate=1e-2, optim="adamw_torch", loss_type="forward_kl",
-                     per_device_train_batch_size=8, loss_chunk_size=4)  # fmt: skip
-    trainer = DistillationTrainer(model=student, teacher_model=teacher_dir, args=args, train_dataset=train,
-                                  eval_dataset=held_out, processing_class=student_tok)  # fmt: skip
+    train, held_out = (
+        Dataset.from_list([example() for _ in range(64)]),
+        Dataset.from_list([example() for _ in range(16)]),
+    )
+    args = make_args(
+        tmp_path,
+        max_steps=40,
+        learning_rate=1e-2,
+        optim="adamw_torch",
+        loss_type="forward_kl",
+        per_device_train_batch_size=8,
+        loss_chunk_size=4,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher_dir,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=student_tok,
+    )
     assert type(trainer.teacher).__name__ == "CrossTokenizerTeacher"
     before = trainer.evaluate()
     trainer.train()
@@ -258,11 +292,19 @@ def test_refusals(tmp_path, tiny_dir, tokenizer, byte_pair):
     other = str(byte_pair[0] / "teacher_tok")
     student = load_model(tiny_dir["student"])
     with pytest.raises(SetupError, match="loss_type: mse compares logits over one vocabulary"):
-        DistillationTrainer(model=student, teacher_model=tiny_dir["teacher"], processing_class=tokenizer,
-                            args=make_args(tmp_path, loss_type="mse", teacher_tokenizer_name_or_path=other))  # fmt: skip
+        DistillationTrainer(
+            model=student,
+            teacher_model=tiny_dir["teacher"],
+            processing_class=tokenizer,
+            args=make_args(tmp_path, loss_type="mse", teacher_tokenizer_name_or_path=other),
+        )
     with pytest.raises(SetupError, match="seq_kd"):
-        DistillationTrainer(model=student, teacher_model=tiny_dir["teacher"], processing_class=tokenizer,
-                            args=make_args(tmp_path, seq_kd=True, teacher_tokenizer_name_or_path=other))  # fmt: skip
+        DistillationTrainer(
+            model=student,
+            teacher_model=tiny_dir["teacher"],
+            processing_class=tokenizer,
+            args=make_args(tmp_path, seq_kd=True, teacher_tokenizer_name_or_path=other),
+        )
 
 
 def test_on_policy_samples_are_re_tokenized_for_the_teacher(tmp_path, byte_pair):
@@ -272,12 +314,25 @@ def test_on_policy_samples_are_re_tokenized_for_the_teacher(tmp_path, byte_pair)
     teacher_dir = save_tiny_llama(root / "teacher_onpolicy", len(teacher_tok), seed=3, hidden=48)
     student = AutoModelForCausalLM.from_pretrained(save_tiny_llama(root / "student_onpolicy", len(student_tok), 4, 32))
     prompts = ["ab cd", "abc", "d ab cd ab"]
-    train = Dataset.from_list([{"input_ids": student_tok(p)["input_ids"], "labels": [-100] * len(student_tok(p)["input_ids"])}
-                               for p in prompts] * 4)  # fmt: skip
-    args = make_args(tmp_path, lmbda=1.0, max_new_tokens=6, per_device_train_batch_size=3, max_steps=2,
-                     teacher_tokenizer_name_or_path=str(root / "teacher_tok"), loss_chunk_size=4)  # fmt: skip
-    trainer = DistillationTrainer(model=student, teacher_model=teacher_dir, args=args, train_dataset=train,
-                                  processing_class=student_tok)  # fmt: skip
+    train = Dataset.from_list(
+        [
+            {"input_ids": student_tok(p)["input_ids"], "labels": [-100] * len(student_tok(p)["input_ids"])}
+            for p in prompts
+        ]
+        * 4
+    )
+    args = make_args(
+        tmp_path,
+        lmbda=1.0,
+        max_new_tokens=6,
+        per_device_train_batch_size=3,
+        max_steps=2,
+        teacher_tokenizer_name_or_path=str(root / "teacher_tok"),
+        loss_chunk_size=4,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher_dir, args=args, train_dataset=train, processing_class=student_tok
+    )
     batch = trainer.data_collator([train[i] for i in range(3)])
     generated = trainer.prepare_batch(batch, 0)
     labels = trainer.target_labels(generated)
@@ -297,8 +352,10 @@ def test_on_policy_samples_are_re_tokenized_for_the_teacher(tmp_path, byte_pair)
 
 # ---- the shipped recipe's code path on tiny models of its architectures ----------------------------------------------
 
-QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def full_byte_level(path, merges, specials: list[str], bos: str | None = None, **roles) -> str:
@@ -314,7 +371,9 @@ def full_byte_level(path, merges, specials: list[str], bos: str | None = None, *
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     if bos is not None:
-        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, pieces.index(bos))])
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, pieces.index(bos))]
+        )
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, **roles)
     tok.save_pretrained(path)
     return str(path)
@@ -331,24 +390,44 @@ def test_cross_tokenizer_recipe_runs_on_tiny_llama_teacher_and_qwen2_student(tmp
 
     from hf_kd.cli import COMPLETE_MARKER, main
 
-    qwen_tok = full_byte_level(tmp_path / "qwen", [("Ġ", "a"), ("b", "c")], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>")  # fmt: skip
+    qwen_tok = full_byte_level(
+        tmp_path / "qwen",
+        [("Ġ", "a"), ("b", "c")],
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
     student_tok = AutoTokenizer.from_pretrained(qwen_tok)
     student_tok.chat_template = QWEN_TEMPLATE
     student_tok.save_pretrained(qwen_tok)
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(student_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         eos_token_id=student_tok.eos_token_id, pad_token_id=student_tok.pad_token_id)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(student_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=student_tok.eos_token_id,
+        pad_token_id=student_tok.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(qwen_tok)
-    llama_dir = full_byte_level(tmp_path / "llama", [("a", "b"), ("ab", "c"), ("Ġ", "d")],
-                                ["<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"], bos="<|begin_of_text|>",
-                                eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")  # fmt: skip
+    llama_dir = full_byte_level(
+        tmp_path / "llama",
+        [("a", "b"), ("ab", "c"), ("Ġ", "d")],
+        ["<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"],
+        bos="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+    )
     save_tiny_llama(tmp_path / "llama_model", len(AutoTokenizer.from_pretrained(llama_dir)), seed=1, hidden=48)
     for name in ("config.json", "model.safetensors", "generation_config.json"):
         (tmp_path / "llama_model" / name).rename(tmp_path / "llama" / name)
-    rows = [{"messages": [{"role": "user", "content": "ab cd"}, {"role": "assistant", "content": f"abc d ab {i}"}]}
-            for i in range(12)]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": "ab cd"}, {"role": "assistant", "content": f"abc d ab {i}"}]}
+        for i in range(12)
+    ]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -357,10 +436,25 @@ def test_cross_tokenizer_recipe_runs_on_tiny_llama_teacher_and_qwen2_student(tmp
         recipe = yaml.safe_load(f)
     recipe["teacher"].update(name_or_path=llama_dir, tokenizer=llama_dir, dtype="float32", init_kwargs={})
     recipe["student"].update(name_or_path=qwen_tok, init_kwargs={})
-    recipe["data"] = {**recipe["data"], "dataset": str(data), "eval_split": None, "eval_size": 4, "max_eval_samples": None,
-                      "max_length": 64, "num_proc": None}  # fmt: skip
-    recipe["training"].update(output_dir=str(tmp_path / "out"), max_steps=2, bf16=False, use_cpu=True, eval_steps=2,
-                              save_strategy="no", per_device_train_batch_size=4, gradient_accumulation_steps=2)  # fmt: skip
+    recipe["data"] = {
+        **recipe["data"],
+        "dataset": str(data),
+        "eval_split": None,
+        "eval_size": 4,
+        "max_eval_samples": None,
+        "max_length": 64,
+        "num_proc": None,
+    }
+    recipe["training"].update(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        bf16=False,
+        use_cpu=True,
+        eval_steps=2,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+    )
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert main(["check", str(path)]) == 0, capsys.readouterr().out
@@ -376,8 +470,9 @@ def test_sampled_sequences_count_bytes_like_prefix_decoding(tmp_path):
     including tokens that hold part of a multi-byte character (no end of their own)."""
     from hf_kd.teachers.cross_tokenizer.alignment import student_text
 
-    tok = AutoTokenizer.from_pretrained(full_byte_level(tmp_path / "bytes", [("Ġ", "a"), ("b", "c")], ["<eos>"],
-                                                        eos_token="<eos>"))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(
+        full_byte_level(tmp_path / "bytes", [("Ġ", "a"), ("b", "c")], ["<eos>"], eos_token="<eos>")
+    )
     strings = token_strings(tok)
     g = torch.Generator().manual_seed(0)
     text_ids = tok("aé bc€ a", add_special_tokens=False)["input_ids"]  # é and € take 2 and 3 byte tokens
@@ -394,9 +489,9 @@ def test_every_term_against_a_float64_reference(byte_pair):
     """The projected next-token term (one-to-one targets and span starts), the span and ULD terms and the CE, value and
     gradient, against the definitions written out here (the loss runs 2 rows at a time, so the span term's weights
     cross chunks)."""
-    from hf_kd.teachers.cross_tokenizer.loss import CrossTokenizerWeights, cross_tokenizer_terms
     from hf_kd.objective.losses import Objective
     from hf_kd.objective.signals import TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import CrossTokenizerWeights, cross_tokenizer_terms
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -408,8 +503,16 @@ def test_every_term_against_a_float64_reference(byte_pair):
     t_logits = torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher), dtype=torch.float64)
     T, alpha, w_exact, w_uld = 2.0, 0.7, 0.8, 0.5
     objective = Objective("forward_kl", temperature=T, alpha=alpha)
-    terms = cross_tokenizer_terms(s_logits, TeacherLogits(t_logits), alignment, shared, labels, objective,
-                                  weights=CrossTokenizerWeights(w_exact, w_uld), chunk_size=2)  # fmt: skip
+    terms = cross_tokenizer_terms(
+        s_logits,
+        TeacherLogits(t_logits),
+        alignment,
+        shared,
+        labels,
+        objective,
+        weights=CrossTokenizerWeights(w_exact, w_uld),
+        chunk_size=2,
+    )
     (grad,) = torch.autograd.grad(terms["loss"], s_logits)
 
     s, t = s_logits[0], t_logits[0]
@@ -427,8 +530,9 @@ def test_every_term_against_a_float64_reference(byte_pair):
         special = text.startswith("<")
         prefixes = [i for i, st in s_text.items() if (st == text if special else text.startswith(st) and "<" not in st)]
         credit.append(max(prefixes, key=lambda i: len(s_text[i])))
-    assert [student.convert_ids_to_tokens(credit[teacher.convert_tokens_to_ids(t)]) for t in ("Ġa", "abc", "<eos>")] == [
-        "Ġ", "ab", "<eos>"]  # fmt: skip
+    assert [
+        student.convert_ids_to_tokens(credit[teacher.convert_tokens_to_ids(t)]) for t in ("Ġa", "abc", "<eos>")
+    ] == ["Ġ", "ab", "<eos>"]
 
     def projected_kl(row_s, row_t):  # T^2 * KL(q_T || softmax(s / T)), q_T: the teacher's credited probabilities at T
         p_t = torch.softmax(t[row_t] / T, -1)
@@ -446,7 +550,9 @@ def test_every_term_against_a_float64_reference(byte_pair):
     def spelled(text):  # a teacher token's text as student tokens, longest first
         out = []
         while text:
-            match = max((i for i, st in s_text.items() if "<" not in st and text.startswith(st)), key=lambda i: len(s_text[i]))
+            match = max(
+                (i for i, st in s_text.items() if "<" not in st and text.startswith(st)), key=lambda i: len(s_text[i])
+            )
             out.append(match)
             text = text[len(s_text[match]) :]
         return out
@@ -456,8 +562,10 @@ def test_every_term_against_a_float64_reference(byte_pair):
     # it: no teacher token spells it whole there, so it has none (the span term covers it)
     gid = student.convert_tokens_to_ids
     inner = [(r, q, [i for i in before if i >= 0]) for r, q, *before in alignment.inner.T.tolist()]
-    assert [(r, teacher.convert_ids_to_tokens(alignment.teacher_inputs["input_ids"][0, q + 1].item()), b)
-            for r, q, b in inner] == [(7, "Ġa", [gid("Ġ")])]  # fmt: skip
+    assert [
+        (r, teacher.convert_ids_to_tokens(alignment.teacher_inputs["input_ids"][0, q + 1].item()), b)
+        for r, q, b in inner
+    ] == [(7, "Ġa", [gid("Ġ")])]
     for r, q, before in inner:
         p_t = torch.softmax(t[q] / T, -1)
         mass = torch.zeros(len(student), dtype=torch.float64)
@@ -522,12 +630,16 @@ def sentencepiece_like(path, words: list[str]) -> str:
             merges.append((left, word[cut - 1]))
             if left not in pieces:
                 pieces.append(left)
-    core = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, byte_fallback=True,
-                                unk_token="<unk>"))  # fmt: skip
+    core = Tokenizer(
+        models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, byte_fallback=True, unk_token="<unk>")
+    )
     core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Strip(" ", 1, 0)])  # fmt: skip
-    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    core.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -540,7 +652,9 @@ def test_sentencepiece_pieces_are_text_and_sampled_sequences_count_bytes(tmp_pat
     _, byte_level, _ = byte_pair
     tok = AutoTokenizer.from_pretrained(sentencepiece_like(tmp_path / "sp", ["▁ab", "▁cd", "cd"]))
     strings = token_strings(tok)
-    assert strings[tok.convert_tokens_to_ids("▁ab")] == b" ab" and strings[tok.convert_tokens_to_ids("<0xC3>")] == b"\xc3"
+    assert (
+        strings[tok.convert_tokens_to_ids("▁ab")] == b" ab" and strings[tok.convert_tokens_to_ids("<0xC3>")] == b"\xc3"
+    )
     shared = shared_vocabulary(tok, byte_level)
     assert {tok.convert_ids_to_tokens(i) for i in shared.student_ids.tolist()} >= {"▁", "a", "b", "c", "d", "cd"}
     tid = tok.convert_tokens_to_ids
@@ -557,9 +671,9 @@ def test_sentencepiece_pieces_are_text_and_sampled_sequences_count_bytes(tmp_pat
 
 def test_a_batch_with_nothing_to_align_backpropagates_zero(byte_pair):
     """No target at all, or targets that align with nothing: a loss of 0 whose backward works, as the dense loss's."""
-    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
     from hf_kd.objective.losses import Objective
     from hf_kd.objective.signals import TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -569,22 +683,28 @@ def test_a_batch_with_nothing_to_align_backpropagates_zero(byte_pair):
         labels = torch.full((1, ids.shape[1] - 1), -100)
         alignment = align_batch(ids, None, labels, student, teacher, shared)
         t_logits = torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher))
-        terms = cross_tokenizer_terms(logits, TeacherLogits(t_logits), alignment, shared, labels, Objective(alpha=alpha))
+        terms = cross_tokenizer_terms(
+            logits, TeacherLogits(t_logits), alignment, shared, labels, Objective(alpha=alpha)
+        )
         terms["loss"].backward()
         assert terms["loss"].item() == 0.0 and logits.grad is not None and not logits.grad.any()
 
 
-def test_a_teacher_tokenizer_with_more_special_tokens_keeps_the_same_tokenizer_path(tmp_path, tiny_dir, tokenizer,
-                                                                                    byte_pair):  # fmt: skip
+def test_a_teacher_tokenizer_with_more_special_tokens_keeps_the_same_tokenizer_path(
+    tmp_path, tiny_dir, tokenizer, byte_pair
+):
     """The teacher's tokenizer adds special tokens after the student's (Qwen2 -> Qwen2.5): the teacher reads the
     student's ids over the shared rows, as without a teacher tokenizer. One with more merges (more text tokens, every
     student id kept) tokenizes text otherwise: another tokenizer."""
     bigger = AutoTokenizer.from_pretrained(tiny_dir["tokenizer"])
     bigger.add_special_tokens({"additional_special_tokens": ["<x1>", "<x2>", "<x3>"]})
     bigger.save_pretrained(tmp_path / "bigger")
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=tiny_dir["teacher_padded"],
-                                  args=make_args(tmp_path, teacher_tokenizer_name_or_path=str(tmp_path / "bigger")),
-                                  processing_class=tokenizer)  # fmt: skip
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=tiny_dir["teacher_padded"],
+        args=make_args(tmp_path, teacher_tokenizer_name_or_path=str(tmp_path / "bigger")),
+        processing_class=tokenizer,
+    )
     assert type(trainer.teacher).__name__ == "ModelTeacher" and trainer.vocab_size == 40
     from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
 
@@ -610,11 +730,23 @@ def test_gradient_accumulation_is_exact_across_tokenizers(tmp_path, byte_pair, c
     weights = {}
     for bs, ga in ((4, 1), (1, 4), (2, 2)):
         student = AutoModelForCausalLM.from_pretrained(student_dir)
-        args = make_args(tmp_path / f"b{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                         loss_chunk_size=chunk, loss_type={"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0,
-                         alpha=0.8, teacher_tokenizer_name_or_path=str(root / "teacher_tok"))  # fmt: skip
-        trainer = DistillationTrainer(model=student, teacher_model=teacher_dir, args=args,
-                                      train_dataset=Dataset.from_list(rows), processing_class=student_tok)  # fmt: skip
+        args = make_args(
+            tmp_path / f"b{bs}",
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            loss_chunk_size=chunk,
+            loss_type={"forward_kl": 0.5, "reverse_kl": 0.5},
+            temperature=2.0,
+            alpha=0.8,
+            teacher_tokenizer_name_or_path=str(root / "teacher_tok"),
+        )
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher_dir,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=student_tok,
+        )
         trainer.train()
         weights[(bs, ga)] = {k: v.clone() for k, v in student.state_dict().items()}
         weights[(bs, ga, "loss")] = trainer.state.log_history[0]["loss"]
@@ -636,10 +768,17 @@ def test_a_lora_student_learns_across_tokenizers(tmp_path, byte_pair):
     student = AutoModelForCausalLM.from_pretrained(save_tiny_llama(root / "student_lora", len(student_tok), 8, 32))
     head_before = student.lm_head.weight.detach().clone()
     ids = student_tok("ab cd abc d", add_special_tokens=False)["input_ids"]
-    args = make_args(tmp_path, loss_chunk_size=4, learning_rate=0.1, teacher_tokenizer_name_or_path=str(root / "teacher_tok"))
-    trainer = DistillationTrainer(model=student, teacher_model=teacher_dir, args=args, processing_class=student_tok,
-                                  train_dataset=Dataset.from_list([{"input_ids": ids, "labels": ids}] * 4),
-                                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    args = make_args(
+        tmp_path, loss_chunk_size=4, learning_rate=0.1, teacher_tokenizer_name_or_path=str(root / "teacher_tok")
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher_dir,
+        args=args,
+        processing_class=student_tok,
+        train_dataset=Dataset.from_list([{"input_ids": ids, "labels": ids}] * 4),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
     assert trainer.use_fused_loss and type(trainer.teacher).__name__ == "CrossTokenizerTeacher"
@@ -652,9 +791,9 @@ def test_a_teacher_whose_tokens_spell_no_student_token_gives_no_signal_not_nan(b
     has nothing to say: the loss stays finite (the CE still trains), it does not turn into NaN."""
     import dataclasses
 
-    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms, projected_log_probs
     from hf_kd.objective.losses import Objective
     from hf_kd.objective.signals import TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms, projected_log_probs
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -676,9 +815,9 @@ def test_two_models_sure_of_the_same_text_have_nothing_to_learn(byte_pair, loss_
     """Student "a|Ġ|cd" and teacher "a|Ġ|c|d", each all but certain of its own next token: the loss is ~0 and moves
     nothing (the student's "cd" is longer than the teacher's "c", so no teacher token alone speaks for it; the
     projection must not push it towards "c")."""
-    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
     from hf_kd.objective.losses import Objective
     from hf_kd.objective.signals import TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -693,8 +832,9 @@ def test_two_models_sure_of_the_same_text_have_nothing_to_learn(byte_pair, loss_
     t_logits = torch.zeros(1, len(t_ids) - 1, len(teacher))
     t_logits[0, torch.arange(len(t_ids) - 1), torch.tensor(t_ids[1:])] = 20.0
     s_logits.requires_grad_()
-    terms = cross_tokenizer_terms(s_logits, TeacherLogits(t_logits), alignment, shared, labels,
-                                  Objective(loss_type, alpha=1.0))  # fmt: skip
+    terms = cross_tokenizer_terms(
+        s_logits, TeacherLogits(t_logits), alignment, shared, labels, Objective(loss_type, alpha=1.0)
+    )
     terms["loss"].backward()
     assert terms["loss"].item() < 1e-3 and s_logits.grad.abs().max().item() < 1e-3
 
@@ -709,7 +849,10 @@ def test_added_text_tokens_spell_their_bytes_and_duplicates_share_extensions(tmp
     extra = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "extra", TEACHER_MERGES))
     extra.add_tokens(["  ", "é"])
     strings = token_strings(extra)
-    assert strings[extra.convert_tokens_to_ids("  ")] == b"  " and strings[extra.convert_tokens_to_ids("é")] == "é".encode()
+    assert (
+        strings[extra.convert_tokens_to_ids("  ")] == b"  "
+        and strings[extra.convert_tokens_to_ids("é")] == "é".encode()
+    )
     shared_vocabulary(student, extra)  # builds the extensions of both without a TypeError
     sp = AutoTokenizer.from_pretrained(sentencepiece_like(tmp_path / "sp", ["▁ab"]))
     ext = extensions(token_strings(sp))
@@ -721,10 +864,10 @@ def test_added_text_tokens_spell_their_bytes_and_duplicates_share_extensions(tmp
 def test_hidden_states_and_head_get_the_gradients_of_full_logits(byte_pair, softcap, scale):
     """The chunked path (hidden states + head, gradients by hand through the head, its scale and softcap) gives the
     loss and the gradients of hidden, weight and bias that autograd gives through full logits."""
-    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
-    from hf_kd.objective.losses import Objective
     from hf_kd.models.heads import LMHeadSpec, finish_logits
+    from hf_kd.objective.losses import Objective
     from hf_kd.objective.signals import StudentHidden, TeacherLogits
+    from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
 
     _, student, teacher = byte_pair
     shared = shared_vocabulary(student, teacher)
@@ -735,11 +878,16 @@ def test_hidden_states_and_head_get_the_gradients_of_full_logits(byte_pair, soft
     hidden = torch.randn(1, len(ids) - 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(len(student), 8, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(len(student), generator=g, dtype=torch.float64, requires_grad=True)
-    t_logits = TeacherLogits(torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher),
-                                         generator=g, dtype=torch.float64))  # fmt: skip
+    t_logits = TeacherLogits(
+        torch.randn(
+            1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher), generator=g, dtype=torch.float64
+        )
+    )
     objective = Objective({"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0, alpha=0.7)
     head = LMHeadSpec(weight, bias, softcap, scale)
-    fused = cross_tokenizer_terms(StudentHidden(hidden, head), t_logits, alignment, shared, labels, objective, chunk_size=3)
+    fused = cross_tokenizer_terms(
+        StudentHidden(hidden, head), t_logits, alignment, shared, labels, objective, chunk_size=3
+    )
     fused_grads = torch.autograd.grad(fused["loss"], [hidden, weight, bias])
     full_logits = finish_logits(hidden @ weight.T + bias, scale, softcap)
     full = cross_tokenizer_terms(full_logits, t_logits, alignment, shared, labels, objective)

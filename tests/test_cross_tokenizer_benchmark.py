@@ -129,7 +129,11 @@ def test_quick_run_end_to_end(tmp_path):
     assert results["teacher_signal"]["span_gap"] >= 0  # a token's probability never exceeds its text's
     assert text.startswith("## README section\n")
     rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")]
-    for name in ("teacher A (student's tokenizer)", "teacher B (coarse tokenizer)",
-                 *(f"student: {name}" for name in bench.METHODS), *bench.METHODS):  # fmt: skip
+    for name in (
+        "teacher A (student's tokenizer)",
+        "teacher B (coarse tokenizer)",
+        *(f"student: {name}" for name in bench.METHODS),
+        *bench.METHODS,
+    ):
         assert name in rows, name
     assert "Command: `pytest`" in text

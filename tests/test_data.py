@@ -30,7 +30,8 @@ CHAT = (
 )
 # like Qwen3: the last assistant turn gets a THINK marker, earlier ones do not -> they render differently in context
 CHAT_LAST_DIFFERS = CHAT.replace(
-    "{% else %}A: {{ m['content'] }} END ", "{% elif loop.last %}A: THINK {{ m['content'] }} END {% else %}A: {{ m['content'] }} END "
+    "{% else %}A: {{ m['content'] }} END ",
+    "{% elif loop.last %}A: THINK {{ m['content'] }} END {% else %}A: {{ m['content'] }} END ",
 )
 
 
@@ -70,8 +71,12 @@ def test_prompt_completion_masks_the_prompt(tok):
 
 
 def test_messages_train_on_assistant_turns_only(tok):
-    messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"},
-                {"role": "user", "content": "w4"}, {"role": "assistant", "content": "w5 w6"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "w1 w2"},
+        {"role": "assistant", "content": "w3"},
+        {"role": "user", "content": "w4"},
+        {"role": "assistant", "content": "w5 w6"},
+    ]
     out = encode_example({"messages": messages}, tok, DataSection(dataset="x", format="messages"))
     assert out["input_ids"] == ids("U: w1 w2 END A: w3 END U: w4 END A: w5 w6 END")
     # the generation prompt "A:" belongs to the prompt; the assistant's words and its END are targets
@@ -81,15 +86,21 @@ def test_messages_train_on_assistant_turns_only(tok):
 
 def test_messages_whose_earlier_turns_render_differently_keep_the_last_turn():
     tok = make_tokenizer(chat_template=CHAT_LAST_DIFFERS)
-    messages = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"},
-                {"role": "user", "content": "w3"}, {"role": "assistant", "content": "w4"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "w1"},
+        {"role": "assistant", "content": "w2"},
+        {"role": "user", "content": "w3"},
+        {"role": "assistant", "content": "w4"},
+    ]
     out = encode_example({"messages": messages}, tok, DataSection(dataset="x", format="messages"))
     assert out["input_ids"] == ids("U: w1 END A: w2 END U: w3 END A: THINK w4 END")
     assert [t for t in out["labels"] if t != -100] == ids("THINK w4 END")  # w2's turn is not a stable prefix
 
 
 def test_tokenized_format_passes_labels_through(tok):
-    out = encode_example({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, tok, DataSection(dataset="x", format="tokenized"))
+    out = encode_example(
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, tok, DataSection(dataset="x", format="tokenized")
+    )
     assert out == {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}
     assert encode_example({"input_ids": [5, 6]}, tok, DataSection(dataset="x", format="tokenized"))["labels"] == [5, 6]
 
@@ -126,8 +137,11 @@ def test_missing_column_names_the_key(tok):
     with pytest.raises(DataError, match="data.text_field: the dataset has no column 'text'"):
         tokenize_dataset(Dataset.from_list([{"body": "w1"}]), tok, DataSection(dataset="x"))
     with pytest.raises(DataError, match="chat template"):
-        tokenize_dataset(Dataset.from_list([{"messages": []}]), make_tokenizer(chat_template=None),
-                         DataSection(dataset="x", format="messages"))  # fmt: skip
+        tokenize_dataset(
+            Dataset.from_list([{"messages": []}]),
+            make_tokenizer(chat_template=None),
+            DataSection(dataset="x", format="messages"),
+        )
 
 
 @pytest.mark.parametrize("extension", ["jsonl", "json", "parquet", "csv", "txt"])
@@ -168,18 +182,26 @@ def test_tokenizers_that_disagree_are_refused(tok):
     swapped[i], swapped[j] = swapped[j], swapped[i]  # same strings, two ids exchanged
     examples = [{"text": "w1 w2"}, {"text": "w1 w3 w2"}]
     data = DataSection(dataset="x")
-    assert "2 sample examples (7 tokens) tokenize identically" in check_tokenizers_agree(tok, make_tokenizer(), examples, data)
-    with pytest.raises(DataError, match=r"sample example 1 at token 1: the student has id 10 \('w3'\), the teacher id 11"):
+    assert "2 sample examples (7 tokens) tokenize identically" in check_tokenizers_agree(
+        tok, make_tokenizer(), examples, data
+    )
+    with pytest.raises(
+        DataError, match=r"sample example 1 at token 1: the student has id 10 \('w3'\), the teacher id 11"
+    ):
         check_tokenizers_agree(tok, make_tokenizer(swapped), examples, data)
     # pre-tokenized data: what the ids mean must agree
     with pytest.raises(DataError, match="tokenizers"):
-        check_tokenizers_agree(tok, make_tokenizer(swapped), [{"input_ids": [5, 10]}], DataSection(dataset="x", format="tokenized"))
+        check_tokenizers_agree(
+            tok, make_tokenizer(swapped), [{"input_ids": [5, 10]}], DataSection(dataset="x", format="tokenized")
+        )
 
 
 def test_teacher_sees_the_student_chat_template(tok):
     """A teacher tokenizer without a chat template is checked on the student's rendering, not refused."""
     examples = [{"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}]
-    summary = check_tokenizers_agree(tok, make_tokenizer(chat_template=None), examples, DataSection(dataset="x", format="messages"))
+    summary = check_tokenizers_agree(
+        tok, make_tokenizer(chat_template=None), examples, DataSection(dataset="x", format="messages")
+    )
     assert "1 sample examples (6 tokens)" in summary
 
 
@@ -206,9 +228,13 @@ def test_unloadable_data_is_a_data_error(tmp_path, tok):
 
 
 def test_classification_format(tok):
-    data = DataSection(dataset="x", format="classification", text_field="premise", text_pair_field="hypothesis",
-                       max_length=4)  # fmt: skip
-    rows = [{"premise": "w1 w2 w3", "hypothesis": "w4 w5", "label": 2}, {"premise": "w6", "hypothesis": "w7", "label": 0}]
+    data = DataSection(
+        dataset="x", format="classification", text_field="premise", text_pair_field="hypothesis", max_length=4
+    )
+    rows = [
+        {"premise": "w1 w2 w3", "hypothesis": "w4 w5", "label": 2},
+        {"premise": "w6", "hypothesis": "w7", "label": 0},
+    ]
     out = tokenize_dataset(Dataset.from_list(rows), tok, data)
     assert out["labels"] == [2, 0]  # one label per example, never -100 or shifted
     assert [len(x) for x in out["input_ids"]] == [4, 2]  # truncated by the tokenizer to max_length
@@ -223,8 +249,11 @@ def test_prompt_format_renders_a_user_turn_up_to_the_generation_prompt(tok, tmp_
     data = DataSection(dataset="x", format="prompt")
     out = encode_example({"prompt": "w1 w2"}, tok, data)
     assert out["input_ids"] == ids("U: w1 w2 END A:") and out["labels"] == [-100] * 5  # nothing but the prompt
-    conversation = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"},
-                    {"role": "user", "content": "w3"}]  # fmt: skip
+    conversation = [
+        {"role": "user", "content": "w1"},
+        {"role": "assistant", "content": "w2"},
+        {"role": "user", "content": "w3"},
+    ]
     assert encode_example({"prompt": conversation}, tok, data)["input_ids"] == ids("U: w1 END A: w2 END U: w3 END A:")
     base = make_tokenizer(chat_template=None)  # no template: the text as it is
     assert encode_example({"prompt": "w1 w2"}, base, data)["input_ids"] == ids("w1 w2")
@@ -236,4 +265,6 @@ def test_prompt_format_renders_a_user_turn_up_to_the_generation_prompt(tok, tmp_
     train, evaluation = prepare_datasets(data, tok, every_batch_generated=True)  # prompt-only examples are kept
     assert len(train) == 4 and evaluation is None
     with pytest.raises(DataError, match="data.eval_size: prompt-only data has no targets to evaluate on"):
-        prepare_datasets(DataSection(dataset=str(path), format="prompt", eval_size=0.5), tok, every_batch_generated=True)
+        prepare_datasets(
+            DataSection(dataset=str(path), format="prompt", eval_size=0.5), tok, every_batch_generated=True
+        )

@@ -56,7 +56,9 @@ def test_fast_demo_end_to_end(tmp_path, capsys):
     assert math.isclose(math.exp(nll), reported["ppl"], rel_tol=1e-6)
 
     # the floor is the process's own perplexity on the same sequences
-    probs = torch.tensor(json.loads((out / "data" / "process.json").read_text())["next_symbol_probs"], dtype=torch.float64)
+    probs = torch.tensor(
+        json.loads((out / "data" / "process.json").read_text())["next_symbol_probs"], dtype=torch.float64
+    )
     symbols = torch.tensor([[int(w[1:]) for w in row] for row in words])
     floor = -probs[symbols[:, :-2], symbols[:, 1:-1], symbols[:, 2:]].log().mean().item()
     assert math.isclose(math.exp(floor), results["rows"][0]["ppl"], rel_tol=1e-9)
@@ -127,8 +129,11 @@ def test_the_plot_shows_the_range_where_the_students_differ(tmp_path, monkeypatc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {"CE only": [(10, 16.0), (20, 6.4), (30, 5.9)], "forward KL": [(10, 15.0), (20, 4.9), (30, 4.6)],
-              "reverse KL": [(10, 15.5), (20, 5.0), (30, 4.7)]}  # fmt: skip
+    curves = {
+        "CE only": [(10, 16.0), (20, 6.4), (30, 5.9)],
+        "forward KL": [(10, 15.0), (20, 4.9), (30, 4.6)],
+        "reverse KL": [(10, 15.5), (20, 5.0), (30, 4.7)],
+    }
     figures, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
     assert plot(curves, 4.3, 4.5, str(tmp_path / "p.png")) == f"plot: {tmp_path / 'p.png'}"

@@ -16,11 +16,32 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 def run(tiny_dir, out, nproc, batch, ga, engine="ddp", device="cpu", bf16=False):
     """Train ``tiny_dir["teacher"]`` -> ``tiny_dir["student"]`` in ``nproc`` processes (tests/ddp_worker.py): rank 0's
     student weights (DDP engines; sharded ones save the student under ``out/student``) and training logs."""
-    env = {**os.environ, "PYTHONPATH": f"{WORKER.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
-           tiny_dir["teacher"], tiny_dir["student"], str(out), str(batch), str(ga), "--engine", engine,
-           "--device", device, "--tokenizer", tiny_dir["tokenizer"], *(["--bf16"] if bf16 else [])]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{WORKER.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        tiny_dir["teacher"],
+        tiny_dir["student"],
+        str(out),
+        str(batch),
+        str(ga),
+        "--engine",
+        engine,
+        "--device",
+        device,
+        "--tokenizer",
+        tiny_dir["tokenizer"],
+        *(["--bf16"] if bf16 else []),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = json.loads((out / "logs.json").read_text())
@@ -66,13 +87,27 @@ def test_on_policy_two_ranks_match_one_rank(tmp_path, tiny_dir):
 def test_uneven_eval_and_unlogged_train_loss_match_one_process(tmp_path, tiny_dir):
     """5 eval examples on 2 processes (the last batch padded with a repeat) and 3 steps logged only at the end."""
     worker = WORKER.with_name("ddp_eval_worker.py")
-    env = {**os.environ, "PYTHONPATH": f"{WORKER.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{WORKER.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     results = {}
     for nproc, batch in ((1, 4), (2, 2)):
         out = tmp_path / str(nproc)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(worker),
-               tiny_dir["teacher"], tiny_dir["student"], str(out), str(batch)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(worker),
+            tiny_dir["teacher"],
+            tiny_dir["student"],
+            str(out),
+            str(batch),
+        ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         results[nproc] = json.loads((out / "result.json").read_text())
@@ -86,10 +121,10 @@ def test_uneven_eval_and_unlogged_train_loss_match_one_process(tmp_path, tiny_di
 
 
 def test_bf16_autocast_on_cpu_trains_and_stays_close_to_fp32(tmp_path, tiny_dir):
+    from conftest import load_model, variable_length_examples
     from datasets import Dataset
     from test_trainer import make_args
 
-    from conftest import load_model, variable_length_examples
     from hf_kd import DistillationTrainer
 
     data = Dataset.from_list(variable_length_examples(8, seed=5))
@@ -97,8 +132,9 @@ def test_bf16_autocast_on_cpu_trains_and_stays_close_to_fp32(tmp_path, tiny_dir)
     for bf16 in (False, True):
         student = load_model(tiny_dir["student"])
         args = make_args(tmp_path / str(bf16), bf16=bf16, max_steps=2, learning_rate=0.1, temperature=2.0, alpha=0.5)
-        trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
-                                      train_dataset=data)
+        trainer = DistillationTrainer(
+            model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args, train_dataset=data
+        )
         trainer.train()
         losses[bf16] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
         assert all(torch.isfinite(p).all() for p in student.parameters())
@@ -127,14 +163,19 @@ def test_check_world_refuses_processes_that_would_not_train_as_asked(monkeypatch
     check_world(alone)  # python train.py
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_world(together)  # torchrun with use_cpu: one run of two processes over gloo
-    expected = (r"^use_cpu: 2 processes were launched but .* no distributed backend for cpu, so each would train "
-                r"alone, all writing one output_dir; on CPU set use_cpu: true")
+    expected = (
+        r"^use_cpu: 2 processes were launched but .* no distributed backend for cpu, so each would train "
+        r"alone, all writing one output_dir; on CPU set use_cpu: true"
+    )
     with pytest.raises(SetupError, match=expected) as err:
         check_world(alone)  # torchrun without use_cpu: two single-process runs
     assert "\n" not in str(err.value)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # an FSDP plugin, which Accelerate drops on CPU
-    with pytest.raises(SetupError, match="^fsdp: Accelerate runs FSDP on GPUs only: these 2 CPU processes would "
-                       "train as DDP instead, each holding the whole teacher"):  # fmt: skip
+    with pytest.raises(
+        SetupError,
+        match="^fsdp: Accelerate runs FSDP on GPUs only: these 2 CPU processes would "
+        "train as DDP instead, each holding the whole teacher",
+    ):
         check_world(together)
     check_world(accelerator(2, DistributedType.FSDP))
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -148,9 +189,26 @@ def _launch_cli(tmp_path, tiny_dir, use_cpu: bool) -> tuple[subprocess.Completed
     data = write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(16))
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_dir, {"dataset": data}, use_cpu=use_cpu)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "hf_kd", "train", recipe]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "hf_kd",
+        "train",
+        recipe,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False), recipe
 
 

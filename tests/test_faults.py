@@ -8,8 +8,8 @@ from conftest import load_model, variable_length_examples
 from datasets import Dataset
 from test_trainer import make_args, state_hash
 
+from hf_kd import LOSS_TYPES, DistillationCollator, DistillationTrainer, distillation_loss
 from hf_kd.training.batch import Batch
-from hf_kd import DistillationCollator, DistillationTrainer, LOSS_TYPES, distillation_loss
 from hf_kd.training.faults import NonFiniteError
 
 KW = dict(temperature=2.0, alpha=0.7)
@@ -29,8 +29,12 @@ def test_a_nan_model_stops_training_before_the_update(tmp_path, tiny_dir, chunk,
     teacher = poisoned(tiny_dir["teacher"]) if who == "teacher" else load_model(tiny_dir["teacher"])
     before = state_hash(student)
     args = make_args(tmp_path, loss_chunk_size=chunk, max_steps=3, save_strategy="steps", save_steps=1, **KW)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=Dataset.from_list(variable_length_examples(8, seed=2)))  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(variable_length_examples(8, seed=2)),
+    )
     with pytest.raises(NonFiniteError, match=rf"^step 1: the {who} \(.*\) .*NaN.*no update was applied") as info:
         trainer.train()
     assert "\n" not in str(info.value)
@@ -39,8 +43,11 @@ def test_a_nan_model_stops_training_before_the_update(tmp_path, tiny_dir, chunk,
 
 
 def test_a_nan_teacher_stops_evaluation(tmp_path, tiny_dir):
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=poisoned(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, **KW))  # fmt: skip
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=poisoned(tiny_dir["teacher"]),
+        args=make_args(tmp_path, **KW),
+    )
     with pytest.raises(NonFiniteError, match="^evaluation: the teacher"):
         trainer.evaluate(Dataset.from_list(variable_length_examples(4, seed=2)))
 
@@ -74,7 +81,9 @@ def reference(student, teacher, loss_type, temperature):
     raise AssertionError(loss_type)
 
 
-@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "mse", "tvd", "jsd", "skew_forward_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize(
+    "loss_type", ["forward_kl", "reverse_kl", "mse", "tvd", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+)
 def test_masked_teacher_logits_have_a_defined_finite_loss(loss_type):
     g = torch.Generator().manual_seed(1)
     student = torch.randn(5, 9, generator=g, dtype=torch.float64, requires_grad=True)
@@ -107,8 +116,11 @@ def test_left_padding_gives_the_unpadded_loss(tmp_path, tiny_dir, chunk):
     for row in rows:
         row["labels"] = list(row["input_ids"])  # every token a label: the one after a left pad must not count
     student = load_model(tiny_dir["student"])
-    trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, loss_chunk_size=chunk, **KW))  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, loss_chunk_size=chunk, **KW),
+    )
     right = DistillationCollator()(rows)
     left = left_padded(right)
     count = lambda batch: Batch.of(batch, trainer.task_spec).count  # noqa: E731 (what get_batch_samples counts)
@@ -118,12 +130,16 @@ def test_left_padding_gives_the_unpadded_loss(tmp_path, tiny_dir, chunk):
         _, distill, _ = distillation_loss(
             student(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1],
             trainer.teacher_model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1],
-            torch.tensor(row["labels"][1:]), return_components=True, **KW)  # fmt: skip
+            torch.tensor(row["labels"][1:]),
+            return_components=True,
+            **KW,
+        )
         one_by_one.append(distill.item() * (len(row["input_ids"]) - 1))
     expected = sum(one_by_one) / (sum(len(r["input_ids"]) for r in rows) - len(rows))
     for batch in (right, left):
-        terms = trainer.distillation_terms(trainer.student_forward(student, batch), trainer.teacher_forward(batch),
-                                           trainer.target_labels(batch))  # fmt: skip
+        terms = trainer.distillation_terms(
+            trainer.student_forward(student, batch), trainer.teacher_forward(batch), trainer.target_labels(batch)
+        )
         assert terms["distill_loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -131,11 +147,18 @@ def test_inputs_that_cannot_train_are_refused(tmp_path, tiny_dir):
     rows = variable_length_examples(3, seed=1)
     prompt_only = Dataset.from_list([{"input_ids": r["input_ids"], "labels": [-100] * len(r["labels"])} for r in rows])
     with pytest.raises(ValueError, match="^train_dataset: no trainable tokens: all 3 examples"):
-        DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                            args=make_args(tmp_path), train_dataset=prompt_only)  # fmt: skip
+        DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=make_args(tmp_path),
+            train_dataset=prompt_only,
+        )
     with pytest.raises(ValueError, match="^label_smoothing_factor: is not applied by the distillation loss"):
-        DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                            args=make_args(tmp_path, label_smoothing_factor=0.1))  # fmt: skip
+        DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=make_args(tmp_path, label_smoothing_factor=0.1),
+        )
 
 
 def test_an_image_processor_gets_the_default_collator(tmp_path):
@@ -143,15 +166,28 @@ def test_an_image_processor_gets_the_default_collator(tmp_path):
 
     def vit(hidden, seed):
         torch.manual_seed(seed)
-        return ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=hidden,
-                                                   num_hidden_layers=1, num_attention_heads=2,
-                                                   intermediate_size=hidden, num_labels=4))  # fmt: skip
+        return ViTForImageClassification(
+            ViTConfig(
+                image_size=8,
+                patch_size=4,
+                num_channels=3,
+                hidden_size=hidden,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=hidden,
+                num_labels=4,
+            )
+        )
 
     g = torch.Generator().manual_seed(1)
     rows = [{"pixel_values": torch.randn(3, 8, 8, generator=g).tolist(), "labels": i % 4} for i in range(4)]
-    trainer = DistillationTrainer(model=vit(16, 6), teacher_model=vit(32, 5), train_dataset=Dataset.from_list(rows),
-                                  processing_class=ViTImageProcessor(size={"height": 8, "width": 8}),
-                                  args=make_args(tmp_path, max_steps=1, **KW))  # fmt: skip
+    trainer = DistillationTrainer(
+        model=vit(16, 6),
+        teacher_model=vit(32, 5),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=ViTImageProcessor(size={"height": 8, "width": 8}),
+        args=make_args(tmp_path, max_steps=1, **KW),
+    )
     trainer.train()  # used to crash in DataCollatorWithPadding(image_processor)
     assert trainer.state.global_step == 1
 
@@ -159,9 +195,12 @@ def test_an_image_processor_gets_the_default_collator(tmp_path):
 def test_nan_teacher_with_alpha_0_trains_on_the_ce_and_unlabeled_nan_blames_neither(tmp_path, tiny_dir):
     student = load_model(tiny_dir["student"])
     before = state_hash(student)
-    trainer = DistillationTrainer(model=student, teacher_model=poisoned(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, alpha=0.0, loss_chunk_size=0),
-                                  train_dataset=Dataset.from_list(variable_length_examples(4, seed=2)))  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=poisoned(tiny_dir["teacher"]),
+        args=make_args(tmp_path, alpha=0.0, loss_chunk_size=0),
+        train_dataset=Dataset.from_list(variable_length_examples(4, seed=2)),
+    )
     trainer.train()  # the divergence is only logged: the CE update is valid
     assert state_hash(student) != before
     from hf_kd.training.faults import FaultGuard
@@ -174,7 +213,10 @@ def test_nan_teacher_with_alpha_0_trains_on_the_ce_and_unlabeled_nan_blames_neit
 
 def test_skew_reverse_kl_at_lambda_0_with_a_masked_teacher_is_reverse_kl():
     g = torch.Generator().manual_seed(3)
-    student, teacher = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g, dtype=torch.float64)
+    student, teacher = (
+        torch.randn(4, 7, generator=g, dtype=torch.float64),
+        torch.randn(4, 7, generator=g, dtype=torch.float64),
+    )
     teacher[:, 1] = -math.inf
     skew = distillation_loss(student, teacher, loss_type="skew_reverse_kl", skew_lambda=0.0)
     torch.testing.assert_close(skew, distillation_loss(student, teacher, loss_type="reverse_kl"), rtol=1e-12, atol=0)
@@ -183,7 +225,11 @@ def test_skew_reverse_kl_at_lambda_0_with_a_masked_teacher_is_reverse_kl():
 def test_streamed_training_data_trains(tmp_path, tiny_dir):
     rows = variable_length_examples(8, seed=2)
     streamed = Dataset.from_list(rows).to_iterable_dataset()
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, max_steps=2), train_dataset=streamed)  # fmt: skip
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=streamed,
+    )
     trainer.train()
     assert trainer.state.global_step == 2

@@ -12,8 +12,16 @@ from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, Grani
 from hf_kd import distillation_loss
 from hf_kd.objective.fused import LMHeadSpec, fused_distillation_loss, lm_head_spec
 
-LOSS_TYPES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "mse",
-              {"forward_kl": 0.5, "tvd": 0.2, "mse": 0.3}]  # fmt: skip
+LOSS_TYPES = [
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+    "mse",
+    {"forward_kl": 0.5, "tvd": 0.2, "mse": 0.3},
+]
 N, H_S, H_T, V = 23, 6, 10, 17  # N = 23 is prime: chunk sizes 4 and 8 leave a ragged last chunk
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 HYPER = dict(temperature=2.0, jsd_beta=0.3, skew_lambda=0.25)  # T != 1 and asymmetric beta/lambda
@@ -64,22 +72,40 @@ def full_logits(hidden, weight, bias=None, logit_scale=None, softcap=None, vocab
 def reference(inputs, *, upcast=False, **kwargs):
     """distillation_loss on full logits. ``upcast``: compute in float32 from low-precision inputs."""
     get = (lambda name: None if inputs.get(name) is None else inputs[name].float()) if upcast else inputs.get
-    logit_kwargs = {side: {k: kwargs.pop(f"{side}_{k}", None) for k in ("logit_scale", "softcap")}
-                    for side in ("student", "teacher")}  # fmt: skip
+    logit_kwargs = {
+        side: {k: kwargs.pop(f"{side}_{k}", None) for k in ("logit_scale", "softcap")}
+        for side in ("student", "teacher")
+    }
     vocab_size = kwargs.pop("vocab_size", None)
     kwargs.pop("chunk_size", None)
-    student = full_logits(get("student_hidden"), get("student_weight"), get("student_bias"),
-                          vocab_size=vocab_size, **logit_kwargs["student"])  # fmt: skip
-    teacher = full_logits(get("teacher_hidden"), get("teacher_weight"), get("teacher_bias"),
-                          vocab_size=vocab_size, **logit_kwargs["teacher"])  # fmt: skip
+    student = full_logits(
+        get("student_hidden"),
+        get("student_weight"),
+        get("student_bias"),
+        vocab_size=vocab_size,
+        **logit_kwargs["student"],
+    )
+    teacher = full_logits(
+        get("teacher_hidden"),
+        get("teacher_weight"),
+        get("teacher_bias"),
+        vocab_size=vocab_size,
+        **logit_kwargs["teacher"],
+    )
     return distillation_loss(student, teacher, inputs["labels"], **kwargs)
 
 
 def fused(inputs, **kwargs):
     return fused_distillation_loss(
-        inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"],
-        inputs["labels"], student_bias=inputs.get("student_bias"), teacher_bias=inputs.get("teacher_bias"), **kwargs,
-    )  # fmt: skip
+        inputs["student_hidden"],
+        inputs["student_weight"],
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        inputs["labels"],
+        student_bias=inputs.get("student_bias"),
+        teacher_bias=inputs.get("teacher_bias"),
+        **kwargs,
+    )
 
 
 def student_grads(loss, inputs):
@@ -198,8 +224,9 @@ def test_frozen_lm_head_and_no_grad():
     expected = reference(inputs, alpha=0.5, **HYPER)
     total = fused(inputs, chunk_size=8, alpha=0.5, **HYPER)
     torch.testing.assert_close(total, expected, **TOL[torch.float64])
-    (want,), (got,) = torch.autograd.grad(expected, [inputs["student_hidden"]]), torch.autograd.grad(
-        total, [inputs["student_hidden"]]
+    (want,), (got,) = (
+        torch.autograd.grad(expected, [inputs["student_hidden"]]),
+        torch.autograd.grad(total, [inputs["student_hidden"]]),
     )
     torch.testing.assert_close(got, want, **TOL[torch.float64])
     with torch.no_grad():  # evaluation: same value, no graph
@@ -225,8 +252,10 @@ def test_bfloat16_inputs_give_the_float32_loss_of_the_bf16_values():
     for got, want in zip((total, divergence, ce), expected):
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
     got_grads = student_grads(total, inputs)
-    upcast = {k: v.detach().float().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v
-              for k, v in inputs.items()}  # fmt: skip
+    upcast = {
+        k: v.detach().float().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in inputs.items()
+    }
     want_grads = student_grads(reference(upcast, **kwargs), upcast)
     for name, got in got_grads.items():
         assert got.dtype == torch.bfloat16
@@ -305,9 +334,18 @@ def test_knob_errors(kwargs, match):
 
 def tiny_model(kind, hidden, seed):
     torch.manual_seed(seed)
-    common = dict(vocab_size=40, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                  eos_token_id=1, bos_token_id=None)  # fmt: skip
+    common = dict(
+        vocab_size=40,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     if kind == "llama":
         config = LlamaConfig(**common, tie_word_embeddings=False)
     elif kind == "gemma2":
@@ -343,24 +381,46 @@ def test_fused_on_model_hidden_states_matches_model_logits(kind):
     assert s_out.logits.shape == (2, 0, 40)
     (s_spec, reason), (t_spec, _) = lm_head_spec(student), lm_head_spec(teacher)
     assert reason == "" and s_spec.weight is student.lm_head.weight
-    assert (s_spec.softcap, s_spec.logit_scale) == {"llama": (None, None), "gemma2": (30.0, None),
-                                                     "cohere": (None, 0.25)}[kind]  # fmt: skip
+    assert (s_spec.softcap, s_spec.logit_scale) == {
+        "llama": (None, None),
+        "gemma2": (30.0, None),
+        "cohere": (None, 0.25),
+    }[kind]
     loss = fused_distillation_loss(
-        s_out.hidden_states[-1][:, :-1], s_spec.weight, t_out.hidden_states[-1][:, :-1], t_spec.weight, labels,
-        alpha=0.5, temperature=2.0, chunk_size=4, student_bias=s_spec.bias, teacher_bias=t_spec.bias,
-        student_softcap=s_spec.softcap, teacher_softcap=t_spec.softcap,
-        student_logit_scale=s_spec.logit_scale, teacher_logit_scale=t_spec.logit_scale,
-    )  # fmt: skip
+        s_out.hidden_states[-1][:, :-1],
+        s_spec.weight,
+        t_out.hidden_states[-1][:, :-1],
+        t_spec.weight,
+        labels,
+        alpha=0.5,
+        temperature=2.0,
+        chunk_size=4,
+        student_bias=s_spec.bias,
+        teacher_bias=t_spec.bias,
+        student_softcap=s_spec.softcap,
+        teacher_softcap=t_spec.softcap,
+        student_logit_scale=s_spec.logit_scale,
+        teacher_logit_scale=t_spec.logit_scale,
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     # the spec reproduces the model's own logits (evaluation metrics use it chunk by chunk), cut to a vocab prefix
-    torch.testing.assert_close(s_spec.logits(s_out.hidden_states[-1][0], vocab_size=37),
-                               s_full[0, :, :37].detach(), rtol=1e-5, atol=1e-5)  # fmt: skip
-    for (name, _), got, want in zip(student.named_parameters(), torch.autograd.grad(loss, list(student.parameters())),
-                                    expected_grads):  # fmt: skip
+    torch.testing.assert_close(
+        s_spec.logits(s_out.hidden_states[-1][0], vocab_size=37), s_full[0, :, :37].detach(), rtol=1e-5, atol=1e-5
+    )
+    for (name, _), got, want in zip(
+        student.named_parameters(), torch.autograd.grad(loss, list(student.parameters())), expected_grads
+    ):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
     if kind != "llama":  # the head's extra step matters: leaving it out gives another loss
-        plain = fused_distillation_loss(s_out.hidden_states[-1][:, :-1], s_spec.weight, t_out.hidden_states[-1][:, :-1],
-                                        t_spec.weight, labels, alpha=0.5, temperature=2.0)  # fmt: skip
+        plain = fused_distillation_loss(
+            s_out.hidden_states[-1][:, :-1],
+            s_spec.weight,
+            t_out.hidden_states[-1][:, :-1],
+            t_spec.weight,
+            labels,
+            alpha=0.5,
+            temperature=2.0,
+        )
         assert plain.item() != pytest.approx(expected.item(), rel=1e-3)
 
 
@@ -379,9 +439,16 @@ def test_lm_head_spec_falls_back_with_a_reason():
 
     torch.manual_seed(0)  # Granite divides its logits by logits_scaling: not a head the fused path may assume
     granite = AutoModelForCausalLM.from_config(
-        GraniteConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, logits_scaling=8.0)
-    )  # fmt: skip
+        GraniteConfig(
+            vocab_size=40,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            logits_scaling=8.0,
+        )
+    )
     spec, reason = lm_head_spec(granite)
     assert spec is None and "'granite'" in reason
 
@@ -396,11 +463,21 @@ def test_forward_kl_closed_form_equals_autograd(monkeypatch, temperature, alpha,
     g = torch.Generator().manual_seed(3)
     s_hidden = torch.randn(13, 5, generator=g, dtype=torch.float64, requires_grad=True)
     s_weight = torch.randn(17, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    t_hidden, t_weight = torch.randn(13, 6, generator=g, dtype=torch.float64), torch.randn(17, 6, generator=g, dtype=torch.float64)
+    t_hidden, t_weight = (
+        torch.randn(13, 6, generator=g, dtype=torch.float64),
+        torch.randn(17, 6, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(0, 17, (13,), generator=g)
     labels[:4] = -100
-    kw = dict(loss_type={"forward_kl": 0.7}, temperature=temperature, alpha=alpha, scale_by_temperature=scale,
-              chunk_size=4, return_components=True, num_items_in_batch=7)  # fmt: skip
+    kw = dict(
+        loss_type={"forward_kl": 0.7},
+        temperature=temperature,
+        alpha=alpha,
+        scale_by_temperature=scale,
+        chunk_size=4,
+        return_components=True,
+        num_items_in_batch=7,
+    )
 
     def run():
         out = fused.fused_distillation_loss(s_hidden, s_weight, t_hidden, t_weight, labels, **kw)
@@ -425,14 +502,19 @@ def test_forward_kl_closed_form_with_minus_inf_teacher_logits():
     g = torch.Generator().manual_seed(4)
     s_hidden = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
     s_weight = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    t_hidden, t_weight = torch.randn(9, 6, generator=g, dtype=torch.float64), torch.randn(11, 6, generator=g, dtype=torch.float64)
+    t_hidden, t_weight = (
+        torch.randn(9, 6, generator=g, dtype=torch.float64),
+        torch.randn(11, 6, generator=g, dtype=torch.float64),
+    )
     t_bias = torch.zeros(11, dtype=torch.float64)
     t_bias[[2, 7]] = float("-inf")  # two ids the teacher rules out
     labels = torch.randint(0, 11, (9,), generator=g)
     kw = dict(loss_type="forward_kl", temperature=2.0, alpha=0.6)
     want = distillation_loss(s_hidden @ s_weight.T, t_hidden @ t_weight.T + t_bias, labels, **kw)
     want_grads = torch.autograd.grad(want, (s_hidden, s_weight))
-    got = fused_distillation_loss(s_hidden, s_weight, t_hidden, t_weight, labels, teacher_bias=t_bias, chunk_size=4, **kw)
+    got = fused_distillation_loss(
+        s_hidden, s_weight, t_hidden, t_weight, labels, teacher_bias=t_bias, chunk_size=4, **kw
+    )
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for a, b in zip(torch.autograd.grad(got, (s_hidden, s_weight)), want_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -469,10 +551,13 @@ def test_forward_kl_closed_form_in_float32_matches_the_log_softmax_formula(monke
     torch.testing.assert_close(d_hidden, ref_hidden, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("temperature, names", [
-    (1.0, {"student", "teacher", "teacher_softmax"}),
-    (2.0, {"student", "teacher", "teacher_softmax", "student_softmax"}),  # the CE's softmax at T = 1 besides
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "temperature, names",
+    [
+        (1.0, {"student", "teacher", "teacher_softmax"}),
+        (2.0, {"student", "teacher", "teacher_softmax", "student_softmax"}),  # the CE's softmax at T = 1 besides
+    ],
+)
 def test_every_chunk_reuses_the_calls_buffers(monkeypatch, temperature, names):
     """The closed form works in a few [chunk, V] buffers allocated once per call, whatever the number of chunks."""
     import hf_kd.objective.chunking as chunking

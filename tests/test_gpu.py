@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
+from conftest import load_model
 from test_distributed import run
 from test_sharded import assert_like_plain, mixed_pair, needs_deepspeed  # noqa: F401 (mixed_pair is a fixture)
-
-from conftest import load_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -97,8 +96,13 @@ def test_fused_loss_on_a_half_precision_head_matches_float32(dtype, temperature)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
     try:
-        want = distillation_loss(hidden @ weight.T, up["teacher_hidden"] @ up["teacher_weight"].T, up["labels"],
-                                 return_components=True, **kwargs)  # fmt: skip
+        want = distillation_loss(
+            hidden @ weight.T,
+            up["teacher_hidden"] @ up["teacher_weight"].T,
+            up["labels"],
+            return_components=True,
+            **kwargs,
+        )
         want_grads = torch.autograd.grad(want[0], (hidden, weight))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -140,17 +144,19 @@ def test_cross_tokenizer_loss_on_a_half_precision_head_matches_float32(tmp_path,
     from test_cross_tokenizer import STUDENT_MERGES, TEACHER_MERGES, byte_level_tokenizer
     from transformers import AutoTokenizer
 
+    from hf_kd.models.heads import LMHeadSpec
+    from hf_kd.objective.losses import Objective
+    from hf_kd.objective.signals import StudentHidden, TeacherLogits
     from hf_kd.teachers.cross_tokenizer.alignment import align_batch
     from hf_kd.teachers.cross_tokenizer.loss import cross_tokenizer_terms
-    from hf_kd.objective.losses import Objective
-    from hf_kd.models.heads import LMHeadSpec
-    from hf_kd.objective.signals import StudentHidden, TeacherLogits
     from hf_kd.teachers.cross_tokenizer.vocabulary import shared_vocabulary
 
     student = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "s", STUDENT_MERGES))
     teacher = AutoTokenizer.from_pretrained(byte_level_tokenizer(tmp_path / "t", TEACHER_MERGES))
     shared = shared_vocabulary(student, teacher).to("cuda")
-    ids = torch.tensor([student("ab cdab abcd a ab cd", add_special_tokens=False)["input_ids"] + [student.eos_token_id]])
+    ids = torch.tensor(
+        [student("ab cdab abcd a ab cd", add_special_tokens=False)["input_ids"] + [student.eos_token_id]]
+    )
     labels = ids[:, 1:].clone()
     alignment = align_batch(ids.cuda(), None, labels.cuda(), student, teacher, shared)
     g = torch.Generator().manual_seed(0)
@@ -158,12 +164,20 @@ def test_cross_tokenizer_loss_on_a_half_precision_head_matches_float32(tmp_path,
     weight = (torch.randn(len(student), 64, generator=g) * 0.2).to("cuda", dtype).requires_grad_()
     t_logits = torch.randn(1, alignment.teacher_inputs["input_ids"].shape[1] - 1, len(teacher), generator=g).cuda()
     objective = Objective("forward_kl", temperature=2.0, alpha=0.5)
-    got = cross_tokenizer_terms(StudentHidden(hidden, LMHeadSpec(weight, None, None, None)), TeacherLogits(t_logits),
-                                alignment, shared, labels.cuda(), objective, chunk_size=4)  # fmt: skip
+    got = cross_tokenizer_terms(
+        StudentHidden(hidden, LMHeadSpec(weight, None, None, None)),
+        TeacherLogits(t_logits),
+        alignment,
+        shared,
+        labels.cuda(),
+        objective,
+        chunk_size=4,
+    )
     got_grads = torch.autograd.grad(got["loss"], (hidden, weight))
     hidden32, weight32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
-    want = cross_tokenizer_terms(hidden32 @ weight32.T, TeacherLogits(t_logits), alignment, shared, labels.cuda(),
-                                 objective)  # fmt: skip
+    want = cross_tokenizer_terms(
+        hidden32 @ weight32.T, TeacherLogits(t_logits), alignment, shared, labels.cuda(), objective
+    )
     want_grads = torch.autograd.grad(want["loss"], (hidden32, weight32))
     torch.testing.assert_close(got["loss"], want["loss"].detach(), rtol=1e-3, atol=0)
     for name, a, b in zip(("d_hidden", "d_weight"), got_grads, want_grads):

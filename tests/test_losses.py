@@ -58,9 +58,19 @@ def _divergence(name, s, t, temperature, scale, beta, lam):
     return d * temperature**2 if scale else d
 
 
-def reference(student, teacher, labels=None, loss_type="forward_kl", temperature=1.0, alpha=1.0,
-              ignore_index=-100, num_items_in_batch=None, jsd_beta=0.5, skew_lambda=0.1,
-              scale_by_temperature=True):
+def reference(
+    student,
+    teacher,
+    labels=None,
+    loss_type="forward_kl",
+    temperature=1.0,
+    alpha=1.0,
+    ignore_index=-100,
+    num_items_in_batch=None,
+    jsd_beta=0.5,
+    skew_lambda=0.1,
+    scale_by_temperature=True,
+):
     """(total, divergence, ce) in float64; ce is None without labels. Differentiable w.r.t. student."""
     vocab = student.shape[-1]
     s_rows = student.to(torch.float64).reshape(-1, vocab)
@@ -75,8 +85,9 @@ def reference(student, teacher, labels=None, loss_type="forward_kl", temperature
             continue
         count += 1
         for name, w in weights.items():
-            div_sum = div_sum + w * _divergence(name, s_rows[i], t_rows[i], temperature, scale_by_temperature,
-                                                jsd_beta, skew_lambda)
+            div_sum = div_sum + w * _divergence(
+                name, s_rows[i], t_rows[i], temperature, scale_by_temperature, jsd_beta, skew_lambda
+            )
         if label_list is not None:
             ce_sum = ce_sum - torch.log(_probs(s_rows[i], 1.0)[label_list[i]])  # CE always at T = 1
     denom = float(num_items_in_batch) if num_items_in_batch is not None else max(count, 1)
@@ -117,8 +128,13 @@ def assert_close(actual, expected, dtype=torch.float64, **overrides):
 @pytest.mark.parametrize("loss_type", SINGLE_TYPES)
 def test_every_type_matches_reference(loss_type, temperature, scale_by_temperature, dtype):
     student, teacher, labels = make_inputs(dtype=dtype, seed=1)
-    kwargs = dict(loss_type=loss_type, temperature=temperature, scale_by_temperature=scale_by_temperature,
-                  jsd_beta=0.3, skew_lambda=0.25)  # asymmetric beta/lambda: argument order matters
+    kwargs = dict(
+        loss_type=loss_type,
+        temperature=temperature,
+        scale_by_temperature=scale_by_temperature,
+        jsd_beta=0.3,
+        skew_lambda=0.25,
+    )  # asymmetric beta/lambda: argument order matters
     loss = distillation_loss(student, teacher, labels, **kwargs)
     expected, _, _ = reference(student, teacher, labels, **kwargs)
     assert loss.dim() == 0
@@ -134,8 +150,9 @@ def test_shapes_3d_and_2d(loss_type, shape):
     expected, _, _ = reference(student, teacher, labels, loss_type=loss_type, temperature=2.0)
     assert_close(loss, expected)
     # flattening [B, S, V] -> [B*S, V] must not change anything
-    flat = distillation_loss(student.reshape(-1, V), teacher.reshape(-1, V), labels.reshape(-1),
-                             loss_type=loss_type, temperature=2.0)
+    flat = distillation_loss(
+        student.reshape(-1, V), teacher.reshape(-1, V), labels.reshape(-1), loss_type=loss_type, temperature=2.0
+    )
     assert_close(flat, expected)
 
 
@@ -150,8 +167,9 @@ def test_mask_with_ignore_index(loss_type, ignore_index):
     # Masked positions must not matter at all: scrambling their logits leaves the loss unchanged.
     masked = labels == ignore_index
     student2, teacher2 = student.clone(), teacher.clone()
-    student2[masked] = 50.0 * torch.randn(student2[masked].shape, generator=torch.Generator().manual_seed(9),
-                                          dtype=torch.float64)
+    student2[masked] = 50.0 * torch.randn(
+        student2[masked].shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64
+    )
     teacher2[masked] = -student2[masked]
     assert_close(distillation_loss(student2, teacher2, labels, **kwargs), expected)
 
@@ -161,8 +179,7 @@ def test_labels_none_counts_every_position():
     loss = distillation_loss(student, teacher, None, loss_type="reverse_kl", temperature=2.0)
     expected, _, _ = reference(student, teacher, None, loss_type="reverse_kl", temperature=2.0)
     assert_close(loss, expected)
-    all_valid = distillation_loss(student, teacher, torch.zeros_like(labels), loss_type="reverse_kl",
-                                  temperature=2.0)
+    all_valid = distillation_loss(student, teacher, torch.zeros_like(labels), loss_type="reverse_kl", temperature=2.0)
     assert_close(all_valid, expected)
     masked = distillation_loss(student, teacher, labels, loss_type="reverse_kl", temperature=2.0)
     assert not torch.isclose(masked, loss)  # the mask really removed positions in this sample
@@ -182,8 +199,9 @@ def test_mixture_is_weighted_sum(weights):
     student, teacher, labels = make_inputs(seed=5, dtype=torch.float64)
     common = dict(temperature=2.0, jsd_beta=0.3, skew_lambda=0.25)
     mixed = distillation_loss(student, teacher, labels, loss_type=weights, **common)
-    singles = sum(w * distillation_loss(student, teacher, labels, loss_type=name, **common)
-                  for name, w in weights.items())
+    singles = sum(
+        w * distillation_loss(student, teacher, labels, loss_type=name, **common) for name, w in weights.items()
+    )
     assert_close(mixed, singles)
     assert_close(mixed, reference(student, teacher, labels, loss_type=weights, **common)[0])
     # With alpha < 1 the CE term is added once, not once per mixture entry.
@@ -248,8 +266,7 @@ def test_low_precision_inputs_computed_in_float32(loss_type, in_dtype):
 @pytest.mark.parametrize("loss_type", SINGLE_TYPES)
 def test_float64_stays_float64(loss_type):
     student, teacher, labels = make_inputs(seed=10, dtype=torch.float64)
-    total, div, ce = distillation_loss(student, teacher, labels, loss_type=loss_type, alpha=0.3,
-                                       return_components=True)
+    total, div, ce = distillation_loss(student, teacher, labels, loss_type=loss_type, alpha=0.3, return_components=True)
     assert total.dtype == div.dtype == ce.dtype == torch.float64
 
 
@@ -280,8 +297,12 @@ def test_jsd_endpoints_are_zero(beta, dtype):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(loss_type="jsd", jsd_beta=0.0), dict(loss_type="jsd", jsd_beta=1.0),
-     dict(loss_type="skew_forward_kl", skew_lambda=1.0), dict(loss_type="skew_reverse_kl", skew_lambda=1.0)],
+    [
+        dict(loss_type="jsd", jsd_beta=0.0),
+        dict(loss_type="jsd", jsd_beta=1.0),
+        dict(loss_type="skew_forward_kl", skew_lambda=1.0),
+        dict(loss_type="skew_reverse_kl", skew_lambda=1.0),
+    ],
     ids=["jsd-beta0", "jsd-beta1", "skew_fwd-lambda1", "skew_rev-lambda1"],
 )
 def test_zero_divergence_settings_still_backpropagate(kwargs):
@@ -314,10 +335,14 @@ def test_swapping_student_and_teacher():
 def test_skew_lambda_endpoints():
     s, t, labels = make_inputs(seed=14, dtype=torch.float64)
     kw = dict(temperature=2.0)
-    assert_close(distillation_loss(s, t, labels, loss_type="skew_forward_kl", skew_lambda=0.0, **kw),
-                 distillation_loss(s, t, labels, loss_type="forward_kl", **kw))
-    assert_close(distillation_loss(s, t, labels, loss_type="skew_reverse_kl", skew_lambda=0.0, **kw),
-                 distillation_loss(s, t, labels, loss_type="reverse_kl", **kw))
+    assert_close(
+        distillation_loss(s, t, labels, loss_type="skew_forward_kl", skew_lambda=0.0, **kw),
+        distillation_loss(s, t, labels, loss_type="forward_kl", **kw),
+    )
+    assert_close(
+        distillation_loss(s, t, labels, loss_type="skew_reverse_kl", skew_lambda=0.0, **kw),
+        distillation_loss(s, t, labels, loss_type="reverse_kl", **kw),
+    )
     for name in ["skew_forward_kl", "skew_reverse_kl"]:
         assert abs(distillation_loss(s, t, labels, loss_type=name, skew_lambda=1.0, **kw).item()) < 1e-12
 
@@ -416,8 +441,15 @@ def test_invalid_arguments_raise(overrides, match):
         _call(**overrides)()
 
 
-@pytest.mark.parametrize("overrides", [dict(alpha=0.0), dict(alpha=1.0), dict(loss_type="jsd", jsd_beta=1.0),
-                                       dict(loss_type="skew_forward_kl", skew_lambda=1.0),
-                                       dict(loss_type={"forward_kl": 0.0, "tvd": 1.0})])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(alpha=0.0),
+        dict(alpha=1.0),
+        dict(loss_type="jsd", jsd_beta=1.0),
+        dict(loss_type="skew_forward_kl", skew_lambda=1.0),
+        dict(loss_type={"forward_kl": 0.0, "tvd": 1.0}),
+    ],
+)
 def test_boundary_arguments_are_accepted(overrides):
     assert math.isfinite(_call(**overrides)().item())

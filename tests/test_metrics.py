@@ -44,8 +44,10 @@ def test_sums_match_definitions_and_respect_the_mask(classification):
     s, t = torch.randn(40, 6, generator=g) * 2, torch.randn(40, 6, generator=g) * 2
     labels = torch.randint(0, 6, (40,), generator=g)
     labels[::3] = -100
-    got = finalize_metrics({k: v.tolist() for k, v in agreement_sums(s, t, labels, calibration=classification).items()},
-                           language_model=not classification)
+    got = finalize_metrics(
+        {k: v.tolist() for k, v in agreement_sums(s, t, labels, calibration=classification).items()},
+        language_model=not classification,
+    )
     expected = reference_metrics(s, t, labels, classification)
     assert got.keys() == expected.keys()
     for key, value in expected.items():
@@ -60,8 +62,12 @@ def test_sums_match_definitions_and_respect_the_mask(classification):
 def test_evaluate_logs_teacher_agreement_for_lms(tmp_path, tiny_dir, chunk):
     student, teacher = load_model(tiny_dir["student"]), load_model(tiny_dir["teacher"])
     rows = variable_length_examples(7, seed=4)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, eval_dataset=Dataset.from_list(rows),
-                                  args=make_args(tmp_path, loss_chunk_size=chunk, per_device_eval_batch_size=3))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        eval_dataset=Dataset.from_list(rows),
+        args=make_args(tmp_path, loss_chunk_size=chunk, per_device_eval_batch_size=3),
+    )
     metrics = trainer.evaluate()
     s_all, t_all, l_all = [], [], []
     for r in rows:
@@ -78,8 +84,12 @@ def test_evaluate_logs_teacher_agreement_for_lms(tmp_path, tiny_dir, chunk):
 
 def test_copy_of_the_teacher_agrees_perfectly(tmp_path, tiny_dir):
     teacher = load_model(tiny_dir["teacher"])
-    trainer = DistillationTrainer(model=copy.deepcopy(teacher), teacher_model=teacher, args=make_args(tmp_path),
-                                  eval_dataset=Dataset.from_list(variable_length_examples(5)))
+    trainer = DistillationTrainer(
+        model=copy.deepcopy(teacher),
+        teacher_model=teacher,
+        args=make_args(tmp_path),
+        eval_dataset=Dataset.from_list(variable_length_examples(5)),
+    )
     metrics = trainer.evaluate()
     assert metrics["eval_top1_agreement"] == 1.0
     assert metrics["eval_teacher_kl"] == pytest.approx(0.0, abs=1e-6)
@@ -90,10 +100,17 @@ def test_classifier_metrics_include_accuracy_and_ece(tmp_path):
     teacher = bert(BertForSequenceClassification, 48, seed=1)
     student = bert(BertForSequenceClassification, 32, seed=2)
     g = torch.Generator().manual_seed(2)
-    rows = [{"input_ids": torch.randint(3, 40, (6,), generator=g).tolist(), "attention_mask": [1] * 6,
-             "labels": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(10)]
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path),
-                                  eval_dataset=Dataset.from_list(rows))
+    rows = [
+        {
+            "input_ids": torch.randint(3, 40, (6,), generator=g).tolist(),
+            "attention_mask": [1] * 6,
+            "labels": int(torch.randint(0, 3, (1,), generator=g)),
+        }
+        for _ in range(10)
+    ]
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=make_args(tmp_path), eval_dataset=Dataset.from_list(rows)
+    )
     metrics = trainer.evaluate()
     ids = torch.tensor([r["input_ids"] for r in rows])
     with torch.no_grad():
@@ -101,6 +118,10 @@ def test_classifier_metrics_include_accuracy_and_ece(tmp_path):
     expected = reference_metrics(s, t, torch.tensor([r["labels"] for r in rows]), classification=True)
     for key, value in expected.items():
         assert metrics[f"eval_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    same = DistillationTrainer(model=copy.deepcopy(teacher), teacher_model=teacher, args=make_args(tmp_path / "c"),
-                               eval_dataset=Dataset.from_list(rows)).evaluate()
+    same = DistillationTrainer(
+        model=copy.deepcopy(teacher),
+        teacher_model=teacher,
+        args=make_args(tmp_path / "c"),
+        eval_dataset=Dataset.from_list(rows),
+    ).evaluate()
     assert same["eval_top1_agreement"] == 1.0 and same["eval_student_ece"] == pytest.approx(same["eval_teacher_ece"])

@@ -30,8 +30,13 @@ def sharp_pair(device="cpu", n=512, h=256, v=8192, std=10.0, agreement=0.8, seed
     hidden, weight, other = rand(n, h), rand(v, h, scale=std / h**0.5), rand(v, h, scale=std / h**0.5)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::10] = -100
-    x = {"student_hidden": hidden, "student_weight": weight, "teacher_hidden": hidden,
-         "teacher_weight": agreement * weight + (1 - agreement**2) ** 0.5 * other, "labels": labels}  # fmt: skip
+    x = {
+        "student_hidden": hidden,
+        "student_weight": weight,
+        "teacher_hidden": hidden,
+        "teacher_weight": agreement * weight + (1 - agreement**2) ** 0.5 * other,
+        "labels": labels,
+    }
     return {k: t.to(device) for k, t in x.items()}
 
 
@@ -48,8 +53,10 @@ def loss_and_grads(x: dict, autocast: str | None = None, **kwargs):
 def errors(got, want) -> tuple[float, float, float]:
     """(loss relative error, d(hidden) and d(weight) norm of the error / norm of the reference)."""
     (loss, grads), (ref, ref_grads) = got, want
-    return (abs(loss - ref).item() / abs(ref).item(),
-            *(((a.float() - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads)))  # fmt: skip
+    return (
+        abs(loss - ref).item() / abs(ref).item(),
+        *(((a.float() - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads)),
+    )
 
 
 def rounded(x: dict) -> dict:
@@ -111,8 +118,9 @@ def test_autocast_runs_every_head_gemm_in_bf16_without_a_float32_weight_copy(aut
     hidden, weight = x["student_hidden"].clone().requires_grad_(), x["student_weight"].clone().requires_grad_()
     recorder = Recorder(weight.shape, (weight, x["teacher_weight"]))
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast), recorder:
-        fused_distillation_loss(hidden, weight, x["teacher_hidden"], x["teacher_weight"], x["labels"], alpha=0.5,
-                                chunk_size=128)  # fmt: skip
+        fused_distillation_loss(
+            hidden, weight, x["teacher_hidden"], x["teacher_weight"], x["labels"], alpha=0.5, chunk_size=128
+        )
     dtypes = {d for pair in recorder.matmuls for d in pair}
     assert dtypes == ({torch.bfloat16} if autocast else {torch.float32})
     chunks = 3  # 270 kept rows in chunks of 128: per chunk 2 matmuls per side's logits, 1 for d(hidden), 1 for d(W)
@@ -137,8 +145,9 @@ def test_cross_tokenizer_terms_under_autocast():
         student = AutoTokenizer.from_pretrained(byte_level_tokenizer(f"{root}/s", STUDENT_MERGES))
         teacher = AutoTokenizer.from_pretrained(byte_level_tokenizer(f"{root}/t", TEACHER_MERGES))
     shared = shared_vocabulary(student, teacher)
-    ids = torch.tensor([student("ab cdab abcd a ab cd abab cd a", add_special_tokens=False)["input_ids"]
-                        + [student.eos_token_id]])  # fmt: skip
+    ids = torch.tensor(
+        [student("ab cdab abcd a ab cd abab cd a", add_special_tokens=False)["input_ids"] + [student.eos_token_id]]
+    )
     labels = ids[:, 1:].clone()
     alignment = align_batch(ids, None, labels, student, teacher, shared)
     g = torch.Generator().manual_seed(0)
@@ -152,9 +161,15 @@ def test_cross_tokenizer_terms_under_autocast():
     def run(autocast: bool, x: torch.Tensor, w: torch.Tensor, recorder=None):
         x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast), recorder or contextlib.nullcontext():
-            terms = cross_tokenizer_terms(StudentHidden(x, LMHeadSpec(w, None, None, None)),
-                                          TeacherHidden(t_hidden, t_head), alignment, shared, labels, objective,
-                                          chunk_size=4)  # fmt: skip
+            terms = cross_tokenizer_terms(
+                StudentHidden(x, LMHeadSpec(w, None, None, None)),
+                TeacherHidden(t_hidden, t_head),
+                alignment,
+                shared,
+                labels,
+                objective,
+                chunk_size=4,
+            )
         return terms["loss"].detach(), torch.autograd.grad(terms["loss"], (x, w))
 
     recorder = Recorder(weight.shape)
@@ -198,8 +213,9 @@ def test_a_bf16_trainer_runs_the_loss_head_under_autocast(tmp_path, tiny_dir):
     losses = {}
     for bf16 in (False, True):
         student, teacher = load_model(tiny_dir["student"]), load_model(tiny_dir["teacher"])
-        trainer = DistillationTrainer(model=student, teacher_model=teacher,
-                                      args=make_args(tmp_path, bf16=bf16, loss_chunk_size=8, alpha=0.5))  # fmt: skip
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=make_args(tmp_path, bf16=bf16, loss_chunk_size=8, alpha=0.5)
+        )
         seen, real = [], torch.mm
 
         def recording(a, b, *args, **kwargs):

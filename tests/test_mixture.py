@@ -33,8 +33,14 @@ def test_a_teacher_mixed_with_itself_is_that_teacher(tmp_path, tiny_dir, batch, 
     for teacher in ("alone", "mixture"):
         student = load_model(tiny_dir["student"])
         kwargs = {"teacher_kind": "mixture", "teacher_options": {"weights": [0.3, 0.7]}} if teacher == "mixture" else {}
-        args = make_args(tmp_path, loss_type={"forward_kl": 0.5, "jsd": 0.5}, temperature=T, alpha=0.6,
-                         loss_chunk_size=chunk, **kwargs)  # fmt: skip
+        args = make_args(
+            tmp_path,
+            loss_type={"forward_kl": 0.5, "jsd": 0.5},
+            temperature=T,
+            alpha=0.6,
+            loss_chunk_size=chunk,
+            **kwargs,
+        )
         source = [tiny_dir["teacher"], tiny_dir["teacher"]] if teacher == "mixture" else tiny_dir["teacher"]
         trainer = DistillationTrainer(model=student, teacher_model=source, args=args)
         results.append(loss_and_grads(trainer, student, batch))
@@ -53,9 +59,17 @@ def test_the_mixture_of_two_teachers_against_a_float64_reference(tmp_path, tiny_
     from conftest import save_tiny_llama
 
     save_tiny_llama(other, vocab_size=40, seed=11, hidden=24)
-    args = make_args(tmp_path, loss_type="forward_kl", temperature=T, loss_chunk_size=chunk, teacher_kind="mixture",
-                     teacher_options={"teachers": [{"name_or_path": tiny_dir["teacher"]}, {"name_or_path": other}],
-                                      "weights": [1, 3]})  # fmt: skip
+    args = make_args(
+        tmp_path,
+        loss_type="forward_kl",
+        temperature=T,
+        loss_chunk_size=chunk,
+        teacher_kind="mixture",
+        teacher_options={
+            "teachers": [{"name_or_path": tiny_dir["teacher"]}, {"name_or_path": other}],
+            "weights": [1, 3],
+        },
+    )
     trainer = DistillationTrainer(model=student, args=args)
     assert isinstance(trainer.teacher, MixtureTeacher) and trainer.teacher.weights == (0.25, 0.75)
     loss, _ = loss_and_grads(trainer, student, batch)
@@ -74,8 +88,12 @@ def test_weight_zero_leaves_one_teacher_and_refusals(tmp_path, tiny_dir, tokeniz
     alone = DistillationTrainer(model=student, teacher_model=tiny_dir["teacher"], args=make_args(tmp_path))
     mixed_args = make_args(tmp_path, teacher_kind="mixture", teacher_options={"weights": [1, 0]})
     with pytest.raises(SetupError, match="different vocabularies"):  # a padded teacher distills over a prefix
-        DistillationTrainer(model=student, teacher_model=[tiny_dir["teacher"], tiny_dir["teacher_padded"]],
-                            args=mixed_args, processing_class=tokenizer)
+        DistillationTrainer(
+            model=student,
+            teacher_model=[tiny_dir["teacher"], tiny_dir["teacher_padded"]],
+            args=mixed_args,
+            processing_class=tokenizer,
+        )
     other = load_model(tiny_dir["teacher"])
     with torch.no_grad():
         for p in other.parameters():
@@ -83,8 +101,11 @@ def test_weight_zero_leaves_one_teacher_and_refusals(tmp_path, tiny_dir, tokeniz
     mixed = DistillationTrainer(model=student, teacher_model=[tiny_dir["teacher"], other], args=mixed_args)
     assert torch.allclose(loss_and_grads(alone, student, batch)[0], loss_and_grads(mixed, student, batch)[0])
     with pytest.raises(SetupError, match="mse compares raw logits"):
-        DistillationTrainer(model=student, teacher_model=[tiny_dir["teacher"]] * 2,
-                            args=make_args(tmp_path, loss_type="mse", teacher_kind="mixture"))
+        DistillationTrainer(
+            model=student,
+            teacher_model=[tiny_dir["teacher"]] * 2,
+            args=make_args(tmp_path, loss_type="mse", teacher_kind="mixture"),
+        )
     with pytest.raises(SetupError, match="two teachers or more"):
         DistillationTrainer(model=student, teacher_model=[tiny_dir["teacher"]], args=mixed_args)
 
@@ -97,15 +118,28 @@ def test_several_teachers_in_a_recipe(tmp_path, tiny_dir, capsys):
     from hf_kd.cli import COMPLETE_MARKER, main
 
     recipe = {
-        "teachers": [{"name_or_path": tiny_dir["teacher"], "tokenizer": tiny_dir["tokenizer"], "weight": 2},
-                     {"name_or_path": tiny_dir["teacher"], "tokenizer": tiny_dir["tokenizer"], "dtype": "float32"}],
+        "teachers": [
+            {"name_or_path": tiny_dir["teacher"], "tokenizer": tiny_dir["tokenizer"], "weight": 2},
+            {"name_or_path": tiny_dir["teacher"], "tokenizer": tiny_dir["tokenizer"], "dtype": "float32"},
+        ],
         "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
-        "data": {"dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
-                 "format": "prompt_completion", "max_length": 16},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
-                     "learning_rate": "1e-3", "save_strategy": "no", "use_cpu": True, "report_to": "none",
-                     "disable_tqdm": True, "loss_chunk_size": 8},
-    }  # fmt: skip
+        "data": {
+            "dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
+            "format": "prompt_completion",
+            "max_length": 16,
+        },
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": "1e-3",
+            "save_strategy": "no",
+            "use_cpu": True,
+            "report_to": "none",
+            "disable_tqdm": True,
+            "loss_chunk_size": 8,
+        },
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert main(["train", str(path)]) == 0, capsys.readouterr().err

@@ -27,8 +27,14 @@ def prompt_rows(n=6, seed=0):
 
 def reference_completion(model, prompt, eos):
     """``model.generate`` on one prompt, greedy, cut after its first EOS: the independent path."""
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0)[0, len(prompt):]  # fmt: skip
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=MAX_NEW,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )[0, len(prompt) :]
     out = out.tolist()
     return out[: out.index(eos) + 1] if eos in out else out
 
@@ -88,8 +94,12 @@ def test_one_on_policy_sgd_step_equals_a_float64_reference(tmp_path, tiny_dir, r
     reference = load_model(tiny_dir["student"]).double()
     teacher = load_model(tiny_dir["teacher"])
     batch = expected_batch(load_model(tiny_dir["student"]), rows[:4], eos)  # completions of the initial student
-    trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), train_dataset=Dataset.from_list(rows[:4]),
-                                  args=make_args(tmp_path, **greedy(eos, lmbda=1.0), **KW))  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=load_model(tiny_dir["teacher"]),
+        train_dataset=Dataset.from_list(rows[:4]),
+        args=make_args(tmp_path, **greedy(eos, lmbda=1.0), **KW),
+    )
     trainer.train()
     # by hand, in float64: the loss on the generated sequences, one SGD step of 0.5
     s = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -99,8 +109,9 @@ def test_one_on_policy_sgd_step_equals_a_float64_reference(tmp_path, tiny_dir, r
     loss.backward()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
     for name, p in reference.named_parameters():
-        torch.testing.assert_close(dict(student.named_parameters())[name].double(), p.detach() - 0.5 * p.grad,
-                                   rtol=1e-5, atol=1e-6, msg=name)  # fmt: skip
+        torch.testing.assert_close(
+            dict(student.named_parameters())[name].double(), p.detach() - 0.5 * p.grad, rtol=1e-5, atol=1e-6, msg=name
+        )
     logged = trainer.state.log_history[0]
     assert logged["generated_fraction"] == 1.0
     assert logged["completion_length"] == pytest.approx((batch["labels"][:, 1:] != -100).sum().item() / 4)
@@ -111,9 +122,12 @@ def test_lmbda_0_is_the_off_policy_update_bit_for_bit(tmp_path, tiny_dir, rows):
     hashes = []
     for overrides in ({}, {"lmbda": 0.0, "max_new_tokens": 3, "generation_temperature": 0.7}):
         student = load_model(tiny_dir["student"])
-        trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                      args=make_args(tmp_path, max_steps=2, **KW, **overrides),
-                                      train_dataset=Dataset.from_list(rows))  # fmt: skip
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=make_args(tmp_path, max_steps=2, **KW, **overrides),
+            train_dataset=Dataset.from_list(rows),
+        )
         trainer.train()
         hashes.append(state_hash(student))
     assert hashes[0] == hashes[1]
@@ -132,10 +146,21 @@ def test_gradient_accumulation_is_exact_on_generated_batches(tmp_path, tiny_dir,
     weights = {}
     for name, bs, ga in (("b4ga1", 4, 1), ("b1ga4", 1, 4), ("b2ga2", 2, 2)):
         student = load_model(tiny_dir["student"])
-        args = make_args(tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                         loss_chunk_size=chunk, train_sampling_strategy="sequential", **greedy(eos, lmbda=1.0), **KW)  # fmt: skip
-        trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
-                                      train_dataset=Dataset.from_list(rows[:4]))  # fmt: skip
+        args = make_args(
+            tmp_path / name,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            loss_chunk_size=chunk,
+            train_sampling_strategy="sequential",
+            **greedy(eos, lmbda=1.0),
+            **KW,
+        )
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=args,
+            train_dataset=Dataset.from_list(rows[:4]),
+        )
         trainer.train()
         weights[name] = student.state_dict()
     initial = load_model(tiny_dir["student"]).state_dict()
@@ -151,10 +176,15 @@ def test_resumed_on_policy_run_equals_the_straight_run(tmp_path, tiny_dir, rows,
         student = load_model(tiny_dir["student"])
         # sampled: every step generates, the first resumed one included (its completions draw on the restored RNG)
         generation = dict(max_new_tokens=MAX_NEW, lmbda=1.0) if sampled else greedy(eos, lmbda=0.5)
-        args = make_args(out, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2,
-                         **generation, **KW)  # fmt: skip
-        trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
-                                      train_dataset=Dataset.from_list(rows))  # fmt: skip
+        args = make_args(
+            out, max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2, **generation, **KW
+        )
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+        )
         trainer.train(resume_from_checkpoint=resume)
         return state_hash(student), [r.get("generated_fraction") for r in trainer.state.log_history if "loss" in r]
 
@@ -166,9 +196,17 @@ def test_resumed_on_policy_run_equals_the_straight_run(tmp_path, tiny_dir, rows,
 
 def test_peft_student_generates_with_its_adapters_and_self_teacher_without(tmp_path, tiny_dir, rows, eos):
     student = load_model(tiny_dir["student"])
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"], init_lora_weights=False)
-    args = make_args(tmp_path, teacher_model_name_or_path="self", gradient_checkpointing=True, max_steps=2,
-                     **greedy(eos, lmbda=1.0, seq_kd=True), **KW)  # fmt: skip
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"], init_lora_weights=False
+    )
+    args = make_args(
+        tmp_path,
+        teacher_model_name_or_path="self",
+        gradient_checkpointing=True,
+        max_steps=2,
+        **greedy(eos, lmbda=1.0, seq_kd=True),
+        **KW,
+    )
     trainer = DistillationTrainer(model=student, peft_config=lora, args=args, train_dataset=Dataset.from_list(rows))
     peft_model = trainer.model
     on_policy_batch = trainer.prepare_batch(DistillationCollator()(rows), 0)  # lmbda 1: the student, adapters on
@@ -192,13 +230,23 @@ def test_refused_combinations(tmp_path, tiny_dir, rows):
         DistillationConfig(output_dir=str(tmp_path), lmbda=1.5)
     with pytest.raises(ValueError, match="generation_kwargs: not transformers.GenerationConfig settings: bogus"):
         DistillationConfig(output_dir=str(tmp_path), generation_kwargs={"bogus": 1})
-    prompt_only = Dataset.from_list([{"input_ids": r["input_ids"], "labels": [-100] * len(r["input_ids"])} for r in rows])
+    prompt_only = Dataset.from_list(
+        [{"input_ids": r["input_ids"], "labels": [-100] * len(r["input_ids"])} for r in rows]
+    )
     with pytest.raises(ValueError, match="train_dataset: no trainable tokens: all 6 examples .* set lmbda 1 or seq_kd"):
-        DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                            args=make_args(tmp_path, lmbda=0.5), train_dataset=prompt_only)  # fmt: skip
+        DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=make_args(tmp_path, lmbda=0.5),
+            train_dataset=prompt_only,
+        )
     # every batch generated: prompt-only data trains
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, lmbda=1.0, max_new_tokens=3), train_dataset=prompt_only)  # fmt: skip
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, lmbda=1.0, max_new_tokens=3),
+        train_dataset=prompt_only,
+    )
     trainer.train()
     assert trainer.state.log_history[0]["completion_length"] > 0
 
@@ -206,11 +254,18 @@ def test_refused_combinations(tmp_path, tiny_dir, rows):
 def test_sharded_engines_are_refused_with_one_line(tmp_path, tiny_dir, monkeypatch):
     import hf_kd.training.preflight
 
-    monkeypatch.setattr(hf_kd.training.preflight, "teacher_is_sharded", lambda accelerator: True)  # as under FSDP / ZeRO-3
+    monkeypatch.setattr(
+        hf_kd.training.preflight, "teacher_is_sharded", lambda accelerator: True
+    )  # as under FSDP / ZeRO-3
     for field, overrides in (("lmbda", {"lmbda": 0.5}), ("seq_kd", {"seq_kd": True})):
-        with pytest.raises(ValueError, match=f"^{field}: generation under FSDP / ZeRO-3 .* is not supported; train with DDP"):
-            DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                                args=make_args(tmp_path, **overrides))  # fmt: skip
+        with pytest.raises(
+            ValueError, match=f"^{field}: generation under FSDP / ZeRO-3 .* is not supported; train with DDP"
+        ):
+            DistillationTrainer(
+                model=load_model(tiny_dir["student"]),
+                teacher_model=load_model(tiny_dir["teacher"]),
+                args=make_args(tmp_path, **overrides),
+            )
 
 
 def test_generation_stays_in_the_shared_vocabulary(tiny_dir):

@@ -50,10 +50,19 @@ def test_peft_student_loss_and_training_fused_and_full_logits(tmp_path, tiny_dir
     expected = reference_loss(load_model(tiny_dir["student"]), load_model(tiny_dir["teacher"]), batch, **LOSS_KW)
     adapters = {}
     for chunk in (0, 6):
-        trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), peft_config=lora(), train_dataset=ds,
-                                      teacher_model=load_model(tiny_dir["teacher"]),
-                                      args=make_args(tmp_path / str(chunk), per_device_train_batch_size=4,
-                                                     gradient_accumulation_steps=2, loss_chunk_size=chunk, **LOSS_KW))
+        trainer = DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            peft_config=lora(),
+            train_dataset=ds,
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=make_args(
+                tmp_path / str(chunk),
+                per_device_train_batch_size=4,
+                gradient_accumulation_steps=2,
+                loss_chunk_size=chunk,
+                **LOSS_KW,
+            ),
+        )
         assert trainer.use_fused_loss == bool(chunk)
         torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
         trainer.train()
@@ -66,9 +75,12 @@ def test_peft_student_loss_and_training_fused_and_full_logits(tmp_path, tiny_dir
 def test_lora_on_lm_head_falls_back_to_full_logits(tmp_path, tiny_dir, batch, caplog):
     teacher = load_model(tiny_dir["teacher"])
     with caplog.at_level("WARNING", logger="hf_kd.training.trainer"):
-        trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=teacher,
-                                      peft_config=lora(target_modules=["q_proj", "lm_head"], init_lora_weights=False),
-                                      args=make_args(tmp_path, loss_chunk_size=8, **LOSS_KW))
+        trainer = DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            teacher_model=teacher,
+            peft_config=lora(target_modules=["q_proj", "lm_head"], init_lora_weights=False),
+            args=make_args(tmp_path, loss_chunk_size=8, **LOSS_KW),
+        )
     assert not trainer.use_fused_loss
     assert "wrapped by a PEFT adapter" in caplog.text
     expected = reference_loss(trainer.model, teacher, batch, **LOSS_KW)  # random B: the adapters change the logits
@@ -84,10 +96,12 @@ def test_self_teacher_is_the_base_model_with_adapters_off(tmp_path, tiny_dir, ba
     pointers = {name: p.data_ptr() for name, p in student.named_parameters()}
     base = load_model(tiny_dir["student"])  # an independent copy of the base model, for reference only
     kw = dict(LOSS_KW, alpha=0.5)
-    trainer = DistillationTrainer(model=student, peft_config=lora(init_lora_weights=False),  # random B: student != base
-                                  args=make_args(tmp_path, teacher_model_name_or_path="self", loss_chunk_size=chunk,
-                                                 learning_rate=0.1, **kw),
-                                  train_dataset=Dataset.from_list(variable_length_examples(8, seed=9)))
+    trainer = DistillationTrainer(
+        model=student,
+        peft_config=lora(init_lora_weights=False),  # random B: student != base
+        args=make_args(tmp_path, teacher_model_name_or_path="self", loss_chunk_size=chunk, learning_rate=0.1, **kw),
+        train_dataset=Dataset.from_list(variable_length_examples(8, seed=9)),
+    )
     assert isinstance(trainer.teacher, SelfTeacher) and trainer.use_fused_loss == bool(chunk)
 
     # one copy of the weights: the teacher is the student's module, whose base tensors are the loaded model's own
@@ -139,9 +153,13 @@ def test_self_teacher_needs_adapters(tmp_path, tiny_dir):
 
 def _trained(tmp_path, tiny_dir, peft_config, **overrides):
     args = make_args(tmp_path, max_steps=2, optim="adamw_torch", learning_rate=1e-2, **overrides)
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                                  peft_config=peft_config, args=args,
-                                  train_dataset=Dataset.from_list(variable_length_examples(8, seed=4)))
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=load_model(tiny_dir["teacher"]),
+        peft_config=peft_config,
+        args=args,
+        train_dataset=Dataset.from_list(variable_length_examples(8, seed=4)),
+    )
     trainer.train()
     return trainer
 
@@ -152,7 +170,9 @@ def test_lora_student_trains_only_adapters_and_saves_them(tmp_path, tiny_dir, ba
     assert isinstance(trainer.model, PeftModel)
     assert config.target_modules is None  # the caller's config is not modified
     assert trainer.model.peft_config["default"].target_modules == {"q_proj", "v_proj"}  # PEFT's Llama default
-    assert not any("lora_" in name for name, _ in trainer.teacher_model.named_parameters())  # the teacher is never wrapped
+    assert not any(
+        "lora_" in name for name, _ in trainer.teacher_model.named_parameters()
+    )  # the teacher is never wrapped
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     initial = load_model(tiny_dir["student"]).state_dict()
@@ -181,8 +201,13 @@ def test_adapters_of_a_student_given_by_a_relative_path_load_from_anywhere(tmp_p
     monkeypatch.chdir(tmp_path / "run")
     student = AutoModelForCausalLM.from_pretrained("./student", dtype=torch.float32)
     args = make_args(tmp_path, max_steps=2, optim="adamw_torch", learning_rate=1e-2)
-    trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), peft_config=lora(),
-                                  args=args, train_dataset=Dataset.from_list(variable_length_examples(8, seed=4)))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=load_model(tiny_dir["teacher"]),
+        peft_config=lora(),
+        args=args,
+        train_dataset=Dataset.from_list(variable_length_examples(8, seed=4)),
+    )
     trainer.train()
     trainer.save_model()
     trained = logits(trainer.model.eval(), batch)
@@ -197,8 +222,14 @@ def test_adapters_of_a_student_given_by_a_relative_path_load_from_anywhere(tmp_p
 
 
 def test_save_merged_copies_and_leaves_the_trained_model_alone(tmp_path, tiny_dir, batch):
-    trainer = _trained(tmp_path, tiny_dir, lora(target_modules=["q_proj", "v_proj", "down_proj"]), save_merged=True,
-                       save_strategy="steps", save_steps=2)
+    trainer = _trained(
+        tmp_path,
+        tiny_dir,
+        lora(target_modules=["q_proj", "v_proj", "down_proj"]),
+        save_merged=True,
+        save_strategy="steps",
+        save_steps=2,
+    )
     trained = logits(trainer.model.eval(), batch)
     before = state_hash(trainer.model)
     trainer.save_model()
@@ -223,8 +254,9 @@ def test_qlora_needs_bitsandbytes_and_cuda(monkeypatch):
 
     def bitsandbytes_installed(installed):
         spec = object() if installed else None
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: spec if name == "bitsandbytes" else real_find_spec(name, *a))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: spec if name == "bitsandbytes" else real_find_spec(name, *a)
+        )
 
     bitsandbytes_installed(False)
     with pytest.raises(RuntimeError, match="pip install bitsandbytes"):

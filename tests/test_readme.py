@@ -70,9 +70,16 @@ def test_generation_engine_override_snippet(tmp_path, tiny_dir, tokenizer):
     namespace = {"DistillationTrainer": DistillationTrainer, "engine": Engine()}
     exec(compile(block_with("class EngineCompletions(DistillationTrainer)"), "README.md", "exec"), namespace)
     args = DistillationConfig(output_dir=str(tmp_path), lmbda=1.0, max_new_tokens=3, use_cpu=True, report_to="none")
-    trainer = namespace["EngineCompletions"](model=load_model(tiny_dir["student"]), processing_class=tokenizer,
-                                             teacher_model=load_model(tiny_dir["teacher"]), args=args)  # fmt: skip
-    rows = [{"input_ids": [9, 10, 11, 12], "labels": [-100, -100, 11, 12]}, {"input_ids": [13, 14], "labels": [-100, 14]}]
+    trainer = namespace["EngineCompletions"](
+        model=load_model(tiny_dir["student"]),
+        processing_class=tokenizer,
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=args,
+    )
+    rows = [
+        {"input_ids": [9, 10, 11, 12], "labels": [-100, -100, 11, 12]},
+        {"input_ids": [13, 14], "labels": [-100, 14]},
+    ]
     batch = trainer.prepare_batch(DistillationCollator()(rows), 0)
     assert batch["input_ids"].tolist() == [[9, 10, 5, 6, 1], [13, 7, 7, 7, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 5, 6, 1], [-100, 7, 7, 7, -100]]
@@ -88,8 +95,10 @@ def test_architecture_page_divergence_snippet():
     try:
         exec(compile(code, "docs/architecture.md", "exec"), namespace)
         g = torch.Generator().manual_seed(0)
-        student, teacher = torch.randn(4, 9, generator=g, dtype=torch.float64), torch.randn(4, 9, generator=g,
-                                                                                            dtype=torch.float64)
+        student, teacher = (
+            torch.randn(4, 9, generator=g, dtype=torch.float64),
+            torch.randn(4, 9, generator=g, dtype=torch.float64),
+        )
         loss = hf_kd.distillation_loss(student, teacher, objective=namespace["objective"])
         expected = 0.5 * (teacher.softmax(-1) - student.softmax(-1)).pow(2).sum(-1).mean()
         assert abs(float(loss - expected)) < 1e-14

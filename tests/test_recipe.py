@@ -17,21 +17,46 @@ SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
 EXPECTED = {
     "qwen2.5-7b-to-0.5b.yaml": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", "forward_kl", False),
     "qwen2.5-7b-to-1.5b-mse.yaml": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", "mse", False),
-    "llama-3.1-8b-to-3.2-1b.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "llama",
-                                    "forward_kl", False),
-    "llama-3.1-8b-to-3.2-3b-lora.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-3B-Instruct", "llama",
-                                         "forward_kl", True),
+    "llama-3.1-8b-to-3.2-1b.yaml": (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.2-1B-Instruct",
+        "llama",
+        "forward_kl",
+        False,
+    ),
+    "llama-3.1-8b-to-3.2-3b-lora.yaml": (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "llama",
+        "forward_kl",
+        True,
+    ),
     "qwen3-8b-to-0.6b.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B", "qwen3", "skew_forward_kl", False),
     "qwen3-8b-to-0.6b-onpolicy.yaml": ("Qwen/Qwen3-8B", "Qwen/Qwen3-0.6B", "qwen3", "reverse_kl", False),
-    "llama-3.1-8b-to-qwen2.5-0.5b-cross-tokenizer.yaml": ("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct",
-                                                          "llama->qwen2", "forward_kl", False),
+    "llama-3.1-8b-to-qwen2.5-0.5b-cross-tokenizer.yaml": (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "llama->qwen2",
+        "forward_kl",
+        False,
+    ),
     "gemma-2-9b-to-2b.yaml": ("google/gemma-2-9b-it", "google/gemma-2-2b-it", "gemma2", "forward_kl", False),
-    "bert-base-to-small-sst2.yaml": ("textattack/bert-base-uncased-SST-2", "google/bert_uncased_L-4_H-256_A-4", "bert",
-                                     "forward_kl", False),
+    "bert-base-to-small-sst2.yaml": (
+        "textattack/bert-base-uncased-SST-2",
+        "google/bert_uncased_L-4_H-256_A-4",
+        "bert",
+        "forward_kl",
+        False,
+    ),
 }
 # the model_type a Hub id belongs to, read off its name (no download)
-FAMILIES = {r"Qwen/Qwen2\.5-": "qwen2", r"Qwen/Qwen3-": "qwen3", r"meta-llama/Llama-3\.": "llama", r"google/gemma-2-": "gemma2",
-            r"(textattack/bert-base-uncased|google/bert_uncased)": "bert"}  # fmt: skip
+FAMILIES = {
+    r"Qwen/Qwen2\.5-": "qwen2",
+    r"Qwen/Qwen3-": "qwen3",
+    r"meta-llama/Llama-3\.": "llama",
+    r"google/gemma-2-": "gemma2",
+    r"(textattack/bert-base-uncased|google/bert_uncased)": "bert",
+}
 
 
 def family(model_id: str) -> str:
@@ -53,7 +78,9 @@ def test_shipped_recipe_validates_offline(name):
     args = recipe.training_args(check_hardware=False)  # bf16 off on this CPU; the recipe keeps what it asked for
     teacher, student, model_type, loss_type, has_peft = EXPECTED[name]
     assert (recipe.teacher.name_or_path, recipe.student.name_or_path) == (teacher, student)
-    if "->" in model_type:  # two families, two tokenizers: the teacher reads its own tokens (hf_kd.teachers.cross_tokenizer.alignment)
+    if (
+        "->" in model_type
+    ):  # two families, two tokenizers: the teacher reads its own tokens (hf_kd.teachers.cross_tokenizer.alignment)
         assert f"{family(teacher)}->{family(student)}" == model_type
         assert args.teacher_tokenizer_name_or_path == (recipe.teacher.tokenizer or teacher)
         assert all(kind in CONFIG_MAPPING for kind in model_type.split("->"))
@@ -177,18 +204,29 @@ def test_yaml_2e_5_is_coerced_to_a_float(tmp_path):
         ("  eval_strategy: steps\n", "training.eval_strategy", "needs data.eval_split or data.eval_size"),
         ("  teacher_model_name_or_path: org/x\n", "training.teacher_model_name_or_path", "teacher: section"),
         ("data:\n  dataset: ./missing.jsonl\n", "data.dataset", "no such file"),
-        ("data:\n  dataset: org/dataset\n  format: chat\n", "data.format", "'chat' is not one of text, prompt_completion"),
+        (
+            "data:\n  dataset: org/dataset\n  format: chat\n",
+            "data.format",
+            "'chat' is not one of text, prompt_completion",
+        ),
         ("data:\n  dataset: org/dataset\n  max_length: 1\n", "data.max_length", "must be >= 2"),
         ("data:\n  dataset: org/dataset\n  eval_size: 1.5\n", "data.eval_size", "fraction"),
         ("teacher:\n  name_or_path: org/teacher\n  dtype: bf16\n", "teacher.dtype", "'bf16' is not one of"),
         ("student:\n  name_or_path: ./no_such_dir\n", "student.name_or_path", "no such directory"),
-        ("teacher:\n  name_or_path: org/t\n  init_kwargs: {torch_dtype: bfloat16}\n", "teacher.init_kwargs.torch_dtype",
-         "use teacher.dtype"),
+        (
+            "teacher:\n  name_or_path: org/t\n  init_kwargs: {torch_dtype: bfloat16}\n",
+            "teacher.init_kwargs.torch_dtype",
+            "use teacher.dtype",
+        ),
         ("teacher:\n  name_or_path: self\n", "teacher.name_or_path", "needs a peft section"),
         ("peft:\n  r: many\n", "peft.r", "expected a number"),
         ("data: [a, b]\n", "data", "expected a mapping, got list"),
         ("  task: classification\n", "data.format", "set data.format: classification"),
-        ("data:\n  dataset: org/dataset\n  format: classification\n", "training.task", "needs training.task: classification"),
+        (
+            "data:\n  dataset: org/dataset\n  format: classification\n",
+            "training.task",
+            "needs training.task: classification",
+        ),
         ("  task: token_classification\n", "training.task", "'token_classification' is not available in recipes"),
         ("  task: regression\n", "training.task", "task must be causal_lm, classification or token_classification"),
     ],
@@ -212,15 +250,19 @@ def test_missing_pieces(tmp_path):
     assert "training.output_dir: required" in error(write(tmp_path, BASE.replace("  output_dir: out\n", "")))
     assert error(str(tmp_path / "nope.yaml")) == f"{tmp_path / 'nope.yaml'}: recipe: no such file"
     assert ": line 2: invalid YAML" in error(write(tmp_path, "teacher: {name_or_path: org/t\nstudent: x\n"))
-    assert error(write(tmp_path, "- a list\n")).endswith("expected a mapping with teacher, student, data and training sections")
+    assert error(write(tmp_path, "- a list\n")).endswith(
+        "expected a mapping with teacher, student, data and training sections"
+    )
 
 
 def test_local_paths_are_checked(tmp_path, tiny_dir):
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "w1"}\n')
-    text = (f"teacher:\n  name_or_path: {tiny_dir['teacher']}\nstudent:\n  name_or_path: {tiny_dir['student']}\n"
-            f"  tokenizer: {tiny_dir['tokenizer']}\ndata:\n  dataset: {data}\n  eval_split: {tmp_path / 'eval.jsonl'}\n"
-            "training:\n  output_dir: out\n")  # fmt: skip
+    text = (
+        f"teacher:\n  name_or_path: {tiny_dir['teacher']}\nstudent:\n  name_or_path: {tiny_dir['student']}\n"
+        f"  tokenizer: {tiny_dir['tokenizer']}\ndata:\n  dataset: {data}\n  eval_split: {tmp_path / 'eval.jsonl'}\n"
+        "training:\n  output_dir: out\n"
+    )
     assert error(write(tmp_path, text)).endswith(f"data.eval_split: no such file: {tmp_path / 'eval.jsonl'}")
     recipe = load_recipe(write(tmp_path, text.replace("  eval_split: ", "  # ")))
     assert recipe.student.tokenizer == tiny_dir["tokenizer"] and recipe.data.dataset == str(data)
@@ -228,22 +270,58 @@ def test_local_paths_are_checked(tmp_path, tiny_dir):
 
 def test_overrides(tmp_path):
     path = write(tmp_path, BASE + "  max_steps: 100\n  learning_rate: 2e-5\n")
-    recipe = load_recipe(path, ["--max_steps", "10", "--output_dir", "elsewhere", "--bf16", "--loss_type",
-                                "forward_kl=0.5,mse=0.5", "--learning_rate=1e-4"])  # fmt: skip
-    assert recipe.training == {"output_dir": "elsewhere", "max_steps": 10, "learning_rate": 1e-4, "bf16": True,
-                               "loss_type": "forward_kl=0.5,mse=0.5"}  # fmt: skip
+    recipe = load_recipe(
+        path,
+        [
+            "--max_steps",
+            "10",
+            "--output_dir",
+            "elsewhere",
+            "--bf16",
+            "--loss_type",
+            "forward_kl=0.5,mse=0.5",
+            "--learning_rate=1e-4",
+        ],
+    )
+    assert recipe.training == {
+        "output_dir": "elsewhere",
+        "max_steps": 10,
+        "learning_rate": 1e-4,
+        "bf16": True,
+        "loss_type": "forward_kl=0.5,mse=0.5",
+    }
     assert recipe.training_args(check_hardware=False).loss_weights == {"forward_kl": 0.5, "mse": 0.5}
     # --output_dir supplies a recipe that has none
-    assert load_recipe(write(tmp_path, BASE.replace("  output_dir: out\n", "")), ["--output_dir", "o"]).training == {"output_dir": "o"}
+    assert load_recipe(write(tmp_path, BASE.replace("  output_dir: out\n", "")), ["--output_dir", "o"]).training == {
+        "output_dir": "o"
+    }
     assert parse_overrides(path, ["--bf16", "false", "--seed", "3"]) == {"bf16": False, "seed": 3}
 
 
 def test_dotted_overrides_reach_every_section(tmp_path):
     path = write(tmp_path, BASE + "  max_steps: 100\n")
-    recipe = load_recipe(path, ["--data.max_samples", "100", "--teacher.dtype", "float32", "--max_steps", "10",
-                                "--teacher.init_kwargs.attn_implementation", "eager", "--data.completion_only=false",
-                                "--training.learning_rate", "1e-4", "--student.tokenizer", "org/tok", "--peft.r", "16",
-                                "--peft.target_modules", "[q_proj, v_proj]"])  # fmt: skip
+    recipe = load_recipe(
+        path,
+        [
+            "--data.max_samples",
+            "100",
+            "--teacher.dtype",
+            "float32",
+            "--max_steps",
+            "10",
+            "--teacher.init_kwargs.attn_implementation",
+            "eager",
+            "--data.completion_only=false",
+            "--training.learning_rate",
+            "1e-4",
+            "--student.tokenizer",
+            "org/tok",
+            "--peft.r",
+            "16",
+            "--peft.target_modules",
+            "[q_proj, v_proj]",
+        ],
+    )
     assert recipe.data.max_samples == 100 and recipe.data.completion_only is False
     assert recipe.teacher.dtype == "float32" and recipe.teacher.init_kwargs == {"attn_implementation": "eager"}
     assert recipe.student.tokenizer == "org/tok"
@@ -251,8 +329,10 @@ def test_dotted_overrides_reach_every_section(tmp_path):
     assert recipe.peft == {"r": 16, "target_modules": ["q_proj", "v_proj"]}
     resolved = recipe.to_dict()
     assert resolved["data"]["max_samples"] == 100 and resolved["teacher"]["dtype"] == "float32"
-    assert recipe.training_args(check_hardware=False).teacher_model_init_kwargs == {"attn_implementation": "eager",
-                                                                                    "dtype": "float32"}  # fmt: skip
+    assert recipe.training_args(check_hardware=False).teacher_model_init_kwargs == {
+        "attn_implementation": "eager",
+        "dtype": "float32",
+    }
     assert load_recipe(path, ["--data.eval_split", "null"]).data.eval_split is None
 
 
@@ -261,7 +341,11 @@ def test_dotted_overrides_reach_every_section(tmp_path):
     [
         (["--max_samples", "100"], "--max_samples", "it is a recipe key: pass --data.max_samples"),
         (["--dtype", "float32"], "--dtype", "pass --teacher.dtype or --student.dtype"),
-        (["--dat.max_samples", "100"], "--dat.max_samples", "'dat' is not a recipe section (did you mean --data.max_samples?)"),
+        (
+            ["--dat.max_samples", "100"],
+            "--dat.max_samples",
+            "'dat' is not a recipe section (did you mean --data.max_samples?)",
+        ),
         (["--data.max_sample", "100"], "data.max_sample", "unknown key (did you mean 'max_samples'?)"),
         (["--data.max_samples", "many"], "data.max_samples", "expected a number, got 'many'"),
         (["--data.max_samples"], "--data.max_samples", "expected one argument"),
@@ -283,9 +367,16 @@ def test_whole_numbers_stay_whole_in_the_resolved_recipe(tmp_path):
     text = text.replace("data:\n  dataset: org/dataset\n", "", 1)
     recipe = load_recipe(write(tmp_path, text), ["--save_steps", "20", "--max_grad_norm=1", "--adam_beta1", "0.5"])
     training = recipe.training
-    assert (training["logging_steps"], training["eval_steps"], training["save_steps"], training["max_grad_norm"]) == (5, 10, 20, 1)
+    assert (training["logging_steps"], training["eval_steps"], training["save_steps"], training["max_grad_norm"]) == (
+        5,
+        10,
+        20,
+        1,
+    )
     assert all(type(training[k]) is int for k in ("logging_steps", "eval_steps", "save_steps", "max_grad_norm"))
-    assert type(training["learning_rate"]) is float and training["warmup_steps"] == 0.1 and training["adam_beta1"] == 0.5
+    assert (
+        type(training["learning_rate"]) is float and training["warmup_steps"] == 0.1 and training["adam_beta1"] == 0.5
+    )
     assert recipe.data.eval_size == 4 and type(recipe.data.eval_size) is int
     args = recipe.training_args(check_hardware=False)
     assert (args.logging_steps, args.eval_steps, args.save_steps) == (5, 10, 20)
@@ -301,7 +392,11 @@ def test_recipe_file_extensions_match_the_data_loader():
 @pytest.mark.parametrize(
     "argv, key, problem",
     [
-        (["--max_stepz", "10"], "--max_stepz", "not a DistillationConfig / TrainingArguments field (did you mean --max_steps?)"),
+        (
+            ["--max_stepz", "10"],
+            "--max_stepz",
+            "not a DistillationConfig / TrainingArguments field (did you mean --max_steps?)",
+        ),
         (["--max_steps", "x"], "--max_steps", "invalid int value: 'x'"),
         (["--max_steps"], "--max_steps", "expected one argument"),
         (["10"], "10", "unexpected argument"),
@@ -315,7 +410,11 @@ def test_bad_overrides(tmp_path, argv, key, problem):
 
 
 def test_classification_recipe(tmp_path):
-    text = BASE + "  task: classification\n" + "data:\n  dataset: org/dataset\n  format: classification\n  text_field: sentence\n"
+    text = (
+        BASE
+        + "  task: classification\n"
+        + "data:\n  dataset: org/dataset\n  format: classification\n  text_field: sentence\n"
+    )
     text = text.replace("data:\n  dataset: org/dataset\n", "", 1)  # BASE's data section
     recipe = load_recipe(write(tmp_path, text))
     assert recipe.task == "classification" and recipe.data.label_field == "label"

@@ -76,8 +76,9 @@ def test_a_registered_divergence_runs_through_the_dense_and_cached_paths():
     expected = reference(student, teacher, labels)
     objective = hf_kd.Objective("alpha_beta", temperature=T, divergence_params=PARAMS)
     dense = hf_kd.distillation_loss(student, teacher, labels, objective=objective)
-    keyword = hf_kd.distillation_loss(student, teacher, labels, loss_type="alpha_beta", temperature=T,
-                                      divergence_params=PARAMS)  # fmt: skip
+    keyword = hf_kd.distillation_loss(
+        student, teacher, labels, loss_type="alpha_beta", temperature=T, divergence_params=PARAMS
+    )
     assert abs(float((dense - expected).detach())) < 1e-12 and abs(float((keyword - expected).detach())) < 1e-12
     assert torch.allclose(grad_of(dense, student), grad_of(expected, student), rtol=1e-10, atol=1e-13)
     # a top-k teacher cache with k = V holds the whole distribution: the cached path is exact
@@ -92,12 +93,23 @@ def test_a_registered_divergence_runs_through_the_fused_path():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    t_hidden, t_weight = torch.randn(2, 6, 12, generator=g, dtype=torch.float64), torch.randn(13, 12, generator=g,
-                                                                                              dtype=torch.float64)
+    t_hidden, t_weight = (
+        torch.randn(2, 6, 12, generator=g, dtype=torch.float64),
+        torch.randn(13, 12, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(0, 13, (2, 6), generator=g)
     labels[1, 4:] = -100
-    fused = hf_kd.fused_distillation_loss(hidden, weight, t_hidden, t_weight, labels, chunk_size=4, loss_type="alpha_beta",
-                                          temperature=T, divergence_params=PARAMS)  # fmt: skip
+    fused = hf_kd.fused_distillation_loss(
+        hidden,
+        weight,
+        t_hidden,
+        t_weight,
+        labels,
+        chunk_size=4,
+        loss_type="alpha_beta",
+        temperature=T,
+        divergence_params=PARAMS,
+    )
     expected = reference(hidden @ weight.T, t_hidden @ t_weight.T, labels)
     assert abs(float((fused - expected).detach())) < 1e-12
     for tensor in (hidden, weight):
@@ -117,13 +129,20 @@ def test_a_registered_divergence_runs_through_the_cross_tokenizer_path(tmp_path,
     batch = DistillationCollator(pad_token_id=0)([{"input_ids": r, "labels": [-100, -100] + r[2:]} for r in rows])
     labels = batch["labels"][:, 1:]
     student, teacher, _ = example(seed=2, rows=2, positions=labels.shape[1], vocab=len(tokenizer))
-    alignment = align_batch(batch["input_ids"], batch["attention_mask"], labels, tokenizer, teacher_tok,
-                            shared_vocabulary(tokenizer, teacher_tok))  # fmt: skip
+    alignment = align_batch(
+        batch["input_ids"],
+        batch["attention_mask"],
+        labels,
+        tokenizer,
+        teacher_tok,
+        shared_vocabulary(tokenizer, teacher_tok),
+    )
     permuted = torch.empty_like(teacher)
     permuted[..., new_id_of] = teacher  # the teacher's logit of old id i sits at its new id
     objective = hf_kd.Objective("alpha_beta", temperature=T, divergence_params=PARAMS)
-    terms = cross_tokenizer_terms(student, TeacherLogits(permuted), alignment, shared_vocabulary(tokenizer, teacher_tok),
-                                  labels, objective)  # fmt: skip
+    terms = cross_tokenizer_terms(
+        student, TeacherLogits(permuted), alignment, shared_vocabulary(tokenizer, teacher_tok), labels, objective
+    )
     expected = reference(student, teacher, labels)
     assert float(terms["aligned_fraction"]) == pytest.approx(1.0)
     assert abs(float((terms["loss"] - expected).detach())) < 1e-10
@@ -197,8 +216,9 @@ def test_a_teacher_kind_of_ones_own_from_python(tmp_path, tiny_dir, tokenizer):
     loss = trainer.compute_loss(student, dict(batch))
     with torch.no_grad():
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    expected = hf_kd.distillation_loss(logits, bigram_logits(batch["input_ids"], 40, 7)[:, :-1], batch["labels"][:, 1:],
-                                       alpha=0.5)  # fmt: skip
+    expected = hf_kd.distillation_loss(
+        logits, bigram_logits(batch["input_ids"], 40, 7)[:, :-1], batch["labels"][:, 1:], alpha=0.5
+    )
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
 
 
@@ -208,12 +228,22 @@ def test_a_teacher_kind_of_ones_own_from_a_recipe(tmp_path, tiny_dir, capsys):
     recipe = {
         "teacher": {"name_or_path": "bigram", "kind": "test_registries:callable_topk", "options": {"k": 8, "seed": 3}},
         "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
-        "data": {"dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
-                 "format": "prompt_completion", "max_length": 16},
-        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
-                     "learning_rate": "1e-3", "save_strategy": "no", "use_cpu": True, "report_to": "none",
-                     "disable_tqdm": True},
-    }  # fmt: skip
+        "data": {
+            "dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
+            "format": "prompt_completion",
+            "max_length": 16,
+        },
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": "1e-3",
+            "save_strategy": "no",
+            "use_cpu": True,
+            "report_to": "none",
+            "disable_tqdm": True,
+        },
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert main(["check", str(path)]) == 0, capsys.readouterr().out
@@ -234,6 +264,7 @@ def test_old_module_paths_still_import_the_moved_modules():
     import hf_kd.losses
     import hf_kd.trainer
     from hf_kd.cache import build_teacher_cache
+
     from hf_kd.objective import fused, losses
     from hf_kd.training import trainer
 

@@ -44,9 +44,7 @@ def test_split_is_fixed_stratified_and_a_partition_of_the_digits():
     x_all = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 8.0 - 1.0
     everything = Counter(key(i, label) for i, label in zip(x_all, labels))
     parts = Counter(key(i, label) for x, y in split.values() for i, label in zip(x, y))
-    assert (
-        parts == everything
-    )  # every example in exactly one part: disjoint and complete
+    assert parts == everything  # every example in exactly one part: disjoint and complete
     for _, y in split.values():  # stratified: each class's share within one example
         for c, n in Counter(labels.tolist()).items():
             assert abs(int((y == c).sum()) - n * len(y) / len(labels)) <= 1
@@ -58,14 +56,8 @@ def test_noise_flips_exactly_the_fraction_each_to_another_class(fraction):
     noisy = seed_paper.symmetric_noise(labels, fraction, classes=10, seed=3)
     flipped = noisy != labels
     assert int(flipped.sum()) == round(fraction * len(labels))
-    assert (
-        noisy.min() >= 0
-        and noisy.max() <= 9
-        and torch.equal(labels, torch.arange(10).repeat(103))
-    )
-    assert torch.equal(
-        noisy, seed_paper.symmetric_noise(labels, fraction, classes=10, seed=3)
-    )
+    assert noisy.min() >= 0 and noisy.max() <= 9 and torch.equal(labels, torch.arange(10).repeat(103))
+    assert torch.equal(noisy, seed_paper.symmetric_noise(labels, fraction, classes=10, seed=3))
     if fraction == 1.0:  # symmetric: every other class receives flips (1030 draws of 9)
         assert all(len(set(noisy[labels == c].tolist())) == 9 for c in range(10))
 
@@ -74,9 +66,7 @@ def test_logit_distance_by_hand_and_against_the_losses():
     student = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     teacher = torch.tensor([[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
     # raw: (1 + 4 + 9 + 3 * 25) / 6; centered: row 1 differs by [-1, 0, 1] around its mean, row 2 by a shift only
-    assert seed_paper.logit_distance(student, teacher, centered=False) == pytest.approx(
-        89 / 6
-    )
+    assert seed_paper.logit_distance(student, teacher, centered=False) == pytest.approx(89 / 6)
     assert seed_paper.logit_distance(student, teacher) == pytest.approx(2 / 6)
     g = torch.Generator().manual_seed(0)
     s, t = (
@@ -85,9 +75,7 @@ def test_logit_distance_by_hand_and_against_the_losses():
     )
     # the raw distance is hf_kd's mse loss; the centered one is twice T^2 * KL in the T -> inf limit (claim 1)
     mse = distillation_loss(s, t, loss_type="mse").item()
-    assert seed_paper.logit_distance(s, t, centered=False) == pytest.approx(
-        mse, rel=1e-12
-    )
+    assert seed_paper.logit_distance(s, t, centered=False) == pytest.approx(mse, rel=1e-12)
     kl = distillation_loss(s, t, loss_type="forward_kl", temperature=1000.0).item()
     assert seed_paper.logit_distance(s, t) == pytest.approx(2 * kl, rel=1e-3)
 
@@ -115,9 +103,7 @@ def test_paired_differences_and_verdicts():
     stat = seed_paper.paired([3.0, 4.0, 5.0], [1.0, 1.0, 1.0])  # differences 2, 3, 4
     t = 3.0 / (1.0 / math.sqrt(3))  # mean / (sd / sqrt(n))
     assert stat["mean"] == 3.0 and stat["sd"] == 1.0 and stat["n"] == 3
-    assert stat["p"] == pytest.approx(
-        1 - t / math.sqrt(t * t + 2)
-    )  # two-sided p of Student's t, df 2
+    assert stat["p"] == pytest.approx(1 - t / math.sqrt(t * t + 2))  # two-sided p of Student's t, df 2
     assert seed_paper.paired([1.0, 2.0], [0.0, 1.0])["p"] is None  # no spread: no test
     yes, no, unsure = (
         {"mean": 1, "p": 0.01},
@@ -127,19 +113,13 @@ def test_paired_differences_and_verdicts():
     verdict = seed_paper.verdict
     assert verdict([yes, yes]) == "yes" and verdict([yes, unsure]) == "partly"
     assert verdict([yes, no]) == "mixed" and verdict([no, no]) == "no, the opposite"
-    assert (
-        verdict([no, unsure]) == "no"
-        and verdict([unsure, {"mean": 0, "p": None}]) == "not resolved"
-    )
+    assert verdict([no, unsure]) == "no" and verdict([unsure, {"mean": 0, "p": None}]) == "not resolved"
 
 
 def test_fast_run_writes_a_verdict_per_claim(tmp_path):
     s = seed_paper.FAST
     results = seed_paper.run(s, tmp_path, command="pytest")
-    assert (
-        json.loads((tmp_path / "seed_paper.json").read_text())["claims"]
-        == results["claims"]
-    )
+    assert json.loads((tmp_path / "seed_paper.json").read_text())["claims"] == results["claims"]
     text = (tmp_path / "seed_paper.md").read_text()
     assert text.startswith("## README table\n")
     table = text.split("\n\n")[1].splitlines()  # the README table, the first block

@@ -69,10 +69,22 @@ def test_a_served_teacher_trains_the_student_exactly_as_the_local_teacher(tmp_pa
         for teacher in ("local", "served"):
             student = load_model(tiny_dir["student"])
             kwargs = {"teacher_kind": "served", "teacher_options": {"url": url}} if teacher == "served" else {}
-            args = make_args(tmp_path / teacher, max_steps=2, gradient_accumulation_steps=2, loss_chunk_size=chunk,
-                             loss_type={"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0, alpha=0.7, **kwargs)
-            trainer = DistillationTrainer(model=student, args=args, train_dataset=data,
-                                          teacher_model=load_model(tiny_dir["teacher"]) if teacher == "local" else None)
+            args = make_args(
+                tmp_path / teacher,
+                max_steps=2,
+                gradient_accumulation_steps=2,
+                loss_chunk_size=chunk,
+                loss_type={"forward_kl": 0.5, "reverse_kl": 0.5},
+                temperature=2.0,
+                alpha=0.7,
+                **kwargs,
+            )
+            trainer = DistillationTrainer(
+                model=student,
+                args=args,
+                train_dataset=data,
+                teacher_model=load_model(tiny_dir["teacher"]) if teacher == "local" else None,
+            )
             trainer.train()
             hashes.append([p.detach().clone() for p in student.parameters()])
             losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
@@ -150,8 +162,12 @@ def test_serve_teacher_and_train_through_the_cli(tmp_path, tiny_dir, capsys):
     port = free_port()
     teacher_dir = tiny_dir["teacher"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    server = subprocess.Popen([sys.executable, "-m", "hf_kd", "serve-teacher", teacher_dir, "--port", str(port),
-                               "--token-file", str(token)], env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hf_kd", "serve-teacher", teacher_dir, "--port", str(port), "--token-file", str(token)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(600):  # up to a minute for torch and transformers to import
             try:
@@ -163,12 +179,23 @@ def test_serve_teacher_and_train_through_the_cli(tmp_path, tiny_dir, capsys):
         recipe = {
             "teacher": {"url": f"http://127.0.0.1:{port}", "token_file": str(token)},
             "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
-            "data": {"dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
-                     "format": "prompt_completion", "max_length": 16},
-            "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
-                         "learning_rate": "1e-3", "save_strategy": "no", "use_cpu": True, "report_to": "none",
-                         "disable_tqdm": True, "loss_chunk_size": 8},
-        }  # fmt: skip
+            "data": {
+                "dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
+                "format": "prompt_completion",
+                "max_length": 16,
+            },
+            "training": {
+                "output_dir": str(tmp_path / "out"),
+                "max_steps": 2,
+                "per_device_train_batch_size": 4,
+                "learning_rate": "1e-3",
+                "save_strategy": "no",
+                "use_cpu": True,
+                "report_to": "none",
+                "disable_tqdm": True,
+                "loss_chunk_size": 8,
+            },
+        }
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         assert main(["train", str(path)]) == 0, capsys.readouterr().err
@@ -180,34 +207,36 @@ def test_serve_teacher_and_train_through_the_cli(tmp_path, tiny_dir, capsys):
 
 
 def test_a_server_restarted_mid_run_is_waited_for_and_another_model_is_refused(tiny_dir, monkeypatch):
-    """A client retries with backoff while its server restarts (the same model: it goes on); a server that comes
-    back with another model is refused by the head's hash on its answer."""
+    """A client retries with backoff while its server is away (connections refused, then a busy 503: it goes on);
+    a server that comes back with another model is refused by the head's hash on its answer."""
+    import urllib.error
+
     import hf_kd.teachers.served.teacher as served
 
-    real_sleep = time.sleep
-    monkeypatch.setattr(served.time, "sleep", lambda seconds: real_sleep(min(seconds, 0.5)))  # a quicker backoff
+    sleeps = []
+    monkeypatch.setattr(served.time, "sleep", sleeps.append)  # the backoff, recorded instead of waited
     ids, mask = torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
-    port = free_port()
-    teacher = load_model(tiny_dir["teacher"])
-    with serving(teacher, port=port) as (url, _):
+    with serving(load_model(tiny_dir["teacher"])) as (url, _):
         client = TeacherClient(url)
         client.head(client.info()["head"])
         before = client.hidden(ids, mask, "float32")
-    restarted = threading.Event()
+        real_urlopen, failures = urllib.request.urlopen, [
+            urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+            urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+            urllib.error.HTTPError(url, 503, "busy", {}, None),
+        ]
 
-    def restart_later():  # the server comes back after the client's first tries failed (a port that another process
-        # on this machine binds in the gap fails this test: the tests of one run do not)
-        real_sleep(0.4)
-        with serving(teacher, port=port):
-            restarted.set()
-            real_sleep(3.0)
+        def restarting(request, timeout=None):
+            if failures:
+                raise failures.pop(0)
+            return real_urlopen(request, timeout=timeout)
 
-    threading.Thread(target=restart_later, daemon=True).start()
-    assert torch.equal(client.hidden(ids, mask, "float32"), before) and restarted.is_set()
-    real_sleep(3.5)
-    other = load_model(tiny_dir["teacher_padded"])  # another model: another head
-    with serving(other, port=port), pytest.raises(served.TeacherUnavailable, match="now serves another model"):
-        client.hidden(ids, mask, "float32")
+        monkeypatch.setattr(served.urllib.request, "urlopen", restarting)
+        assert torch.equal(client.hidden(ids, mask, "float32"), before) and sleeps == [1, 2, 4]
+    with serving(load_model(tiny_dir["teacher_padded"])) as (other_url, _):  # another model at the address
+        client.url = other_url
+        with pytest.raises(served.TeacherUnavailable, match="now serves another model"):
+            client.hidden(ids, mask, "float32")
 
 
 def test_a_server_gone_for_good_stops_the_run_with_one_line(tmp_path, tiny_dir, files_dir, capsys, monkeypatch):
@@ -246,17 +275,27 @@ def test_a_server_gone_for_good_stops_the_run_with_one_line(tmp_path, tiny_dir, 
             "teacher": {"url": url},
             "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
             "data": {"dataset": files_dir, "format": "prompt_completion", "max_length": 16},
-            "training": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
-                         "learning_rate": "1e-3", "save_strategy": "steps", "save_steps": 1, "use_cpu": True,
-                         "report_to": "none", "disable_tqdm": True},
-        }  # fmt: skip
+            "training": {
+                "output_dir": str(tmp_path / "out"),
+                "max_steps": 4,
+                "per_device_train_batch_size": 4,
+                "learning_rate": "1e-3",
+                "save_strategy": "steps",
+                "save_steps": 1,
+                "use_cpu": True,
+                "report_to": "none",
+                "disable_tqdm": True,
+            },
+        }
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         assert main(["train", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {path}: training stopped: teacher server {url} cannot be reached")
     assert f"the last checkpoint is {tmp_path / 'out' / 'checkpoint-1'}; resume with: hf-kd train" in err[-1]
-    assert not (tmp_path / "out" / "checkpoint-2").exists() and not (tmp_path / "out" / "training_complete.json").exists()
+    assert (
+        not (tmp_path / "out" / "checkpoint-2").exists() and not (tmp_path / "out" / "training_complete.json").exists()
+    )
 
 
 @pytest.fixture
@@ -273,16 +312,24 @@ def test_a_served_teacher_of_another_tokenizer_distills_across_tokenizers(tmp_pa
 
     perm_dir, new_id_of = permuted_wordlevel(tmp_path / "perm", seed=3)
     permuted = permuted_teacher(load_model(tiny_dir["teacher"]), new_id_of)
-    batch = batch_of([{"input_ids": r, "labels": [-100] + r[1:]} for r in
-                      (tokenizer(t)["input_ids"] for t in ("w3 w5 w7 w9 w2 <eos>", "w4 w4 w10"))])  # fmt: skip
+    batch = batch_of(
+        [
+            {"input_ids": r, "labels": [-100] + r[1:]}
+            for r in (tokenizer(t)["input_ids"] for t in ("w3 w5 w7 w9 w2 <eos>", "w4 w4 w10"))
+        ]
+    )
     results = []
     with serving(permuted, tokenizer_hash=tokenizer_hash(AutoTokenizer.from_pretrained(perm_dir))) as (url, server):
         for where in ("local", "served"):
             student = load_model(tiny_dir["student"])
             kwargs = {"teacher_kind": "served", "teacher_options": {"url": url}} if where == "served" else {}
             args = make_args(tmp_path, loss_chunk_size=8, alpha=0.6, teacher_tokenizer_name_or_path=perm_dir, **kwargs)
-            trainer = DistillationTrainer(model=student, args=args, processing_class=tokenizer,
-                                          teacher_model=permuted if where == "local" else None)  # fmt: skip
+            trainer = DistillationTrainer(
+                model=student,
+                args=args,
+                processing_class=tokenizer,
+                teacher_model=permuted if where == "local" else None,
+            )
             assert type(trainer.teacher).__name__ == "CrossTokenizerTeacher"
             loss = trainer.compute_loss(student, dict(batch))
             loss.backward()

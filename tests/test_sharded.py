@@ -13,22 +13,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_model
 from test_distributed import run
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from conftest import load_model
-
 PROCESSES = 2
 SHIPPED = Path(__file__).parents[1] / "recipes" / "accelerate"
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed (pip install deepspeed)")  # fmt: skip
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (pip install deepspeed)"
+)
 
 
 def save_tiny_qwen2(path, vocab_size: int, seed: int, hidden: int = 48) -> str:
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                         eos_token_id=1, bos_token_id=None, tie_word_embeddings=True)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return str(path)
 

@@ -67,8 +67,9 @@ def batch():
 @pytest.mark.parametrize("name", SPARSE_LOSS_TYPES)
 def test_k_equal_to_vocab_is_the_dense_loss(batch, name, temperature):
     student, teacher, labels = batch
-    knobs = dict(loss_type=name, temperature=temperature, alpha=0.7, jsd_beta=BETA, skew_lambda=LAMBDA,
-                 num_items_in_batch=11)  # fmt: skip
+    knobs = dict(
+        loss_type=name, temperature=temperature, alpha=0.7, jsd_beta=BETA, skew_lambda=LAMBDA, num_items_in_batch=11
+    )
     sparse = sparse_distillation_loss(student, *_cached(teacher, V), labels, **knobs)
     (sparse_grad,) = torch.autograd.grad(sparse, student)
     dense = distillation_loss(student, teacher, labels, **knobs)
@@ -83,9 +84,17 @@ def test_k_equal_to_vocab_is_the_dense_loss(batch, name, temperature):
 def test_top_k_matches_the_bucket_reference(batch, name, temperature):
     student, teacher, labels = batch
     total, divergence, ce = sparse_distillation_loss(
-        student, *_cached(teacher, K), labels, loss_type=name, temperature=temperature, alpha=0.6, jsd_beta=BETA,
-        skew_lambda=LAMBDA, num_items_in_batch=20, return_components=True,
-    )  # fmt: skip
+        student,
+        *_cached(teacher, K),
+        labels,
+        loss_type=name,
+        temperature=temperature,
+        alpha=0.6,
+        jsd_beta=BETA,
+        skew_lambda=LAMBDA,
+        num_items_in_batch=20,
+        return_components=True,
+    )
     d_sum = ce_sum = 0.0
     for b in range(2):
         for i in range(5):
@@ -97,8 +106,17 @@ def test_top_k_matches_the_bucket_reference(batch, name, temperature):
     assert ce.item() == pytest.approx(ce_sum / 20, rel=1e-10)
     assert total.item() == pytest.approx(0.6 * d_sum / 20 + 0.4 * ce_sum / 20, rel=1e-10)
     # the test can fail: the dense loss on the same logits is a different number when k < V
-    dense = distillation_loss(student, teacher, labels, loss_type=name, temperature=temperature, alpha=0.6,
-                              jsd_beta=BETA, skew_lambda=LAMBDA, num_items_in_batch=20)  # fmt: skip
+    dense = distillation_loss(
+        student,
+        teacher,
+        labels,
+        loss_type=name,
+        temperature=temperature,
+        alpha=0.6,
+        jsd_beta=BETA,
+        skew_lambda=LAMBDA,
+        num_items_in_batch=20,
+    )
     assert not math.isclose(total.item(), dense.item(), rel_tol=1e-4)
 
 

@@ -70,10 +70,16 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, four_examples, chunk
     weights = {}
     for name, bs, ga in (("b4ga1", 4, 1), ("b1ga4", 1, 4), ("b2ga2", 2, 2)):
         student = load_model(tiny_dir["student"])
-        args = make_args(tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                         loss_chunk_size=chunk, **LOSS_KW)
-        trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
-                                      train_dataset=ds)
+        args = make_args(
+            tmp_path / name,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            loss_chunk_size=chunk,
+            **LOSS_KW,
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args, train_dataset=ds
+        )
         assert trainer.use_fused_loss == bool(chunk)
         trainer.train()
         weights[name] = {k: v.clone() for k, v in student.state_dict().items()}
@@ -107,8 +113,11 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_dir, four_examples, chunk
 def test_compute_loss_masks_like_the_model_cross_entropy(tmp_path, tiny_dir, four_examples, chunk):
     """alpha=0 leaves only the CE: it must equal the model's own shifted, masked cross-entropy."""
     student = load_model(tiny_dir["student"])
-    trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, alpha=0.0, loss_chunk_size=chunk))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, alpha=0.0, loss_chunk_size=chunk),
+    )
     batch = DistillationCollator()(four_examples)
     ours = trainer.compute_loss(student, batch)
     reference = student(**batch).loss  # transformers' ForCausalLMLoss: shift + ignore -100
@@ -121,8 +130,9 @@ def test_teacher_frozen_unchanged_and_not_saved(tmp_path, tiny_dir):
     args = make_args(tmp_path, max_steps=3, learning_rate=1e-2, optim="adamw_torch", max_grad_norm=1.0)
     student = load_model(tiny_dir["student"])
     student_before = state_hash(student)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=Dataset.from_list(variable_length_examples(12)))
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(variable_length_examples(12))
+    )
     teacher.train()  # e.g. a user callback toggled it: the trainer must switch it back to eval every step
     trainer.train()
     assert state_hash(teacher) == before
@@ -135,8 +145,9 @@ def test_teacher_frozen_unchanged_and_not_saved(tmp_path, tiny_dir):
 
 
 def test_teacher_from_path_with_init_kwargs(tmp_path, tiny_dir):
-    args = make_args(tmp_path, teacher_model_name_or_path=tiny_dir["teacher"],
-                     teacher_model_init_kwargs={"dtype": "float64"})
+    args = make_args(
+        tmp_path, teacher_model_name_or_path=tiny_dir["teacher"], teacher_model_init_kwargs={"dtype": "float64"}
+    )
     trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), args=args)
     assert next(trainer.teacher_model.parameters()).dtype == torch.float64
     assert not trainer.teacher_model.training
@@ -164,8 +175,12 @@ def test_missing_labels_are_input_ids_with_padding_masked(tmp_path, tiny_dir, fo
 def test_padded_vocabularies_are_aligned(tmp_path, tiny_dir, tokenizer, four_examples, caplog, chunk):
     student, teacher = load_model(tiny_dir["student_padded"]), load_model(tiny_dir["teacher_padded"])  # 44 vs 48
     with caplog.at_level("WARNING", logger="hf_kd.training.trainer"):
-        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, loss_chunk_size=chunk),
-                                      processing_class=tokenizer)
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=make_args(tmp_path, loss_chunk_size=chunk),
+            processing_class=tokenizer,
+        )
     assert trainer.vocab_size == 40 + 4  # min(44, 48): the tokenizer's 40 tokens fit in both
     assert "shared first 44" in caplog.text
     batch = DistillationCollator()(four_examples)
@@ -177,11 +192,18 @@ def test_padded_vocabularies_are_aligned(tmp_path, tiny_dir, tokenizer, four_exa
 
 def test_incompatible_vocabularies_fail_before_training(tmp_path, tiny_dir, tokenizer):
     with pytest.raises(ValueError, match="tokenizer has 40 tokens"):  # teacher has only 32 rows
-        DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher_small"]),
-                            args=make_args(tmp_path), processing_class=tokenizer)
+        DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            teacher_model=load_model(tiny_dir["teacher_small"]),
+            args=make_args(tmp_path),
+            processing_class=tokenizer,
+        )
     with pytest.raises(ValueError, match="processing_class"):
-        DistillationTrainer(model=load_model(tiny_dir["student_padded"]),
-                            teacher_model=load_model(tiny_dir["teacher_padded"]), args=make_args(tmp_path))
+        DistillationTrainer(
+            model=load_model(tiny_dir["student_padded"]),
+            teacher_model=load_model(tiny_dir["teacher_padded"]),
+            args=make_args(tmp_path),
+        )
 
 
 def test_no_teacher_is_a_clear_error(tmp_path, tiny_dir):
@@ -194,8 +216,9 @@ def test_components_are_logged_for_train_and_eval(tmp_path, tiny_dir):
     eval_rows = variable_length_examples(6, seed=2)
     student, teacher = load_model(tiny_dir["student"]), load_model(tiny_dir["teacher"])
     args = make_args(tmp_path, max_steps=2, alpha=0.25, temperature=2.0, learning_rate=0.0)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train,
-                                  eval_dataset=Dataset.from_list(eval_rows))
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=train, eval_dataset=Dataset.from_list(eval_rows)
+    )
     trainer.train()
     first = trainer.state.log_history[0]
     assert first["loss"] == pytest.approx(0.25 * first["distill_loss"] + 0.75 * first["ce_loss"], rel=1e-4)
@@ -227,11 +250,17 @@ class HiddenStateTrainer(DistillationTrainer):
 
 def test_subclass_adds_a_logged_term(tmp_path, tiny_dir, four_examples):
     student = load_model(tiny_dir["student"])
-    trainer = HiddenStateTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                 args=make_args(tmp_path, learning_rate=0.0), train_dataset=Dataset.from_list(four_examples))
+    trainer = HiddenStateTrainer(
+        model=student,
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, learning_rate=0.0),
+        train_dataset=Dataset.from_list(four_examples),
+    )
     plain = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=make_args(tmp_path))
     batch = DistillationCollator()(four_examples)
-    assert trainer.compute_loss(student, batch).item() == pytest.approx(plain.compute_loss(student, batch).item() + 0.125)
+    assert trainer.compute_loss(student, batch).item() == pytest.approx(
+        plain.compute_loss(student, batch).item() + 0.125
+    )
     trainer.train()
     assert trainer.state.log_history[0]["hidden_loss"] == pytest.approx(0.125)
 
@@ -248,12 +277,18 @@ def test_overridden_teacher_forward_with_full_logits(tmp_path, tiny_dir, four_ex
     """The override knows nothing of the fused path's final hidden states: both paths take its full logits."""
     batch = DistillationCollator()(four_examples)
     student = load_model(tiny_dir["student"])
-    plain = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                args=make_args(tmp_path, loss_chunk_size=0, **LOSS_KW))  # fmt: skip
+    plain = DistillationTrainer(
+        model=student,
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, loss_chunk_size=0, **LOSS_KW),
+    )
     expected = plain.compute_loss(student, batch)
     for chunk in (5, 0):
-        raw = RawTeacherTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                args=make_args(tmp_path, loss_chunk_size=chunk, **LOSS_KW))  # fmt: skip
+        raw = RawTeacherTrainer(
+            model=student,
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=make_args(tmp_path, loss_chunk_size=chunk, **LOSS_KW),
+        )
         assert raw.use_fused_loss == bool(chunk)
         torch.testing.assert_close(raw.compute_loss(student, batch), expected, rtol=1e-5, atol=1e-6)
 
@@ -273,11 +308,19 @@ def test_fused_and_full_logits_give_the_same_training(tmp_path, tiny_dir):
     runs = {}
     for chunk in (0, 6):
         student = load_model(tiny_dir["student"])
-        args = make_args(tmp_path / str(chunk), max_steps=3, loss_chunk_size=chunk,  # SGD: Adam's
-                         learning_rate=0.5, max_grad_norm=1.0,  # sign-like steps would amplify float32 rounding loss_type={"jsd": 0.5, "mse": 0.5}, alpha=0.8,
-                         temperature=1.5, gradient_accumulation_steps=2, per_device_train_batch_size=2)
-        trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args,
-                                      train_dataset=ds)
+        args = make_args(
+            tmp_path / str(chunk),
+            max_steps=3,
+            loss_chunk_size=chunk,  # SGD: Adam's
+            learning_rate=0.5,
+            max_grad_norm=1.0,  # sign-like steps would amplify float32 rounding loss_type={"jsd": 0.5, "mse": 0.5}, alpha=0.8,
+            temperature=1.5,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=load_model(tiny_dir["teacher"]), args=args, train_dataset=ds
+        )
         trainer.train()
         runs[chunk] = (student.state_dict(), [r for r in trainer.state.log_history if "loss" in r])
     (w0, logs0), (w6, logs6) = runs[0], runs[6]
@@ -290,8 +333,9 @@ def test_fused_and_full_logits_give_the_same_training(tmp_path, tiny_dir):
 
 def test_fused_student_forward_does_not_build_full_logits(tmp_path, tiny_dir, four_examples):
     student = load_model(tiny_dir["student"])
-    trainer = DistillationTrainer(model=student, teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, loss_chunk_size=8))
+    trainer = DistillationTrainer(
+        model=student, teacher_model=load_model(tiny_dir["teacher"]), args=make_args(tmp_path, loss_chunk_size=8)
+    )
     batch = DistillationCollator()(four_examples)
     outputs = trainer.student_forward(student, batch)
     assert outputs.logits.shape[1] == 1  # last position only

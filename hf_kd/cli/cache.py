@@ -22,13 +22,14 @@ def run_cache_teacher(recipe: Recipe, args) -> int:
     from hf_kd.errors import SetupError
 
     try:
-        cache = build_from_recipe(recipe, output, k=args.k, batch_size=args.batch_size,
-                                  shard_size=args.shard_size)  # fmt: skip
+        cache = build_from_recipe(recipe, output, k=args.k, batch_size=args.batch_size, shard_size=args.shard_size)
     except SetupError as err:  # a pair a cache cannot serve
         raise RecipeError(recipe.path, recipe_key(err.field), err.problem) from None
     except ValueError as err:  # another build's settings in --output, k > vocab size
         raise RecipeError(recipe.path, "--output", str(err)) from None
     meta = cache.metadata
-    print(f"{cache.path}: {meta['num_examples']} examples, {meta['num_positions']} positions, "
-          f"{meta['bytes_per_position']} bytes per position (k={cache.k}); train with --teacher_cache {cache.path}")
+    print(
+        f"{cache.path}: {meta['num_examples']} examples, {meta['num_positions']} positions, "
+        f"{meta['bytes_per_position']} bytes per position (k={cache.k}); train with --teacher_cache {cache.path}"
+    )
     return 0

@@ -19,8 +19,6 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
-from hf_kd.models.adapters import SELF_TEACHER
-from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
 from hf_kd.cli.check_memory import Found, _count, _size, count_parameters, estimate_memory, meta_model
 from hf_kd.data import (
     DataError,
@@ -31,8 +29,9 @@ from hf_kd.data import (
     load_raw_dataset,
     tokenize_dataset,
 )
+from hf_kd.models.adapters import SELF_TEACHER
 from hf_kd.recipe.recipe import Recipe, loads_teacher_model
-
+from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
 
 
 @dataclass
@@ -58,8 +57,10 @@ class Report:
         """One line, printed last."""
         unchecked = f"; {len(self.unchecked)} thing(s) not checked (listed above)" if self.unchecked else ""
         if self.problems:
-            return (f"verdict: FAIL: hf-kd train would refuse this recipe ({', '.join(dict.fromkeys(self.problems))})"
-                    f"{unchecked}")  # fmt: skip
+            return (
+                f"verdict: FAIL: hf-kd train would refuse this recipe ({', '.join(dict.fromkeys(self.problems))})"
+                f"{unchecked}"
+            )
         return f"verdict: ok, no problem found{unchecked}"
 
 
@@ -145,8 +146,10 @@ def check_recipe(recipe: Recipe) -> Report:
         model = meta_model(config, recipe.task)
         found[role] = Found(config, model, *count_parameters(model, recipe.task))
         rows = "vocab rows" if recipe.task == "causal_lm" else "classes"
-        report.add(f"{role:8s}{section.name_or_path}: {config.model_type}, {_count(found[role].params)} parameters, "
-                   f"{found[role].rows} {rows}")  # fmt: skip
+        report.add(
+            f"{role:8s}{section.name_or_path}: {config.model_type}, {_count(found[role].params)} parameters, "
+            f"{found[role].rows} {rows}"
+        )
     if recipe.teacher.name_or_path == SELF_TEACHER and "student" in found:
         found["teacher"] = found["student"]
 
@@ -159,8 +162,10 @@ def check_recipe(recipe: Recipe) -> Report:
         if tokenizer is None:
             report.unchecked.append(f"{role} tokenizer ({name}): {why}")
         elif is_empty_tokenizer(tokenizer):
-            report.fail(f"{role} tokenizer ({name}): no tokenizer files, only {len(tokenizer)} special tokens; set "
-                        f"{role}.tokenizer")  # fmt: skip
+            report.fail(
+                f"{role} tokenizer ({name}): no tokenizer files, only {len(tokenizer)} special tokens; set "
+                f"{role}.tokenizer"
+            )
         else:
             tokenizers[role] = tokenizer
 
@@ -192,31 +197,43 @@ def check_recipe(recipe: Recipe) -> Report:
         if t_rows == s_rows:
             report.add(f"vocab: teacher and student both have {t_rows} rows")
         elif "student" not in tokenizers:
-            report.unchecked.append(f"vocab alignment: rows differ ({t_rows} vs {s_rows}) and the tokenizer is unreachable")
+            report.unchecked.append(
+                f"vocab alignment: rows differ ({t_rows} vs {s_rows}) and the tokenizer is unreachable"
+            )
         elif cross:  # different tokenizers: each side keeps its own vocabulary
             shared = s_rows
             report.add(f"vocab: teacher {t_rows} rows, student {s_rows} rows, each over its own tokenizer")
         elif len(tokenizers["student"]) > shared:
-            report.fail(f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
-                        "tokens: these models do not share a vocabulary")  # fmt: skip
+            report.fail(
+                f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
+                "tokens: these models do not share a vocabulary"
+            )
         elif agree is False:  # the rows would line up, but not the tokens they stand for
-            report.add(f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
-                       "tokens; the tokenizers disagree (below), so the rows do not mean the same tokens")  # fmt: skip
+            report.add(
+                f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
+                "tokens; the tokenizers disagree (below), so the rows do not mean the same tokens"
+            )
         else:
-            report.add(f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
-                       f"tokens -> distilling over the shared first {shared} rows (the rest is padding)")  # fmt: skip
+            report.add(
+                f"vocab: teacher {t_rows} rows, student {s_rows} rows, tokenizer {len(tokenizers['student'])} "
+                f"tokens -> distilling over the shared first {shared} rows (the rest is padding)"
+            )
     report.lines += data_lines.lines
     report.problems += data_lines.problems
 
     if shared is not None and "teacher" in found and "student" in found:
         rows = estimate_memory(recipe, args, found["teacher"], found["student"], shared)
         total = sum(b for _, b in rows)
-        report.add(f"memory per GPU, rough (DDP or one GPU, per_device_train_batch_size={args.per_device_train_batch_size}"
-                   f", max_length={recipe.data.max_length}):")  # fmt: skip
+        report.add(
+            f"memory per GPU, rough (DDP or one GPU, per_device_train_batch_size={args.per_device_train_batch_size}"
+            f", max_length={recipe.data.max_length}):"
+        )
         for label, size in rows:
             report.add(f"  {_size(size):>10}  {label}")
-        report.add(f"  {_size(total):>10}  total (+ ~1 GiB CUDA context; FSDP/ZeRO-3 divide the weight and optimizer "
-                   "lines by the number of GPUs)")  # fmt: skip
+        report.add(
+            f"  {_size(total):>10}  total (+ ~1 GiB CUDA context; FSDP/ZeRO-3 divide the weight and optimizer "
+            "lines by the number of GPUs)"
+        )
     else:
         report.unchecked.append("memory estimate: needs both configs")
     return report
@@ -293,19 +310,36 @@ def _check_data(recipe: Recipe, args, tokenizer, sample: list, report: Report) -
         return
     try:
         if data.format == "prompt" and not args.every_batch_generated:
-            raise DataError("data.format", "prompt-only data has no completions to distill on: set training.lmbda: 1 "
-                            "(on-policy) or training.seq_kd: true (teacher completions)")  # fmt: skip
-        tokenized = tokenize_dataset(datasets.Dataset.from_list(sample), tokenizer, data, desc="Checking the data",
-                                     keep_prompt_only=args.every_batch_generated)  # fmt: skip
+            raise DataError(
+                "data.format",
+                "prompt-only data has no completions to distill on: set training.lmbda: 1 "
+                "(on-policy) or training.seq_kd: true (teacher completions)",
+            )
+        tokenized = tokenize_dataset(
+            datasets.Dataset.from_list(sample),
+            tokenizer,
+            data,
+            desc="Checking the data",
+            keep_prompt_only=args.every_batch_generated,
+        )
     except DataError as err:
         report.fail(f"data: {err}")
         return
-    targets = sum(count_targets(labels) for labels in tokenized["labels"]) if data.format != "classification" else len(tokenized)
+    targets = (
+        sum(count_targets(labels) for labels in tokenized["labels"])
+        if data.format != "classification"
+        else len(tokenized)
+    )
     truncated, cut = _truncated(sample, tokenizer, data)
     what = "blocks" if data.packing else "trainable examples"
-    report.add(f"data: the first {len(sample)} examples tokenize to {len(tokenized)} {what}, {targets} target tokens"
-               + ("" if data.packing else f"; {truncated} truncated to max_length={data.max_length}"
-                  + (f" ({cut} tokens cut)" if cut else "")))  # fmt: skip
+    report.add(
+        f"data: the first {len(sample)} examples tokenize to {len(tokenized)} {what}, {targets} target tokens"
+        + (
+            ""
+            if data.packing
+            else f"; {truncated} truncated to max_length={data.max_length}" + (f" ({cut} tokens cut)" if cut else "")
+        )
+    )
     line = _steps_per_epoch(recipe, args, len(sample), len(tokenized), getattr(sample, "total", None))
     if line:
         report.add(line)
@@ -333,11 +367,15 @@ def _steps_per_epoch(recipe: Recipe, args, sampled: int, trainable: int, total: 
     if not sampled or not trainable:
         return None
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    shape = (f"batch {args.per_device_train_batch_size} x GA {args.gradient_accumulation_steps} x "
-             f"{args.world_size} process{'es' if args.world_size > 1 else ''} = {batch}")  # fmt: skip
+    shape = (
+        f"batch {args.per_device_train_batch_size} x GA {args.gradient_accumulation_steps} x "
+        f"{args.world_size} process{'es' if args.world_size > 1 else ''} = {batch}"
+    )
     if total is None:
-        return (f"data: steps per epoch unknown (the split's size is not known here); {trainable} trainable per "
-                f"{sampled} examples sampled, at {shape} examples per step")  # fmt: skip
+        return (
+            f"data: steps per epoch unknown (the split's size is not known here); {trainable} trainable per "
+            f"{sampled} examples sampled, at {shape} examples per step"
+        )
     examples = min(total, data.max_samples or total)
     held = 0
     if data.eval_split is None and data.eval_size > 0:  # held out of the training split
@@ -346,8 +384,15 @@ def _steps_per_epoch(recipe: Recipe, args, sampled: int, trainable: int, total: 
     exact = sampled == total == examples  # the whole split was read, none of it held out
     trainable_total = trainable if exact else round(examples * trainable / sampled)
     steps = max(math.ceil(trainable_total / batch), 1)
-    how = "" if exact else (f"estimated from the first {sampled} of {total:,} examples"
-                            + (f", {held:,} held out for evaluation" if held else "") + ": ")  # fmt: skip
+    how = (
+        ""
+        if exact
+        else (
+            f"estimated from the first {sampled} of {total:,} examples"
+            + (f", {held:,} held out for evaluation" if held else "")
+            + ": "
+        )
+    )
     what = "blocks" if data.packing else "trainable examples"
     line = f"data: {how}~{trainable_total:,} {what}, {steps:,} optimizer steps per epoch at {shape}"
     if args.max_steps and args.max_steps > 0:
@@ -362,7 +407,9 @@ def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Re
     vocabularies (cross-tokenizer distillation: how well they align, instead)."""
     s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
     data = recipe.data
-    if not same_ids(student, teacher):  # the teacher reads its own tokens of the same text: hf_kd.teachers.cross_tokenizer.alignment
+    if not same_ids(
+        student, teacher
+    ):  # the teacher reads its own tokens of the same text: hf_kd.teachers.cross_tokenizer.alignment
         _report_alignment(recipe, student, teacher, sample[: data.tokenizer_check_samples], report)
         return None
     if s_vocab == t_vocab:
@@ -370,7 +417,9 @@ def _check_tokenizers(recipe: Recipe, student, teacher, sample: list, report: Re
     else:
         report.add(f"tokenizers: the student's {len(s_vocab)} tokens keep their ids among the teacher's {len(t_vocab)}")
     try:
-        report.add(f"tokenizers: {check_tokenizers_agree(student, teacher, sample[: data.tokenizer_check_samples], data)}")
+        report.add(
+            f"tokenizers: {check_tokenizers_agree(student, teacher, sample[: data.tokenizer_check_samples], data)}"
+        )
     except DataError as err:  # "tokenizers: the teacher and student tokenizers disagree ..."
         report.fail(str(err))
         return False
@@ -386,15 +435,21 @@ def _report_alignment(recipe: Recipe, student, teacher, sample: list, report: Re
 
     examples = [encode_example(example, student, recipe.data) for example in sample]
     found = alignment_summary(student, teacher, examples)
-    report.add(f"tokenizers: different vocabularies -> cross-tokenizer distillation; {found['shared_tokens']:.0f} "
-               f"tokens spelled alike ({100 * found['overlap']:.1f}% of the student's {found['student_tokens']:.0f}, "
-               f"the teacher has {found['teacher_tokens']:.0f})")  # fmt: skip
-    report.add(f"alignment: of {found['targets']:.0f} target positions in {len(sample)} sample examples, "
-               f"{100 * found['one_to_one']:.1f}% align one to one, {100 * found['in_spans']:.1f}% lie in merged spans "
-               "(the chain rule; the projection where they start or inside a teacher token), the rest align with "
-               "nothing (CE only)")  # fmt: skip
-    report.add(f"shared tokens: {100 * found['teacher_shared']:.1f}% of the teacher's target tokens on the sample are "
-               "shared (a teacher that fits the data puts about this mass there; training logs its own as shared_mass)")
+    report.add(
+        f"tokenizers: different vocabularies -> cross-tokenizer distillation; {found['shared_tokens']:.0f} "
+        f"tokens spelled alike ({100 * found['overlap']:.1f}% of the student's {found['student_tokens']:.0f}, "
+        f"the teacher has {found['teacher_tokens']:.0f})"
+    )
+    report.add(
+        f"alignment: of {found['targets']:.0f} target positions in {len(sample)} sample examples, "
+        f"{100 * found['one_to_one']:.1f}% align one to one, {100 * found['in_spans']:.1f}% lie in merged spans "
+        "(the chain rule; the projection where they start or inside a teacher token), the rest align with "
+        "nothing (CE only)"
+    )
+    report.add(
+        f"shared tokens: {100 * found['teacher_shared']:.1f}% of the teacher's target tokens on the sample are "
+        "shared (a teacher that fits the data puts about this mass there; training logs its own as shared_mass)"
+    )
 
 
 def run_check(recipe: Recipe) -> int:

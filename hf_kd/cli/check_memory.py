@@ -145,21 +145,34 @@ def estimate_memory(recipe: Recipe, args, teacher: Found, student: Found, shared
     rows = [
         (f"teacher weights ({t_bytes} B/param)", teacher.params * t_bytes),
         (student_label, student_states),
-        (f"student activations ({'checkpointed' if _checkpointing(args) else 'no checkpointing'}, "
-         f"{tokens} tokens)", activations),
+        (
+            f"student activations ({'checkpointed' if _checkpointing(args) else 'no checkpointing'}, {tokens} tokens)",
+            activations,
+        ),
         ("teacher forward (transient)", teacher_transient),
-    ]  # fmt: skip
+    ]
     if not TASKS[recipe.task].language_model:  # one logit vector per example
-        rows.append((f"classifier logits and loss ({teacher.rows} classes)", args.per_device_train_batch_size * teacher.rows * 16))
+        rows.append(
+            (
+                f"classifier logits and loss ({teacher.rows} classes)",
+                args.per_device_train_batch_size * teacher.rows * 16,
+            )
+        )
         return rows
     chunk = args.loss_chunk_size
     fused = bool(chunk) and all(lm_head_spec(f.model)[0] is not None for f in (teacher, student))
     if fused:  # per chunk: both chunks' float32 logits, the loss's buffers; plus the float32 [V, H] head gradient
         per_logit = 8 + loss_bytes_per_logit(args, torch.float32)
-        rows.append((f"loss, fused (chunks of {chunk} tokens) + float32 lm_head gradient",
-                     min(chunk, tokens) * shared_vocab * per_logit + student.rows * hidden * 4))  # fmt: skip
+        rows.append(
+            (
+                f"loss, fused (chunks of {chunk} tokens) + float32 lm_head gradient",
+                min(chunk, tokens) * shared_vocab * per_logit + student.rows * hidden * 4,
+            )
+        )
     else:
-        rows.append(("logits: student + its grad, teacher", tokens * (student.rows * act_bytes * 2 + teacher.rows * t_bytes)))
+        rows.append(
+            ("logits: student + its grad, teacher", tokens * (student.rows * act_bytes * 2 + teacher.rows * t_bytes))
+        )
         per_logit = loss_bytes_per_logit(args, torch.bfloat16 if half else torch.float32)
         rows.append(("loss buffers on full logits", tokens * shared_vocab * per_logit))
     return rows

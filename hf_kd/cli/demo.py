@@ -23,13 +23,12 @@ import time
 import numpy as np
 import torch
 
-from hf_kd.recipe.schema import DataSection
 from hf_kd.cli.synthetic import (  # noqa: F401 (the demo's task, also imported from here by the benchmarks and tests)
     FAST,
-    Settings,
+    IMPOSSIBLE_NATS,
     SPECIALS,
     SYMBOL,
-    IMPOSSIBLE_NATS,
+    Settings,
     build_tokenizer,
     make_chain,
     process_nll,
@@ -39,8 +38,7 @@ from hf_kd.cli.synthetic import (  # noqa: F401 (the demo's task, also imported 
     true_process_metrics,
     write_jsonl,
 )
-
-
+from hf_kd.recipe.schema import DataSection
 
 OBJECTIVES = {  # name -> DistillationConfig settings; alpha = 0 leaves only the CE on the sampled tokens
     "CE only": {"loss_type": "forward_kl", "alpha": 0.0},
@@ -68,10 +66,18 @@ def build_model(vocab: int, size: tuple[int, int], seq_len: int, seed: int):
 
     hidden, layers = size
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len, pad_token_id=0,
-        eos_token_id=1, bos_token_id=None, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=seq_len,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
@@ -133,11 +139,23 @@ def _args(output_dir: str, s: Settings, steps: int, seed: int, **extra):
     from hf_kd.config import DistillationConfig
 
     return DistillationConfig(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=64,
-        learning_rate=s.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
-        logging_steps=max(1, steps // 20), save_strategy="no", report_to="none", use_cpu=True, seed=seed,
-        disable_tqdm=True, dataloader_num_workers=0, **extra,
-    )  # fmt: skip
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
 
 
 # ---- the demo -------------------------------------------------------------------------------------------------------
@@ -172,8 +190,15 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
 
     # 1. the process, its samples and the tokenizer (saved and reloaded: the from_pretrained path)
     chain = make_chain(s, rng)
-    splits = {name: sample(chain, n, s.seq_len, rng) for name, n in
-              (("teacher", s.teacher_seqs), ("student", s.student_seqs), ("valid", s.valid_seqs), ("test", s.test_seqs))}  # fmt: skip
+    splits = {
+        name: sample(chain, n, s.seq_len, rng)
+        for name, n in (
+            ("teacher", s.teacher_seqs),
+            ("student", s.student_seqs),
+            ("valid", s.valid_seqs),
+            ("test", s.test_seqs),
+        )
+    }
     for name, seqs in splits.items():
         write_jsonl(os.path.join(output_dir, "data", f"{name}.jsonl"), seqs)
     build_tokenizer(s.symbols).save_pretrained(os.path.join(output_dir, "tokenizer"))
@@ -182,13 +207,22 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
         json.dump({"next_symbol_probs": chain.tolist()}, f)  # [a][b][c] = P(c | a, b): recompute the floor from it
     floor_ppl, floor_acc = true_process_metrics(chain, splits["test"])
     entropy = math.log(floor_ppl)
-    print(f"process: order-2 Markov chain, {s.symbols} symbols, {s.successors} successors per context, "
-          f"{entropy:.3f} nats/token of irreducible uncertainty on the test set")  # fmt: skip
+    print(
+        f"process: order-2 Markov chain, {s.symbols} symbols, {s.successors} successors per context, "
+        f"{entropy:.3f} nats/token of irreducible uncertainty on the test set"
+    )
 
     # prompt = the first two symbols (masked), completion = the chain's output (the targets); no EOS: length is arbitrary
     spec = DataSection(dataset="", format="prompt_completion", add_eos=False, max_length=s.seq_len)
-    data = {name: tokenize_dataset(load_raw_dataset(os.path.join(output_dir, "data", f"{name}.jsonl")), tokenizer, spec,
-                                   desc=f"Tokenizing {name}") for name in splits}  # fmt: skip
+    data = {
+        name: tokenize_dataset(
+            load_raw_dataset(os.path.join(output_dir, "data", f"{name}.jsonl")),
+            tokenizer,
+            spec,
+            desc=f"Tokenizing {name}",
+        )
+        for name in splits
+    }
     vocab = len(tokenizer)
     # the process's own samples are the test set: their NLL is the floor, their KL to the process 0
     own = process_nll(chain, splits["test"] + len(SPECIALS))
@@ -198,10 +232,23 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
     # 2. the teacher: CE on the big set
     teacher = build_model(vocab, s.teacher_size, s.seq_len, seed)
     teacher_args = _args(os.path.join(output_dir, "runs", "teacher"), s, s.teacher_steps, seed)
-    _train(Trainer, f"teacher (CE, {s.teacher_seqs} seqs)", s.teacher_steps, model=teacher, args=teacher_args,
-           train_dataset=data["teacher"], data_collator=DistillationCollator())  # fmt: skip
-    rows.append(_row(f"teacher (CE, {s.teacher_seqs} seqs)", teacher, *evaluate(teacher, data["test"]),
-                     sample=sample_quality(teacher, chain, prompts, s.seq_len, seed)))  # fmt: skip
+    _train(
+        Trainer,
+        f"teacher (CE, {s.teacher_seqs} seqs)",
+        s.teacher_steps,
+        model=teacher,
+        args=teacher_args,
+        train_dataset=data["teacher"],
+        data_collator=DistillationCollator(),
+    )
+    rows.append(
+        _row(
+            f"teacher (CE, {s.teacher_seqs} seqs)",
+            teacher,
+            *evaluate(teacher, data["test"]),
+            sample=sample_quality(teacher, chain, prompts, s.seq_len, seed),
+        )
+    )
 
     # 3. the students: one size, one init, one transfer set, one budget; only the objective differs
     curves, students = {}, {}
@@ -209,22 +256,46 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
     for name, settings in OBJECTIVES.items():
         student = build_model(vocab, s.student_size, s.seq_len, seed + 1)  # the same init for every student
         generates = settings.get("lmbda", 0) > 0 or settings.get("seq_kd", False)
-        args = _args(os.path.join(output_dir, "runs", name.replace(" ", "_")), s, s.student_steps, seed,
-                     temperature=s.temperature, eval_strategy="steps", eval_steps=eval_steps, **settings,
-                     **(generation_args(s) if generates else {}))  # fmt: skip
+        args = _args(
+            os.path.join(output_dir, "runs", name.replace(" ", "_")),
+            s,
+            s.student_steps,
+            seed,
+            temperature=s.temperature,
+            eval_strategy="steps",
+            eval_steps=eval_steps,
+            **settings,
+            **(generation_args(s) if generates else {}),
+        )
         clock = time.time()
-        trainer = _train(DistillationTrainer, f"student: {name}", s.student_steps, model=student, teacher_model=teacher,
-                         args=args, train_dataset=data["student"], eval_dataset=data["valid"],
-                         processing_class=tokenizer)  # fmt: skip
+        trainer = _train(
+            DistillationTrainer,
+            f"student: {name}",
+            s.student_steps,
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=data["student"],
+            eval_dataset=data["valid"],
+            processing_class=tokenizer,
+        )
         seconds = time.time() - clock
         logs = trainer.state.log_history
         curves[name] = [(e["step"], math.exp(e["eval_ce_loss"])) for e in logs if "eval_ce_loss" in e]
         students[name] = (student, evaluate(student, data["valid"])[0])  # the final model's validation perplexity
         best_valid = min(p for _, p in curves[name]) if curves[name] else None
         shares = [e["generation_time_share"] for e in logs if "generation_time_share" in e]
-        rows.append(_row(f"student: {name}", student, *evaluate(student, data["test"]), best_valid,
-                         sample_quality(student, chain, prompts, s.seq_len, seed), seconds,
-                         statistics.fmean(shares) if shares else None))  # fmt: skip
+        rows.append(
+            _row(
+                f"student: {name}",
+                student,
+                *evaluate(student, data["test"]),
+                best_valid,
+                sample_quality(student, chain, prompts, s.seq_len, seed),
+                seconds,
+                statistics.fmean(shares) if shares else None,
+            )
+        )
 
     # 4. report, save the best student
     best = min(students, key=lambda name: students[name][1])  # chosen on validation, never on the test set
@@ -232,8 +303,10 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
     students[best][0].save_pretrained(best_dir)
     tokenizer.save_pretrained(best_dir)
     print(format_table(rows, entropy, s))
-    print(f"best student (lowest validation perplexity): {best} -> {best_dir} (loads with "
-          "AutoModelForCausalLM.from_pretrained)")  # fmt: skip
+    print(
+        f"best student (lowest validation perplexity): {best} -> {best_dir} (loads with "
+        "AutoModelForCausalLM.from_pretrained)"
+    )
     print(plot(curves, floor_ppl, rows[1]["ppl"], os.path.join(output_dir, "valid_ppl.png")))
     results = {
         "settings": {k: v for k, v in vars(s).items()},
@@ -252,9 +325,19 @@ def _run_demo(output_dir: str, fast: bool, seed: int) -> dict:
 
 def _row(name, model, ppl, accuracy, best_valid=None, sample=None, seconds=None, generation_share=None) -> dict:
     """One line of the table and of results.json (``module`` is the model itself, left out of the JSON)."""
-    return {"model": name, "module": model, "params": _params(model), "ppl": ppl, "accuracy": accuracy,
-            "best_valid_ppl": best_valid, "sample_nll": sample["nll"], "sample_kl": sample["kl"], "sample": sample,
-            "train_seconds": seconds, "generation_time_share": generation_share}  # fmt: skip
+    return {
+        "model": name,
+        "module": model,
+        "params": _params(model),
+        "ppl": ppl,
+        "accuracy": accuracy,
+        "best_valid_ppl": best_valid,
+        "sample_nll": sample["nll"],
+        "sample_kl": sample["kl"],
+        "sample": sample,
+        "train_seconds": seconds,
+        "generation_time_share": generation_share,
+    }
 
 
 def _params(model) -> int | None:
@@ -262,32 +345,42 @@ def _params(model) -> int | None:
 
 
 def format_table(rows: list[dict], entropy: float, s: Settings) -> str:
-    header = (f"{'model':<31}{'params':>7}{'test ppl':>10}{'accuracy':>10}{'excess nats':>13}{'best valid ppl':>16}"
-              f"{'sample NLL':>12}{'sample KL':>11}")  # fmt: skip
-    title = (f"held-out test set: {s.test_seqs} sequences x {s.seq_len - 2} target tokens; students: {s.student_seqs} "
-             f"sequences, {s.student_steps} steps of {s.batch_size} sequences each")  # fmt: skip
+    header = (
+        f"{'model':<31}{'params':>7}{'test ppl':>10}{'accuracy':>10}{'excess nats':>13}{'best valid ppl':>16}"
+        f"{'sample NLL':>12}{'sample KL':>11}"
+    )
+    title = (
+        f"held-out test set: {s.test_seqs} sequences x {s.seq_len - 2} target tokens; students: {s.student_seqs} "
+        f"sequences, {s.student_steps} steps of {s.batch_size} sequences each"
+    )
     lines = [title, header]
     for row in rows:
         params = "-" if row["params"] is None else f"{row['params'] / 1e3:.0f}k"
         valid = "-" if row["best_valid_ppl"] is None else f"{row['best_valid_ppl']:.4f}"
-        lines.append(f"{row['model']:<31}{params:>7}{row['ppl']:>10.4f}{row['accuracy']:>10.4f}"
-                     f"{math.log(row['ppl']) - entropy:>13.4f}{valid:>16}{row['sample_nll']:>12.4f}"
-                     f"{row['sample_kl']:>11.4f}")  # fmt: skip
+        lines.append(
+            f"{row['model']:<31}{params:>7}{row['ppl']:>10.4f}{row['accuracy']:>10.4f}"
+            f"{math.log(row['ppl']) - entropy:>13.4f}{valid:>16}{row['sample_nll']:>12.4f}"
+            f"{row['sample_kl']:>11.4f}"
+        )
     impossible = sum(row["sample"]["impossible"] for row in rows[1:])
     notes = [
-        (f"sample NLL: the true process's NLL per token of each model's own samples (the test prompts completed at "
-         f"temperature 1); sample KL: that minus the model's own NLL of them, an estimate of KL(model || process) per "
-         f"token (0 for the process; a low NLL alone can also mean a sharper, less diverse sampler). A token the "
-         f"process cannot emit is charged {IMPOSSIBLE_NATS:.2f} nats: {impossible} of "
-         f"{sum(row['sample']['tokens'] for row in rows[1:])} sampled tokens here."),
-    ]  # fmt: skip
+        (
+            f"sample NLL: the true process's NLL per token of each model's own samples (the test prompts completed at "
+            f"temperature 1); sample KL: that minus the model's own NLL of them, an estimate of KL(model || process) per "
+            f"token (0 for the process; a low NLL alone can also mean a sharper, less diverse sampler). A token the "
+            f"process cannot emit is charged {IMPOSSIBLE_NATS:.2f} nats: {impossible} of "
+            f"{sum(row['sample']['tokens'] for row in rows[1:])} sampled tokens here."
+        ),
+    ]
     plain = [row["train_seconds"] for row in rows if row["train_seconds"] and row["generation_time_share"] is None]
     for row in rows:
         if row["generation_time_share"] is not None:
-            notes.append(f"{row['model']}: the same steps, prompts and learning rate, but each step first samples its "
-                         f"{s.batch_size} completions ({s.seq_len - 2} tokens each) from the student: "
-                         f"{row['train_seconds']:.0f} s to train ({100 * row['generation_time_share']:.0f}% of it "
-                         f"generating) vs {min(plain):.0f}-{max(plain):.0f} s for the off-policy students.")
+            notes.append(
+                f"{row['model']}: the same steps, prompts and learning rate, but each step first samples its "
+                f"{s.batch_size} completions ({s.seq_len - 2} tokens each) from the student: "
+                f"{row['train_seconds']:.0f} s to train ({100 * row['generation_time_share']:.0f}% of it "
+                f"generating) vs {min(plain):.0f}-{max(plain):.0f} s for the off-policy students."
+            )
     return "\n".join(lines + [textwrap.fill(note, width=len(header)) for note in notes])
 
 
@@ -314,12 +407,22 @@ def plot(curves: dict, floor: float, teacher: float, path: str) -> str:
     for name, points in curves.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     low, high = y_range(curves, floor, teacher)
-    for value, text, style in ((floor, "true process (floor)", dict(color="k", linestyle="--")),
-                               (teacher, "teacher", dict(color="gray", linestyle=":"))):  # fmt: skip
+    for value, text, style in (
+        (floor, "true process (floor)", dict(color="k", linestyle="--")),
+        (teacher, "teacher", dict(color="gray", linestyle=":")),
+    ):
         ax.axhline(value, label=text, **style)
         # the line's name on it, at the left edge (the students reach these levels last, at the right)
-        ax.text(0.01, value, f"{text} {value:.3f}", transform=ax.get_yaxis_transform(), ha="left", va="bottom",
-                fontsize=8, color=style["color"])  # fmt: skip
+        ax.text(
+            0.01,
+            value,
+            f"{text} {value:.3f}",
+            transform=ax.get_yaxis_transform(),
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            color=style["color"],
+        )
     ax.set_ylim(low, high)
     highest = max((ppl for points in curves.values() for _, ppl in points), default=high)
     cut = f"\n(the first evaluations lie above, up to {highest:.1f})" if highest > high else ""

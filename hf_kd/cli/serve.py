@@ -30,8 +30,12 @@ def run_serve_teacher(args) -> int:
     if args.dtype is not None:
         init_kwargs["dtype"] = args.dtype
     if args.token_file is None and not _loopback(args.host):
-        raise RecipeError(args.model, "--token-file", f"serving on {args.host} (beyond this machine) needs a token: "
-                          "write one to a file and pass --token-file FILE (clients set teacher.token_file)")  # fmt: skip
+        raise RecipeError(
+            args.model,
+            "--token-file",
+            f"serving on {args.host} (beyond this machine) needs a token: "
+            "write one to a file and pass --token-file FILE (clients set teacher.token_file)",
+        )
     token = None
     if args.token_file is not None:
         if not os.path.isfile(args.token_file):
@@ -39,9 +43,16 @@ def run_serve_teacher(args) -> int:
         with open(args.token_file, encoding="utf-8") as f:
             token = f.read().strip()
     model = load_model(name, "causal_lm", init_kwargs)
-    server = HiddenStateServer(model, name=name, tokenizer_hash=_tokenizer_hash(name), token=token,
-                               limits=Limits(args.max_request_tokens, args.max_batch_tokens, args.max_queue))  # fmt: skip
-    print(f"serving {name} at http://{args.host}:{args.port} (hidden states; Ctrl-C stops)", file=sys.stderr, flush=True)
+    server = HiddenStateServer(
+        model,
+        name=name,
+        tokenizer_hash=_tokenizer_hash(name),
+        token=token,
+        limits=Limits(args.max_request_tokens, args.max_batch_tokens, args.max_queue),
+    )
+    print(
+        f"serving {name} at http://{args.host}:{args.port} (hidden states; Ctrl-C stops)", file=sys.stderr, flush=True
+    )
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
     return 0
 

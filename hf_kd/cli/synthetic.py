@@ -35,8 +35,21 @@ class Settings:
     evals: int = 6  # validation evaluations per student run
 
 
-FAST = Settings(symbols=12, successors=4, seq_len=32, teacher_seqs=600, student_seqs=80, valid_seqs=40, test_seqs=100,
-                teacher_size=(48, 2), student_size=(32, 1), teacher_steps=60, student_steps=30, batch_size=16, evals=2)  # fmt: skip
+FAST = Settings(
+    symbols=12,
+    successors=4,
+    seq_len=32,
+    teacher_seqs=600,
+    student_seqs=80,
+    valid_seqs=40,
+    test_seqs=100,
+    teacher_size=(48, 2),
+    student_size=(32, 1),
+    teacher_steps=60,
+    student_steps=30,
+    batch_size=16,
+    evals=2,
+)
 
 
 def make_chain(s: Settings, rng: np.random.Generator) -> torch.Tensor:
@@ -97,9 +110,12 @@ def process_nll(chain: torch.Tensor, tokens: torch.Tensor, prompt_len: int = 2) 
     nll = torch.where(possible, -p.clamp_min(1e-300).log(), torch.full_like(p, IMPOSSIBLE_NATS))
     best = torch.where(context_ok, -probs.max(-1).values.log(), torch.full_like(p, IMPOSSIBLE_NATS))
     return {
-        "nll": nll.mean().item(), "impossible": int((~possible).sum()), "specials": int((~valid[:, prompt_len:]).sum()),
-        "tokens": nll.numel(), "mode_bound": best.mean().item(),
-    }  # fmt: skip
+        "nll": nll.mean().item(),
+        "impossible": int((~possible).sum()),
+        "specials": int((~valid[:, prompt_len:]).sum()),
+        "tokens": nll.numel(),
+        "mode_bound": best.mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -116,8 +132,9 @@ def token_nll(model, tokens: torch.Tensor, prompt_len: int = 2, batch_size: int 
 
 
 @torch.no_grad()
-def sample_quality(model, chain: torch.Tensor, prompts: torch.Tensor, seq_len: int, seed: int = 0, teacher=None,
-                   batch_size: int = 256) -> dict:  # fmt: skip
+def sample_quality(
+    model, chain: torch.Tensor, prompts: torch.Tensor, seq_len: int, seed: int = 0, teacher=None, batch_size: int = 256
+) -> dict:
     """How good a model's free-running samples are, scored by the process that made the data.
 
     Each prompt (``[n, 2]`` symbol ids: a test sequence's first two symbols) is completed to ``seq_len`` tokens by
@@ -130,8 +147,9 @@ def sample_quality(model, chain: torch.Tensor, prompts: torch.Tensor, seq_len: i
     from transformers import GenerationConfig
 
     # eos_token_id=[]: no stop (None would be refilled with the model's <eos> by generate, which then pads after it)
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 2,
-                              eos_token_id=[], pad_token_id=0)  # fmt: skip
+    config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 2, eos_token_id=[], pad_token_id=0
+    )
     model.eval()
     ids = prompts.long() + len(SPECIALS)
     samples = []
@@ -165,5 +183,3 @@ def build_tokenizer(symbols: int):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-

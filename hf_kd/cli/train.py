@@ -44,16 +44,28 @@ def check_output_dir(recipe: Recipe, args, resume, overwrite: bool) -> None:
     if overwrite and resume:
         raise RecipeError(recipe.path, key, "--overwrite_output_dir and --resume_from_checkpoint contradict each other")
     if finished and not overwrite:
-        raise RecipeError(recipe.path, key, f"{out} already holds a finished run ({COMPLETE_MARKER}); choose another "
-                                            "--output_dir, or pass --overwrite_output_dir to replace it")  # fmt: skip
+        raise RecipeError(
+            recipe.path,
+            key,
+            f"{out} already holds a finished run ({COMPLETE_MARKER}); choose another "
+            "--output_dir, or pass --overwrite_output_dir to replace it",
+        )
     if checkpoints and not resume and not overwrite:
-        raise RecipeError(recipe.path, key, f"{out} holds checkpoints of an unfinished run (last: "
-                          f"{os.path.basename(checkpoints[-1])}); pass --resume_from_checkpoint true to continue it, or "
-                          "--overwrite_output_dir to start over")  # fmt: skip
+        raise RecipeError(
+            recipe.path,
+            key,
+            f"{out} holds checkpoints of an unfinished run (last: "
+            f"{os.path.basename(checkpoints[-1])}); pass --resume_from_checkpoint true to continue it, or "
+            "--overwrite_output_dir to start over",
+        )
     for section in (recipe.student, recipe.teacher):  # saving there would overwrite the model the run started from
         if os.path.isdir(section.name_or_path) and os.path.realpath(section.name_or_path) == os.path.realpath(out):
-            raise RecipeError(recipe.path, key, f"{out} is the {'student' if section is recipe.student else 'teacher'}'s "
-                              "own model directory: training would overwrite it; choose another output_dir")  # fmt: skip
+            raise RecipeError(
+                recipe.path,
+                key,
+                f"{out} is the {'student' if section is recipe.student else 'teacher'}'s "
+                "own model directory: training would overwrite it; choose another output_dir",
+            )
     if resume is True and not checkpoints:
         raise RecipeError(recipe.path, "training.resume_from_checkpoint", f"no checkpoint-* in {out} to resume from")
     if isinstance(resume, str) and not os.path.isdir(resume):
@@ -87,7 +99,9 @@ def _without_secrets(value, where: str, dropped: list[str]):
 
     if isinstance(value, dict):
         dropped += [f"{where}{key}" for key in value if is_secret_key(key)]
-        return {key: _without_secrets(v, f"{where}{key}.", dropped) for key, v in value.items() if not is_secret_key(key)}
+        return {
+            key: _without_secrets(v, f"{where}{key}.", dropped) for key, v in value.items() if not is_secret_key(key)
+        }
     if isinstance(value, list):
         return [_without_secrets(v, where, dropped) for v in value]
     return value
@@ -112,9 +126,11 @@ def save_resolved_recipe(recipe: Recipe, output_dir: str) -> str:
     if "teacher_cache" in training:  # a --teacher_cache override
         training["teacher_cache"] = _absolute(training["teacher_cache"])
     path = os.path.join(output_dir, RESOLVED_RECIPE)
-    header = (f"# The recipe of the run in this directory, as `hf-kd train` resolved it from {recipe.path} (command-line "
-              f"overrides applied, local paths absolute).\n# Resume the run with: hf-kd train "
-              f"{shlex.quote(os.path.abspath(path))} --resume_from_checkpoint true\n")  # fmt: skip
+    header = (
+        f"# The recipe of the run in this directory, as `hf-kd train` resolved it from {recipe.path} (command-line "
+        f"overrides applied, local paths absolute).\n# Resume the run with: hf-kd train "
+        f"{shlex.quote(os.path.abspath(path))} --resume_from_checkpoint true\n"
+    )
     if dropped:
         header += f"# Left out (secrets): {', '.join(dropped)}; pass them again on the command line (--key value).\n"
     os.makedirs(output_dir, exist_ok=True)
@@ -138,8 +154,12 @@ def load_tokenizer(recipe: Recipe, name: str, key: str):
 
     tokenizer = _load(AutoTokenizer.from_pretrained, name, key, recipe)
     if is_empty_tokenizer(tokenizer):
-        raise RecipeError(recipe.path, key, f"{name} holds no tokenizer files (transformers built an empty tokenizer: "
-                          f"{len(tokenizer)} special tokens, no vocabulary); set {key} to one that has them")  # fmt: skip
+        raise RecipeError(
+            recipe.path,
+            key,
+            f"{name} holds no tokenizer files (transformers built an empty tokenizer: "
+            f"{len(tokenizer)} special tokens, no vocabulary); set {key} to one that has them",
+        )
     return tokenizer
 
 
@@ -156,19 +176,27 @@ def load_student(recipe: Recipe):
     if recipe.task == "classification" and recipe.teacher.name_or_path != SELF_TEACHER:
         # a base checkpoint (google/bert_uncased_L-4_H-256_A-4) gets a new head with the teacher's classes, in its order
         teacher = _load(AutoConfig.from_pretrained, recipe.teacher.name_or_path, "teacher.name_or_path", recipe)
-        kwargs = {"num_labels": teacher.num_labels, "id2label": teacher.id2label, "label2id": teacher.label2id, **kwargs}
+        kwargs = {
+            "num_labels": teacher.num_labels,
+            "id2label": teacher.id2label,
+            "label2id": teacher.label2id,
+            **kwargs,
+        }
         # a student fine-tuned on other classes: its head is re-initialized for the teacher's (transformers warns)
         kwargs.setdefault("ignore_mismatched_sizes", True)
-    return _load(load_model, section.name_or_path, "student.name_or_path", recipe, task=recipe.task,
-                 init_kwargs=kwargs)  # fmt: skip
+    return _load(load_model, section.name_or_path, "student.name_or_path", recipe, task=recipe.task, init_kwargs=kwargs)
 
 
 def check_labels(recipe: Recipe, datasets: dict, num_labels: int) -> None:
     """Classification: every label is a class of the model (a string or out-of-range label fails here, not in CUDA)."""
     for key, dataset in datasets.items():
         if dataset is not None and len(dataset) and max(dataset["labels"]) >= num_labels:
-            raise RecipeError(recipe.path, "data.label_field", f"{key} data has label {max(dataset['labels'])}, but the "
-                              f"teacher has {num_labels} classes (labels are 0..{num_labels - 1})")  # fmt: skip
+            raise RecipeError(
+                recipe.path,
+                "data.label_field",
+                f"{key} data has label {max(dataset['labels'])}, but the "
+                f"teacher has {num_labels} classes (labels are 0..{num_labels - 1})",
+            )
 
 
 # DistillationConfig field (or trainer argument) -> where a recipe sets it; any other field sits under training:
@@ -278,9 +306,9 @@ def _end_progress_bars() -> None:
 
 def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     """Train the recipe's student; returns the metrics written to ``training_complete.json``."""
-    from hf_kd.models.adapters import SELF_TEACHER
-    from hf_kd.errors import SetupError
     from hf_kd.data import prepare_datasets
+    from hf_kd.errors import SetupError
+    from hf_kd.models.adapters import SELF_TEACHER
     from hf_kd.training.trainer import DistillationTrainer
 
     args = recipe.training_args()
@@ -302,11 +330,19 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
     if teacher_tokenizer is not None and not same_ids(tokenizer, teacher_tokenizer):
         teacher_tokenizer = None  # another vocabulary: the trainer aligns the two tokenizations (hf_kd.teachers.cross_tokenizer.alignment)
     with args.main_process_first(desc="dataset preparation"):  # rank 0 tokenizes and caches, the others reuse it
-        train_dataset, eval_dataset = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed,
-                                                       every_batch_generated=args.every_batch_generated,
-                                                       generates=args.generates)  # fmt: skip
-    logger.info("train: %d examples%s", len(train_dataset),
-                f", eval: {len(eval_dataset)} examples" if eval_dataset is not None else "")  # fmt: skip
+        train_dataset, eval_dataset = prepare_datasets(
+            recipe.data,
+            tokenizer,
+            teacher_tokenizer,
+            seed=args.seed,
+            every_batch_generated=args.every_batch_generated,
+            generates=args.generates,
+        )
+    logger.info(
+        "train: %d examples%s",
+        len(train_dataset),
+        f", eval: {len(eval_dataset)} examples" if eval_dataset is not None else "",
+    )
 
     student = load_student(recipe)
     if recipe.task == "classification":
@@ -385,8 +421,11 @@ def train_command(recipe: Recipe, overwrite: bool) -> int:
         out = recipe.training_args(check_hardware=False).output_dir
         checkpoints = _checkpoints(out)
         command = f"hf-kd train {shlex.quote(save_resolved_recipe(recipe, out))}"
-        where = (f"the last checkpoint is {checkpoints[-1]}; resume with: {command} --resume_from_checkpoint true"
-                 if checkpoints else f"no checkpoint yet; start again with: {command}")  # fmt: skip
+        where = (
+            f"the last checkpoint is {checkpoints[-1]}; resume with: {command} --resume_from_checkpoint true"
+            if checkpoints
+            else f"no checkpoint yet; start again with: {command}"
+        )
         print(f"error: {recipe.path}: training stopped: {err}; {where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -396,12 +435,18 @@ def train_command(recipe: Recipe, overwrite: bool) -> int:
         # the recipe as this command resolved it: resuming with the original file would drop the overrides
         command = f"hf-kd train {shlex.quote(save_resolved_recipe(recipe, out))}"
         if os.path.exists(os.path.join(out, COMPLETE_MARKER)):  # --overwrite_output_dir had not cleared it yet
-            print(f"interrupted before training started; start again with: {command} --overwrite_output_dir",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"interrupted before training started; start again with: {command} --overwrite_output_dir",
+                file=sys.stderr,
+            )
         elif checkpoints:
-            print(f"interrupted: the last checkpoint is {checkpoints[-1]}; resume with: {command} "
-                  "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
+            print(
+                f"interrupted: the last checkpoint is {checkpoints[-1]}; resume with: {command} "
+                "--resume_from_checkpoint true",
+                file=sys.stderr,
+            )
         else:
-            print(f"interrupted before the first checkpoint (none in {out}); start again with: {command}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"interrupted before the first checkpoint (none in {out}); start again with: {command}", file=sys.stderr
+            )
         return 130

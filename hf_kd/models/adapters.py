@@ -49,8 +49,12 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
     return list(targets) if targets else "all-linear"
 
 
-def wrap_student(model: nn.Module, peft_config, gradient_checkpointing: bool = False,
-                 gradient_checkpointing_kwargs: dict | None = None):
+def wrap_student(
+    model: nn.Module,
+    peft_config,
+    gradient_checkpointing: bool = False,
+    gradient_checkpointing_kwargs: dict | None = None,
+):
     """``model`` with the adapters of ``peft_config`` (e.g. a ``LoraConfig``): a ``PeftModel`` whose base weights are
     frozen and only the adapters train. The base weights are ``model``'s own tensors, not a copy.
 
@@ -84,8 +88,13 @@ def wrap_student(model: nn.Module, peft_config, gradient_checkpointing: bool = F
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         model = get_peft_model(model, peft_config)
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("PEFT student: %d of %d parameters train (%.3f%%), targets %s", trainable, total,
-                100 * trainable / max(total, 1), getattr(peft_config, "target_modules", None))  # fmt: skip
+    logger.info(
+        "PEFT student: %d of %d parameters train (%.3f%%), targets %s",
+        trainable,
+        total,
+        100 * trainable / max(total, 1),
+        getattr(peft_config, "target_modules", None),
+    )
     return model
 
 

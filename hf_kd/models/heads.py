@@ -11,13 +11,22 @@ from torch import nn
 
 from hf_kd.models.loading import unwrap
 
-
 # model_type -> how its *ForCausalLM.forward turns the final (post-norm) hidden state into logits, read off
 # transformers 5.23's modeling files. Anything else (Granite divides by logits_scaling, MiniCPM3 scales the hidden
 # state, FalconH1 multiplies by lm_head_multiplier, ...) falls back to full logits rather than risk a wrong loss.
 _PLAIN_HEADS = {
-    "gemma", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3",
-}  # fmt: skip
+    "gemma",
+    "llama",
+    "mistral",
+    "mixtral",
+    "olmo2",
+    "phi3",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "smollm3",
+}
 _SOFTCAPPED_HEADS = {"gemma2", "gemma3_text"}  # cap * tanh(lm_head(h) / cap), cap = config.final_logit_softcapping
 _SCALED_HEADS = {"cohere", "cohere2"}  # lm_head(h) * config.logit_scale
 

@@ -75,13 +75,37 @@ class Task:
 TASKS = {
     task.name: task
     for task in (
-        Task("causal_lm", "AutoModelForCausalLM", True, "CAUSAL_LM", "text-generation",
-             ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",), language_model=True),
-        Task("classification", "AutoModelForSequenceClassification", False, "SEQ_CLS", "text-classification",
-             ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
-              "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"), per_example=True),
-        Task("token_classification", "AutoModelForTokenClassification", False, "TOKEN_CLS", "token-classification",
-             ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",), labels_required=True),
+        Task(
+            "causal_lm",
+            "AutoModelForCausalLM",
+            True,
+            "CAUSAL_LM",
+            "text-generation",
+            ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",),
+            language_model=True,
+        ),
+        Task(
+            "classification",
+            "AutoModelForSequenceClassification",
+            False,
+            "SEQ_CLS",
+            "text-classification",
+            (
+                "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+                "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+            ),
+            per_example=True,
+        ),
+        Task(
+            "token_classification",
+            "AutoModelForTokenClassification",
+            False,
+            "TOKEN_CLS",
+            "token-classification",
+            ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",),
+            labels_required=True,
+        ),
     )
-}  # fmt: skip
+}
 DEFAULT_TASK = "causal_lm"  # what a recipe or a card assumes when no task is named

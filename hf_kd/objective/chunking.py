@@ -110,8 +110,14 @@ class LogitRows:
     as 0. Full logits are read through it chunk by chunk: a mask applied up front would copy ``[N, V]`` once more.
     """
 
-    def __init__(self, rows: torch.Tensor, head: LMHeadSpec | None, dtype: torch.dtype, vocab: int,
-                 kept: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        head: LMHeadSpec | None,
+        dtype: torch.dtype,
+        vocab: int,
+        kept: torch.Tensor | None = None,
+    ):
         self.rows, self.head, self.dtype, self.vocab, self.kept = rows, head, dtype, vocab, kept
         self.count = rows.shape[0] if kept is None else kept.shape[0]  # rows the chunk loop runs over
         self.weight = self.bias = None  # as the matmul takes them; rows past vocab are never needed (logits are cut)
@@ -225,8 +231,16 @@ class Totals(NamedTuple):
     extras: dict[str, torch.Tensor]  # a divergence's extra sums, detached
 
 
-def run(student: LogitRows, source: Source | None, labels, plan: ChunkPlan, divergence: Divergence, denominator, *,
-        offset: torch.Tensor | None = None) -> Totals:  # fmt: skip
+def run(
+    student: LogitRows,
+    source: Source | None,
+    labels,
+    plan: ChunkPlan,
+    divergence: Divergence,
+    denominator,
+    *,
+    offset: torch.Tensor | None = None,
+) -> Totals:
     """The normalized loss of prepared inputs, chunk by chunk.
 
     ``student``'s kept rows are the rows the loss sums over (masked rows dropped before any matmul), ``source`` makes

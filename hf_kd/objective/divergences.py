@@ -76,8 +76,9 @@ class Divergence:
     uses_log_probs: ClassVar[bool] = True  # False: per_row reads only the raw logits (no log_softmax is made for it)
     knobs: ClassVar[dict[str, str]] = {}  # parameter -> the Objective field that sets it by default
 
-    def per_row(self, log_p_s: torch.Tensor, log_p_t: torch.Tensor, student: torch.Tensor,
-                teacher: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def per_row(
+        self, log_p_s: torch.Tensor, log_p_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor
+    ) -> torch.Tensor:
         """``[N]`` from ``[N, V]`` log-probabilities at T (``log_p_t`` detached) and the raw logits they came from."""
         raise NotImplementedError
 
@@ -101,7 +102,9 @@ def register_divergence(cls: type[Divergence]) -> type[Divergence]:
     if not (isinstance(cls, type) and issubclass(cls, Divergence) and cls.name):
         raise TypeError("register_divergence takes a Divergence subclass with a name")
     if DIVERGENCES.get(cls.name, cls) is not cls:
-        raise ValueError(f"a divergence named {cls.name!r} is registered already ({DIVERGENCES[cls.name].__qualname__})")
+        raise ValueError(
+            f"a divergence named {cls.name!r} is registered already ({DIVERGENCES[cls.name].__qualname__})"
+        )
     DIVERGENCES[cls.name] = cls
     return cls
 

@@ -23,11 +23,11 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from hf_kd.models.heads import LMHeadSpec, finish_logits, lm_head_spec  # noqa: F401 (re-export)
 from hf_kd.objective.chunking import CHUNK_SIZE, SOURCES, ChunkPlan, ChunkTeacher, LogitRows, Scratch, kept_rows, run
 from hf_kd.objective.losses import Objective, check_label_ids, check_labels, normalizer, target_rows
-from hf_kd.objective.sparse import check_cache_shapes, sparse_weights
-from hf_kd.models.heads import LMHeadSpec, finish_logits, lm_head_spec  # noqa: F401 (re-export)
 from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK
+from hf_kd.objective.sparse import check_cache_shapes, sparse_weights
 
 
 def fused_distillation_loss(
@@ -86,15 +86,29 @@ def fused_distillation_loss(
         norm), measured in ``tests/test_mixed_precision.py``.
     """
     if objective is None:  # the keyword form: the same objective, spelled out
-        objective = Objective(loss_type, temperature, alpha, jsd_beta, skew_lambda, scale_by_temperature, ignore_index,
-                              divergence_params or {})  # fmt: skip
+        objective = Objective(
+            loss_type,
+            temperature,
+            alpha,
+            jsd_beta,
+            skew_lambda,
+            scale_by_temperature,
+            ignore_index,
+            divergence_params or {},
+        )
     s_head = LMHeadSpec(student_weight, student_bias, student_softcap, student_logit_scale)
     t_head = LMHeadSpec(teacher_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
     student, teacher = StudentHidden(student_hidden, s_head), TeacherHidden(teacher_hidden, t_head)
     return fused_objective(
-        student, teacher, labels, objective, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
-        vocab_size=vocab_size, return_components=return_components,
-    )  # fmt: skip
+        student,
+        teacher,
+        labels,
+        objective,
+        num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
+        return_components=return_components,
+    )
 
 
 def fused_sparse_distillation_loss(
@@ -130,14 +144,28 @@ def fused_sparse_distillation_loss(
     and gradients as the sparse loss on full logits, without ever holding ``[N, V]``.
     """
     if objective is None:  # the keyword form: the same objective, spelled out
-        objective = Objective(loss_type, temperature, alpha, jsd_beta, skew_lambda, scale_by_temperature, ignore_index,
-                              divergence_params or {})  # fmt: skip
+        objective = Objective(
+            loss_type,
+            temperature,
+            alpha,
+            jsd_beta,
+            skew_lambda,
+            scale_by_temperature,
+            ignore_index,
+            divergence_params or {},
+        )
     s_head = LMHeadSpec(student_weight, student_bias, student_softcap, student_logit_scale)
     student, teacher = StudentHidden(student_hidden, s_head), TeacherTopK(topk_ids, topk_logprobs, tail_logprob)
     return fused_objective(
-        student, teacher, labels, objective, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
-        vocab_size=vocab_size, return_components=return_components,
-    )  # fmt: skip
+        student,
+        teacher,
+        labels,
+        objective,
+        num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+        vocab_size=vocab_size,
+        return_components=return_components,
+    )
 
 
 def fused_objective(
@@ -372,4 +400,3 @@ def _forward_kl_closed_form(
     if c:
         grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((rows, 1), -c))
     return divergence, ce, grad
-

@@ -48,8 +48,15 @@ def per_position_divergence(
     Returns:
         ``[N]`` tensor: ``sum_k weights[k] * divergence_k`` for each position.
     """
-    objective = Objective(dict(weights), temperature, 1.0, jsd_beta, skew_lambda, scale_by_temperature,
-                          divergence_params=divergence_params or {})  # fmt: skip
+    objective = Objective(
+        dict(weights),
+        temperature,
+        1.0,
+        jsd_beta,
+        skew_lambda,
+        scale_by_temperature,
+        divergence_params=divergence_params or {},
+    )
     return objective.divergence(student_logits, teacher_logits)
 
 
@@ -108,8 +115,10 @@ class Objective:
         params = dict(self.divergence_params or {})
         for name, values in params.items():
             if name not in weights or not isinstance(values, Mapping):
-                raise ValueError(f"divergence_params: {name!r} must be a {{parameter: value}} map of a divergence "
-                                 f"in loss_type ({', '.join(weights)})")  # fmt: skip
+                raise ValueError(
+                    f"divergence_params: {name!r} must be a {{parameter: value}} map of a divergence "
+                    f"in loss_type ({', '.join(weights)})"
+                )
         knobs = {"jsd_beta": self.jsd_beta, "skew_lambda": self.skew_lambda}
         divergences = {name: DIVERGENCES[name].configured(dict(params.get(name, {})), knobs) for name in weights}
         object.__setattr__(self, "weights", MappingProxyType(weights))
@@ -122,11 +131,15 @@ class Objective:
     def loss_kwargs(self) -> dict:
         """The keyword arguments of the public loss functions that reproduce this objective."""
         return {
-            "loss_type": dict(self.weights), "temperature": self.temperature, "alpha": self.alpha,
-            "jsd_beta": self.jsd_beta, "skew_lambda": self.skew_lambda,
-            "scale_by_temperature": self.scale_by_temperature, "ignore_index": self.ignore_index,
+            "loss_type": dict(self.weights),
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "jsd_beta": self.jsd_beta,
+            "skew_lambda": self.skew_lambda,
+            "scale_by_temperature": self.scale_by_temperature,
+            "ignore_index": self.ignore_index,
             "divergence_params": {name: dict(values) for name, values in self.divergence_params.items()},
-        }  # fmt: skip
+        }
 
     @property
     def temperature_scale(self) -> float:
@@ -249,8 +262,16 @@ def distillation_loss(
         ``(total, divergence, ce)`` where ``total == alpha * divergence + (1 - alpha) * ce``.
     """
     if objective is None:  # the keyword form: the same objective, spelled out
-        objective = Objective(loss_type, temperature, alpha, jsd_beta, skew_lambda, scale_by_temperature, ignore_index,
-                              divergence_params or {})  # fmt: skip
+        objective = Objective(
+            loss_type,
+            temperature,
+            alpha,
+            jsd_beta,
+            skew_lambda,
+            scale_by_temperature,
+            ignore_index,
+            divergence_params or {},
+        )
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have "
@@ -271,13 +292,17 @@ def distillation_loss(
 
     denominator = normalizer(count, num_items_in_batch, device=student.device, dtype=dtype)
 
-    with torch.set_grad_enabled(torch.is_grad_enabled() and objective.alpha > 0):  # alpha = 0: CE only, divergence is logged
+    with torch.set_grad_enabled(
+        torch.is_grad_enabled() and objective.alpha > 0
+    ):  # alpha = 0: CE only, divergence is logged
         divergence = objective.divergence(student, teacher).sum() / denominator
 
     ce = None
     if objective.needs_ce(labels is not None, return_components):
         check_label_ids(flat_labels, vocab, objective.ignore_index)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and objective.alpha < 1):  # monitoring-only CE keeps no graph
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and objective.alpha < 1
+        ):  # monitoring-only CE keeps no graph
             ce = F.cross_entropy(student, flat_labels, reduction="sum") / denominator
     total = objective.combine(divergence, ce)
     if return_components:

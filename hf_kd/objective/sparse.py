@@ -132,8 +132,16 @@ def sparse_distillation_loss(
         teacher whose log-softmax the cache holds, in value and gradient.
     """
     if objective is None:  # the keyword form: the same objective, spelled out
-        objective = Objective(loss_type, temperature, alpha, jsd_beta, skew_lambda, scale_by_temperature, ignore_index,
-                              divergence_params or {})  # fmt: skip
+        objective = Objective(
+            loss_type,
+            temperature,
+            alpha,
+            jsd_beta,
+            skew_lambda,
+            scale_by_temperature,
+            ignore_index,
+            divergence_params or {},
+        )
     sparse_weights(objective.weights)  # refuses mse
     positions = student_logits.shape[:-1]
     check_cache_shapes(positions, topk_ids, topk_logprobs, tail_logprob)
@@ -157,14 +165,18 @@ def sparse_distillation_loss(
     if ((ids < 0) | (ids >= vocab)).any():
         raise ValueError(f"topk_ids: ids must be in [0, {vocab}), the student's vocabulary")
     log_p = torch.log_softmax(student, dim=-1)  # one [N, V] log-softmax, shared by the buckets and the CE
-    with torch.set_grad_enabled(torch.is_grad_enabled() and objective.alpha > 0):  # alpha = 0: CE only, divergence is logged
+    with torch.set_grad_enabled(
+        torch.is_grad_enabled() and objective.alpha > 0
+    ):  # alpha = 0: CE only, divergence is logged
         # per_position_divergence applies log_softmax(buckets / T) to both: temperature on the k + 1 buckets
         divergence = objective.divergence(student_bucket_log_probs(log_p, ids), teacher).sum() / denominator
 
     ce = None
     if objective.needs_ce(labels is not None, return_components):
         check_label_ids(flat_labels, vocab, objective.ignore_index)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and objective.alpha < 1):  # monitoring-only CE keeps no graph
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and objective.alpha < 1
+        ):  # monitoring-only CE keeps no graph
             ce = -log_p.gather(-1, flat_labels.unsqueeze(-1)).sum() / denominator
     total = objective.combine(divergence, ce)
     if return_components:

@@ -35,21 +35,36 @@ def objective_terms(
     ``shared_mass``). ``vocab_size`` cuts both sides to a shared prefix; ``chunk_size``: rows per chunk (fused)."""
     chunk_size = chunk_size or CHUNK_SIZE
     if hasattr(teacher, "terms"):  # a signal of its own kind: it knows its loss
-        return teacher.terms(student, labels, objective, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
-                             vocab_size=vocab_size)  # fmt: skip
+        return teacher.terms(
+            student,
+            labels,
+            objective,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=chunk_size,
+            vocab_size=vocab_size,
+        )
     names = ("loss", "distill_loss", "ce_loss")
     return dict(zip(names, _terms(student, teacher, labels, objective, num_items_in_batch, chunk_size, vocab_size)))
 
 
 def _terms(student, teacher, labels, objective, num_items_in_batch, chunk_size, vocab_size):
     if isinstance(student, StudentHidden):
-        return fused_objective(student, teacher, labels, objective, num_items_in_batch=num_items_in_batch,
-                               chunk_size=chunk_size, vocab_size=vocab_size, return_components=True)  # fmt: skip
+        return fused_objective(
+            student,
+            teacher,
+            labels,
+            objective,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=chunk_size,
+            vocab_size=vocab_size,
+            return_components=True,
+        )
     kwargs = {**objective.loss_kwargs(), "num_items_in_batch": num_items_in_batch, "return_components": True}
     student = student[..., :vocab_size]  # padded vocabularies: the shared prefix (vocab_size None keeps all)
     if isinstance(teacher, TeacherTopK):
-        return sparse_distillation_loss(student, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob,
-                                        labels, **kwargs)  # fmt: skip
+        return sparse_distillation_loss(
+            student, teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logprob, labels, **kwargs
+        )
     teacher_logits = teacher.logits if isinstance(teacher, TeacherLogits) else full_logits(teacher.hidden, teacher.head)
     return distillation_loss(student, teacher_logits[..., :vocab_size], labels, **kwargs)
 

@@ -27,21 +27,21 @@ from typing import Any
 import yaml
 
 from hf_kd.recipe.schema import (  # noqa: F401 (DATA_EXTENSIONS ... loads_teacher_model: importable from here too)
+    BUILT_IN_TEACHERS,
     DATA_EXTENSIONS,
     DATA_FORMATS,
-    BUILT_IN_TEACHERS,
+    RECIPE_TASKS,
     DataSection,
     ModelSection,
     RecipeError,
-    loads_teacher_model,
-    RECIPE_TASKS,
-    type_name,
-    reject_unknown,
-    coerce,
-    section_of,
-    check_model,
     check_data,
+    check_model,
+    coerce,
+    loads_teacher_model,
+    reject_unknown,
+    section_of,
     takes_text,
+    type_name,
     yaml_value,
 )
 from hf_kd.recipe.training import (
@@ -93,9 +93,10 @@ class Recipe:
             "teacher_model_name_or_path": self.teacher.name_or_path,
             "teacher_model_init_kwargs": init_kwargs or None,
             # the teacher's own tokenizer: a different one means cross-tokenizer distillation (hf_kd.teachers.cross_tokenizer.alignment)
-            "teacher_tokenizer_name_or_path": None if self.teacher.name_or_path == "self" else (
-                self.teacher.tokenizer or (self.teacher.name_or_path if loads_teacher_model(self.teacher) else None)),
-        }  # fmt: skip
+            "teacher_tokenizer_name_or_path": None
+            if self.teacher.name_or_path == "self"
+            else (self.teacher.tokenizer or (self.teacher.name_or_path if loads_teacher_model(self.teacher) else None)),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,7 +117,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = str(path)
     section_overrides, training_flags = split_overrides(path, overrides or [])
     if os.path.isdir(path):
-        raise RecipeError(path, "recipe", "is a directory; give the recipe's .yaml file (e.g. recipes/qwen3-8b-to-0.6b.yaml)")
+        raise RecipeError(
+            path, "recipe", "is a directory; give the recipe's .yaml file (e.g. recipes/qwen3-8b-to-0.6b.yaml)"
+        )
     if not os.path.isfile(path):
         raise RecipeError(path, "recipe", "no such file")
     try:
@@ -155,7 +158,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
     training = raw.get("training") or {}
     if not isinstance(training, dict):
-        raise RecipeError(path, "training", f"expected a mapping of DistillationConfig fields, got {type_name(training)}")
+        raise RecipeError(
+            path, "training", f"expected a mapping of DistillationConfig fields, got {type_name(training)}"
+        )
     peft = raw.get("peft")
     # every name first (cached names: no heavy import), then the values
     check_training_keys(path, training)
@@ -164,8 +169,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         reject_unknown(path, "peft.", peft, _peft_fields())
     training = coerce_training(path, training)
     training.update(parse_overrides(path, training_flags))  # the command line wins over the YAML
-    for key in ("teacher_model_name_or_path", "teacher_model_init_kwargs", "teacher_tokenizer_name_or_path",
-                "teacher_kind", "teacher_options"):
+    for key in (
+        "teacher_model_name_or_path",
+        "teacher_model_init_kwargs",
+        "teacher_tokenizer_name_or_path",
+        "teacher_kind",
+        "teacher_options",
+    ):
         if key in training:
             raise RecipeError(path, f"training.{key}", "set the teacher in the teacher: section instead")
     if not training.get("output_dir"):
@@ -181,8 +191,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if peft is not None:
         recipe.peft = _check_peft(path, peft)
     if teacher.name_or_path == "self" and recipe.peft is None:
-        raise RecipeError(path, "teacher.name_or_path", "'self' (the student's base model, adapters disabled) needs a "
-                                                         "peft section: without adapters teacher and student are one model")  # fmt: skip
+        raise RecipeError(
+            path,
+            "teacher.name_or_path",
+            "'self' (the student's base model, adapters disabled) needs a "
+            "peft section: without adapters teacher and student are one model",
+        )
     return recipe
 
 
@@ -205,8 +219,12 @@ def _mixture_section(path: str, raw: dict) -> dict:
         section = section_of(path, f"teachers[{index}]", member, ModelSection)
         check_model(path, "teacher", section)
         if section.server != "hf_kd":
-            raise RecipeError(path, f"teachers[{index}].server", "a mixture mixes full distributions; a vLLM "
-                              "teacher sends top-k log-probabilities (serve it with hf-kd serve-teacher)")  # fmt: skip
+            raise RecipeError(
+                path,
+                f"teachers[{index}].server",
+                "a mixture mixes full distributions; a vLLM "
+                "teacher sends top-k log-probabilities (serve it with hf-kd serve-teacher)",
+            )
         spec = {k: v for k, v in dataclasses.asdict(section).items() if v not in (None, {})}
         spec.pop("server"), spec.pop("top_k")  # the defaults of a served teacher: hf-kd serve-teacher
         if "dtype" in spec:  # as for one teacher: a from_pretrained keyword
@@ -245,11 +263,17 @@ def _peft_fields() -> list[str]:
 def _check_task(path: str, recipe: Recipe) -> None:
     task, data_format = recipe.task, recipe.data.format
     if task not in RECIPE_TASKS:
-        raise RecipeError(path, "training.task", f"{task!r} is not available in recipes ({', '.join(RECIPE_TASKS)}); "
-                                                 "use DistillationTrainer from Python")  # fmt: skip
+        raise RecipeError(
+            path,
+            "training.task",
+            f"{task!r} is not available in recipes ({', '.join(RECIPE_TASKS)}); use DistillationTrainer from Python",
+        )
     if task == "classification" and data_format != "classification":
-        raise RecipeError(path, "data.format", "training.task classification reads a text and a label per example: "
-                                               "set data.format: classification")  # fmt: skip
+        raise RecipeError(
+            path,
+            "data.format",
+            "training.task classification reads a text and a label per example: set data.format: classification",
+        )
     if task != "classification" and data_format == "classification":
         raise RecipeError(path, "training.task", "data.format classification needs training.task: classification")
     if data_format == "classification" and recipe.data.packing:

@@ -190,8 +190,12 @@ def check_model(path: str, name: str, model: ModelSection) -> None:
         return  # a served teacher: nothing local to check
     if name == "teacher" and model.kind is not None:
         if not re.fullmatch(r"([\w.]+:)?\w+", model.kind):
-            raise RecipeError(path, "teacher.kind", f"{model.kind!r} is not a kind: built in: "
-                              f"{', '.join(BUILT_IN_TEACHERS)}, or 'your.module:kind' for a kind of your own")  # fmt: skip
+            raise RecipeError(
+                path,
+                "teacher.kind",
+                f"{model.kind!r} is not a kind: built in: "
+                f"{', '.join(BUILT_IN_TEACHERS)}, or 'your.module:kind' for a kind of your own",
+            )
         if not isinstance(model.options, dict):
             raise RecipeError(path, "teacher.options", "expected a mapping of the teacher kind's settings")
         if not loads_teacher_model(model):
@@ -232,7 +236,9 @@ def check_data(path: str, data: DataSection) -> None:
     if data.max_length < 2:
         raise RecipeError(path, "data.max_length", f"must be >= 2 (one input and one target), got {data.max_length}")
     if data.eval_size < 0 or (data.eval_size >= 1 and not float(data.eval_size).is_integer()):
-        raise RecipeError(path, "data.eval_size", f"must be a fraction in [0, 1) or a whole number, got {data.eval_size}")
+        raise RecipeError(
+            path, "data.eval_size", f"must be a fraction in [0, 1) or a whole number, got {data.eval_size}"
+        )
     if data.eval_split is not None and data.eval_size > 0:
         raise RecipeError(path, "data.eval_size", "give eval_split or eval_size, not both")
     for key in ("max_samples", "max_eval_samples", "num_proc", "tokenizer_check_samples"):

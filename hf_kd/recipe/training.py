@@ -198,7 +198,9 @@ def _coerce_training_value(value: Any, action: argparse.Action, hint: Any) -> An
     if isinstance(value, (dict, list)):
         if isinstance(value, allowed):
             return value
-        raise ValueError(f"expected {' or '.join(a.__name__ for a in allowed if a is not type(None))}, got {type_name(value)}")
+        raise ValueError(
+            f"expected {' or '.join(a.__name__ for a in allowed if a is not type(None))}, got {type_name(value)}"
+        )
     if isinstance(value, (bool, int, float)) and str in allowed:
         return str(value)  # e.g. `resume_from_checkpoint: true`, `run_name: 7`
     raise ValueError(f"unexpected {type_name(value)} {value!r}")
@@ -257,11 +259,15 @@ def check_override_flags(path: str, argv: list[str]) -> None:
             continue
         owners = _section_keys().get(name.lstrip("-"))
         if owners:
-            problem = ("not a DistillationConfig / TrainingArguments field; it is a recipe key: pass "
-                       f"{' or '.join(f'--{owner}.{name[2:]}' for owner in owners)}")  # fmt: skip
+            problem = (
+                "not a DistillationConfig / TrainingArguments field; it is a recipe key: pass "
+                f"{' or '.join(f'--{owner}.{name[2:]}' for owner in owners)}"
+            )
         else:
             hint = difflib.get_close_matches(name, known, n=1)
-            problem = "not a DistillationConfig / TrainingArguments field" + (f" (did you mean {hint[0]}?)" if hint else "")
+            problem = "not a DistillationConfig / TrainingArguments field" + (
+                f" (did you mean {hint[0]}?)" if hint else ""
+            )
         raise RecipeError(path, name, problem)
 
 
@@ -287,8 +293,12 @@ def parse_overrides(path: str, argv: list[str]) -> dict[str, Any]:
         raise RecipeError(path, argv[0], "unexpected argument; overrides look like --max_steps 10")
     check_override_flags(path, argv)
     fields = known_names("training")["fields"]
-    argv = [f"--{_installed_name(a[2:].split('=', 1)[0], fields)}" + (f"={a.split('=', 1)[1]}" if "=" in a else "")
-            if _is_flag(a) else a for a in argv]  # fmt: skip
+    argv = [
+        f"--{_installed_name(a[2:].split('=', 1)[0], fields)}" + (f"={a.split('=', 1)[1]}" if "=" in a else "")
+        if _is_flag(a)
+        else a
+        for a in argv
+    ]
     parser = _training_parser()
 
     def error(message):  # argparse would print usage and exit; report it like every other recipe problem
@@ -326,10 +336,15 @@ def _check_report_to(path: str, report_to) -> None:
     from transformers.integrations import get_available_reporting_integrations
 
     asked = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    missing = [name for name in asked if name not in ("none", "all") and name not in get_available_reporting_integrations()]
+    missing = [
+        name for name in asked if name not in ("none", "all") and name not in get_available_reporting_integrations()
+    ]
     if missing:
-        raise RecipeError(path, "training.report_to", f"{', '.join(missing)} is not installed: pip install "
-                          f"{' '.join(missing)}, or set report_to: none")  # fmt: skip
+        raise RecipeError(
+            path,
+            "training.report_to",
+            f"{', '.join(missing)} is not installed: pip install {' '.join(missing)}, or set report_to: none",
+        )
 
 
 def _is_number(text: str) -> bool:
@@ -354,8 +369,13 @@ def build_config(path: str, kwargs: dict[str, Any], neutralize_hardware: bool):
         key = f"training.{first}" if first in kwargs else "training"
         hardware = next((k for k in ("bf16", "fp16") if kwargs.get(k) and k in message), None)
         if key == "training" and hardware:  # transformers: "Your setup doesn't support bf16/gpu. ..."
-            key, message = f"training.{hardware}", (f"this machine cannot train in {hardware} (no GPU with {hardware} "
-                                                    f"support); set {hardware}: false (--{hardware} false)")  # fmt: skip
+            key, message = (
+                f"training.{hardware}",
+                (
+                    f"this machine cannot train in {hardware} (no GPU with {hardware} "
+                    f"support); set {hardware}: false (--{hardware} false)"
+                ),
+            )
         if key != "training" and message.startswith(f"{first}: "):  # "loss_type: unknown loss": the key is said once
             message = message[len(first) + 2 :]
         raise RecipeError(path, key, message) from None

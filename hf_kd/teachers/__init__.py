@@ -6,9 +6,9 @@ from hf_kd.teachers.cross_tokenizer.teacher import CrossTokenizerTeacher
 from hf_kd.teachers.mixture import MixtureTeacher
 from hf_kd.teachers.model import ModelTeacher, shared_vocab_size
 from hf_kd.teachers.own_base import SelfTeacher
+from hf_kd.teachers.registry import TEACHERS, Teacher, make_teacher, register_teacher, teacher_kind
 from hf_kd.teachers.served.teacher import ServedTeacher
 from hf_kd.teachers.served.vllm import VLLMTeacher
-from hf_kd.teachers.registry import TEACHERS, Teacher, make_teacher, register_teacher, teacher_kind
 
 __all__ = [
     "TEACHERS",

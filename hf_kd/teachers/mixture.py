@@ -30,10 +30,13 @@ from hf_kd.teachers.registry import Teacher, make_teacher, register_teacher
 
 # a member's recipe keys -> the DistillationConfig fields a single teacher reads them from
 MEMBER_FIELDS = {
-    "name_or_path": "teacher_model_name_or_path", "init_kwargs": "teacher_model_init_kwargs",
-    "tokenizer": "teacher_tokenizer_name_or_path", "cache": "teacher_cache", "kind": "teacher_kind",
+    "name_or_path": "teacher_model_name_or_path",
+    "init_kwargs": "teacher_model_init_kwargs",
+    "tokenizer": "teacher_tokenizer_name_or_path",
+    "cache": "teacher_cache",
+    "kind": "teacher_kind",
     "options": "teacher_options",
-}  # fmt: skip
+}
 
 
 def signal_of(outputs, model, task) -> TeacherLogits | TeacherHidden:
@@ -48,8 +51,11 @@ def signal_of(outputs, model, task) -> TeacherLogits | TeacherHidden:
 
 def mixed_log_probs(logits: Sequence[torch.Tensor], weights: Sequence[float], temperature: float) -> torch.Tensor:
     """``[N, V]`` logits of each member -> ``log sum_i w_i softmax(z_i / T)`` ``[N, V]`` (weights summing to 1)."""
-    parts = [torch.log_softmax(z / temperature if temperature != 1 else z, -1) + math.log(w)
-             for z, w in zip(logits, weights) if w > 0]  # fmt: skip
+    parts = [
+        torch.log_softmax(z / temperature if temperature != 1 else z, -1) + math.log(w)
+        for z, w in zip(logits, weights)
+        if w > 0
+    ]
     return torch.logsumexp(torch.stack(parts), dim=0)
 
 
@@ -60,22 +66,44 @@ class TeacherMixture:
     signals: tuple
     weights: tuple[float, ...]
 
-    def terms(self, student, labels, objective: Objective, *, num_items_in_batch=None, chunk_size: int = 256,
-              vocab_size: int | None = None) -> dict[str, torch.Tensor | None]:  # fmt: skip
+    def terms(
+        self,
+        student,
+        labels,
+        objective: Objective,
+        *,
+        num_items_in_batch=None,
+        chunk_size: int = 256,
+        vocab_size: int | None = None,
+    ) -> dict[str, torch.Tensor | None]:
         """:func:`hf_kd.objective.terms.objective_terms` for the mixture: the fused driver with this signal as its
         source (hidden-state students), or the dense loss on the mixture's full ``T log m``."""
         names = ("loss", "distill_loss", "ce_loss")
         if isinstance(student, StudentHidden):
             from hf_kd.objective.fused import fused_objective
 
-            values = fused_objective(student, self, labels, objective, num_items_in_batch=num_items_in_batch,
-                                     chunk_size=chunk_size, vocab_size=vocab_size, return_components=True)  # fmt: skip
+            values = fused_objective(
+                student,
+                self,
+                labels,
+                objective,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=chunk_size,
+                vocab_size=vocab_size,
+                return_components=True,
+            )
             return dict(zip(names, values))
         members = [s.logits if isinstance(s, TeacherLogits) else full_logits(s.hidden, s.head) for s in self.signals]
         members = [z[..., :vocab_size].float() for z in members]
         teacher = objective.temperature * mixed_log_probs(members, self.weights, objective.temperature)
-        values = distillation_loss(student[..., :vocab_size], teacher, labels, objective=objective,
-                                   num_items_in_batch=num_items_in_batch, return_components=True)  # fmt: skip
+        values = distillation_loss(
+            student[..., :vocab_size],
+            teacher,
+            labels,
+            objective=objective,
+            num_items_in_batch=num_items_in_batch,
+            return_components=True,
+        )
         return dict(zip(names, values))
 
     def check_against(self, student_hidden: torch.Tensor, objective: Objective) -> tuple[str, int]:
@@ -99,7 +127,9 @@ class TeacherMixture:
                 if weight <= 0:
                     continue
                 values = member(rows, scratch).values  # [chunk, V] in the "teacher" buffer, overwritten next member
-                part = torch.log_softmax(values / temperature if temperature != 1 else values, -1).add_(math.log(weight))
+                part = torch.log_softmax(values / temperature if temperature != 1 else values, -1).add_(
+                    math.log(weight)
+                )
                 mixed = part if mixed is None else torch.logaddexp(mixed, part, out=mixed)
             out = scratch("teacher", mixed.shape[0]).copy_(mixed)
             return ChunkTeacher(out.mul_(temperature) if temperature != 1 else out)
@@ -124,8 +154,11 @@ class MixtureTeacher(Teacher):
             raise SetupError("teacher_options", f"mixture weights must be >= 0, not all 0; got {weights}")
         vocabularies = {member.vocab_size for member in members}
         if len(vocabularies) > 1:
-            raise SetupError("teacher_options", f"the mixture's teachers distill over different vocabularies "
-                             f"({sorted(map(str, vocabularies))}); mix teachers of one vocabulary")  # fmt: skip
+            raise SetupError(
+                "teacher_options",
+                f"the mixture's teachers distill over different vocabularies "
+                f"({sorted(map(str, vocabularies))}); mix teachers of one vocabulary",
+            )
         self.members, self.weights = list(members), tuple(w / sum(weights) for w in weights)
         self.vocab_size, self.task = vocabularies.pop(), task
         self.name = " + ".join(f"{m.name} ({w:g})" for m, w in zip(members, self.weights))
@@ -134,8 +167,11 @@ class MixtureTeacher(Teacher):
     def check_setup(cls, trainer, source) -> None:
         raw = [d.name for d in trainer.objective.divergences.values() if not d.uses_log_probs]
         if raw:
-            raise SetupError("loss_type", f"{', '.join(raw)} compares raw logits, which a mixture of teachers does "
-                             "not have; use a divergence on probabilities (forward_kl, reverse_kl, jsd, ...)")  # fmt: skip
+            raise SetupError(
+                "loss_type",
+                f"{', '.join(raw)} compares raw logits, which a mixture of teachers does "
+                "not have; use a divergence on probabilities (forward_kl, reverse_kl, jsd, ...)",
+            )
         if trainer.args.generates and trainer.args.seq_kd:
             raise SetupError("seq_kd", "a mixture of teachers cannot write one completion; use on-policy (lmbda)")
 
@@ -166,8 +202,11 @@ def _member(trainer, spec: Mapping, index: int) -> Teacher:
     """Member ``index`` built as a single teacher: the trainer as it is, with the member's teacher settings."""
     unknown = set(spec) - set(MEMBER_FIELDS) - {"model", "url", "token_file"}
     if unknown:
-        raise SetupError("teacher_options", f"teachers[{index}]: unknown key {sorted(unknown)[0]!r} (keys: "
-                         f"{', '.join(MEMBER_FIELDS)}, url, token_file)")  # fmt: skip
+        raise SetupError(
+            "teacher_options",
+            f"teachers[{index}]: unknown key {sorted(unknown)[0]!r} (keys: "
+            f"{', '.join(MEMBER_FIELDS)}, url, token_file)",
+        )
     args = copy.copy(trainer.args)  # a shallow copy: only the teacher fields differ
     for field in MEMBER_FIELDS.values():
         setattr(args, field, None)
@@ -175,14 +214,32 @@ def _member(trainer, spec: Mapping, index: int) -> Teacher:
         if spec.get(key) is not None:
             setattr(args, field, spec[key])
     if spec.get("url"):
-        args.teacher_kind, args.teacher_options = "served", {**(spec.get("options") or {}), "url": spec["url"],
-                                                              "token_file": spec.get("token_file")}  # fmt: skip
-    view = SimpleNamespace(**{name: getattr(trainer, name) for name in (
-        "task", "task_spec", "model", "accelerator", "processing_class", "train_dataset", "eval_dataset",
-        "objective")}, args=args)  # fmt: skip
+        args.teacher_kind, args.teacher_options = (
+            "served",
+            {**(spec.get("options") or {}), "url": spec["url"], "token_file": spec.get("token_file")},
+        )
+    view = SimpleNamespace(
+        **{
+            name: getattr(trainer, name)
+            for name in (
+                "task",
+                "task_spec",
+                "model",
+                "accelerator",
+                "processing_class",
+                "train_dataset",
+                "eval_dataset",
+                "objective",
+            )
+        },
+        args=args,
+    )
     source = spec.get("model", args.teacher_model_name_or_path)
     member = make_teacher(view, source)
     if member.kind not in ("model", "self", "served"):
-        raise SetupError("teacher_options", f"teachers[{index}] is a {member.kind} teacher; a mixture mixes full "
-                         "distributions over the student's vocabulary (model, self or served teachers)")  # fmt: skip
+        raise SetupError(
+            "teacher_options",
+            f"teachers[{index}] is a {member.kind} teacher; a mixture mixes full "
+            "distributions over the student's vocabulary (model, self or served teachers)",
+        )
     return member

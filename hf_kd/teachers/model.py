@@ -35,8 +35,11 @@ class ModelTeacher(Teacher):
     @classmethod
     def check_setup(cls, trainer, source) -> None:
         if source is None:
-            raise SetupError("teacher_model_name_or_path", "no teacher: pass teacher_model= (a model or a path), set "
-                             "teacher_model_name_or_path, or set teacher_cache")  # fmt: skip
+            raise SetupError(
+                "teacher_model_name_or_path",
+                "no teacher: pass teacher_model= (a model or a path), set "
+                "teacher_model_name_or_path, or set teacher_cache",
+            )
 
     @classmethod
     def build(cls, trainer, source) -> Teacher:
@@ -78,8 +81,10 @@ def load_teacher_tokenizer(args, teacher_name: str | None):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise SetupError("teacher_tokenizer_name_or_path", f"cannot load the teacher's tokenizer {name!r}: "
-                         f"{str(err).splitlines()[0]}") from None  # fmt: skip
+        raise SetupError(
+            "teacher_tokenizer_name_or_path",
+            f"cannot load the teacher's tokenizer {name!r}: {str(err).splitlines()[0]}",
+        ) from None
 
 
 def shared_vocab_size(student_vocab: int, teacher_vocab: int, task: str, tokenizer) -> int | None:
@@ -109,7 +114,13 @@ def shared_vocab_size(student_vocab: int, teacher_vocab: int, task: str, tokeniz
     logger.warning(
         "teacher vocab %d != student vocab %d: distilling over the shared first %d rows (the tokenizer has %d "
         "tokens); dropped padding rows: teacher %d..%d, student %d..%d",
-        teacher_vocab, student_vocab, shared, len(tokenizer),
-        shared, teacher_vocab - 1, shared, student_vocab - 1,
-    )  # fmt: skip
+        teacher_vocab,
+        student_vocab,
+        shared,
+        len(tokenizer),
+        shared,
+        teacher_vocab - 1,
+        shared,
+        student_vocab - 1,
+    )
     return shared

@@ -30,8 +30,9 @@ class SelfTeacher(Teacher):
     def check_setup(cls, trainer, source) -> None:
         require_adapters(trainer.model)
         if trainer.args.teacher_model_init_kwargs:
-            raise SetupError("teacher_model_init_kwargs",
-                             "does not apply to teacher 'self' (the student's own weights)")  # fmt: skip
+            raise SetupError(
+                "teacher_model_init_kwargs", "does not apply to teacher 'self' (the student's own weights)"
+            )
 
     @classmethod
     def build(cls, trainer, source) -> Teacher:

@@ -96,8 +96,11 @@ def teacher_kind(name: str) -> type[Teacher]:
         except ImportError as err:
             raise SetupError("teacher_kind", f"cannot import {module!r} for teacher kind {kind!r}: {err}") from None
     if kind not in TEACHERS:
-        raise SetupError("teacher_kind", f"unknown teacher kind {kind!r}; registered: {', '.join(TEACHERS)} (a kind of "
-                         "your own: 'your.module:kind', a module that calls hf_kd.register_teacher)")  # fmt: skip
+        raise SetupError(
+            "teacher_kind",
+            f"unknown teacher kind {kind!r}; registered: {', '.join(TEACHERS)} (a kind of "
+            "your own: 'your.module:kind', a module that calls hf_kd.register_teacher)",
+        )
     return TEACHERS[kind]
 
 

@@ -24,15 +24,20 @@ import torch
 
 from hf_kd.objective.metrics import add_sums, finalize_metrics
 
-
-RATES = ("aligned_fraction", "shared_mass")  # cross-tokenizer terms, normalized like the loss (hf_kd.teachers.cross_tokenizer.loss)
+RATES = (
+    "aligned_fraction",
+    "shared_mass",
+)  # cross-tokenizer terms, normalized like the loss (hf_kd.teachers.cross_tokenizer.loss)
 
 
 def component_names(terms: Mapping[str, torch.Tensor | None]) -> list[str]:
     """The logged components of a ``distillation_terms`` result: every ``*_loss`` key but the total ``loss``, and the
     cross-tokenizer rates."""
-    return [name for name, value in terms.items()
-            if name != "loss" and (name.endswith("_loss") or name in RATES) and value is not None]  # fmt: skip
+    return [
+        name
+        for name, value in terms.items()
+        if name != "loss" and (name.endswith("_loss") or name in RATES) and value is not None
+    ]
 
 
 def per_aligned_target(logs: dict[str, float], prefix: str = "") -> dict[str, float]:
@@ -104,13 +109,21 @@ class Accounting:
         add = {"micro_batches": 1.0, "generated_batches": 0.0, "seconds": seconds}
         if stats is not None:
             lengths, ended = stats
-            add.update(generated_batches=1.0, completions=float(lengths.numel()), tokens=lengths.sum().item(),
-                       ended=ended.sum().item())  # fmt: skip
+            add.update(
+                generated_batches=1.0,
+                completions=float(lengths.numel()),
+                tokens=lengths.sum().item(),
+                ended=ended.sum().item(),
+            )
         for name, value in add.items():
             self._generation[name] = self._generation.get(name, 0.0) + value
 
-    def record_eval(self, terms: Mapping[str, torch.Tensor | None], tokens: torch.Tensor,
-                    agreement: Mapping[str, torch.Tensor] | None) -> None:  # fmt: skip
+    def record_eval(
+        self,
+        terms: Mapping[str, torch.Tensor | None],
+        tokens: torch.Tensor,
+        agreement: Mapping[str, torch.Tensor] | None,
+    ) -> None:
         """An evaluation batch: its per-batch means weighted back by its ``tokens`` target positions."""
         self._add(self._eval, terms, ["loss", *component_names(terms)], tokens)
         if agreement:
@@ -149,8 +162,10 @@ class Accounting:
         processes = self._reduce_sum(torch.ones((), dtype=torch.float64, device=self._device)).item()
         totals = dict(zip(names, self._reduce_sum(values).tolist()))
         self._generation = {}
-        logs = {"generated_fraction": totals["generated_batches"] / max(totals["micro_batches"], 1.0),
-                "generation_time_share": totals["seconds"] / processes / max(wall_seconds, 1e-9)}  # fmt: skip
+        logs = {
+            "generated_fraction": totals["generated_batches"] / max(totals["micro_batches"], 1.0),
+            "generation_time_share": totals["seconds"] / processes / max(wall_seconds, 1e-9),
+        }
         if totals.get("completions"):
             logs["completion_length"] = totals["tokens"] / totals["completions"]
             logs["completion_eos_fraction"] = totals["ended"] / totals["completions"]

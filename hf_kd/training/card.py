@@ -14,17 +14,33 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from hf_kd.objective.losses import Objective
 from hf_kd.models.tasks import DEFAULT_TASK, TASKS
+from hf_kd.objective.losses import Objective
 
 TAGS = ["distillation", "hf_kd"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "org/name" or "name"; a local path is not one
 # keys whose values are never published, by exact name (any letter case): credentials a recipe may carry (Hub tokens
 # in training or from_pretrained kwargs, logger API keys); teacher.tokenizer or tokenizer_check_samples are not secrets
-SECRET_KEYS = frozenset({
-    "hub_token", "push_to_hub_token", "token", "tokens", "use_auth_token", "auth_token", "access_token", "hf_token",
-    "api_key", "api_token", "wandb_api_key", "secret", "secret_key", "client_secret", "password", "passwd",
-})  # fmt: skip
+SECRET_KEYS = frozenset(
+    {
+        "hub_token",
+        "push_to_hub_token",
+        "token",
+        "tokens",
+        "use_auth_token",
+        "auth_token",
+        "access_token",
+        "hf_token",
+        "api_key",
+        "api_token",
+        "wandb_api_key",
+        "secret",
+        "secret_key",
+        "client_secret",
+        "password",
+        "passwd",
+    }
+)
 # evaluation metrics that describe the run, not the model: left out of the card
 _RUN_METRICS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "step")
 _METRIC_NOTES = {  # hf_kd.objective.metrics names -> what the card says about them
@@ -65,9 +81,15 @@ def final_eval_metrics(log_history: Sequence[Mapping[str, Any]]) -> dict[str, fl
     teacher-agreement metrics (``eval_top1_agreement``, ``eval_teacher_kl``, perplexities or accuracies, ...)."""
     for entry in reversed(log_history):
         if any(key.startswith("eval_") for key in entry):
-            return {key: float(value) for key, value in entry.items() if key.startswith("eval_")
-                    and not key.endswith("_loss") and key not in _RUN_METRICS
-                    and isinstance(value, (int, float)) and not isinstance(value, bool)}  # fmt: skip
+            return {
+                key: float(value)
+                for key, value in entry.items()
+                if key.startswith("eval_")
+                and not key.endswith("_loss")
+                and key not in _RUN_METRICS
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+            }
     return {}
 
 
@@ -153,8 +175,10 @@ def distillation_card(
     if target_tokens is not None:
         note = "positions with a label, all processes"
         if target_token_steps is not None and target_token_steps < steps:
-            note = (f"in the last {target_token_steps} of the {steps} steps: the count restarts on resuming from a "
-                    "checkpoint")
+            note = (
+                f"in the last {target_token_steps} of the {steps} steps: the count restarts on resuming from a "
+                "checkpoint"
+            )
         rows.append(("target tokens trained", f"{target_tokens:,} ({note})"))
     if input_tokens:
         rows.append(("input tokens seen", f"{input_tokens:,}"))
@@ -197,18 +221,25 @@ def _loss_table(losses: Mapping[str, float]) -> list[str]:
     if not rows:
         return []
     return [
-        "## Final losses", "",
-        "Last logged values (train: the last logging window; eval: the last evaluation).", "",
-        "| | train | eval |", "|---|---|---|", *rows, "",
-    ]  # fmt: skip
+        "## Final losses",
+        "",
+        "Last logged values (train: the last logging window; eval: the last evaluation).",
+        "",
+        "| | train | eval |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _cache_text(cache: Mapping[str, Any]) -> str:
     k, vocab = cache["k"], cache.get("vocab_size")
     exact = k == vocab
-    return (f"a top-k cache (`hf-kd cache-teacher`, `{cache.get('path')}`): k = {k} of {vocab or '?'} vocab rows, the "
-            "teacher's log-probabilities at T = 1; every other token's mass is one tail bucket, so the loss compares "
-            f"k + 1 buckets, {'exact (k = vocab size)' if exact else 'exact at T = 1 and an approximation at other T'}")
+    return (
+        f"a top-k cache (`hf-kd cache-teacher`, `{cache.get('path')}`): k = {k} of {vocab or '?'} vocab rows, the "
+        "teacher's log-probabilities at T = 1; every other token's mass is one tail bucket, so the loss compares "
+        f"k + 1 buckets, {'exact (k = vocab size)' if exact else 'exact at T = 1 and an approximation at other T'}"
+    )
 
 
 def _metrics_table(metrics: Mapping[str, float]) -> list[str]:
@@ -219,8 +250,16 @@ def _metrics_table(metrics: Mapping[str, float]) -> list[str]:
         name = key.removeprefix("eval_")
         note = _METRIC_NOTES.get(name, "")
         rows.append(f"| `{key}` | {value:.4f} | {note} |")
-    return ["## Final evaluation", "", "Teacher-agreement metrics of the last evaluation (hf_kd.objective.metrics).", "",
-            "| metric | value | |", "|---|---|---|", *rows, ""]  # fmt: skip
+    return [
+        "## Final evaluation",
+        "",
+        "Teacher-agreement metrics of the last evaluation (hf_kd.objective.metrics).",
+        "",
+        "| metric | value | |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _fmt(value: float | None) -> str:
@@ -266,8 +305,9 @@ def _is_secret_line(line: str) -> bool:
 # ---- from a trainer ------------------------------------------------------------------------------------------------
 
 
-def card_from_trainer(trainer, *, model_name: str | None = None, dataset=None, tags=None, finetuned_from=None,
-                      license=None, language=None) -> ModelCard:  # fmt: skip
+def card_from_trainer(
+    trainer, *, model_name: str | None = None, dataset=None, tags=None, finetuned_from=None, license=None, language=None
+) -> ModelCard:
     """The card of what ``trainer.save_model()`` writes; the keyword arguments are ``Trainer.create_model_card``'s."""
     from hf_kd.models.adapters import is_peft_model
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 
 from hf_kd.errors import SetupError
-from hf_kd.models.sharding import teacher_is_sharded
-from hf_kd.models.tasks import IGNORE_INDEX
 from hf_kd.models.heads import lm_head_spec
 from hf_kd.models.loading import TASKS, detect_task
+from hf_kd.models.sharding import teacher_is_sharded
+from hf_kd.models.tasks import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +30,27 @@ def fused_loss_applies(trainer) -> bool:
         if model is not None and spec is None:
             reasons.append(f"{role}: {reason}")
     if reasons:
-        logger.warning("loss_chunk_size=%d: using full logits instead (%s)", trainer.args.loss_chunk_size,
-                       "; ".join(reasons))  # fmt: skip
+        logger.warning(
+            "loss_chunk_size=%d: using full logits instead (%s)", trainer.args.loss_chunk_size, "; ".join(reasons)
+        )
         return False
     return True
+
 
 def check_setup(trainer) -> None:
     """Every refusal of the trainer's own settings, before the teacher is loaded."""
     args = trainer.args
     if args.label_smoothing_factor:
-        raise SetupError("label_smoothing_factor", "is not applied by the distillation loss (the teacher's "
-                         "distribution is the soft target; alpha mixes in the plain CE); set it to 0")  # fmt: skip
+        raise SetupError(
+            "label_smoothing_factor",
+            "is not applied by the distillation loss (the teacher's "
+            "distribution is the soft target; alpha mixes in the plain CE); set it to 0",
+        )
     if args.save_merged and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        raise SetupError("save_merged", "needs the whole student on one process; with FSDP/DeepSpeed save the "
-                         "adapters and merge them afterwards")  # fmt: skip
+        raise SetupError(
+            "save_merged",
+            "needs the whole student on one process; with FSDP/DeepSpeed save the adapters and merge them afterwards",
+        )
     check_targets(trainer)
     if args.generates:
         check_generation(trainer)
@@ -60,9 +67,17 @@ def check_targets(trainer) -> None:
         labels = data.select(range(start, min(start + 1000, len(data))))["labels"]
         if any(label != IGNORE_INDEX for row in labels for label in ([row] if isinstance(row, int) else row[first:])):
             return
-    hint = "; with lmbda < 1 and no seq_kd some batches train on them: set lmbda 1 or seq_kd true" if trainer.args.generates else ""
-    raise SetupError("train_dataset", f"no trainable tokens: all {len(data)} examples have every target masked "
-                     f"or truncated away (prompt-only data? labels all -100?){hint}")  # fmt: skip
+    hint = (
+        "; with lmbda < 1 and no seq_kd some batches train on them: set lmbda 1 or seq_kd true"
+        if trainer.args.generates
+        else ""
+    )
+    raise SetupError(
+        "train_dataset",
+        f"no trainable tokens: all {len(data)} examples have every target masked "
+        f"or truncated away (prompt-only data? labels all -100?){hint}",
+    )
+
 
 def check_generation(trainer) -> None:
     """On-policy / seq_kd: what generation needs of the task, the engine and the data."""
@@ -70,9 +85,11 @@ def check_generation(trainer) -> None:
     if not trainer.task_spec.language_model:
         raise SetupError(field, f"generated completions are for causal LMs, not task {trainer.task!r}")
     if teacher_is_sharded(trainer.accelerator):
-        raise SetupError(field, "generation under FSDP / ZeRO-3 (sharded weights) is not supported; train with "
-                         "DDP (plain multi-GPU) or DeepSpeed ZeRO-1/2, or set lmbda 0 and seq_kd false")  # fmt: skip
-
+        raise SetupError(
+            field,
+            "generation under FSDP / ZeRO-3 (sharded weights) is not supported; train with "
+            "DDP (plain multi-GPU) or DeepSpeed ZeRO-1/2, or set lmbda 0 and seq_kd false",
+        )
 
 
 def _indexable(dataset) -> bool:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hf_kd.models.loading import freeze, load_model, num_outputs
+from hf_kd.objective.losses import IGNORE_INDEX
 from hf_kd.teachers.cache.store import (  # noqa: F401 (TeacherCache and example_key are part of this module's API)
     BUILD_SETTINGS,
     FORMAT_VERSION,
@@ -30,8 +32,6 @@ from hf_kd.teachers.cache.store import (  # noqa: F401 (TeacherCache and example
     target_positions,
     tokenizer_hash,
 )
-from hf_kd.objective.losses import IGNORE_INDEX
-from hf_kd.models.loading import freeze, load_model, num_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def _teacher_rows(teacher, rows, collator, k: int, vocab_size: int, batch_size: 
     for start in range(0, len(rows), batch_size):
         chunk = order[start : start + batch_size]
         batch = collator([rows[i] for i in chunk])
-        logits = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         use_cache=False).logits  # fmt: skip
+        logits = teacher(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        ).logits
         # logits at position i predict the token at i + 1: they pair with labels[:, 1:]; never from a padding position
         targets = (batch["labels"][:, 1:] != IGNORE_INDEX) & (batch["attention_mask"][:, :-1] == 1)
         selected = logits[:, :-1, :vocab_size][targets.to(device)]  # [N, V]: the target positions only
@@ -68,11 +69,21 @@ def _teacher_rows(teacher, rows, collator, k: int, vocab_size: int, batch_size: 
             mask = batch["attention_mask"][j]
             positions = target_positions(targets[j], mask)
             rows_ = slice(offsets[j], offsets[j + 1])
-            out[i] = (example_key(batch["input_ids"][j], mask, positions), _spans(positions), ids[rows_].reshape(-1),
-                      top[rows_].reshape(-1), tail[rows_])  # fmt: skip
+            out[i] = (
+                example_key(batch["input_ids"][j], mask, positions),
+                _spans(positions),
+                ids[rows_].reshape(-1),
+                top[rows_].reshape(-1),
+                tail[rows_],
+            )
         bar.update(len(chunk))
-    return {"key": [r[0] for r in out], "target_spans": [r[1] for r in out], "topk_ids": [r[2] for r in out],
-            "topk_logprobs": [r[3] for r in out], "tail_logprob": [r[4] for r in out]}  # fmt: skip
+    return {
+        "key": [r[0] for r in out],
+        "target_spans": [r[1] for r in out],
+        "topk_ids": [r[2] for r in out],
+        "topk_logprobs": [r[3] for r in out],
+        "tail_logprob": [r[4] for r in out],
+    }
 
 
 def _table(columns: dict[str, list]):
@@ -85,13 +96,15 @@ def _table(columns: dict[str, list]):
         values = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
 
-    return pa.table({
-        "key": pa.array(columns["key"], pa.string()),
-        "target_spans": list_array(columns["target_spans"], np.int32),
-        "topk_ids": list_array(columns["topk_ids"], np.int32),
-        "topk_logprobs": list_array(columns["topk_logprobs"], np.float32),
-        "tail_logprob": list_array(columns["tail_logprob"], np.float32),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "key": pa.array(columns["key"], pa.string()),
+            "target_spans": list_array(columns["target_spans"], np.int32),
+            "topk_ids": list_array(columns["topk_ids"], np.int32),
+            "topk_logprobs": list_array(columns["topk_logprobs"], np.float32),
+            "tail_logprob": list_array(columns["tail_logprob"], np.float32),
+        }
+    )
 
 
 def _save_shard(table, path: str) -> None:
@@ -191,11 +204,16 @@ def build_teacher_cache(
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             previous = json.load(f)
-        differ = [f"{key}: {previous.get(key)!r} there, {metadata[key]!r} now" for key in BUILD_SETTINGS
-                  if previous.get(key) != metadata[key]]  # fmt: skip
+        differ = [
+            f"{key}: {previous.get(key)!r} there, {metadata[key]!r} now"
+            for key in BUILD_SETTINGS
+            if previous.get(key) != metadata[key]
+        ]
         if differ:
-            raise ValueError(f"{path} holds a teacher cache built with other settings ({'; '.join(differ)}); choose "
-                             "another directory or delete it")  # fmt: skip
+            raise ValueError(
+                f"{path} holds a teacher cache built with other settings ({'; '.join(differ)}); choose "
+                "another directory or delete it"
+            )
         if previous.get("complete"):
             logger.info("teacher cache %s is already complete", path)
             return TeacherCache(path)
@@ -220,11 +238,21 @@ def build_teacher_cache(
         spans = np.concatenate([chunk.flatten().to_numpy() for chunk in cache.data.data.column("target_spans").chunks])
         positions = int((spans[1::2] - spans[0::2]).sum())  # [start, end) pairs
         size = sum(os.path.getsize(f["filename"]) for f in cache.data.cache_files)
-        metadata.update(complete=True, num_positions=positions, bytes_on_disk=size,
-                        bytes_per_position=round(size / max(positions, 1), 2))  # fmt: skip
+        metadata.update(
+            complete=True,
+            num_positions=positions,
+            bytes_on_disk=size,
+            bytes_per_position=round(size / max(positions, 1), 2),
+        )
         _write_json(meta_path, metadata)
-        logger.info("teacher cache %s: %d examples, %d positions, %.1f bytes per position (k=%d)",
-                    path, len(dataset), positions, metadata["bytes_per_position"], k)  # fmt: skip
+        logger.info(
+            "teacher cache %s: %d examples, %d positions, %.1f bytes per position (k=%d)",
+            path,
+            len(dataset),
+            positions,
+            metadata["bytes_per_position"],
+            k,
+        )
     state.wait_for_everyone()
     return TeacherCache(path)
 
@@ -237,23 +265,34 @@ def build_from_recipe(recipe, path: str, *, k: int = 64, batch_size: int = 8, sh
     import datasets
     from transformers import AutoTokenizer
 
-    from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
-    from hf_kd.errors import SetupError
     from hf_kd.data import prepare_datasets
+    from hf_kd.errors import SetupError
+    from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
 
     args = recipe.training_args(check_hardware=False)
     tokenizer = AutoTokenizer.from_pretrained(recipe.student.tokenizer or recipe.student.name_or_path)
     teacher_tokenizer = AutoTokenizer.from_pretrained(recipe.teacher.tokenizer or recipe.teacher.name_or_path)
     if not same_ids(tokenizer, teacher_tokenizer):  # the cache stores teacher ids as the student's: one tokenizer
-        raise SetupError("teacher_tokenizer_name_or_path", "a teacher cache needs teacher and student to share one "
-                         "tokenizer; with different tokenizers distill from the live teacher (no teacher.cache)")  # fmt: skip
+        raise SetupError(
+            "teacher_tokenizer_name_or_path",
+            "a teacher cache needs teacher and student to share one "
+            "tokenizer; with different tokenizers distill from the live teacher (no teacher.cache)",
+        )
     with args.main_process_first(desc="dataset preparation"):  # as `train` does: rank 0 tokenizes, the others reuse
         train, evaluation = prepare_datasets(recipe.data, tokenizer, teacher_tokenizer, seed=args.seed)
     dataset = train if evaluation is None else datasets.concatenate_datasets([train, evaluation])
     vocab_size = _shared_rows(recipe, tokenizer)
-    return build_teacher_cache(recipe.teacher.name_or_path, dataset, path, k=k, tokenizer=tokenizer,
-                               batch_size=batch_size, shard_size=shard_size, vocab_size=vocab_size,
-                               teacher_init_kwargs=args.teacher_model_init_kwargs)  # fmt: skip
+    return build_teacher_cache(
+        recipe.teacher.name_or_path,
+        dataset,
+        path,
+        k=k,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        vocab_size=vocab_size,
+        teacher_init_kwargs=args.teacher_model_init_kwargs,
+    )
 
 
 def _shared_rows(recipe, tokenizer) -> int | None:
@@ -263,6 +302,8 @@ def _shared_rows(recipe, tokenizer) -> int | None:
 
     from hf_kd.teachers.model import shared_vocab_size
 
-    rows = [AutoConfig.from_pretrained(section.name_or_path).get_text_config().vocab_size
-            for section in (recipe.student, recipe.teacher)]  # fmt: skip
+    rows = [
+        AutoConfig.from_pretrained(section.name_or_path).get_text_config().vocab_size
+        for section in (recipe.student, recipe.teacher)
+    ]
     return shared_vocab_size(*rows, "causal_lm", tokenizer)

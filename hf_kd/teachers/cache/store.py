@@ -148,11 +148,15 @@ class TeacherCache:
         with open(meta_path, encoding="utf-8") as f:
             self.metadata = json.load(f)
         if self.metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"teacher cache {path} has format version {self.metadata.get('format_version')!r}; this "
-                             f"hf_kd reads version {FORMAT_VERSION}: rebuild the cache")  # fmt: skip
+            raise ValueError(
+                f"teacher cache {path} has format version {self.metadata.get('format_version')!r}; this "
+                f"hf_kd reads version {FORMAT_VERSION}: rebuild the cache"
+            )
         if require_complete and not self.metadata.get("complete"):
-            raise ValueError(f"teacher cache {path} is incomplete (an interrupted build); run the same cache-teacher "
-                             "command again to finish it")  # fmt: skip
+            raise ValueError(
+                f"teacher cache {path} is incomplete (an interrupted build); run the same cache-teacher "
+                "command again to finish it"
+            )
         shards = []
         for index in range(self.metadata["num_shards"]):
             shard = _shard_path(path, index)
@@ -161,8 +165,10 @@ class TeacherCache:
             shards.append(datasets.load_from_disk(shard))  # memory-mapped Arrow, nothing read yet
         self.data = datasets.concatenate_datasets(shards)
         if len(self.data) != self.metadata["num_examples"]:
-            raise ValueError(f"teacher cache {path} has {len(self.data)} rows, its metadata says "
-                             f"{self.metadata['num_examples']}; rebuild it")  # fmt: skip
+            raise ValueError(
+                f"teacher cache {path} has {len(self.data)} rows, its metadata says "
+                f"{self.metadata['num_examples']}; rebuild it"
+            )
         self.k, self.vocab_size = self.metadata["k"], self.metadata["vocab_size"]
         self.name_or_path = self.metadata["teacher"]  # read by the model card like a teacher model's name
         keys = self.data.data.column("key").to_pylist()
@@ -181,12 +187,16 @@ class TeacherCache:
         """
         meta = self.metadata
         if teacher is not None and _name(teacher) != meta["teacher"]:
-            raise ValueError(f"teacher cache {self.path} holds {meta['teacher']!r}'s outputs, but the training setup "
-                             f"names the teacher {_name(teacher)!r}")  # fmt: skip
+            raise ValueError(
+                f"teacher cache {self.path} holds {meta['teacher']!r}'s outputs, but the training setup "
+                f"names the teacher {_name(teacher)!r}"
+            )
         theirs, ours = meta.get("tokenizer_hash"), tokenizer_hash(tokenizer)
         if theirs and ours and theirs != ours:
-            raise ValueError(f"teacher cache {self.path} was built from ids of tokenizer {meta['tokenizer']!r}, whose "
-                             "vocabulary differs from this run's tokenizer; rebuild the cache with it")  # fmt: skip
+            raise ValueError(
+                f"teacher cache {self.path} was built from ids of tokenizer {meta['tokenizer']!r}, whose "
+                "vocabulary differs from this run's tokenizer; rebuild the cache with it"
+            )
         if self.vocab_size == student_vocab:
             return None
         size = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
@@ -196,8 +206,12 @@ class TeacherCache:
                 + ("" if size is None else f" and the tokenizer {size} tokens")
                 + f"; rebuild it with vocab_size={min(self.vocab_size, student_vocab)} (and pass the tokenizer)"
             )
-        logger.warning("teacher cache vocab %d < student vocab %d: distilling over the shared first %d rows",
-                       self.vocab_size, student_vocab, self.vocab_size)  # fmt: skip
+        logger.warning(
+            "teacher cache vocab %d < student vocab %d: distilling over the shared first %d rows",
+            self.vocab_size,
+            student_vocab,
+            self.vocab_size,
+        )
         return self.vocab_size
 
     def missing(self, dataset) -> list[int]:
@@ -209,8 +223,13 @@ class TeacherCache:
                     missing.append(start + offset)
         return missing
 
-    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, targets: torch.Tensor,
-               ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:  # fmt: skip
+    def lookup(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        targets: torch.Tensor,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> dict[str, torch.Tensor]:
         """The cached teacher entries of a batch, aligned with the shifted student logits.
 
         Args:
@@ -245,8 +264,10 @@ class TeacherCache:
             top = table.column("topk_logprobs")[b].values.to_numpy()
             tail = table.column("tail_logprob")[b].values.to_numpy()
             if ids.size != cached.size * k or top.size != ids.size or tail.size != cached.size:
-                raise ValueError(f"teacher cache {self.path} row {row} is corrupt: {cached.size} positions but "
-                                 f"{ids.size} ids, {top.size} log-probs, {tail.size} tails for k={k}")  # fmt: skip
+                raise ValueError(
+                    f"teacher cache {self.path} row {row} is corrupt: {cached.size} positions but "
+                    f"{ids.size} ids, {top.size} log-probs, {tail.size} tails for k={k}"
+                )
             wanted = (targets_cpu[b] != ignore_index).nonzero().squeeze(-1).numpy()
             relative = wanted - _first_attended(mask_cpu[b])
             where = np.searchsorted(cached, relative)  # cached positions are sorted
@@ -264,5 +285,8 @@ class TeacherCache:
             out_top[b, at] = torch.from_numpy(top.reshape(-1, k)[where])
             out_tail[b, at] = torch.from_numpy(tail[where])
         device = input_ids.device
-        return {"topk_ids": out_ids.to(device), "topk_logprobs": out_top.to(device),
-                "tail_logprob": out_tail.to(device)}  # fmt: skip
+        return {
+            "topk_ids": out_ids.to(device),
+            "topk_logprobs": out_top.to(device),
+            "tail_logprob": out_tail.to(device),
+        }

@@ -43,8 +43,11 @@ class CachedTeacher(Teacher):
         """The cache must fit this student, tokenizer and data (every example has its rows)."""
         try:
             cache = TeacherCache(trainer.args.teacher_cache)
-            vocab_size = cache.check_compatible(student_vocab=num_outputs(trainer.model, trainer.task),
-                                                tokenizer=student_tokenizer(trainer), teacher=source)  # fmt: skip
+            vocab_size = cache.check_compatible(
+                student_vocab=num_outputs(trainer.model, trainer.task),
+                tokenizer=student_tokenizer(trainer),
+                teacher=source,
+            )
         except ValueError as err:  # missing, incomplete or another setup's cache
             raise SetupError("teacher_cache", str(err)) from None
         evaluation = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
@@ -53,11 +56,19 @@ class CachedTeacher(Teacher):
                 continue
             missing = cache.missing(dataset)
             if missing:
-                raise SetupError("teacher_cache", f"{cache.path} has no row for {len(missing)} of the {len(dataset)} "
-                                 f"{name} examples (first: example {missing[0]}); build it from this data (train and "
-                                 "eval: hf-kd cache-teacher does both)")  # fmt: skip
-        logger.info("teacher cache %s: %d examples of %s, top-%d; evaluation logs no teacher-agreement metrics",
-                    cache.path, len(cache), cache.name_or_path, cache.k)  # fmt: skip
+                raise SetupError(
+                    "teacher_cache",
+                    f"{cache.path} has no row for {len(missing)} of the {len(dataset)} "
+                    f"{name} examples (first: example {missing[0]}); build it from this data (train and "
+                    "eval: hf-kd cache-teacher does both)",
+                )
+        logger.info(
+            "teacher cache %s: %d examples of %s, top-%d; evaluation logs no teacher-agreement metrics",
+            cache.path,
+            len(cache),
+            cache.name_or_path,
+            cache.k,
+        )
         return cls(cache, vocab_size)
 
     def run(self, inputs, forward, targets):

@@ -121,8 +121,9 @@ def group_tokens(student_ends: list[int | None], teacher_ends: list[int | None])
     return [(s, t) for s, t in groups if s and t]
 
 
-def _inside_teacher_tokens(student: list[int], teacher: list[int], student_ends: list[int | None],
-                           teacher_ends: list[int | None]) -> list[tuple[int, int, list[int]]]:  # fmt: skip
+def _inside_teacher_tokens(
+    student: list[int], teacher: list[int], student_ends: list[int | None], teacher_ends: list[int | None]
+) -> list[tuple[int, int, list[int]]]:
     """In one group: ``(k, j, prefix)`` for each student token ``k`` that starts inside teacher token ``j``, where
     ``prefix`` are the student tokens from ``j``'s start to ``k`` (at most :data:`DEPTH`; ``j`` must start where a
     student token does, and ``k`` end within ``j``). The teacher's distribution at ``j`` says what ``k`` is: the mass of its tokens that spell
@@ -132,15 +133,23 @@ def _inside_teacher_tokens(student: list[int], teacher: list[int], student_ends:
     found = []
     for k in student[1:]:
         begin = s_start[k]
-        holder = next((j for j, lo, hi in t_span if lo is not None and hi is not None and lo < begin < hi), None) \
-            if begin is not None else None  # fmt: skip
+        holder = (
+            next((j for j, lo, hi in t_span if lo is not None and hi is not None and lo < begin < hi), None)
+            if begin is not None
+            else None
+        )
         if holder is None:
             continue
         token_start, token_end = next((lo, hi) for j, lo, hi in t_span if j == holder)
         if student_ends[k] is None or student_ends[k] > token_end:
             continue  # k runs past the teacher token: no teacher token spells it whole (the span term covers it)
         prefix = [m for m in student if m < k and s_start[m] is not None and s_start[m] >= token_start]
-        if prefix and s_start[prefix[0]] == token_start and prefix == list(range(prefix[0], k)) and len(prefix) <= DEPTH:
+        if (
+            prefix
+            and s_start[prefix[0]] == token_start
+            and prefix == list(range(prefix[0], k))
+            and len(prefix) <= DEPTH
+        ):
             found.append((k, holder, prefix))
     return found
 
@@ -164,8 +173,14 @@ class Alignment:
     targets: int  # student target positions in the batch (labels != -100)
 
 
-def align_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-                student_tokenizer, teacher_tokenizer, shared: SharedVocabulary) -> Alignment:  # fmt: skip
+def align_batch(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    student_tokenizer,
+    teacher_tokenizer,
+    shared: SharedVocabulary,
+) -> Alignment:
     """Align a student batch: ``input_ids`` / ``attention_mask`` ``[B, S]`` (any padding side) and ``labels``
     ``[B, S - 1]`` already aligned with the logits (``labels[b, i]`` is the target predicted at position ``i``)."""
     batch, width = input_ids.shape
@@ -231,8 +246,9 @@ def _teacher_bos(tokenizer) -> int | None:
     return bos if encoded and encoded[0] == bos else None
 
 
-def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared: SharedVocabulary,
-                   bos: int | None) -> tuple[list[int], list[tuple[list[int], list[int], list]], list, list]:  # fmt: skip
+def _align_example(
+    ids: list[int], student_tokenizer, teacher_tokenizer, shared: SharedVocabulary, bos: int | None
+) -> tuple[list[int], list[tuple[list[int], list[int], list]], list, list]:
     """One example's teacher ids, its groups (student token indices, teacher token indices, and the student tokens
     that start inside a teacher token: :func:`_inside_teacher_tokens`), where each student token ends in the example's
     text (``None``: a special token, or inside a character), and where the whole characters each teacher token has
@@ -258,8 +274,10 @@ def _align_example(ids: list[int], student_tokenizer, teacher_tokenizer, shared:
         text, student_ends = student_text(student_tokenizer, ids[start:stop], shared.student_strings)
         segment, teacher_ends, teacher_whole = teacher_tokens(teacher_tokenizer, text)
         for s, t in group_tokens(student_ends, teacher_ends):
-            inside = [(start + k, len(teacher_ids) + j, [start + m for m in prefix])
-                      for k, j, prefix in _inside_teacher_tokens(s, t, student_ends, teacher_ends)]  # fmt: skip
+            inside = [
+                (start + k, len(teacher_ids) + j, [start + m for m in prefix])
+                for k, j, prefix in _inside_teacher_tokens(s, t, student_ends, teacher_ends)
+            ]
             groups.append(([start + k for k in s], [len(teacher_ids) + j for j in t], inside))
         ends[start:stop] = [None if end is None else chars + end for end in student_ends]
         t_whole.extend(chars + end for end in teacher_whole)
@@ -281,8 +299,9 @@ def alignment_summary(student_tokenizer, teacher_tokenizer, examples: list[dict]
         ids, labels = example["input_ids"], example["labels"]
         if len(ids) < 2:
             continue
-        alignment = align_batch(torch.tensor([ids]), None, torch.tensor([labels[1:]]), student_tokenizer,
-                                teacher_tokenizer, shared)  # fmt: skip
+        alignment = align_batch(
+            torch.tensor([ids]), None, torch.tensor([labels[1:]]), student_tokenizer, teacher_tokenizer, shared
+        )
         teacher_ids = alignment.teacher_inputs["input_ids"].flatten()
         # a teacher row predicts the token after it
         predicted = [*(teacher_ids[alignment.pairs[1] + 1].tolist()), *alignment.span_teacher[1].tolist()]

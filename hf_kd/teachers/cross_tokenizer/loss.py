@@ -38,10 +38,10 @@ import torch
 from hf_kd.models.heads import finish_logits
 from hf_kd.objective.chunking import ChunkPlan, LogitRows, run
 from hf_kd.objective.divergences import uld_distance  # noqa: F401 (the ULD term; importable from here)
-from hf_kd.objective.signals import TeacherHidden, TeacherLogits
-from hf_kd.teachers.cross_tokenizer.alignment import Alignment
 from hf_kd.objective.losses import Objective, normalizer, target_rows
+from hf_kd.objective.signals import TeacherHidden, TeacherLogits
 from hf_kd.objective.sparse import EMPTY_TAIL
+from hf_kd.teachers.cross_tokenizer.alignment import Alignment
 from hf_kd.teachers.cross_tokenizer.vocabulary import Extensions, SharedVocabulary
 
 EXACT_WEIGHT = 1.0  # the exact term is the objective itself
@@ -64,17 +64,34 @@ class TeacherAligned:
     shared: SharedVocabulary  # tokens spelled alike in both vocabularies
     weights: CrossTokenizerWeights  # the exact and ULD terms' weights
 
-    def terms(self, student, labels, objective: Objective, *, num_items_in_batch=None, chunk_size: int = 256,
-              vocab_size: int | None = None) -> dict[str, torch.Tensor | None]:  # fmt: skip
+    def terms(
+        self,
+        student,
+        labels,
+        objective: Objective,
+        *,
+        num_items_in_batch=None,
+        chunk_size: int = 256,
+        vocab_size: int | None = None,
+    ) -> dict[str, torch.Tensor | None]:
         """:func:`hf_kd.objective.terms.objective_terms` for this signal (``vocab_size`` does not apply: the
         vocabularies are mapped, not cut)."""
-        return cross_tokenizer_terms(student, self.teacher, self.alignment, self.shared, labels, objective,
-                                     weights=self.weights, num_items_in_batch=num_items_in_batch,
-                                     chunk_size=chunk_size)  # fmt: skip
+        return cross_tokenizer_terms(
+            student,
+            self.teacher,
+            self.alignment,
+            self.shared,
+            labels,
+            objective,
+            weights=self.weights,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=chunk_size,
+        )
 
 
-def projected_log_probs(teacher_logits: torch.Tensor, projection: torch.Tensor, student_vocab: int,
-                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def projected_log_probs(
+    teacher_logits: torch.Tensor, projection: torch.Tensor, student_vocab: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, V_t]`` teacher logits -> ``[N, V_s]`` log-probabilities over the student's vocabulary: the teacher's
     probabilities at ``temperature``, each credited to ``projection[id]`` (the student token its text starts with,
     :attr:`hf_kd.teachers.cross_tokenizer.alignment.SharedVocabulary.projection`), renormalized over the mass that maps (a teacher token that
@@ -89,8 +106,13 @@ def projected_log_probs(teacher_logits: torch.Tensor, projection: torch.Tensor, 
     return torch.log(out / mass.clamp_min(torch.finfo(out.dtype).tiny)), mass.squeeze(-1) > 0
 
 
-def inner_log_probs(teacher_logits: torch.Tensor, before: torch.Tensor, segmentation: torch.Tensor,
-                    student_vocab: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def inner_log_probs(
+    teacher_logits: torch.Tensor,
+    before: torch.Tensor,
+    segmentation: torch.Tensor,
+    student_vocab: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's word on a student target *inside* one of its tokens: ``[N, V_t]`` logits of the position that
     predicts that token and ``[N, D]`` the student ids already read since its start (-1 pads) -> ``[N, V_s]``
     log-probabilities of the next student token: the mass of the teacher tokens that spell ``before`` and then each
@@ -162,17 +184,37 @@ def cross_tokenizer_terms(
     span_value, span_weight = _span_term(s_rows, t_rows, alignment, shared, objective, chunk)
     row_plan = _RowPlan.of(alignment, keep.numel(), span_weight)[kept]
     head = s_rows.head
-    plan = ChunkPlan(objective, s_rows.vocab, chunk, dtype, need_divergence=True, need_ce=True,  # both always logged
-                     student_softcap=None if head is None else head.softcap,
-                     student_logit_scale=None if head is None else head.logit_scale, dense_teacher=False)  # fmt: skip
+    plan = ChunkPlan(
+        objective,
+        s_rows.vocab,
+        chunk,
+        dtype,
+        need_divergence=True,
+        need_ce=True,  # both always logged
+        student_softcap=None if head is None else head.softcap,
+        student_logit_scale=None if head is None else head.logit_scale,
+        dense_teacher=False,
+    )
     source = _teacher_source(t_rows, row_plan, uld=bool(weights.uld))
     # the span term's value is added once; its gradient comes through the chunks (fixed weights, see _span_term)
-    total, divergence, ce, extras = run(s_rows, source, flat_labels, plan, _Divergence(shared, weights, device),
-                                        denominator, offset=weights.exact * span_value)  # fmt: skip
+    total, divergence, ce, extras = run(
+        s_rows,
+        source,
+        flat_labels,
+        plan,
+        _Divergence(shared, weights, device),
+        denominator,
+        offset=weights.exact * span_value,
+    )
     pairs = torch.tensor(float(alignment.pairs.shape[1]), device=device, dtype=dtype)
     shared_mass = extras.get("shared_mass", torch.zeros((), device=device, dtype=dtype))  # no chunk: no target
-    return {"loss": total, "distill_loss": divergence, "ce_loss": ce, "aligned_fraction": pairs / denominator,
-            "shared_mass": shared_mass}  # fmt: skip
+    return {
+        "loss": total,
+        "distill_loss": divergence,
+        "ce_loss": ce,
+        "aligned_fraction": pairs / denominator,
+        "shared_mass": shared_mass,
+    }
 
 
 def _rows(signal, kept: torch.Tensor | None = None) -> LogitRows:
@@ -284,8 +326,9 @@ class _Divergence:
         if at_boundary.any():  # both have read the same text: next-token distributions, the teacher's projected
             with torch.no_grad():
                 t_logits = teacher.at(part.boundary_row[at_boundary])
-                t_projected, has = projected_log_probs(t_logits, self.segmentation[:, 0], s_logits.shape[-1],
-                                                       temperature)  # fmt: skip
+                t_projected, has = projected_log_probs(
+                    t_logits, self.segmentation[:, 0], s_logits.shape[-1], temperature
+                )
                 paired = part.teacher_row[at_boundary] >= 0
                 mass = torch.softmax(t_logits[paired], -1)[:, self.t_ids].sum()  # on shared tokens, one-to-one targets
             # the teacher side as "logits" whose log_softmax(x / T) is its projected distribution itself
@@ -293,8 +336,13 @@ class _Divergence:
         inside = part.inner_row >= 0
         if inside.any():  # a target inside a teacher token: what the teacher's token says comes next
             with torch.no_grad():
-                t_inner, has = inner_log_probs(teacher.at(part.inner_row[inside]), part.inner_before[inside],
-                                               self.segmentation, s_logits.shape[-1], temperature)  # fmt: skip
+                t_inner, has = inner_log_probs(
+                    teacher.at(part.inner_row[inside]),
+                    part.inner_before[inside],
+                    self.segmentation,
+                    s_logits.shape[-1],
+                    temperature,
+                )
             if has.any():
                 exact = exact + objective.divergence(s_logits[inside][has], temperature * t_inner[has]).sum()
         in_span = part.span_token >= 0
@@ -316,8 +364,14 @@ class _Divergence:
         return weights.exact * exact + weights.uld * uld, ce, mass.detach()
 
 
-def _span_term(student: LogitRows, teacher: LogitRows, alignment: Alignment, shared: SharedVocabulary,
-               objective: Objective, chunk: int):  # fmt: skip
+def _span_term(
+    student: LogitRows,
+    teacher: LogitRows,
+    alignment: Alignment,
+    shared: SharedVocabulary,
+    objective: Objective,
+    chunk: int,
+):
     """The span groups' term and, per flat student row, the weight of its factor's log-probability in its gradient.
 
     Each side's probability that the text goes on with the span's text: the chain rule over its tokens in the span,
@@ -332,8 +386,12 @@ def _span_term(student: LogitRows, teacher: LogitRows, alignment: Alignment, sha
     s_rows, s_tokens, s_groups = alignment.span_student
     t_rows, t_tokens, t_groups = alignment.span_teacher
     with torch.no_grad():
-        s_token_lp = _factor_log_probs(student, s_rows, s_tokens, last_in_group(s_groups), shared.student_extensions, chunk)
-        t_token_lp = _factor_log_probs(teacher, t_rows, t_tokens, last_in_group(t_groups), shared.teacher_extensions, chunk)
+        s_token_lp = _factor_log_probs(
+            student, s_rows, s_tokens, last_in_group(s_groups), shared.student_extensions, chunk
+        )
+        t_token_lp = _factor_log_probs(
+            teacher, t_rows, t_tokens, last_in_group(t_groups), shared.teacher_extensions, chunk
+        )
     with torch.enable_grad():
         leaf = s_token_lp.detach().requires_grad_(True)
         s_span = span_log_probs(leaf, s_groups, groups)
@@ -361,8 +419,9 @@ def last_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, extensions: Ex
     return torch.logsumexp(ranked.masked_fill(~inside, -torch.inf), dim=-1)
 
 
-def _factor_log_probs(side: LogitRows, rows: torch.Tensor, tokens: torch.Tensor, last: torch.Tensor,
-                      extensions: Extensions, chunk: int) -> torch.Tensor:  # fmt: skip
+def _factor_log_probs(
+    side: LogitRows, rows: torch.Tensor, tokens: torch.Tensor, last: torch.Tensor, extensions: Extensions, chunk: int
+) -> torch.Tensor:
     """``[M]`` each span token's factor at its row (T = 1): log p(token), or for the last of a span
     :func:`last_log_probs`; ``chunk`` rows at a time, without a graph."""
     parts = []

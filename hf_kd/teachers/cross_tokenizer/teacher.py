@@ -23,8 +23,10 @@ from hf_kd.teachers.registry import Teacher, register_teacher
 
 logger = logging.getLogger(__name__)
 SETUP_SAMPLE = 16  # training examples aligned at setup for the one line that announces the pair (check aligns 64)
-NO_COMPLETIONS = ("a teacher with another tokenizer cannot write the student's completions; use on-policy "
-                  "distillation (lmbda) or the dataset's completions")  # fmt: skip
+NO_COMPLETIONS = (
+    "a teacher with another tokenizer cannot write the student's completions; use on-policy "
+    "distillation (lmbda) or the dataset's completions"
+)
 
 
 @register_teacher
@@ -34,8 +36,9 @@ class CrossTokenizerTeacher(Teacher):
 
     kind = "cross_tokenizer"
 
-    def __init__(self, model: nn.Module | None, name: str | None, student_tokenizer, teacher_tokenizer, weights,
-                 remote=None):  # fmt: skip
+    def __init__(
+        self, model: nn.Module | None, name: str | None, student_tokenizer, teacher_tokenizer, weights, remote=None
+    ):
         self.model, self.name = model, name
         self.remote = remote  # a served teacher that answers for the teacher's ids instead of a model here
         self.student_tokenizer, self.tokenizer, self.weights = student_tokenizer, teacher_tokenizer, weights
@@ -49,15 +52,20 @@ class CrossTokenizerTeacher(Teacher):
         if source is None:
             raise SetupError("teacher_model_name_or_path", "no teacher: a cross-tokenizer teacher is a model")
         if trainer.task != "causal_lm":
-            raise SetupError("teacher_tokenizer_name_or_path", f"cross-tokenizer distillation is for causal LMs, not "
-                             f"task {trainer.task!r}")  # fmt: skip
+            raise SetupError(
+                "teacher_tokenizer_name_or_path",
+                f"cross-tokenizer distillation is for causal LMs, not task {trainer.task!r}",
+            )
         if args.seq_kd:
             raise SetupError("seq_kd", NO_COMPLETIONS)
         unavailable = sorted(name for name, d in args.objective.divergences.items() if not d.on_buckets)
         if unavailable:
             usable = ", ".join(name for name, d in DIVERGENCES.items() if d.on_buckets)
-            raise SetupError("loss_type", f"{', '.join(unavailable)} compares logits over one vocabulary, which a "
-                             f"teacher with another tokenizer does not have; use {usable}")  # fmt: skip
+            raise SetupError(
+                "loss_type",
+                f"{', '.join(unavailable)} compares logits over one vocabulary, which a "
+                f"teacher with another tokenizer does not have; use {usable}",
+            )
 
     @classmethod
     def build(cls, trainer, source) -> Teacher:
@@ -69,14 +77,18 @@ class CrossTokenizerTeacher(Teacher):
         return cls.from_model(trainer, freeze(model), name, teacher_tokenizer)
 
     @classmethod
-    def from_model(cls, trainer, model: nn.Module | None, name: str | None, teacher_tokenizer,
-                   remote=None) -> CrossTokenizerTeacher:  # fmt: skip
+    def from_model(
+        cls, trainer, model: nn.Module | None, name: str | None, teacher_tokenizer, remote=None
+    ) -> CrossTokenizerTeacher:
         """A loaded, frozen model (or a ``remote`` served teacher, :meth:`ServedTeacher.aligned_hidden`) and its
         tokenizer: what the pair must allow, and the one log line that says it."""
         tokenizer = student_tokenizer(trainer)
         if not getattr(tokenizer, "is_fast", False) or not getattr(teacher_tokenizer, "is_fast", False):
-            raise SetupError("teacher_tokenizer_name_or_path", "cross-tokenizer alignment needs fast tokenizers "
-                             "(character offsets) on both sides; load them with use_fast=True")  # fmt: skip
+            raise SetupError(
+                "teacher_tokenizer_name_or_path",
+                "cross-tokenizer alignment needs fast tokenizers "
+                "(character offsets) on both sides; load them with use_fast=True",
+            )
         args = trainer.args
         weights = CrossTokenizerWeights(args.cross_tokenizer_exact_weight, args.cross_tokenizer_uld_weight)
         model = None if model is None else prepare_teacher(trainer.accelerator, model)
@@ -93,23 +105,34 @@ class CrossTokenizerTeacher(Teacher):
             rows = [dataset[i] for i in range(min(len(dataset), SETUP_SAMPLE))]
         except TypeError:  # no dataset, or one without a length (an IterableDataset): nothing to sample
             return None
-        examples = [{key: [int(t) for t in row[key]] for key in ("input_ids", "labels")} for row in rows
-                    if isinstance(row, dict) and "input_ids" in row and "labels" in row]  # fmt: skip
+        examples = [
+            {key: [int(t) for t in row[key]] for key in ("input_ids", "labels")}
+            for row in rows
+            if isinstance(row, dict) and "input_ids" in row and "labels" in row
+        ]
         found = alignment_summary(self.student_tokenizer, self.tokenizer, examples) if examples else None
         return {**found, "examples": float(len(examples))} if found and found["targets"] else None
 
     def setup_line(self) -> str:
         """One line: both tokenizers, the shared vocabulary, and how the first training examples align."""
         shared, found = self.shared, self.aligned_at_setup
-        line = (f"cross-tokenizer distillation: the teacher's tokenizer ({_name(self.tokenizer)}, "
-                f"{shared.teacher_size} tokens) is not the student's ({_name(self.student_tokenizer)}, "
-                f"{shared.student_size} tokens); {len(shared.student_ids)} tokens are shared ({100 * shared.overlap:.1f}% "
-                "of the student's)")  # fmt: skip
+        line = (
+            f"cross-tokenizer distillation: the teacher's tokenizer ({_name(self.tokenizer)}, "
+            f"{shared.teacher_size} tokens) is not the student's ({_name(self.student_tokenizer)}, "
+            f"{shared.student_size} tokens); {len(shared.student_ids)} tokens are shared ({100 * shared.overlap:.1f}% "
+            "of the student's)"
+        )
         return line + (f"; {_aligned(found)}" if found is not None else "")
 
     def run(self, inputs, forward, targets):
-        alignment = align_batch(inputs["input_ids"], inputs.get("attention_mask"), targets, self.student_tokenizer,
-                                self.tokenizer, self.shared)  # fmt: skip
+        alignment = align_batch(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            targets,
+            self.student_tokenizer,
+            self.tokenizer,
+            self.shared,
+        )
         device = inputs["input_ids"].device
         if str(device) not in self._shared_on:
             self._shared_on[str(device)] = self.shared.to(device)
@@ -145,6 +168,8 @@ def _name(tokenizer) -> str:
 
 
 def _aligned(found: dict[str, float]) -> str:
-    return (f"of the target positions of the first {found['examples']:.0f} training examples, "
-            f"{100 * found['one_to_one']:.1f}% align one to one, {100 * found['in_spans']:.1f}% in merged spans, the "
-            "rest with nothing (CE only)")
+    return (
+        f"of the target positions of the first {found['examples']:.0f} training examples, "
+        f"{100 * found['one_to_one']:.1f}% align one to one, {100 * found['in_spans']:.1f}% in merged spans, the "
+        "rest with nothing (CE only)"
+    )

@@ -44,8 +44,10 @@ def _decoder_kinds(tokenizer) -> set[str]:
     decoder = json.loads(backend.to_str()).get("decoder") or {}
     parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     kinds = {part.get("type") for part in parts}
-    if any(part.get("type") == "Replace" and "▁" in json.dumps(part.get("pattern", ""), ensure_ascii=False)
-           for part in parts):  # fmt: skip
+    if any(
+        part.get("type") == "Replace" and "▁" in json.dumps(part.get("pattern", ""), ensure_ascii=False)
+        for part in parts
+    ):
         kinds.add("Metaspace")  # Llama-2 style: a Replace("▁", " ") step
     return kinds
 
@@ -107,10 +109,14 @@ class SharedVocabulary:
     def to(self, device) -> SharedVocabulary:
         """A copy whose tensors live on ``device`` (the loss reads them every chunk)."""
         move = lambda ext: Extensions(ext.order.to(device), ext.lo.to(device), ext.hi.to(device))  # noqa: E731
-        return dataclasses.replace(self, student_ids=self.student_ids.to(device), teacher_ids=self.teacher_ids.to(device),
-                                   segmentation=self.segmentation.to(device),
-                                   student_extensions=move(self.student_extensions),
-                                   teacher_extensions=move(self.teacher_extensions))  # fmt: skip
+        return dataclasses.replace(
+            self,
+            student_ids=self.student_ids.to(device),
+            teacher_ids=self.teacher_ids.to(device),
+            segmentation=self.segmentation.to(device),
+            student_extensions=move(self.student_extensions),
+            teacher_extensions=move(self.teacher_extensions),
+        )
 
     @property
     def projection(self) -> torch.Tensor:
@@ -140,9 +146,17 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
         if isinstance(string, tuple):
             special_map[token_id] = by_string.get(string)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
-    return SharedVocabulary(ids[:, 0].contiguous(), ids[:, 1].contiguous(), special_map, student, len(student),
-                            len(teacher), _segmentation(student, teacher, student_tokenizer), extensions(student),
-                            extensions(teacher))  # fmt: skip
+    return SharedVocabulary(
+        ids[:, 0].contiguous(),
+        ids[:, 1].contiguous(),
+        special_map,
+        student,
+        len(student),
+        len(teacher),
+        _segmentation(student, teacher, student_tokenizer),
+        extensions(student),
+        extensions(teacher),
+    )
 
 
 @dataclass(frozen=True)
@@ -192,8 +206,10 @@ def _segmentation(student: dict[int, object], teacher: dict[int, object], studen
             continue
         rest = string
         for column in range(DEPTH + 1):
-            match = next((by_string[rest[:cut]] for cut in range(min(len(rest), longest), 0, -1)
-                          if rest[:cut] in by_string), None)  # fmt: skip
+            match = next(
+                (by_string[rest[:cut]] for cut in range(min(len(rest), longest), 0, -1) if rest[:cut] in by_string),
+                None,
+            )
             if match is None:
                 break
             table[token_id, column] = match

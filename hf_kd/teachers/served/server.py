@@ -59,8 +59,15 @@ class _Pending:
 class HiddenStateServer:
     """The teacher, its head (packed once), the queue and the worker. :meth:`app` is the aiohttp application."""
 
-    def __init__(self, model: nn.Module, *, name: str, tokenizer_hash: str | None = None, token: str | None = None,
-                 limits: Limits | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        tokenizer_hash: str | None = None,
+        token: str | None = None,
+        limits: Limits | None = None,
+    ):
         spec, why = lm_head_spec(model)
         if spec is None:
             raise SetupError("teacher", f"cannot be served as hidden states: {why}")
@@ -88,8 +95,14 @@ class HiddenStateServer:
         from aiohttp import web
 
         app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024 * 1024)
-        app.add_routes([web.get("/health", self._health), web.get("/info", self._info), web.get("/head", self._head),
-                        web.post("/hidden", self._hidden)])  # fmt: skip
+        app.add_routes(
+            [
+                web.get("/health", self._health),
+                web.get("/info", self._info),
+                web.get("/head", self._head),
+                web.post("/hidden", self._hidden),
+            ]
+        )
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -133,8 +146,9 @@ class HiddenStateServer:
     async def _head(self, _request):
         from aiohttp import web
 
-        return web.Response(body=self.head_bytes, content_type="application/octet-stream",
-                            headers={"X-Head-Hash": self.head_hash})  # fmt: skip
+        return web.Response(
+            body=self.head_bytes, content_type="application/octet-stream", headers={"X-Head-Hash": self.head_hash}
+        )
 
     async def _hidden(self, request):
         from aiohttp import web
@@ -148,11 +162,17 @@ class HiddenStateServer:
         except Exception as err:  # not safetensors, or missing a tensor: the client's mistake, said in one line
             return self._refusal(400, f"expected safetensors with input_ids and attention_mask ({type(err).__name__})")
         if ids.dim() != 2 or mask.shape != ids.shape:
-            return self._refusal(400, f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must "
-                                      "be the same [batch, sequence]")  # fmt: skip
+            return self._refusal(
+                400,
+                f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must "
+                "be the same [batch, sequence]",
+            )
         if ids.numel() > self.limits.max_request_tokens:
-            return self._refusal(413, f"{ids.numel()} tokens in one request; this server takes at most "
-                                      f"{self.limits.max_request_tokens} (send smaller micro-batches)")  # fmt: skip
+            return self._refusal(
+                413,
+                f"{ids.numel()} tokens in one request; this server takes at most "
+                f"{self.limits.max_request_tokens} (send smaller micro-batches)",
+            )
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.info["vocab_size"]):
             return self._refusal(400, f"token ids must be in [0, {self.info['vocab_size']})")
         pending = _Pending(ids, mask, dtype, asyncio.get_running_loop().create_future())
@@ -162,8 +182,11 @@ class HiddenStateServer:
             return self._refusal(503, "the queue is full; retry", **{"Retry-After": "1"})
         hidden = await pending.answer
         self.requests += 1
-        return web.Response(body=pack({"hidden": hidden}), content_type="application/octet-stream",
-                            headers={"X-Head-Hash": self.head_hash})  # fmt: skip
+        return web.Response(
+            body=pack({"hidden": hidden}),
+            content_type="application/octet-stream",
+            headers={"X-Head-Hash": self.head_hash},
+        )
 
     # ---- the worker: batches what waits, one forward at a time ---------------------------------------------------
 

@@ -44,9 +44,11 @@ class TeacherClient:
         data, headers = self._exchange(path, body)
         sent = headers.get("X-Head-Hash")
         if path.startswith("/hidden") and self.head_hash is not None and sent != self.head_hash:
-            raise TeacherUnavailable(f"teacher server {self.url} now serves another model (head {str(sent)[:12]}, "
-                                     f"not {self.head_hash[:12]}); restart it with the teacher this run started "
-                                     "with")  # fmt: skip
+            raise TeacherUnavailable(
+                f"teacher server {self.url} now serves another model (head {str(sent)[:12]}, "
+                f"not {self.head_hash[:12]}); restart it with the teacher this run started "
+                "with"
+            )
         return data
 
     def _exchange(self, path: str, body: bytes | None, json_body: bool = False) -> tuple[bytes, dict]:
@@ -62,13 +64,17 @@ class TeacherClient:
             except urllib.error.HTTPError as err:
                 message = err.read().decode(errors="replace")
                 if err.code != 503 or attempt == RETRIES:
-                    raise SetupError("teacher_options", f"teacher server {self.url}{path}: HTTP {err.code}: "
-                                     f"{message}") from None  # fmt: skip
+                    raise SetupError(
+                        "teacher_options", f"teacher server {self.url}{path}: HTTP {err.code}: {message}"
+                    ) from None
             except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
                 if attempt == RETRIES:
                     reason = getattr(err, "reason", err)
-                    raise SetupError("teacher_options", f"teacher server {self.url} cannot be reached ({reason}); "
-                                     "start it with hf-kd serve-teacher, or check url") from None  # fmt: skip
+                    raise SetupError(
+                        "teacher_options",
+                        f"teacher server {self.url} cannot be reached ({reason}); "
+                        "start it with hf-kd serve-teacher, or check url",
+                    ) from None
             time.sleep(2**attempt)
         raise AssertionError("unreachable")
 
@@ -86,8 +92,9 @@ class TeacherClient:
             raise SetupError("teacher_options", f"teacher server {self.url}: the head changed since /info; restart")
         self.head_hash = expected_hash
         tensors, metadata = unpack(data), head_metadata(data)
-        return LMHeadSpec(tensors["weight"], tensors.get("bias"), json.loads(metadata["softcap"]),
-                          json.loads(metadata["logit_scale"]))  # fmt: skip
+        return LMHeadSpec(
+            tensors["weight"], tensors.get("bias"), json.loads(metadata["softcap"]), json.loads(metadata["logit_scale"])
+        )
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: str) -> torch.Tensor:
         """``[B, S, H]`` final hidden states of the teacher for a batch, in ``dtype``."""
@@ -135,8 +142,14 @@ class ServedTeacher(Teacher):
         if info.get("tokenizer_hash") and tokenizer is not None and tokenizer_hash(tokenizer) != info["tokenizer_hash"]:
             return cls._across_tokenizers(trainer, client, info, head, options)
         vocab = shared_vocab_size(num_outputs(trainer.model, trainer.task), info["vocab_size"], trainer.task, tokenizer)
-        logger.info("served teacher %s at %s: vocab %d, hidden %d, %s", info["model"], client.url, info["vocab_size"],
-                    info["hidden_size"], info["dtype"])  # fmt: skip
+        logger.info(
+            "served teacher %s at %s: vocab %d, hidden %d, %s",
+            info["model"],
+            client.url,
+            info["vocab_size"],
+            info["hidden_size"],
+            info["dtype"],
+        )
         return cls(client, info, head, options.get("dtype") or info["dtype"], vocab)
 
     @classmethod
@@ -149,9 +162,12 @@ class ServedTeacher(Teacher):
 
         teacher_tokenizer = load_teacher_tokenizer(trainer.args, None)
         if teacher_tokenizer is None or tokenizer_hash(teacher_tokenizer) != info["tokenizer_hash"]:
-            raise SetupError("teacher_tokenizer_name_or_path", f"the served teacher {info['model']} reads another "
-                             "tokenizer than the student's: name that tokenizer (recipes: teacher.tokenizer) to "
-                             "distill across tokenizers")  # fmt: skip
+            raise SetupError(
+                "teacher_tokenizer_name_or_path",
+                f"the served teacher {info['model']} reads another "
+                "tokenizer than the student's: name that tokenizer (recipes: teacher.tokenizer) to "
+                "distill across tokenizers",
+            )
         CrossTokenizerTeacher.check_setup(trainer, info["model"])
         remote = cls(client, info, head, options.get("dtype") or info["dtype"], None)
         return CrossTokenizerTeacher.from_model(trainer, None, info["model"], teacher_tokenizer, remote=remote)
@@ -167,8 +183,12 @@ class ServedTeacher(Teacher):
     def _head_on(self, device) -> LMHeadSpec:
         if str(device) not in self._heads_on:
             head = self.head
-            self._heads_on[str(device)] = LMHeadSpec(head.weight.to(device), None if head.bias is None else
-                                                     head.bias.to(device), head.softcap, head.logit_scale)  # fmt: skip
+            self._heads_on[str(device)] = LMHeadSpec(
+                head.weight.to(device),
+                None if head.bias is None else head.bias.to(device),
+                head.softcap,
+                head.logit_scale,
+            )
         return self._heads_on[str(device)]
 
     def prefetch(self, batch) -> None:
@@ -182,7 +202,9 @@ class ServedTeacher(Teacher):
     def run(self, inputs, forward, targets):
         answer: Future | None = getattr(inputs, "teacher_answers", {}).pop(id(self), None)
         try:
-            hidden = answer.result() if answer is not None else self._ask(inputs["input_ids"], inputs.get("attention_mask"))
+            hidden = (
+                answer.result() if answer is not None else self._ask(inputs["input_ids"], inputs.get("attention_mask"))
+            )
         except SetupError as err:  # at setup a refusal; in training the step cannot be computed: the run stops
             raise TeacherUnavailable(err.problem) from None
         device = inputs["input_ids"].device

@@ -48,12 +48,15 @@ def prompt_top_k(entries: list, length: int, k: int) -> tuple[list[list[int]], l
     the top ``k`` by rank and the prompt's own token, whatever its rank."""
     ids, values = [], []
     for entry in entries[1:length]:
-        ranked = sorted(((int(token), item["rank"], item["logprob"]) for token, item in entry.items()),
-                        key=lambda t: t[1])  # fmt: skip
+        ranked = sorted(
+            ((int(token), item["rank"], item["logprob"]) for token, item in entry.items()), key=lambda t: t[1]
+        )
         top = [t for t in ranked if t[1] <= k][:k]
         if len(top) < k:
-            raise TeacherUnavailable(f"the vLLM server sent {len(top)} log-probabilities for a position, not {k}; "
-                                     f"start it with --max-logprobs {k} or more")  # fmt: skip
+            raise TeacherUnavailable(
+                f"the vLLM server sent {len(top)} log-probabilities for a position, not {k}; "
+                f"start it with --max-logprobs {k} or more"
+            )
         ids.append([t[0] for t in top])
         values.append([t[2] for t in top])
     return ids, values
@@ -104,8 +107,11 @@ class VLLMTeacher(Teacher):
             for text in (*PROBES, own):  # the server must read the ids the batch holds
                 served = client.post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})
                 if served.get("tokens") != tokenizer(text, add_special_tokens=False)["input_ids"]:
-                    raise SetupError("teacher_options", f"the vLLM server's {model} tokenizes {text!r} unlike the "
-                                     "student's tokenizer; serve a model of the student's tokenizer")  # fmt: skip
+                    raise SetupError(
+                        "teacher_options",
+                        f"the vLLM server's {model} tokenizes {text!r} unlike the "
+                        "student's tokenizer; serve a model of the student's tokenizer",
+                    )
         logger.info("vLLM teacher %s at %s: top-%d log-probabilities per position", model, client.url, top_k)
         return cls(client, model, top_k, vocab)
 
@@ -113,8 +119,13 @@ class VLLMTeacher(Teacher):
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         rows = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
-        payload = {"model": self.model_name, "prompt": rows, "max_tokens": 1, "temperature": 0.0,
-                   "prompt_logprobs": self.top_k}  # fmt: skip
+        payload = {
+            "model": self.model_name,
+            "prompt": rows,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": self.top_k,
+        }
         try:
             choices = sorted(self.client.post("/v1/completions", payload)["choices"], key=lambda c: c["index"])
         except SetupError as err:  # in training: the step cannot be computed
