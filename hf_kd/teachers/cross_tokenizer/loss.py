@@ -26,7 +26,7 @@ and ``d(weight)`` (or ``d(logits)``), the sums and their one division, so that o
 ``[tokens, vocab]`` is held. This module supplies what is its own: a teacher *source* (the teacher rows a chunk reads,
 each projected once: :func:`_teacher_source`), a *divergence* (the terms above and the shared mass it logs:
 :class:`_Divergence`) and the span term, which depends on sums across chunks: it is evaluated first, and its gradient
-enters the pass as fixed weights on each token's log-probability (:func:`_span_term`).
+enters the pass as fixed weights on each token's log-probability (:func:`span_term`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,15 @@ from hf_kd.objective.chunking import ChunkPlan, LogitRows, run
 from hf_kd.objective.divergences import uld_distance  # noqa: F401 (the ULD term; importable from here)
 from hf_kd.objective.losses import Objective, normalizer, target_rows
 from hf_kd.objective.signals import TeacherHidden, TeacherLogits
-from hf_kd.objective.sparse import EMPTY_TAIL
 from hf_kd.teachers.cross_tokenizer.alignment import Alignment
-from hf_kd.teachers.cross_tokenizer.vocabulary import Extensions, SharedVocabulary
+from hf_kd.teachers.cross_tokenizer.spans import (  # noqa: F401 (span_log_probs, two_buckets: importable here)
+    last_in_group,
+    last_log_probs,
+    span_log_probs,
+    span_term,
+    two_buckets,
+)
+from hf_kd.teachers.cross_tokenizer.vocabulary import SharedVocabulary
 
 EXACT_WEIGHT = 1.0  # the exact term is the objective itself
 ULD_WEIGHT = 0.0  # off: on benchmarks/cross_tokenizer.py it cost a fifth of the gain kept (48% vs 63%)
@@ -136,20 +142,6 @@ def inner_log_probs(
     return torch.log(out / mass.clamp_min(torch.finfo(out.dtype).tiny)), mass.squeeze(-1) > 0
 
 
-def span_log_probs(token_log_probs: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
-    """``[M]`` log-probabilities of the tokens of span groups and ``[M]`` their group index -> ``[count]`` the log
-    probability of each group's text, by the chain rule (the sum of its tokens' log-probabilities)."""
-    return token_log_probs.new_zeros(count).index_add(0, groups, token_log_probs)
-
-
-def two_buckets(log_prob: torch.Tensor) -> torch.Tensor:
-    """``[G]`` log P(text) -> ``[G, 2]`` log-probabilities of ``{the text, anything else}`` (an empty bucket is
-    :data:`EMPTY_TAIL`, as in the sparse loss)."""
-    log_prob = log_prob.clamp_max(0.0)
-    rest = torch.log(-torch.expm1(log_prob.clamp_max(-1e-30)))  # log(1 - P), stable for P near 0 and near 1
-    return torch.stack([log_prob.clamp_min(EMPTY_TAIL), rest.clamp_min(EMPTY_TAIL)], dim=-1)
-
-
 def cross_tokenizer_terms(
     student,
     teacher,
@@ -181,7 +173,7 @@ def cross_tokenizer_terms(
     device, dtype = s_rows.rows.device, s_rows.dtype  # float64 in, float64 out
     denominator = normalizer(alignment.targets, num_items_in_batch, device=device, dtype=dtype)
     chunk = max(chunk_size, 1)
-    span_value, span_weight = _span_term(s_rows, t_rows, alignment, shared, objective, chunk)
+    span_value, span_weight = span_term(s_rows, t_rows, alignment, shared, objective, chunk)
     row_plan = _RowPlan.of(alignment, keep.numel(), span_weight)[kept]
     head = s_rows.head
     plan = ChunkPlan(
@@ -196,7 +188,7 @@ def cross_tokenizer_terms(
         dense_teacher=False,
     )
     source = _teacher_source(t_rows, row_plan, uld=bool(weights.uld))
-    # the span term's value is added once; its gradient comes through the chunks (fixed weights, see _span_term)
+    # the span term's value is added once; its gradient comes through the chunks (fixed weights, see span_term)
     total, divergence, ce, extras = run(
         s_rows,
         source,
@@ -346,7 +338,7 @@ class _Divergence:
             if has.any():
                 exact = exact + objective.divergence(s_logits[inside][has], temperature * t_inner[has]).sum()
         in_span = part.span_token >= 0
-        if in_span.any():  # the span term's gradient: fixed weights on these factors' log-probs (see _span_term)
+        if in_span.any():  # the span term's gradient: fixed weights on these factors' log-probs (see span_term)
             tokens = part.span_token[in_span]
             factor = log_p_s[in_span].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
             ends = part.span_last[in_span]
@@ -362,74 +354,3 @@ class _Divergence:
             s_probs = log_p_s[starts].exp() if temperature == 1 else torch.softmax(s_logits[starts] / temperature, -1)
             uld = uld_distance(s_probs, t_probs).sum()
         return weights.exact * exact + weights.uld * uld, ce, mass.detach()
-
-
-def _span_term(
-    student: LogitRows,
-    teacher: LogitRows,
-    alignment: Alignment,
-    shared: SharedVocabulary,
-    objective: Objective,
-    chunk: int,
-):
-    """The span groups' term and, per flat student row, the weight of its factor's log-probability in its gradient.
-
-    Each side's probability that the text goes on with the span's text: the chain rule over its tokens in the span,
-    the last factor summed over every token whose text starts with the last token's (" s5 s3" goes on with " s5" as
-    well as " s5" itself does; :func:`last_log_probs`). The term is a function of sums across chunks: it is evaluated
-    here without a graph, and its derivative with respect to every factor becomes a fixed weight, so that the chunk
-    pass adds the exact gradient while holding one chunk at a time."""
-    weight = torch.zeros(student.rows.shape[0], device=student.rows.device, dtype=student.dtype)
-    groups = alignment.span_starts.shape[1]
-    if not groups:
-        return student.rows.new_zeros((), dtype=torch.float32), weight
-    s_rows, s_tokens, s_groups = alignment.span_student
-    t_rows, t_tokens, t_groups = alignment.span_teacher
-    with torch.no_grad():
-        s_token_lp = _factor_log_probs(
-            student, s_rows, s_tokens, last_in_group(s_groups), shared.student_extensions, chunk
-        )
-        t_token_lp = _factor_log_probs(
-            teacher, t_rows, t_tokens, last_in_group(t_groups), shared.teacher_extensions, chunk
-        )
-    with torch.enable_grad():
-        leaf = s_token_lp.detach().requires_grad_(True)
-        s_span = span_log_probs(leaf, s_groups, groups)
-        t_span = span_log_probs(t_token_lp, t_groups, groups)
-        value = objective.divergence(two_buckets(s_span), two_buckets(t_span)).sum()
-        (grad,) = torch.autograd.grad(value, leaf)
-    weight[s_rows] = grad.to(weight.dtype)
-    return value.detach(), weight
-
-
-def last_in_group(groups: torch.Tensor) -> torch.Tensor:
-    """``[M]`` group index of each token, in order -> ``[M]`` whether it is its group's last."""
-    return torch.cat([groups[1:] != groups[:-1], groups.new_ones(min(groups.numel(), 1), dtype=torch.bool)])
-
-
-def last_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, extensions: Extensions) -> torch.Tensor:
-    """``[N, V]`` log-probabilities and ``[N]`` tokens -> ``[N]`` log of the probability of every token whose text
-    starts with the token's (itself included): that the text goes on with the token's text."""
-    order = extensions.order.to(log_probs.device)
-    width = order.numel()
-    ranked = log_probs[:, order]  # sorted by text: a token's extensions are one range
-    position = torch.arange(width, device=log_probs.device)
-    lo, hi = extensions.lo.to(log_probs.device)[tokens], extensions.hi.to(log_probs.device)[tokens]
-    inside = (position >= lo.unsqueeze(-1)) & (position < hi.unsqueeze(-1))
-    return torch.logsumexp(ranked.masked_fill(~inside, -torch.inf), dim=-1)
-
-
-def _factor_log_probs(
-    side: LogitRows, rows: torch.Tensor, tokens: torch.Tensor, last: torch.Tensor, extensions: Extensions, chunk: int
-) -> torch.Tensor:
-    """``[M]`` each span token's factor at its row (T = 1): log p(token), or for the last of a span
-    :func:`last_log_probs`; ``chunk`` rows at a time, without a graph."""
-    parts = []
-    for i in range(0, rows.numel(), chunk):
-        log_p = torch.log_softmax(side.logits(rows[i : i + chunk]), -1)
-        factor = log_p.gather(-1, tokens[i : i + chunk].unsqueeze(-1)).squeeze(-1)
-        ends = last[i : i + chunk]
-        if ends.any():
-            factor = factor.masked_scatter(ends, last_log_probs(log_p[ends], tokens[i : i + chunk][ends], extensions))
-        parts.append(factor)
-    return torch.cat(parts) if parts else side.rows.new_zeros(0, dtype=torch.float32)
