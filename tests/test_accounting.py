@@ -193,3 +193,35 @@ def test_summed_metrics_keep_their_shapes_whatever_their_names():
     sums = {"a_bin_count": torch.tensor(3.0), "count": torch.tensor([1.0, 2.0]), "kl": torch.tensor([[4.0]])}
     totals = reduce_sums(sums, lambda flat: flat * 2, torch.device("cpu"))  # a 2-process sum of equal halves
     assert totals == {"a_bin_count": 6.0, "count": [2.0, 4.0], "kl": [[8.0]]}
+
+
+def test_throughput_counts_the_time_spent_preparing_the_batch(tmp_path, tiny_dir):
+    """A window's tokens per second is over its whole wall time: a step whose batch takes 0.25 s to prepare (as
+    generating completions does, before the step's targets are counted) cannot report more than its tokens / 0.25 s."""
+    import time
+
+    class Slow(DistillationTrainer):
+        def prepare_batch(self, inputs, index):
+            time.sleep(0.25)
+            return super().prepare_batch(inputs, index)
+
+    rows = [{"input_ids": [(3 * i + j) % 37 + 3 for j in range(10)]} for i in range(12)]  # 9 targets each
+    trainer = Slow(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
+                   args=make_args(tmp_path, max_steps=3, logging_steps=1), train_dataset=Dataset.from_list(rows))
+    trainer.train()
+    rates = [log["target_tokens_per_second"] for log in trainer.state.log_history if "target_tokens_per_second" in log]
+    assert len(rates) == 3 and all(0 < rate <= 4 * 9 / 0.25 for rate in rates)
+
+
+def test_a_run_shorter_than_logging_steps_logs_its_window_and_the_card_its_losses(tmp_path, tiny_dir):
+    from hf_kd.training.card import final_losses
+
+    rows = [{"input_ids": [(3 * i + j) % 37 + 3 for j in range(10)]} for i in range(12)]
+    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
+                                  args=make_args(tmp_path, max_steps=3, logging_steps=500, alpha=0.5),
+                                  train_dataset=Dataset.from_list(rows))
+    trainer.train()
+    step_logs = [log for log in trainer.state.log_history if "loss" in log and "train_runtime" not in log]
+    assert [log["step"] for log in step_logs] == [3]  # the final partial window: steps 1-3
+    losses = final_losses(trainer.state.log_history)
+    assert {"loss", "distill_loss", "ce_loss"} <= set(losses) and all(v > 0 for v in losses.values())

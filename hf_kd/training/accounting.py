@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 
 import torch
+from transformers import TrainerCallback
 
 from hf_kd.objective.metrics import add_sums, finalize_metrics
 
@@ -62,8 +63,9 @@ def reduce_sums(sums: Mapping[str, torch.Tensor], reduce, device) -> dict[str, f
     return totals
 
 
-class Accounting:
-    """Owned by the trainer; ``reduce`` sums a float64 tensor over processes (identity on one process)."""
+class Accounting(TrainerCallback):
+    """Owned by the trainer (and one of its callbacks: the clocks start when training does); ``reduce`` sums a float64
+    tensor over processes (identity on one process)."""
 
     def __init__(self, reduce, device, language_model: bool):
         self._reduce_sum, self._device, self._language_model = reduce, device, language_model
@@ -82,6 +84,19 @@ class Accounting:
         self._agreement: dict[str, torch.Tensor] = {}  # evaluation: hf_kd.objective.metrics sums
 
     # ---- counts -------------------------------------------------------------------------------------------------
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """The last step logs its window even when it is shorter than ``logging_steps`` (a short run has logs, and
+        its card the losses)."""
+        if state.global_step >= state.max_steps > 0 and self._window_steps:
+            control.should_log = True
+        return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Training starts (before its first batch is fetched or generated): the clocks start here."""
+        self._clock.start()
+        self._run_clock.start()
+        self._window_started = time.perf_counter()
 
     def count_step(self, local_count: torch.Tensor) -> torch.Tensor:
         """One optimizer step's target count on this process -> the global count (what every loss divides by)."""
@@ -153,7 +168,7 @@ class Accounting:
         rate = self._clock.rate()
         if rate is not None:
             logs["target_tokens_per_second"] = rate
-        self._clock = _Clock()
+        self._clock = _Clock(started=time.perf_counter())  # the next window starts now, generation included
         return logs
 
     def _generation_logs(self, wall_seconds: float) -> dict[str, float]:
@@ -214,10 +229,17 @@ class Accounting:
 
 
 class _Clock:
-    """Target tokens and the wall time since the first of them, less the pauses (evaluations)."""
+    """Target tokens over the wall time since the window (or the run) started, less the pauses (evaluations).
 
-    def __init__(self):
-        self.tokens, self.started, self.paused = 0, None, 0.0
+    A window starts where the last one ended (the log), not at its first counted step: a step's generated completions
+    are made before its targets are counted, and their time belongs to the window's throughput."""
+
+    def __init__(self, started: float | None = None):
+        self.tokens, self.started, self.paused = 0, started, 0.0
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
 
     def add(self, tokens: torch.Tensor) -> None:
         if self.started is None:

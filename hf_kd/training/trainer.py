@@ -114,6 +114,7 @@ class DistillationTrainer(Trainer):
         self.vocab_size = self.teacher.vocab_size  # None, or the shared prefix of padded vocabularies
         self.use_fused_loss = fused_loss_applies(self)
         self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task_spec.language_model)
+        self.add_callback(self.accounting)  # its clocks start with training
         self.generation = Generation.for_trainer(self) if args.generates else None
         student_name = getattr(unwrap(self.model), "name_or_path", None) or type(unwrap(self.model)).__name__
         self.faults = FaultGuard(self._sum_over_processes, self.teacher.name, student_name)
