@@ -142,6 +142,9 @@ def test_several_teachers_in_a_recipe(tmp_path, tiny_dir, capsys):
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert main(["check", str(path)]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"teacher 1 of 2 (weight 0.667): {tiny_dir['teacher']}" in out and "teacher 2 of 2 (weight 0.333)" in out
     assert main(["train", str(path)]) == 0, capsys.readouterr().err
     assert (tmp_path / "out" / COMPLETE_MARKER).exists()
     card = (tmp_path / "out" / "README.md").read_text()

@@ -38,8 +38,16 @@ def check_recipe(recipe: Recipe) -> Report:
         if role == "teacher" and section.name_or_path == SELF_TEACHER:
             report.add("teacher self: the student's base model with its adapters disabled (self-distillation)")
             continue
+        if role == "teacher" and section.kind == "mixture":  # several teachers: each named with its weight
+            members, weights = section.options["teachers"], section.options["weights"]
+            total = sum(weights)
+            for index, (member, weight) in enumerate(zip(members, weights)):
+                where = member.get("url") or member.get("name_or_path")
+                report.add(f"teacher {index + 1} of {len(members)} (weight {weight / total:.3g}): {where}")
+            continue
         if role == "teacher" and not loads_teacher_model(section):
-            report.add(f"teacher kind {section.kind}: {section.name_or_path} (no model config to inspect)")
+            kind = section.kind or ("vllm" if section.server == "vllm" else "served")
+            report.add(f"teacher kind {kind}: {section.name_or_path} (no model config to inspect)")
             continue
         config, why = fetch_or_reason(AutoConfig.from_pretrained, section.name_or_path)
         if config is None:
