@@ -340,3 +340,31 @@ def test_fused_student_forward_does_not_build_full_logits(tmp_path, tiny_dir, fo
     outputs = trainer.student_forward(student, batch)
     assert outputs.logits.shape[1] == 1  # last position only
     assert outputs["final_hidden_state"].shape == (*batch["input_ids"].shape, 32)
+
+
+def test_a_hub_teacher_on_a_machine_without_network_fails_at_once_in_one_line(tmp_path, tiny_dir, monkeypatch):
+    """The Python API, as the CLI: a teacher named by a Hub id that is not cached, with no network, is refused in
+    one line naming it (not after a minute of Hub retries)."""
+    import socket
+    import time
+
+    from hf_kd.errors import SetupError
+    from hf_kd.models import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache
+
+    def no_network(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    hub.hub_reachable.cache_clear()
+    try:
+        started = time.perf_counter()
+        with pytest.raises(SetupError, match=r"teacher_model_name_or_path: cannot load 'some-org/no-such-teacher'.*"
+                                             r"unreachable"):  # fmt: skip
+            DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model="some-org/no-such-teacher",
+                                args=make_args(tmp_path))  # fmt: skip
+        assert time.perf_counter() - started < 10
+    finally:
+        hub.hub_reachable.cache_clear()

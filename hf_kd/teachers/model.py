@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hf_kd.errors import SetupError
+from hf_kd.models.hub import require_fetchable
 from hf_kd.models.loading import TASKS, freeze, load_model, num_outputs
 from hf_kd.models.sharding import prepare_teacher
 from hf_kd.teachers.cross_tokenizer.vocabulary import same_ids
@@ -45,6 +46,8 @@ class ModelTeacher(Teacher):
     def build(cls, trainer, source) -> Teacher:
         args, task = trainer.args, trainer.task
         name = source if isinstance(source, str) else getattr(source, "name_or_path", None)
+        if isinstance(source, str):
+            require_fetchable(source, "teacher_model_name_or_path")  # offline: one line now, not a minute of retries
         model = load_model(source, task, args.teacher_model_init_kwargs) if isinstance(source, str) else source
         freeze(model)
         tokenizer = student_tokenizer(trainer)
