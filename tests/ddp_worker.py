@@ -6,7 +6,8 @@ Run as `torchrun --standalone --nproc_per_node N tests/ddp_worker.py TEACHER STU
   ``fsdp`` (FSDP2), ``zero3`` (DeepSpeed ZeRO-3);
 * ``--device``: ``cpu`` (default; gloo) or ``cuda`` (NCCL);
 * ``--tokenizer DIR``: passed as processing_class (needed when the vocabularies are padded differently);
-* ``--bf16``: the Trainer's bf16 (autocast; DeepSpeed's bf16 mode under ZeRO-3).
+* ``--bf16``: the Trainer's bf16 (autocast; DeepSpeed's bf16 mode under ZeRO-3);
+* ``--teacher-url URL``: the teacher served by ``hf-kd serve-teacher`` at URL (every rank asks it) instead of loaded.
 
 Rank 0 writes ``logs.json``, and ``weights.pt`` (the student) for DDP; sharded engines save the student with
 save_model (gathered to a full state dict) into ``OUT/student``. Every rank writes ``teacher.RANK.json``: how many
@@ -123,11 +124,14 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--tokenizer")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--teacher-url", help="a served teacher (hf-kd serve-teacher) instead of the local one")
     opts = parser.parse_args(argv)
 
     rows = variable_length_examples(12, seed=7, max_len=16)
     # use_cpu: gloo on CPU; not for ZeRO-3 (Accelerate would drop DeepSpeed), whose gloo state zero3_on_cpu makes
     settings = dict(ENGINES[opts.engine], use_cpu=opts.device == "cpu" and opts.engine != "zero3", bf16=opts.bf16)
+    if opts.teacher_url:
+        settings.update(teacher_kind="served", teacher_options={"url": opts.teacher_url})
     if opts.device == "cpu" and opts.engine == "fsdp":
         allow_fsdp_on_cpu()
     if opts.device == "cpu" and opts.engine == "zero3":
@@ -157,8 +161,8 @@ def main(argv=None):
     )
     # after the config: under ZeRO-3 from_pretrained now loads each model already partitioned
     model = load_model(opts.student)
-    teacher_model = load_model(opts.teacher)
-    full_teacher = full_size(teacher_model)
+    teacher_model = None if opts.teacher_url else load_model(opts.teacher)
+    full_teacher = full_size(teacher_model) if teacher_model is not None else 0
     tokenizer = None
     if opts.tokenizer:
         from transformers import AutoTokenizer
@@ -177,11 +181,12 @@ def main(argv=None):
         expected = {"fsdp": "FSDP", "zero3": "DEEPSPEED"}[opts.engine]
         assert trainer.accelerator.distributed_type.name == expected, trainer.accelerator.distributed_type
         assert trainer.accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1"))
-    before = sum(held(p) for p in trainer.teacher_model.parameters())
+    held_now = lambda: sum(held(p) for p in trainer.teacher_model.parameters()) if trainer.teacher_model else 0  # noqa: E731
+    before = held_now()
     if opts.engine in SHARDED and trainer.accelerator.num_processes > 1:
         assert before < full_teacher, f"the teacher is not sharded: {before} of {full_teacher} parameters on one rank"
     trainer.train()
-    after = sum(held(p) for p in trainer.teacher_model.parameters())
+    after = held_now()
     if opts.engine in SHARDED:
         trainer.save_model(f"{opts.out}/student")  # every rank takes part in gathering the full state dict
     accelerator = trainer.accelerator

@@ -13,7 +13,7 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def run(tiny_dir, out, nproc, batch, ga, engine="ddp", device="cpu", bf16=False):
+def run(tiny_dir, out, nproc, batch, ga, engine="ddp", device="cpu", bf16=False, teacher_url=None):
     """Train ``tiny_dir["teacher"]`` -> ``tiny_dir["student"]`` in ``nproc`` processes (tests/ddp_worker.py): rank 0's
     student weights (DDP engines; sharded ones save the student under ``out/student``) and training logs."""
     env = {
@@ -41,6 +41,7 @@ def run(tiny_dir, out, nproc, batch, ga, engine="ddp", device="cpu", bf16=False)
         "--tokenizer",
         tiny_dir["tokenizer"],
         *(["--bf16"] if bf16 else []),
+        *(["--teacher-url", teacher_url] if teacher_url else []),
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -227,3 +228,22 @@ def test_a_cpu_launch_with_use_cpu_trains_as_one_run(tmp_path, tiny_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| batch size (per device x accumulation x processes) | 4 x 1 x 2 |" in card  # one run of two processes
+
+
+@pytest.mark.slow
+def test_two_ranks_against_one_served_teacher_match_one_rank_with_the_local_teacher(tmp_path, tiny_dir):
+    """Both DDP ranks ask one teacher server (hf-kd serve-teacher's server, here in this process) for their
+    micro-batches' hidden states: the same training as one process with the teacher loaded."""
+    pytest.importorskip("aiohttp")
+    from conftest import load_model
+    from test_served import serving
+
+    single_w, single_logs = run(tiny_dir, tmp_path / "one", nproc=1, batch=4, ga=1)
+    with serving(load_model(tiny_dir["teacher"])) as (url, server):
+        served_w, served_logs = run(tiny_dir, tmp_path / "served", nproc=2, batch=2, ga=1, teacher_url=url)
+        assert server.requests == 2 * 3  # two ranks, three steps
+    for a, b in zip(single_logs, served_logs, strict=True):
+        for key in ("loss", "distill_loss", "ce_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    for name, value in single_w.items():
+        assert torch.allclose(value, served_w[name], rtol=1e-5, atol=1e-6), name
