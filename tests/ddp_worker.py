@@ -181,12 +181,11 @@ def main(argv=None):
         expected = {"fsdp": "FSDP", "zero3": "DEEPSPEED"}[opts.engine]
         assert trainer.accelerator.distributed_type.name == expected, trainer.accelerator.distributed_type
         assert trainer.accelerator.num_processes == int(os.environ.get("WORLD_SIZE", "1"))
-    held_now = lambda: sum(held(p) for p in trainer.teacher_model.parameters()) if trainer.teacher_model else 0  # noqa: E731
-    before = held_now()
+    before = teacher_params_held(trainer)
     if opts.engine in SHARDED and trainer.accelerator.num_processes > 1:
         assert before < full_teacher, f"the teacher is not sharded: {before} of {full_teacher} parameters on one rank"
     trainer.train()
-    after = held_now()
+    after = teacher_params_held(trainer)
     if opts.engine in SHARDED:
         trainer.save_model(f"{opts.out}/student")  # every rank takes part in gathering the full state dict
     accelerator = trainer.accelerator
@@ -209,6 +208,11 @@ def main(argv=None):
             json.dump(trainer.state.log_history, f)
     del trainer, model, teacher_model
     leave(accelerator)
+
+
+def teacher_params_held(trainer) -> int:
+    """The teacher parameters this rank holds (0 for a served teacher: it holds none)."""
+    return sum(held(p) for p in trainer.teacher_model.parameters()) if trainer.teacher_model is not None else 0
 
 
 def leave(accelerator) -> None:

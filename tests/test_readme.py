@@ -1,27 +1,15 @@
-"""The README's Python snippets run as written, with the Hub models swapped for tiny local ones of the same kind."""
+"""The README's and the documentation's Python snippets run as written, with the Hub models swapped for tiny local
+ones of the same kind (tests/test_docs.py checks that every other block runs, or says why not)."""
 
 import os
-import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_model, variable_length_examples
+from test_docs import README, block_with
 
 from hf_kd import DistillationCollator, DistillationConfig, DistillationTrainer
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-
-
-def block_with(marker: str) -> str:
-    found = [block for block in python_blocks() if marker in block]
-    assert len(found) == 1, f"expected one README python block with {marker!r}, found {len(found)}"
-    return found[0]
 
 
 def test_python_in_15_lines(tmp_path, tiny_dir, monkeypatch):
@@ -49,7 +37,7 @@ def test_extension_point_snippet(tmp_path, tiny_dir):
         return torch.full(teacher_out.logits[:, :-1].shape[:2], 0.5)
 
     namespace = {"DistillationTrainer": DistillationTrainer, "torch": torch, "my_hidden_term": my_hidden_term}
-    exec(compile(block_with("class HiddenKD(DistillationTrainer)"), "README.md", "exec"), namespace)
+    exec(compile(block_with("class HiddenKD(DistillationTrainer)"), "docs/trainer.md", "exec"), namespace)
     batch = DistillationCollator()(variable_length_examples(3, seed=4))
     student = load_model(tiny_dir["student"])
     losses = {}
@@ -68,7 +56,7 @@ def test_generation_engine_override_snippet(tmp_path, tiny_dir, tokenizer):
             return [[5, 6, 1], [7] * max_new_tokens][: len(prompts)]
 
     namespace = {"DistillationTrainer": DistillationTrainer, "engine": Engine()}
-    exec(compile(block_with("class EngineCompletions(DistillationTrainer)"), "README.md", "exec"), namespace)
+    exec(compile(block_with("class EngineCompletions(DistillationTrainer)"), "docs/on-policy.md", "exec"), namespace)
     args = DistillationConfig(output_dir=str(tmp_path), lmbda=1.0, max_new_tokens=3, use_cpu=True, report_to="none")
     trainer = namespace["EngineCompletions"](
         model=load_model(tiny_dir["student"]),
@@ -89,8 +77,8 @@ def test_architecture_page_divergence_snippet():
     """docs/architecture.md's divergence runs through the dense loss and equals its definition, computed here."""
     import hf_kd
 
-    page = (README.parent / "docs" / "architecture.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    code = block_with("class PowerTVD(hf_kd.Divergence)")
+    assert code in (README.parent / "docs" / "architecture.md").read_text()
     namespace = {}
     try:
         exec(compile(code, "docs/architecture.md", "exec"), namespace)

@@ -65,7 +65,9 @@ def family(model_id: str) -> str:
 
 def header(path: Path) -> str:
     lines = path.read_text().splitlines()
-    return "\n".join(line for line in lines[: next(i for i, l in enumerate(lines) if l and not l.startswith("#"))])
+    return "\n".join(
+        line for line in lines[: next(i for i, line in enumerate(lines) if line and not line.startswith("#"))]
+    )
 
 
 def test_every_shipped_recipe_is_listed():

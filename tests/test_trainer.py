@@ -361,10 +361,16 @@ def test_a_hub_teacher_on_a_machine_without_network_fails_at_once_in_one_line(tm
     hub.hub_reachable.cache_clear()
     try:
         started = time.perf_counter()
-        with pytest.raises(SetupError, match=r"teacher_model_name_or_path: cannot load 'some-org/no-such-teacher'.*"
-                                             r"unreachable"):  # fmt: skip
-            DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model="some-org/no-such-teacher",
-                                args=make_args(tmp_path))  # fmt: skip
+        with pytest.raises(
+            SetupError,
+            match=r"teacher_model_name_or_path: cannot load 'some-org/no-such-teacher'.*"
+            r"unreachable",
+        ):
+            DistillationTrainer(
+                model=load_model(tiny_dir["student"]),
+                teacher_model="some-org/no-such-teacher",
+                args=make_args(tmp_path),
+            )
         assert time.perf_counter() - started < 10
     finally:
         hub.hub_reachable.cache_clear()

@@ -66,5 +66,6 @@ def require_fetchable(name: str, field: str) -> None:
         return
     reason = no_hub_reason()
     if reason:
-        raise SetupError(field, f"cannot load {name!r}: not a local directory, not in the local Hugging Face cache, "
-                                f"and {reason}")  # fmt: skip
+        raise SetupError(
+            field, f"cannot load {name!r}: not a local directory, not in the local Hugging Face cache, and {reason}"
+        )

@@ -21,12 +21,11 @@ from types import SimpleNamespace
 import torch
 
 from hf_kd.errors import SetupError
-from hf_kd.models.heads import lm_head_spec
 from hf_kd.objective.chunking import SOURCES, ChunkTeacher
 from hf_kd.objective.losses import Objective, distillation_loss
-from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits
+from hf_kd.objective.signals import StudentHidden, TeacherLogits
 from hf_kd.objective.terms import full_logits
-from hf_kd.teachers.registry import Teacher, make_teacher, register_teacher
+from hf_kd.teachers.registry import Teacher, make_teacher, register_teacher, signal_of
 
 # a member's recipe keys -> the DistillationConfig fields a single teacher reads them from
 MEMBER_FIELDS = {
@@ -37,16 +36,6 @@ MEMBER_FIELDS = {
     "kind": "teacher_kind",
     "options": "teacher_options",
 }
-
-
-def signal_of(outputs, model, task) -> TeacherLogits | TeacherHidden:
-    """A member's view of the batch as a signal aligned with the targets: model outputs become hidden states + head
-    (the fused path captured them) or logits; a signal stays as it is."""
-    if not isinstance(outputs, Mapping):
-        return outputs
-    if "final_hidden_state" in outputs:
-        return TeacherHidden(task.aligned(outputs["final_hidden_state"]), lm_head_spec(model)[0])
-    return TeacherLogits(task.aligned(outputs["logits"]))
 
 
 def mixed_log_probs(logits: Sequence[torch.Tensor], weights: Sequence[float], temperature: float) -> torch.Tensor:

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from hf_kd.errors import SetupError
+from hf_kd.models.heads import lm_head_spec
+from hf_kd.objective.signals import TeacherHidden, TeacherLogits
 
 Forward = Callable[[nn.Module, Mapping[str, Any]], Any]  # the trainer's forward: (model, inputs) -> outputs
 
@@ -72,6 +74,16 @@ class Teacher:
     def cached_outputs(self) -> dict[str, Any] | None:
         """``{"k", "path", "vocab_size"}`` when the student learns from stored top-k outputs, not the model."""
         return None
+
+
+def signal_of(outputs, model, task) -> TeacherLogits | TeacherHidden:
+    """A teacher's view of the batch as a signal aligned with the targets: model outputs become hidden states + head
+    (the fused path captured them) or logits; a signal stays as it is."""
+    if not isinstance(outputs, Mapping):
+        return outputs
+    if "final_hidden_state" in outputs:
+        return TeacherHidden(task.aligned(outputs["final_hidden_state"]), lm_head_spec(model)[0])
+    return TeacherLogits(task.aligned(outputs["logits"]))
 
 
 TEACHERS: dict[str, type[Teacher]] = {}  # teacher.kind -> class

@@ -6,9 +6,10 @@ graph), and the batch the loss sees is rebuilt right-padded: the prompt, then th
 EOS that ended it (nothing after it), with labels -100 on the prompt and the padding. The loss then scores the
 completion tokens as targets, exactly as it would a dataset's completions.
 
-:class:`Generation` is the component the trainer holds: which micro-batches are generated and by whom, the default
-engine (``model.generate``; the trainer's ``generate_completions`` is the override point for another one) and the RNG
-of a resumed run that samples.
+:class:`Generation` is the component the trainer holds: which micro-batches are generated and by whom, the engine
+(``model.generate``, or with ``generation_backend: vllm`` a vLLM engine for the student's turns,
+:mod:`hf_kd.training.vllm_engine`; the trainer's ``generate_completions`` is the override point for another one) and
+the RNG of a resumed run that samples.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from hf_kd.models.loading import unwrap
 from hf_kd.models.tasks import IGNORE_INDEX
+from hf_kd.training.vllm_engine import ColocatedEngine, check_backend, sampling_of
 
 
 def prompts_of(inputs: Mapping[str, torch.Tensor]) -> list[list[int]]:
@@ -72,8 +74,9 @@ class _VocabularyLimit:
 
 
 @torch.no_grad()
-def complete(model: nn.Module, prompts: Sequence[Sequence[int]], config, device,
-             vocab_limit: int | None = None) -> list[list[int]]:  # fmt: skip
+def complete(
+    model: nn.Module, prompts: Sequence[Sequence[int]], config, device, vocab_limit: int | None = None
+) -> list[list[int]]:
     """Each prompt's completion by ``model.generate``: up to and including its first EOS, nothing after it.
     ``vocab_limit``: only ids below it (the vocabulary both models share) are generated."""
     width = max(len(p) for p in prompts)
@@ -89,8 +92,13 @@ def complete(model: nn.Module, prompts: Sequence[Sequence[int]], config, device,
         from transformers import LogitsProcessorList
 
         limit = LogitsProcessorList([_VocabularyLimit(vocab_limit)] if vocab_limit is not None else [])
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             logits_processor=limit, use_cache=True)  # fmt: skip
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            logits_processor=limit,
+            use_cache=True,
+        )
     finally:
         model.train(was_training)
     stops = set(eos_ids(config))
@@ -101,8 +109,9 @@ def complete(model: nn.Module, prompts: Sequence[Sequence[int]], config, device,
     return completions
 
 
-def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_token_id: int,
-                     device) -> dict[str, torch.Tensor]:  # fmt: skip
+def completion_batch(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_token_id: int, device
+) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on the prompt and the padding)."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))
     batch = {
@@ -141,11 +150,20 @@ class Generation:
     """The trainer's generation, a component it holds when ``lmbda > 0`` or ``seq_kd``: which micro-batch of a step
     is generated and by whom (:meth:`turn`), how (:meth:`complete`), and the RNG of a resumed run that samples."""
 
-    def __init__(self, args, eos: list[int], pad_token_id: int | None, vocab_limit: int | None):
+    def __init__(
+        self,
+        args,
+        eos: list[int],
+        pad_token_id: int | None,
+        vocab_limit: int | None,
+        engine: ColocatedEngine | None = None,
+    ):
         self.args = args
         self.eos = eos  # the ids that end a completion (for the logs)
         self.pad_token_id = pad_token_id  # the student's (its tokenizer's, else its config's): completions are its ids
         self.vocab_limit = vocab_limit  # padded vocabularies: only ids both models share are generated
+        self.engine = engine  # generation_backend vllm: writes the student's turns (None: model.generate writes all)
+        self.writer = None  # who writes the micro-batch being completed (the last turn drawn)
         self._rng_checkpoint = None  # a resumed run's checkpoint whose RNG the first generation must see
         self._rng_loaded_early = False
 
@@ -156,24 +174,34 @@ class Generation:
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         pad = getattr(tokenizer, "pad_token_id", None)
         pad = pad if pad is not None else getattr(student.config, "pad_token_id", None)
-        eos = eos_ids(generation_config(student, trainer.args.generation_settings(), None))  # what ends a completion
-        return cls(trainer.args, eos, pad, vocab_limit=trainer.vocab_size)
+        config = generation_config(student, trainer.args.generation_settings(), None)
+        engine = None
+        if trainer.args.generation_backend == "vllm":
+            check_backend(trainer, config)
+            # the precision generate runs in under bf16 / fp16 training; else the student's own dtype
+            dtype = "bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else None
+            engine = ColocatedEngine(dtype, trainer.args.vllm_gpu_memory_utilization)
+        return cls(trainer.args, eos_ids(config), pad, vocab_limit=trainer.vocab_size, engine=engine)
 
     def turn(self, step: int, index: int) -> str | None:
         """Who writes micro-batch ``index`` of optimizer step ``step``: ``"student"`` (with probability lmbda),
         ``"teacher"`` (seq_kd), or ``None`` (the dataset's completions)."""
-        if on_policy(self.args.seed, step, index, self.args.lmbda):
-            return "student"
-        return "teacher" if self.args.seq_kd else None
+        writer = "student" if on_policy(self.args.seed, step, index, self.args.lmbda) else None
+        self.writer = writer or ("teacher" if self.args.seq_kd else None)
+        return self.writer
 
     def complete(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Cut each example at its prompt, complete it with ``model.generate``, and return the batch the loss sees:
-        right-padded ``input_ids`` / ``attention_mask``, and ``labels`` that are -100 on the prompt and the padding,
-        the generated tokens up to and including the EOS that ended each completion as targets."""
+        """Cut each example at its prompt, complete it (``model.generate``, or the vLLM engine on the student's turn),
+        and return the batch the loss sees: right-padded ``input_ids`` / ``attention_mask``, and ``labels`` that are
+        -100 on the prompt and the padding, the generated tokens up to and including the EOS that ended each
+        completion as targets."""
         prompts = prompts_of(inputs)
         config = generation_config(model, self.args.generation_settings(), self.pad_token_id)
         device = inputs["input_ids"].device
-        completions = complete(model, prompts, config, device, vocab_limit=self.vocab_limit)
+        if self.engine is not None and self.writer == "student":
+            completions = self.engine.generate(model, prompts, sampling_of(config, eos_ids(config), self.vocab_limit))
+        else:  # seq_kd's teacher too: a second engine, for frozen weights, is not built
+            completions = complete(model, prompts, config, device, vocab_limit=self.vocab_limit)
         return completion_batch(prompts, completions, config.pad_token_id, device)
 
     # ---- the RNG of a resumed run: completions sampled after a resume must see the checkpoint's RNG state ---------

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import logging
 
+from transformers import set_seed
+
+from hf_kd.config import DistillationConfig
 from hf_kd.errors import SetupError
+from hf_kd.models.adapters import wrap_student
 from hf_kd.models.heads import lm_head_spec
-from hf_kd.models.loading import TASKS, detect_task
+from hf_kd.models.loading import TASKS, detect_task, unwrap
 from hf_kd.models.sharding import teacher_is_sharded
 from hf_kd.models.tasks import IGNORE_INDEX
 
@@ -35,6 +39,43 @@ def fused_loss_applies(trainer) -> bool:
         )
         return False
     return True
+
+
+def check_arguments(model, teacher_model, args, peft_config):
+    """What the trainer was given, checked before the Trainer is built: ``(args, task, teacher_source, model)``, the
+    defaults filled in (a DistillationConfig, the task detected from the student, the teacher from
+    ``teacher_model_name_or_path``) and a PEFT student wrapped (before the Trainer builds its optimizer: only the
+    adapters train)."""
+    if args is None:
+        args = DistillationConfig(output_dir="hf_kd_output")
+    if not isinstance(args, DistillationConfig):
+        raise TypeError("args must be a DistillationConfig (it holds the distillation knobs), not TrainingArguments")
+    task = args.task or (detect_task(model) if model is not None else None)
+    if task is None:
+        raise SetupError(
+            "task",
+            f"cannot tell how {type(unwrap(model)).__name__}'s logits align with its labels; "
+            f"set it to one of {', '.join(TASKS)}",
+        )
+    teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+    if teacher_model is None and args.teacher_cache is None and args.teacher_kind is None:
+        raise SetupError(
+            "teacher_model_name_or_path",
+            "no teacher: pass teacher_model= (a model or a path), set teacher_model_name_or_path, or set teacher_cache",
+        )
+    if model is not None and teacher_model is model:
+        raise SetupError(
+            "teacher_model_name_or_path",
+            "teacher_model is the student object itself; for "
+            "self-distillation pass teacher_model='self' and a peft_config: the teacher is then the "
+            "student's base model with its adapters disabled",
+        )
+    if peft_config is not None:  # wrapped before the Trainer builds its optimizer: only the adapters train
+        if model is None:
+            raise SetupError("peft_config", "needs the student as model= (model_init is not supported with it)")
+        set_seed(args.seed)  # the adapters' random init: reproducible, as if made after the Trainer's own seeding
+        model = wrap_student(model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
+    return args, task, teacher_model, model
 
 
 def check_setup(trainer) -> None:

@@ -17,25 +17,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, set_seed
+from transformers import PreTrainedModel, Trainer
 
 from hf_kd.config import DistillationConfig
 from hf_kd.data import default_collator
-from hf_kd.errors import SetupError
-from hf_kd.models.adapters import wrap_student
 from hf_kd.models.heads import lm_head_spec
-from hf_kd.models.loading import TASKS, capture_final_hidden, detect_task, unwrap
+from hf_kd.models.loading import TASKS, capture_final_hidden, unwrap
 from hf_kd.models.sharding import check_world
-from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits
+from hf_kd.objective.signals import StudentHidden
 from hf_kd.objective.terms import agreement, objective_terms
 from hf_kd.teachers import Teacher, make_teacher
+from hf_kd.teachers.registry import signal_of
 from hf_kd.training.accounting import Accounting
 from hf_kd.training.batch import Batch
 from hf_kd.training.card import card_from_trainer
 from hf_kd.training.evaluation import prediction_outputs, without_eval_repeats
 from hf_kd.training.faults import FaultGuard
 from hf_kd.training.generation import Generation, completion_stats
-from hf_kd.training.preflight import check_setup, fused_loss_applies
+from hf_kd.training.preflight import check_arguments, check_setup, fused_loss_applies
 from hf_kd.training.saving import save_student
 
 logger = logging.getLogger(__name__)
@@ -77,32 +76,19 @@ class DistillationTrainer(Trainer):
         recipe: Mapping[str, Any] | str | None = None,
         **kwargs,
     ):
-        if args is None:
-            args = DistillationConfig(output_dir="hf_kd_output")
-        if not isinstance(args, DistillationConfig):
-            raise TypeError("args must be a DistillationConfig (it holds the distillation knobs), not TrainingArguments")
-        self.task = args.task or (detect_task(model) if model is not None else None)
-        if self.task is None:
-            raise SetupError("task", f"cannot tell how {type(unwrap(model)).__name__}'s logits align with its labels; "
-                             f"set it to one of {', '.join(TASKS)}")  # fmt: skip
+        args, self.task, teacher_model, model = check_arguments(model, teacher_model, args, peft_config)
         self.task_spec = TASKS[self.task]  # the task as an object: its targets, alignment and what it supports
         if data_collator is None:
             data_collator = default_collator(self.task_spec, processing_class)
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None and args.teacher_cache is None and args.teacher_kind is None:
-            raise SetupError("teacher_model_name_or_path", "no teacher: pass teacher_model= (a model or a path), set "
-                             "teacher_model_name_or_path, or set teacher_cache")  # fmt: skip
-        if model is not None and teacher_model is model:
-            raise SetupError("teacher_model_name_or_path", "teacher_model is the student object itself; for "
-                             "self-distillation pass teacher_model='self' and a peft_config: the teacher is then the "
-                             "student's base model with its adapters disabled")  # fmt: skip
-        if peft_config is not None:  # wrapped before the Trainer builds its optimizer: only the adapters train
-            if model is None:
-                raise SetupError("peft_config", "needs the student as model= (model_init is not supported with it)")
-            set_seed(args.seed)  # the adapters' random init: reproducible, as if made after the Trainer's own seeding
-            model = wrap_student(model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)  # fmt: skip
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
         check_world(self.accelerator)  # processes launched together train together, on the engine asked for
         # transformers releases before loss_is_scaled_for_ga divide the loss by the GA steps unless they believe the
         # model normalized it by num_items_in_batch: it has been, by compute_loss, whatever the student accepts
@@ -113,9 +99,13 @@ class DistillationTrainer(Trainer):
         self.teacher = make_teacher(self, teacher_model)
         self.vocab_size = self.teacher.vocab_size  # None, or the shared prefix of padded vocabularies
         self.use_fused_loss = fused_loss_applies(self)
-        self.accounting = Accounting(self._sum_over_processes, args.device, language_model=self.task_spec.language_model)
+        self.accounting = Accounting(
+            self._sum_over_processes, args.device, language_model=self.task_spec.language_model
+        )
         self.add_callback(self.accounting)  # its clocks start with training
         self.generation = Generation.for_trainer(self) if args.generates else None
+        if self.generation is not None and self.generation.engine is not None:  # vLLM: fed the student's weights
+            self.add_callback(self.generation.engine.syncing(args.vllm_sync_steps))
         student_name = getattr(unwrap(self.model), "name_or_path", None) or type(unwrap(self.model)).__name__
         self.faults = FaultGuard(self._sum_over_processes, self.teacher.name, student_name)
         self.add_callback(self.faults)  # stops a NaN step before the optimizer applies it
@@ -237,12 +227,8 @@ class DistillationTrainer(Trainer):
         return self.task_spec.aligned(outputs["logits"])
 
     def _teacher_signal(self, outputs):
-        if not isinstance(outputs, Mapping):
-            return outputs  # a signal already, aligned by its teacher (a cache's rows, another tokenizer's outputs)
-        aligned = self.task_spec.aligned
-        if self.use_fused_loss and "final_hidden_state" in outputs:
-            return TeacherHidden(aligned(outputs["final_hidden_state"]), lm_head_spec(self.teacher.model)[0])
-        return TeacherLogits(aligned(outputs["logits"]))
+        """A signal already (a cache's rows, another tokenizer's outputs), or the teacher model's outputs made one."""
+        return signal_of(outputs, self.teacher.model, self.task_spec)
 
     def distillation_terms(
         self, student_outputs, teacher_outputs, labels: torch.Tensor, num_items_in_batch=None
@@ -280,9 +266,14 @@ class DistillationTrainer(Trainer):
         if model.training:
             self.accounting.record_train(terms, None if num_items_in_batch is not None else batch.count)
         else:
-            sums = agreement(self._student_signal(student_outputs), self._teacher_signal(teacher_outputs),
-                             batch.targets, chunk_size=self.args.loss_chunk_size or None, vocab_size=self.vocab_size,
-                             calibration=not self.task_spec.language_model)  # fmt: skip
+            sums = agreement(
+                self._student_signal(student_outputs),
+                self._teacher_signal(teacher_outputs),
+                batch.targets,
+                chunk_size=self.args.loss_chunk_size or None,
+                vocab_size=self.vocab_size,
+                calibration=not self.task_spec.language_model,
+            )
             self.accounting.record_eval(terms, batch.count, sums)
         if not return_outputs:
             return loss
@@ -291,16 +282,18 @@ class DistillationTrainer(Trainer):
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):  # fmt: skip
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         """The Trainer's loop, with ``{prefix}_loss`` and every component token-weighted over the whole set, and the
         teacher-agreement metrics; ``evaluate()`` and ``predict()`` (``test_*``) alike, nothing carried over."""
         self.accounting.reset_eval()  # a compute_loss called by hand in eval mode must not leak into this loop
         loss_only = prediction_loss_only if prediction_loss_only is not None else self.args.prediction_loss_only
         self._wants_full_logits = not loss_only
         try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                             metric_key_prefix)  # fmt: skip
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
         finally:
             self._wants_full_logits = False
         self.faults.check(description.lower())  # NaN metrics are a fault, not a result
@@ -324,13 +317,30 @@ class DistillationTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         save_student(self, output_dir if output_dir is not None else self.args.output_dir, state_dict, self._final_save)
 
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:  # fmt: skip
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+    ) -> None:
         """Write the distillation card (:mod:`hf_kd.training.card`); push_to_hub calls it before uploading."""
         if not self.is_world_process_zero():
             return
-        card = card_from_trainer(self, model_name=model_name, dataset=dataset, tags=tags,
-                                 finetuned_from=finetuned_from, license=license, language=language)  # fmt: skip
+        card = card_from_trainer(
+            self,
+            model_name=model_name,
+            dataset=dataset,
+            tags=tags,
+            finetuned_from=finetuned_from,
+            license=license,
+            language=language,
+        )
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
     # ---- counts and logs ----------------------------------------------------------------------------------------

