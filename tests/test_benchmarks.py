@@ -103,8 +103,10 @@ def test_peak_memory_sees_an_allocation_made_after_start():
         pytest.skip("no writable /proc/self/clear_refs: the CPU peak cannot be reset here")
     memory = peers.PeakMemory("cpu")
     memory.start()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert memory.peak() >= 60 * 2**20
+    block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched
+    # half of it at least: the resident set also holds file pages (mapped weights, tokenizers) that a busy machine's
+    # kernel may drop meanwhile, which lowers the high-water mark it reports (seen in full runs on a shared machine)
+    assert memory.peak() >= 64 * 2**20
     del block
 
 
