@@ -968,3 +968,40 @@ def test_the_completion_marker_holds_no_secret(tmp_path, tiny_dir, files, capsys
     assert code == 0, err
     marker = (tmp_path / "out" / "training_complete.json").read_text()
     assert "hf_SECRET_MARKER" not in marker and '"max_steps": 1' in marker
+
+
+@pytest.mark.parametrize("shape", ["prompt_completion", "text", "messages"])
+def test_init_writes_a_recipe_that_checks_and_trains(tmp_path, tiny_dir, capsys, monkeypatch, shape):
+    """`hf-kd init` from one's own jsonl: the format is read off the first example; check passes; train runs."""
+    import shutil
+
+    for role in ("teacher", "student"):  # model directories with their tokenizer, as on the Hub
+        shutil.copytree(tiny_dir[role], tmp_path / role)
+        for name in os.listdir(tiny_dir["tokenizer"]):
+            shutil.copy(os.path.join(tiny_dir["tokenizer"], name), tmp_path / role)
+    rows = prompt_completion_rows(24)
+    if shape == "text":
+        rows = [{"text": f"{r['prompt']} {r['completion']}"} for r in rows]
+    if shape == "messages":
+        rows = [{"messages": [{"role": "user", "content": r["prompt"]}]} for r in rows]
+    data = write_jsonl(tmp_path / "mine.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    argv = ["init", "kd.yaml", "--teacher", "teacher", "--student", "student", "--data", data]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert f"format: {shape}" in (tmp_path / "kd.yaml").read_text()
+    assert run(argv, capsys)[0] == 2  # exists: refused without --force
+    if shape == "messages":  # the tiny tokenizer has no chat template: check says so, as train would
+        return
+    code, out, err = run(["check", "kd.yaml"], capsys)
+    assert code == 0, out + err
+    code, out, err = run(["train", "kd.yaml", "--max_steps", "2", "--eval_strategy", "no"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "kd_output" / COMPLETE_MARKER).exists()
+
+
+def test_init_refuses_data_it_cannot_read(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"question": "w1", "answer": "w2"}])
+    code, _, err = run(["init", str(tmp_path / "kd.yaml"), "--teacher", "t", "--student", "s", "--data", data], capsys)
+    assert code == 2 and "--data: the first example has keys ['answer', 'question']" in err
+    assert not (tmp_path / "kd.yaml").exists()

@@ -42,7 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Knowledge distillation for Hugging Face causal LMs (and text classifiers).",
         epilog="Multi-GPU: accelerate launch [--config_file recipes/accelerate/fsdp.yaml] -m hf_kd train RECIPE",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check,demo,cache-teacher,serve-teacher}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{init,train,check,demo,cache-teacher,serve-teacher}"
+    )
+    init = sub.add_parser(
+        "init",
+        help="write a starter recipe for your own teacher, student and jsonl data",
+        allow_abbrev=False,
+    )
+    init.add_argument("recipe", help="the recipe file to write, e.g. my-kd.yaml")
+    init.add_argument("--teacher", required=True, help="the teacher: a Hub id or a local model directory")
+    init.add_argument("--student", required=True, help="the student: a Hub id or a local model directory")
+    init.add_argument("--data", required=True, help="a local .jsonl/.json file: messages, prompt+completion or text")
+    init.add_argument("--output_dir", help="where train writes the student (default: <recipe name>_output)")
+    init.add_argument("--loss_type", default="forward_kl", help="the divergence (default forward_kl)")
+    init.add_argument("--force", action="store_true", help="overwrite the recipe file if it exists")
     train = sub.add_parser(
         "train",
         help="distill a student as a recipe says",
@@ -119,6 +133,16 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(output_dir=args.output_dir, fast=args.fast, seed=args.seed)
         return 0
+    if args.command == "init":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from hf_kd.cli.init import run_init
+
+        try:
+            return run_init(args)
+        except RecipeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.command == "serve-teacher":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
