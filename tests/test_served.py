@@ -220,11 +220,14 @@ def test_a_server_restarted_mid_run_is_waited_for_and_another_model_is_refused(t
         client = TeacherClient(url)
         client.head(client.info()["head"])
         before = client.hidden(ids, mask, "float32")
-        real_urlopen, failures = urllib.request.urlopen, [
-            urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
-            urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
-            urllib.error.HTTPError(url, 503, "busy", {}, None),
-        ]
+        real_urlopen, failures = (
+            urllib.request.urlopen,
+            [
+                urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+                urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+                urllib.error.HTTPError(url, 503, "busy", {}, None),
+            ],
+        )
 
         def restarting(request, timeout=None):
             if failures:
@@ -339,3 +342,50 @@ def test_a_served_teacher_of_another_tokenizer_distills_across_tokenizers(tmp_pa
     assert torch.allclose(loss_a, loss_b, rtol=1e-6)
     for a, b in zip(grads_a, grads_b):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_review_fixes_batching_limits_empty_requests_token_paths_and_prefetch(tmp_path, tiny_dir, monkeypatch):
+    """A forward's size counts its padding; an empty request is refused alone; `~` in token_file; at most AHEAD
+    micro-batches asked for ahead of the loss."""
+    import hf_kd.teachers.served.teacher as served
+    from hf_kd.teachers.served.server import fits
+    from hf_kd.training.batch import Batch
+
+    # [32, 256] and [1, 8192] are 8k tokens each, but padded together they are 33 x 8192 = 270k
+    assert fits(32, 256, torch.Size([1, 8192]), 65536) is False and fits(32, 256, torch.Size([4, 256]), 65536)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "token").write_text("s3cret\n")
+    with serving(load_model(tiny_dir["teacher"]), token="s3cret") as (url, server):
+        with pytest.raises(SetupError, match="HTTP 400.*empty batch"):
+            TeacherClient(url, token="s3cret").hidden(torch.ones(1, 0, dtype=torch.long), torch.ones(1, 0), "float32")
+        args = make_args(tmp_path, teacher_kind="served", teacher_options={"url": url, "token_file": "~/token"})
+        trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), args=args)
+        teacher = trainer.teacher
+        rows = variable_length_examples(2, seed=1)
+        batches = [Batch.of(batch_of(rows), trainer.task_spec) for _ in range(5)]
+        for batch in batches:
+            teacher.prefetch(batch)
+        asked = [id(teacher) in batch.teacher_answers for batch in batches]
+        assert asked == [True, True, False, False, False] and teacher._asked == served.AHEAD
+        teacher.run(batches[0], None, None)  # its turn: the third is asked for now
+        assert [id(teacher) in b.teacher_answers for b in batches[1:]] == [True, True, False, False]
+        teacher.run(batches[4], None, None)  # run before it was asked for: asked now, never again
+        assert all(b is not batches[4] for b in teacher._waiting) and len(teacher._waiting) == 1
+
+
+def test_a_mixture_object_made_in_python_trains_and_refuses_mse(tmp_path, tiny_dir):
+    """A MixtureTeacher made in Python and handed over as teacher_model: the trainer attaches it (its task, its
+    refusals); mixed with itself it is that teacher."""
+    from hf_kd.teachers import MixtureTeacher, ModelTeacher
+
+    members = [ModelTeacher(load_model(tiny_dir["teacher"]), "a", None) for _ in range(2)]
+    student, batch = load_model(tiny_dir["student"]), batch_of(variable_length_examples(2, seed=1))
+    with pytest.raises(SetupError, match="mse compares raw logits"):  # refused at setup, as from a recipe
+        DistillationTrainer(
+            model=student, teacher_model=MixtureTeacher(members), args=make_args(tmp_path, loss_type="mse")
+        )
+    trainer = DistillationTrainer(model=student, teacher_model=MixtureTeacher(members), args=make_args(tmp_path))
+    expected = DistillationTrainer(model=student, teacher_model=members[0].model, args=make_args(tmp_path))
+    assert torch.allclose(
+        trainer.compute_loss(student, batch), expected.compute_loss(student, batch), rtol=1e-5, atol=1e-7
+    )

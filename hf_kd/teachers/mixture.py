@@ -67,6 +67,11 @@ class TeacherMixture:
     ) -> dict[str, torch.Tensor | None]:
         """:func:`hf_kd.objective.terms.objective_terms` for the mixture: the fused driver with this signal as its
         source (hidden-state students), or the dense loss on the mixture's full ``T log m``."""
+        raw = [d.name for d in objective.divergences.values() if not d.uses_log_probs]
+        if raw:  # also for a MixtureTeacher made in Python (an object is not set up by make_teacher)
+            raise ValueError(
+                f"loss_type: {', '.join(raw)} compares raw logits, which a mixture of teachers does not have"
+            )
         names = ("loss", "distill_loss", "ce_loss")
         if isinstance(student, StudentHidden):
             from hf_kd.objective.fused import fused_objective
@@ -174,6 +179,11 @@ class MixtureTeacher(Teacher):
             raise SetupError("teacher_options", "a mixture needs teachers: a list of teacher sections")
         members = [_member(trainer, spec, index) for index, spec in enumerate(specs)]
         return cls(members, options.get("weights"), trainer.task_spec)
+
+    def attach(self, trainer) -> None:
+        """A mixture made in Python: the trainer's task aligns its members' outputs; its refusals apply."""
+        self.task = self.task or trainer.task_spec
+        type(self).check_setup(trainer, None)
 
     def prefetch(self, batch) -> None:
         for member in self.members:

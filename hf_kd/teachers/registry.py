@@ -51,6 +51,10 @@ class Teacher:
         """The teacher for ``trainer`` (its args, its student, its accelerator) from ``source``."""
         raise NotImplementedError
 
+    def attach(self, trainer) -> None:
+        """Called when a teacher object made outside :func:`make_teacher` (``teacher_model=<a Teacher>``) joins a
+        trainer: take what it needs of it, refuse what cannot work (nothing, by default)."""
+
     def prefetch(self, batch) -> None:
         """Called when a training micro-batch exists, before the student's forward: a teacher in another process may
         send its request now and leave the answer in ``batch.teacher_answers[id(self)]`` for :meth:`run`."""
@@ -120,6 +124,7 @@ def make_teacher(trainer, source) -> Teacher:
     """The trainer's teacher: ``source`` itself when it is a :class:`Teacher`; else the kind ``args.teacher_kind``
     names; else ``cache`` with ``args.teacher_cache``, ``self`` for ``"self"``, ``model`` otherwise."""
     if isinstance(source, Teacher):
+        source.attach(trainer)
         return source
     args = trainer.args
     if args.teacher_kind is not None:

@@ -56,6 +56,12 @@ class _Pending:
     answer: asyncio.Future
 
 
+def fits(rows: int, width: int, shape: torch.Size, max_batch_tokens: int) -> bool:
+    """Whether a request of ``shape`` ``[B, S]`` joins a forward of ``rows`` x ``width`` within the limit: the forward
+    is right-padded to its widest request, so its size is all the rows times the widest width (not the sum)."""
+    return (rows + shape[0]) * max(width, shape[1]) <= max_batch_tokens
+
+
 class HiddenStateServer:
     """The teacher, its head (packed once), the queue and the worker. :meth:`app` is the aiohttp application."""
 
@@ -167,6 +173,8 @@ class HiddenStateServer:
                 f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must "
                 "be the same [batch, sequence]",
             )
+        if ids.numel() == 0:
+            return self._refusal(400, "an empty batch: send at least one token")
         if ids.numel() > self.limits.max_request_tokens:
             return self._refusal(
                 413,
@@ -195,20 +203,23 @@ class HiddenStateServer:
         carried: _Pending | None = None
         while True:
             batch = [carried or await self._queue.get()]
-            carried, tokens = None, batch[0].input_ids.numel()
+            carried = None
+            rows, width = batch[0].input_ids.shape
             while not self._queue.empty():
                 item = self._queue.get_nowait()
-                if tokens + item.input_ids.numel() > self.limits.max_batch_tokens:
+                more_rows, more_width = item.input_ids.shape
+                if not fits(rows, width, item.input_ids.shape, self.limits.max_batch_tokens):
                     carried = item  # the next forward starts with it
                     break
                 batch.append(item)
-                tokens += item.input_ids.numel()
+                rows, width = rows + more_rows, max(width, more_width)
             try:
                 answers = await loop.run_in_executor(self._pool, self._forward, batch)
             except Exception as err:  # a fault of the model: every waiting client is told, the server goes on
                 logger.exception("teacher forward failed")
                 for item in batch:
-                    item.answer.set_exception(err)
+                    if not item.answer.done():  # a client that went away
+                        item.answer.set_exception(err)
                 continue
             for item, hidden in zip(batch, answers):
                 if not item.answer.done():  # a client that went away

@@ -9,6 +9,7 @@ The request for a micro-batch is sent as soon as the batch exists (:meth:`Served
 from __future__ import annotations
 
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from hf_kd.teachers.served.wire import DTYPES, TOKEN_HEADER, digest, head_metada
 
 logger = logging.getLogger(__name__)
 RETRIES = 5  # a busy (503) or unreachable server is retried this often, 1, 2, 4, ... s apart
+AHEAD = 2  # micro-batches asked for ahead of the loss: each answer is [B, S, H] held in host memory until its turn
 
 
 class TeacherUnavailable(RuntimeError):
@@ -115,6 +117,8 @@ class ServedTeacher(Teacher):
         self.name, self.vocab_size = info["model"], vocab_size
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hf_kd-served")
         self._heads_on: dict[str, LMHeadSpec] = {}  # the head per device, moved once
+        self._waiting: list = []  # prefetched batches not asked for yet (at most AHEAD asked at a time)
+        self._asked = 0
 
     @classmethod
     def check_setup(cls, trainer, source) -> None:
@@ -131,7 +135,7 @@ class ServedTeacher(Teacher):
         options = trainer.args.teacher_options or {}
         token = None
         if options.get("token_file"):
-            with open(options["token_file"], encoding="utf-8") as f:
+            with open(os.path.expanduser(options["token_file"]), encoding="utf-8") as f:
                 token = f.read().strip()
         client = TeacherClient(options["url"], token)
         info = client.info()
@@ -192,15 +196,30 @@ class ServedTeacher(Teacher):
         return self._heads_on[str(device)]
 
     def prefetch(self, batch) -> None:
-        """Send the batch's ids now: the answer arrives while the student runs its forward."""
-        batch.teacher_answers[id(self)] = self._pool.submit(self._ask, batch["input_ids"], batch.get("attention_mask"))
+        """Ask for the batch's hidden states ahead of the loss (at most AHEAD micro-batches at a time): the answer
+        arrives while the student runs its forward."""
+        self._waiting.append(batch)
+        self._ask_ahead()
+
+    def _ask_ahead(self) -> None:
+        while self._asked < AHEAD and self._waiting:
+            batch = self._waiting.pop(0)
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
+            batch.teacher_answers[id(self)] = self._pool.submit(self._ask, ids, mask)
+            self._asked += 1
 
     def _ask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         return self.client.hidden(input_ids.cpu(), mask.cpu(), self.dtype)
 
     def run(self, inputs, forward, targets):
-        answer: Future | None = getattr(inputs, "teacher_answers", {}).pop(id(self), None)
+        answers = getattr(inputs, "teacher_answers", {})
+        answer: Future | None = answers.pop(id(self), None)
+        if answer is not None:
+            self._asked -= 1
+        else:  # not asked for ahead (evaluation, or its turn came first): asked now, and never again
+            self._waiting = [batch for batch in self._waiting if batch.teacher_answers is not answers]
+        self._ask_ahead()
         try:
             hidden = (
                 answer.result() if answer is not None else self._ask(inputs["input_ids"], inputs.get("attention_mask"))

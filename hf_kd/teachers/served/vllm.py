@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import torch
 
@@ -93,7 +94,7 @@ class VLLMTeacher(Teacher):
         options = trainer.args.teacher_options or {}
         token = None
         if options.get("token_file"):
-            with open(options["token_file"], encoding="utf-8") as f:
+            with open(os.path.expanduser(options["token_file"]), encoding="utf-8") as f:
                 token = f.read().strip()
         client = VLLMClient(options["url"], token)
         model = options.get("model") or client.get("/v1/models")["data"][0]["id"]
