@@ -206,8 +206,12 @@ def test_throughput_counts_the_time_spent_preparing_the_batch(tmp_path, tiny_dir
             return super().prepare_batch(inputs, index)
 
     rows = [{"input_ids": [(3 * i + j) % 37 + 3 for j in range(10)]} for i in range(12)]  # 9 targets each
-    trainer = Slow(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                   args=make_args(tmp_path, max_steps=3, logging_steps=1), train_dataset=Dataset.from_list(rows))
+    trainer = Slow(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, max_steps=3, logging_steps=1),
+        train_dataset=Dataset.from_list(rows),
+    )
     trainer.train()
     rates = [log["target_tokens_per_second"] for log in trainer.state.log_history if "target_tokens_per_second" in log]
     assert len(rates) == 3 and all(0 < rate <= 4 * 9 / 0.25 for rate in rates)
@@ -217,9 +221,12 @@ def test_a_run_shorter_than_logging_steps_logs_its_window_and_the_card_its_losse
     from hf_kd.training.card import final_losses
 
     rows = [{"input_ids": [(3 * i + j) % 37 + 3 for j in range(10)]} for i in range(12)]
-    trainer = DistillationTrainer(model=load_model(tiny_dir["student"]), teacher_model=load_model(tiny_dir["teacher"]),
-                                  args=make_args(tmp_path, max_steps=3, logging_steps=500, alpha=0.5),
-                                  train_dataset=Dataset.from_list(rows))
+    trainer = DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, max_steps=3, logging_steps=500, alpha=0.5),
+        train_dataset=Dataset.from_list(rows),
+    )
     trainer.train()
     step_logs = [log for log in trainer.state.log_history if "loss" in log and "train_runtime" not in log]
     assert [log["step"] for log in step_logs] == [3]  # the final partial window: steps 1-3

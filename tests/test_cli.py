@@ -40,10 +40,14 @@ def write_recipe(
     teacher: str = "teacher",
     student: str = "student",
     teacher_tokenizer: str | None = None,
+    teacher_section: dict | list | None = None,
     **training,
 ) -> str:
+    """A tiny recipe at ``path``: ``teacher_section`` (a dict; a list: ``teachers:``) replaces the teacher."""
+    teacher_key = "teachers" if isinstance(teacher_section, list) else "teacher"
     recipe = {
-        "teacher": {"name_or_path": tiny_dir[teacher], "tokenizer": teacher_tokenizer or tiny_dir["tokenizer"]},
+        teacher_key: teacher_section
+        or {"name_or_path": tiny_dir[teacher], "tokenizer": teacher_tokenizer or tiny_dir["tokenizer"]},
         "student": {"name_or_path": tiny_dir[student], "tokenizer": tiny_dir["tokenizer"]},
         "data": {"format": "prompt_completion", "max_length": 16, **data},
         "training": {

@@ -112,36 +112,16 @@ def test_weight_zero_leaves_one_teacher_and_refusals(tmp_path, tiny_dir, tokeniz
 
 def test_several_teachers_in_a_recipe(tmp_path, tiny_dir, capsys):
     """`teachers:` in a recipe: a weighted mixture, trained through the CLI; the card names every teacher."""
-    import yaml
-    from test_cli import prompt_completion_rows, write_jsonl
+    from test_cli import prompt_completion_rows, write_jsonl, write_recipe
 
     from hf_kd.cli import COMPLETE_MARKER, main
 
-    recipe = {
-        "teachers": [
-            {"name_or_path": tiny_dir["teacher"], "tokenizer": tiny_dir["tokenizer"], "weight": 2},
-            {"name_or_path": tiny_dir["teacher"], "tokenizer": tiny_dir["tokenizer"], "dtype": "float32"},
-        ],
-        "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
-        "data": {
-            "dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
-            "format": "prompt_completion",
-            "max_length": 16,
-        },
-        "training": {
-            "output_dir": str(tmp_path / "out"),
-            "max_steps": 2,
-            "per_device_train_batch_size": 4,
-            "learning_rate": "1e-3",
-            "save_strategy": "no",
-            "use_cpu": True,
-            "report_to": "none",
-            "disable_tqdm": True,
-            "loss_chunk_size": 8,
-        },
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    members = [
+        {"name_or_path": tiny_dir["teacher"], "tokenizer": tiny_dir["tokenizer"], "weight": 2},
+        {"name_or_path": tiny_dir["teacher"], "tokenizer": tiny_dir["tokenizer"], "dtype": "float32"},
+    ]
+    data = {"dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12))}
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_dir, data, teacher_section=members, loss_chunk_size=8)
     assert main(["check", str(path)]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert f"teacher 1 of 2 (weight 0.667): {tiny_dir['teacher']}" in out and "teacher 2 of 2 (weight 0.333)" in out
@@ -149,7 +129,7 @@ def test_several_teachers_in_a_recipe(tmp_path, tiny_dir, capsys):
     assert (tmp_path / "out" / COMPLETE_MARKER).exists()
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"{tiny_dir['teacher']} (0.666667) + {tiny_dir['teacher']} (0.333333)" in card
-    recipe["teachers"][1]["weight"] = -1
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    members[1]["weight"] = -1
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_dir, data, teacher_section=members, loss_chunk_size=8)
     assert main(["train", str(path)]) == 2
     assert "teachers[1].weight: must be a number >= 0" in capsys.readouterr().err

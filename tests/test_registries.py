@@ -9,9 +9,8 @@ from typing import ClassVar
 
 import pytest
 import torch
-import yaml
 from conftest import load_model
-from test_cli import prompt_completion_rows, write_jsonl
+from test_cli import prompt_completion_rows, write_jsonl, write_recipe
 from test_cross_tokenizer import permuted_wordlevel
 from test_trainer import make_args
 from transformers import AutoTokenizer
@@ -176,7 +175,6 @@ class CallableTopK(Teacher):
     """Top-k log-probabilities computed by a Python callable ``(input_ids [B, S]) -> logits [B, S, V]``."""
 
     kind = "callable_topk"
-    loads_model = False
     built_with: ClassVar[list[dict]] = []  # the options each build received (what the test checks)
 
     def __init__(self, logits_fn, k: int):
@@ -225,27 +223,9 @@ def test_a_teacher_kind_of_ones_own_from_python(tmp_path, tiny_dir, tokenizer):
 def test_a_teacher_kind_of_ones_own_from_a_recipe(tmp_path, tiny_dir, capsys):
     from hf_kd.cli import COMPLETE_MARKER, main
 
-    recipe = {
-        "teacher": {"name_or_path": "bigram", "kind": "test_registries:callable_topk", "options": {"k": 8, "seed": 3}},
-        "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
-        "data": {
-            "dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
-            "format": "prompt_completion",
-            "max_length": 16,
-        },
-        "training": {
-            "output_dir": str(tmp_path / "out"),
-            "max_steps": 2,
-            "per_device_train_batch_size": 4,
-            "learning_rate": "1e-3",
-            "save_strategy": "no",
-            "use_cpu": True,
-            "report_to": "none",
-            "disable_tqdm": True,
-        },
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    section = {"name_or_path": "bigram", "kind": "test_registries:callable_topk", "options": {"k": 8, "seed": 3}}
+    data = {"dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12))}
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_dir, data, teacher_section=section)
     assert main(["check", str(path)]) == 0, capsys.readouterr().out
     assert "teacher kind test_registries:callable_topk" in capsys.readouterr().out
     CallableTopK.built_with.clear()
@@ -253,8 +233,9 @@ def test_a_teacher_kind_of_ones_own_from_a_recipe(tmp_path, tiny_dir, capsys):
     assert CallableTopK.built_with == [{"k": 8, "seed": 3}]
     assert (tmp_path / "out" / COMPLETE_MARKER).exists()
     assert "| teacher kind | callable_topk |" in (tmp_path / "out" / "README.md").read_text()
-    recipe["teacher"]["kind"] = "test_registries:no_such_kind"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    path = write_recipe(
+        tmp_path / "recipe.yaml", tiny_dir, data, teacher_section={**section, "kind": "test_registries:no_such_kind"}
+    )
     assert main(["train", str(path), "--output_dir", str(tmp_path / "out2")]) == 2
     assert "teacher.kind: unknown teacher kind 'no_such_kind'" in capsys.readouterr().err
 

@@ -16,9 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-import yaml
 from conftest import load_model, variable_length_examples
-from test_cli import prompt_completion_rows, write_jsonl
+from test_cli import prompt_completion_rows, write_jsonl, write_recipe
 from test_trainer import make_args
 
 pytest.importorskip("aiohttp", reason="the teacher server needs aiohttp (the serve extra)")
@@ -176,28 +175,9 @@ def test_serve_teacher_and_train_through_the_cli(tmp_path, tiny_dir, capsys):
             except OSError:
                 assert server.poll() is None, server.stderr.read()
                 time.sleep(0.1)
-        recipe = {
-            "teacher": {"url": f"http://127.0.0.1:{port}", "token_file": str(token)},
-            "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
-            "data": {
-                "dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12)),
-                "format": "prompt_completion",
-                "max_length": 16,
-            },
-            "training": {
-                "output_dir": str(tmp_path / "out"),
-                "max_steps": 2,
-                "per_device_train_batch_size": 4,
-                "learning_rate": "1e-3",
-                "save_strategy": "no",
-                "use_cpu": True,
-                "report_to": "none",
-                "disable_tqdm": True,
-                "loss_chunk_size": 8,
-            },
-        }
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        section = {"url": f"http://127.0.0.1:{port}", "token_file": str(token)}
+        data = {"dataset": write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(12))}
+        path = write_recipe(tmp_path / "recipe.yaml", tiny_dir, data, teacher_section=section, loss_chunk_size=8)
         assert main(["train", str(path)]) == 0, capsys.readouterr().err
         assert (tmp_path / "out" / COMPLETE_MARKER).exists()
         assert f"served ({teacher_dir} at http://127.0.0.1:{port}" in (tmp_path / "out" / "README.md").read_text()
@@ -274,24 +254,15 @@ def test_a_server_gone_for_good_stops_the_run_with_one_line(tmp_path, tiny_dir, 
             self.add_callback(StopServer())
 
         monkeypatch.setattr(trainer_module.DistillationTrainer, "__init__", init)
-        recipe = {
-            "teacher": {"url": url},
-            "student": {"name_or_path": tiny_dir["student"], "tokenizer": tiny_dir["tokenizer"]},
-            "data": {"dataset": files_dir, "format": "prompt_completion", "max_length": 16},
-            "training": {
-                "output_dir": str(tmp_path / "out"),
-                "max_steps": 4,
-                "per_device_train_batch_size": 4,
-                "learning_rate": "1e-3",
-                "save_strategy": "steps",
-                "save_steps": 1,
-                "use_cpu": True,
-                "report_to": "none",
-                "disable_tqdm": True,
-            },
-        }
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        path = write_recipe(
+            tmp_path / "recipe.yaml",
+            tiny_dir,
+            {"dataset": files_dir},
+            teacher_section={"url": url},
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=1,
+        )
         assert main(["train", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {path}: training stopped: teacher server {url} cannot be reached")

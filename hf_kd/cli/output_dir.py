@@ -87,21 +87,6 @@ def _absolute(value):
     return value
 
 
-def _without_secrets(value, where: str, dropped: list[str]):
-    """``value`` without the keys the model card never publishes (hub_token, api_key, ...); their dotted names are
-    appended to ``dropped``."""
-    from hf_kd.training.card import is_secret_key
-
-    if isinstance(value, dict):
-        dropped += [f"{where}{key}" for key in value if is_secret_key(key)]
-        return {
-            key: _without_secrets(v, f"{where}{key}.", dropped) for key, v in value.items() if not is_secret_key(key)
-        }
-    if isinstance(value, list):
-        return [_without_secrets(v, where, dropped) for v in value]
-    return value
-
-
 def save_resolved_recipe(recipe: Recipe, output_dir: str) -> str:
     """Write the recipe as this run resolved it to ``output_dir/hf_kd_recipe.yaml``: the YAML with every command-line
     override applied and local paths made absolute, without ``resume_from_checkpoint`` (the resume command adds it)
@@ -109,7 +94,9 @@ def save_resolved_recipe(recipe: Recipe, output_dir: str) -> str:
     file's path."""
     dropped: list[str] = []
     resolved = json.loads(json.dumps(recipe.to_dict(), default=str))  # plain YAML types: tuples -> lists, enums -> str
-    resolved = _without_secrets(resolved, "", dropped)
+    from hf_kd.training.card import without_secrets
+
+    resolved = without_secrets(resolved, dropped)
     for role in ("teacher", "student"):
         for key in ("name_or_path", "tokenizer", "cache"):
             resolved[role][key] = _absolute(resolved[role].get(key))
@@ -140,10 +127,11 @@ def write_marker(output_dir: str, recipe: Recipe, metrics: dict, step: int, seco
     import transformers
 
     from hf_kd import __version__
+    from hf_kd.training.card import without_secrets
 
     payload = {
         "recipe": os.path.abspath(recipe.path),
-        "resolved_recipe": _without_secrets(recipe.to_dict(), "", []),  # output_dir is what push_to_hub uploads
+        "resolved_recipe": without_secrets(recipe.to_dict()),  # output_dir is what push_to_hub uploads
         "global_step": step,
         "train_seconds": round(seconds, 1),
         "metrics": metrics,

@@ -9,15 +9,27 @@ teacher. The trainer never branches on the kind of teacher.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from hf_kd.models.heads import LMHeadSpec
+from hf_kd.models.heads import LMHeadSpec, lm_head_spec
 from hf_kd.objective.chunking import CHUNK_SIZE
 from hf_kd.objective.fused import fused_objective
 from hf_kd.objective.losses import Objective, distillation_loss, target_rows
 from hf_kd.objective.metrics import add_sums, agreement_sums
 from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK
 from hf_kd.objective.sparse import sparse_distillation_loss
+
+
+def signal_of(outputs, model, task) -> TeacherLogits | TeacherHidden:
+    """A teacher's view of the batch as a signal aligned with the targets: model outputs become hidden states + head
+    (the fused path captured them) or logits; a signal stays as it is."""
+    if not isinstance(outputs, Mapping):
+        return outputs
+    if "final_hidden_state" in outputs:
+        return TeacherHidden(task.aligned(outputs["final_hidden_state"]), lm_head_spec(model)[0])
+    return TeacherLogits(task.aligned(outputs["logits"]))
 
 
 def objective_terms(

@@ -24,8 +24,8 @@ from hf_kd.errors import SetupError
 from hf_kd.objective.chunking import SOURCES, ChunkTeacher
 from hf_kd.objective.losses import Objective, distillation_loss
 from hf_kd.objective.signals import StudentHidden, TeacherLogits
-from hf_kd.objective.terms import full_logits
-from hf_kd.teachers.registry import Teacher, make_teacher, register_teacher, signal_of
+from hf_kd.objective.terms import full_logits, signal_of
+from hf_kd.teachers.registry import Teacher, make_teacher, register_teacher
 
 # a member's recipe keys -> the DistillationConfig fields a single teacher reads them from
 MEMBER_FIELDS = {
@@ -138,7 +138,6 @@ class MixtureTeacher(Teacher):
     weights)`` with built teachers, or ``teacher_model=[model_a, model_b]`` with ``teacher_kind="mixture"``."""
 
     kind = "mixture"
-    loads_model = False
 
     def __init__(self, members: Sequence[Teacher], weights: Sequence[float] | None = None, task=None):
         weights = [1.0] * len(members) if weights is None else [float(w) for w in weights]

@@ -20,7 +20,6 @@ class SelfTeacher(Teacher):
     to synchronize)."""
 
     kind = SELF_TEACHER
-    loads_model = False
     name = SELF_TEACHER
 
     def __init__(self, peft_model):

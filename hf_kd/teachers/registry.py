@@ -24,8 +24,6 @@ import torch
 from torch import nn
 
 from hf_kd.errors import SetupError
-from hf_kd.models.heads import lm_head_spec
-from hf_kd.objective.signals import TeacherHidden, TeacherLogits
 
 Forward = Callable[[nn.Module, Mapping[str, Any]], Any]  # the trainer's forward: (model, inputs) -> outputs
 
@@ -35,7 +33,6 @@ class Teacher:
     ``vocab_size``: ``None`` when teacher and student logits have the same width, else the shared prefix."""
 
     kind: ClassVar[str] = ""
-    loads_model: ClassVar[bool] = True  # whether teacher.name_or_path names a model the CLI may inspect and load
     name: str | None = None
     model: nn.Module | None = None
     vocab_size: int | None = None
@@ -78,16 +75,6 @@ class Teacher:
     def cached_outputs(self) -> dict[str, Any] | None:
         """``{"k", "path", "vocab_size"}`` when the student learns from stored top-k outputs, not the model."""
         return None
-
-
-def signal_of(outputs, model, task) -> TeacherLogits | TeacherHidden:
-    """A teacher's view of the batch as a signal aligned with the targets: model outputs become hidden states + head
-    (the fused path captured them) or logits; a signal stays as it is."""
-    if not isinstance(outputs, Mapping):
-        return outputs
-    if "final_hidden_state" in outputs:
-        return TeacherHidden(task.aligned(outputs["final_hidden_state"]), lm_head_spec(model)[0])
-    return TeacherLogits(task.aligned(outputs["logits"]))
 
 
 TEACHERS: dict[str, type[Teacher]] = {}  # teacher.kind -> class

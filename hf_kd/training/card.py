@@ -205,7 +205,7 @@ def distillation_card(
         "",
     ]
     if recipe is not None:
-        text = recipe if isinstance(recipe, str) else yaml.safe_dump(_redact(recipe), sort_keys=False)
+        text = recipe if isinstance(recipe, str) else yaml.safe_dump(without_secrets(recipe), sort_keys=False)
         if isinstance(recipe, str):
             text = "\n".join(line for line in text.splitlines() if not _is_secret_line(line))
         lines += ["## Recipe", "", "```yaml", text.rstrip("\n"), "```", ""]
@@ -289,11 +289,15 @@ def is_secret_key(key: Any) -> bool:
     return str(key).strip().strip("'\"").lower() in SECRET_KEYS
 
 
-def _redact(value: Any) -> Any:
+def without_secrets(value: Any, dropped: list[str] | None = None, where: str = "") -> Any:
+    """``value`` without the keys the card never publishes (hub_token, api_key, ...), at any depth; their dotted
+    names are appended to ``dropped`` when given."""
     if isinstance(value, Mapping):
-        return {k: _redact(v) for k, v in value.items() if not is_secret_key(k)}
+        if dropped is not None:
+            dropped += [f"{where}{key}" for key in value if is_secret_key(key)]
+        return {k: without_secrets(v, dropped, f"{where}{k}.") for k, v in value.items() if not is_secret_key(k)}
     if isinstance(value, (list, tuple)):
-        return [_redact(v) for v in value]
+        return [without_secrets(v, dropped, where) for v in value]
     return value
 
 

@@ -25,9 +25,8 @@ from hf_kd.models.heads import lm_head_spec
 from hf_kd.models.loading import TASKS, capture_final_hidden, unwrap
 from hf_kd.models.sharding import check_world
 from hf_kd.objective.signals import StudentHidden
-from hf_kd.objective.terms import agreement, objective_terms
+from hf_kd.objective.terms import agreement, objective_terms, signal_of
 from hf_kd.teachers import Teacher, make_teacher
-from hf_kd.teachers.registry import signal_of
 from hf_kd.training.accounting import Accounting
 from hf_kd.training.batch import Batch
 from hf_kd.training.card import card_from_trainer

@@ -20,7 +20,6 @@ class CachedTeacher(Teacher):
     """This batch's cached top-k rows, found by the hash of each example's token ids (:meth:`TeacherCache.lookup`)."""
 
     kind = "cache"
-    loads_model = False
 
     def __init__(self, cache: TeacherCache, vocab_size: int | None):
         self.cache, self.name, self.vocab_size = cache, cache.name_or_path, vocab_size

@@ -110,7 +110,6 @@ class ServedTeacher(Teacher):
     sent (default: the server's). Recipes: ``teacher: {url: http://host:8600, token_file: ...}``."""
 
     kind = "served"
-    loads_model = False
 
     def __init__(self, client: TeacherClient, info: dict, head: LMHeadSpec, dtype: str, vocab_size: int | None):
         self.client, self.info, self.head, self.dtype = client, info, head, dtype

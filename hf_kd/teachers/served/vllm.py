@@ -68,7 +68,6 @@ class VLLMTeacher(Teacher):
     lists), ``token_file`` (its API key). Recipes: ``teacher: {url: ..., server: vllm, top_k: 20}``."""
 
     kind = "vllm"
-    loads_model = False
 
     def __init__(self, client: VLLMClient, model: str, top_k: int, vocab: int):
         self.client, self.model_name, self.top_k, self.vocab = client, model, top_k, vocab
