@@ -178,6 +178,20 @@ class DistillationConfig(TrainingArguments):
             "(on-policy distillation, GKD's lambda), drawn deterministically from (seed, step, micro-batch). "
         },
     )
+    lmbda_warmup_steps: int = field(
+        default=0,  # a student pruned or trained briefly writes noise: scoring noise teaches little (docs/on-policy)
+        metadata={
+            "help": "Optimizer steps at the start of training that are off-policy only (the dataset's completions, or "
+            "the teacher's with seq_kd) before any micro-batch is on-policy: a warm start for a weak student. "
+        },
+    )
+    lmbda_ramp_steps: int = field(
+        default=0,
+        metadata={
+            "help": "After lmbda_warmup_steps, the on-policy probability rises linearly from 0 to lmbda over this "
+            "many optimizer steps (0: lmbda at once). "
+        },
+    )
     seq_kd: bool = field(
         default=False,
         metadata={
@@ -277,6 +291,10 @@ class DistillationConfig(TrainingArguments):
     def _check_generation(self) -> None:
         if not (isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0):
             raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda!r}")
+        for name in ("lmbda_warmup_steps", "lmbda_ramp_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.teacher_cache is not None and self.generates:
             raise ValueError(
                 f"lmbda: a teacher cache cannot score new samples (lmbda={self.lmbda:g}, seq_kd="
@@ -334,7 +352,18 @@ class DistillationConfig(TrainingArguments):
     @property
     def every_batch_generated(self) -> bool:
         """Whether no training batch uses the dataset's completions (prompt-only data is then enough)."""
-        return self.lmbda == 1 or self.seq_kd
+        scheduled = self.lmbda_warmup_steps > 0 or self.lmbda_ramp_steps > 0  # the warm-up reads the dataset's
+        return (self.lmbda == 1 and not scheduled) or self.seq_kd
+
+    def lmbda_at(self, step: int) -> float:
+        """The on-policy probability of optimizer step ``step`` (0-based): 0 during ``lmbda_warmup_steps``, then a
+        linear ramp to ``lmbda`` over ``lmbda_ramp_steps`` (step ``warmup + r`` has ``lmbda * (r + 1) / ramp``)."""
+        since = step - self.lmbda_warmup_steps
+        if since < 0:
+            return 0.0
+        if since >= self.lmbda_ramp_steps:
+            return self.lmbda
+        return self.lmbda * (since + 1) / self.lmbda_ramp_steps
 
     def generation_settings(self) -> dict[str, Any]:
         """The ``transformers.GenerationConfig`` settings of generated completions (``generation_kwargs`` win)."""

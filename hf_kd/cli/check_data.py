@@ -64,7 +64,8 @@ def check_data(recipe: Recipe, args, tokenizer, sample: list, report: Report) ->
             raise DataError(
                 "data.format",
                 "prompt-only data has no completions to distill on: set training.lmbda: 1 "
-                "(on-policy) or training.seq_kd: true (teacher completions)",
+                "(on-policy, without lmbda_warmup_steps / lmbda_ramp_steps, which read the dataset's completions) or "
+                "training.seq_kd: true (teacher completions)",
             )
         tokenized = tokenize_dataset(
             datasets.Dataset.from_list(sample),

@@ -14,6 +14,7 @@ import torch
 from hf_kd.objective.losses import per_position_divergence, target_rows
 
 CALIBRATION_BINS = 15  # the usual equal-width ECE binning (Guo et al., 2017)
+HEALTH_TOP_K = 8  # the student's top-8 ids per position: where its samples come from at temperature 1
 
 
 @torch.no_grad()
@@ -68,6 +69,25 @@ def agreement_sums(
                 sums[f"{role}_bin_count"] = zeros.index_add(0, bins, torch.ones_like(confidence))
                 sums[f"{role}_bin_confidence"] = zeros.index_add(0, bins, confidence)
                 sums[f"{role}_bin_correct"] = zeros.index_add(0, bins, correct)
+    return sums
+
+
+@torch.no_grad()
+def health_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """On-policy health of ``[n, V]`` rows at the student's own samples: ``count``, ``entropy`` (the student's, nats)
+    and, with a teacher, ``teacher_mass`` (the teacher's probability on the student's :data:`HEALTH_TOP_K` most likely
+    ids); float64 sums. A collapsing student shows low entropy; a student whose samples the teacher would not write
+    shows little teacher mass on them."""
+    student = student_logits.detach().float()
+    log_p = torch.log_softmax(student, -1)
+    sums = {
+        "count": torch.tensor(student.shape[0], dtype=torch.float64, device=student.device),
+        "entropy": -(log_p.exp() * log_p).nansum(-1).sum().to(torch.float64),
+    }
+    if teacher_logits is not None:
+        top = student.topk(min(HEALTH_TOP_K, student.shape[-1]), dim=-1).indices
+        p_t = torch.softmax(teacher_logits.detach().float(), -1)
+        sums["teacher_mass"] = p_t.gather(-1, top).sum().to(torch.float64)
     return sums
 
 

@@ -17,7 +17,7 @@ from hf_kd.models.heads import LMHeadSpec, lm_head_spec
 from hf_kd.objective.chunking import CHUNK_SIZE
 from hf_kd.objective.fused import fused_objective
 from hf_kd.objective.losses import Objective, distillation_loss, target_rows
-from hf_kd.objective.metrics import add_sums, agreement_sums
+from hf_kd.objective.metrics import add_sums, agreement_sums, health_sums
 from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK
 from hf_kd.objective.sparse import sparse_distillation_loss
 
@@ -124,6 +124,40 @@ def agreement(
         t_logits = _logits(teacher, teacher_rows[rows], vocab_size)
         part = agreement_sums(s_logits, t_logits, None if flat is None else flat[rows], calibration=calibration)
         add_sums(sums, part)
+    return sums
+
+
+@torch.no_grad()
+def sample_health(
+    student: torch.Tensor | StudentHidden,
+    teacher: TeacherSignal,
+    labels: torch.Tensor | None,
+    *,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """The on-policy health sums of :func:`hf_kd.objective.metrics.health_sums` over the target positions of a batch
+    the student wrote, ``chunk_size`` rows at a time (one more head matmul per chunk and side, no forward). Against a
+    teacher without full rows of the student's vocabulary (top-k, another tokenizer) only the student's entropy."""
+    dense = not (isinstance(teacher, TeacherTopK) or hasattr(teacher, "terms"))
+    student_rows = student.hidden if isinstance(student, StudentHidden) else student
+    student_rows = student_rows.reshape(-1, student_rows.shape[-1])
+    teacher_rows = None
+    if dense:
+        teacher_rows = teacher.hidden if isinstance(teacher, TeacherHidden) else teacher.logits
+        teacher_rows = teacher_rows.reshape(-1, teacher_rows.shape[-1])
+    _, keep = target_rows(labels, ignore_index)
+    if keep is not None:
+        student_rows = student_rows[keep]
+        teacher_rows = None if teacher_rows is None else teacher_rows[keep]
+    count = student_rows.shape[0]
+    chunk = chunk_size or max(count, 1)
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(0, max(count, 1), chunk):
+        rows = slice(start, start + chunk)
+        t_logits = None if teacher_rows is None else _logits(teacher, teacher_rows[rows], vocab_size)
+        add_sums(sums, health_sums(_logits(student, student_rows[rows], vocab_size), t_logits))
     return sums
 
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from transformers import TrainerCallback
 
-from hf_kd.objective.metrics import add_sums, finalize_metrics
+from hf_kd.objective.metrics import HEALTH_TOP_K, add_sums, finalize_metrics
 
 RATES = (
     "aligned_fraction",
@@ -119,19 +119,17 @@ class Accounting(TrainerCallback):
         self._add(self._window, terms, names, None)
         self._add(self._run, terms, ["loss", *names], None)  # the run's loss too: the exact train_loss
 
-    def record_generation(self, stats: tuple[torch.Tensor, torch.Tensor] | None, seconds: float = 0.0) -> None:
-        """A micro-batch of a run that generates: ``(lengths, ended)`` per completion if it was generated, else None."""
-        add = {"micro_batches": 1.0, "generated_batches": 0.0, "seconds": seconds}
-        if stats is not None:
-            lengths, ended = stats
-            add.update(
-                generated_batches=1.0,
-                completions=float(lengths.numel()),
-                tokens=lengths.sum().item(),
-                ended=ended.sum().item(),
-            )
-        for name, value in add.items():
+    def record_generation(self, stats: Mapping[str, float] | None, seconds: float = 0.0) -> None:
+        """A micro-batch of a run that generates: its :func:`~hf_kd.training.generation.completion_stats` if it was
+        generated, else None."""
+        add = {"micro_batches": 1.0, "generated_batches": 0.0 if stats is None else 1.0, "seconds": seconds}
+        for name, value in {**add, **(stats or {})}.items():
             self._generation[name] = self._generation.get(name, 0.0) + value
+
+    def record_health(self, sums: Mapping[str, torch.Tensor]) -> None:
+        """On-policy health sums of a student-written micro-batch (:func:`hf_kd.objective.terms.sample_health`)."""
+        for name, value in sums.items():
+            self._generation[f"health_{name}"] = self._generation.get(f"health_{name}", 0.0) + float(value)
 
     def record_eval(
         self,
@@ -184,6 +182,13 @@ class Accounting(TrainerCallback):
         if totals.get("completions"):
             logs["completion_length"] = totals["tokens"] / totals["completions"]
             logs["completion_eos_fraction"] = totals["ended"] / totals["completions"]
+            logs["completion_truncated_fraction"] = totals["truncated"] / totals["completions"]
+            logs["completion_repeated_4gram_fraction"] = totals["repeated_ngrams"] / max(totals["ngrams"], 1.0)
+        if totals.get("health_count"):  # the student's own samples: entropy and the teacher's mass on its top-k
+            count = totals["health_count"]
+            logs["onpolicy_student_entropy"] = totals["health_entropy"] / count
+            if "health_teacher_mass" in totals:
+                logs[f"onpolicy_teacher_mass_on_student_top{HEALTH_TOP_K}"] = totals["health_teacher_mass"] / count
         return logs
 
     def run_logs(self, prefix: str = "train_") -> dict[str, float]:

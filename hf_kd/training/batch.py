@@ -19,6 +19,7 @@ class Batch(Mapping):
     def __init__(self, tensors: Mapping[str, Any], targets: torch.Tensor | None, count: torch.Tensor):
         self.tensors, self.targets, self.count = dict(tensors), targets, count
         self.teacher_answers: dict = {}  # what teachers asked for this batch ahead of the loss (Teacher.prefetch)
+        self.written_by: str | None = None  # whose completions these are: "student", "teacher", None (the dataset's)
 
     @classmethod
     def of(cls, inputs: Mapping[str, Any], task: Task) -> Batch:
@@ -38,7 +39,7 @@ class Batch(Mapping):
         """This batch with ``tensors`` (its own, moved by the Trainer) and its targets on ``device``."""
         targets = None if self.targets is None else self.targets.to(device)
         moved = Batch(tensors, targets, self.count.to(device))
-        moved.teacher_answers = self.teacher_answers
+        moved.teacher_answers, moved.written_by = self.teacher_answers, self.written_by
         return moved
 
     def __getitem__(self, key: str) -> Any:

@@ -330,6 +330,10 @@ def card_from_trainer(
     hyperparameters = {}
     if args.generates:  # on-policy / sequence-level KD: what the completions were and how they were sampled
         hyperparameters["lmbda (on-policy fraction)"] = args.lmbda
+        if args.lmbda_warmup_steps or args.lmbda_ramp_steps:
+            hyperparameters["on-policy schedule"] = (
+                f"off-policy for {args.lmbda_warmup_steps} steps, then lmbda ramped over {args.lmbda_ramp_steps}"
+            )
         hyperparameters["seq_kd (teacher completions)"] = args.seq_kd
         hyperparameters["generation"] = ", ".join(f"{k}={v}" for k, v in args.generation_settings().items())
     hyperparameters.update(trainer.teacher.describe())  # what the teacher's kind adds (another tokenizer, ...)

@@ -135,15 +135,36 @@ def on_policy(seed: int, step: int, micro_batch: int, lmbda: float) -> bool:
     return bool(np.random.default_rng([seed, step, micro_batch]).random() < lmbda)
 
 
-def completion_stats(batch: Mapping[str, torch.Tensor], eos: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example: the completion's length (its target count) and whether its last target is an EOS."""
+REPEAT_NGRAM = 4  # a completion that loops repeats its 4-grams; natural text rarely does within 128 tokens
+
+
+def completion_stats(batch: Mapping[str, torch.Tensor], eos: Sequence[int], max_new_tokens: int) -> dict[str, float]:
+    """Sums over a generated batch's completions (its targets): ``completions``, ``tokens``, ``ended`` (the last target
+    is an EOS), ``truncated`` (stopped by ``max_new_tokens``, not by an EOS), and ``ngrams`` / ``repeated_ngrams``
+    (the :data:`REPEAT_NGRAM`-grams of each completion, and those that already occurred earlier in the same one)."""
     labels = batch["labels"][:, 1:]  # labels[:, 0] is never a target
     targets = labels != IGNORE_INDEX
     lengths = targets.sum(-1)
     last = torch.where(targets, torch.arange(labels.shape[1], device=labels.device), -1).max(-1).values
     last_token = labels.gather(-1, last.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     ended = (lengths > 0) & torch.isin(last_token, torch.tensor(list(eos), device=labels.device, dtype=torch.long))
-    return lengths, ended
+    ngrams = repeated = 0
+    for row, keep in zip(labels.tolist(), targets.tolist()):
+        tokens = [token for token, kept in zip(row, keep) if kept]
+        seen = set()
+        for start in range(len(tokens) - REPEAT_NGRAM + 1):
+            gram = tuple(tokens[start : start + REPEAT_NGRAM])
+            repeated += gram in seen
+            seen.add(gram)
+            ngrams += 1
+    return {
+        "completions": float(lengths.numel()),
+        "tokens": float(lengths.sum()),
+        "ended": float(ended.sum()),
+        "truncated": float(((lengths >= max_new_tokens) & ~ended).sum()),
+        "ngrams": float(ngrams),
+        "repeated_ngrams": float(repeated),
+    }
 
 
 class Generation:
@@ -184,9 +205,10 @@ class Generation:
         return cls(trainer.args, eos_ids(config), pad, vocab_limit=trainer.vocab_size, engine=engine)
 
     def turn(self, step: int, index: int) -> str | None:
-        """Who writes micro-batch ``index`` of optimizer step ``step``: ``"student"`` (with probability lmbda),
-        ``"teacher"`` (seq_kd), or ``None`` (the dataset's completions)."""
-        writer = "student" if on_policy(self.args.seed, step, index, self.args.lmbda) else None
+        """Who writes micro-batch ``index`` of optimizer step ``step``: ``"student"`` (with probability
+        ``lmbda_at(step)``: lmbda after any warm-up and ramp), ``"teacher"`` (seq_kd), or ``None`` (the dataset's
+        completions)."""
+        writer = "student" if on_policy(self.args.seed, step, index, self.args.lmbda_at(step)) else None
         self.writer = writer or ("teacher" if self.args.seq_kd else None)
         return self.writer
 

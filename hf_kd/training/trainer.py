@@ -25,7 +25,7 @@ from hf_kd.models.heads import lm_head_spec
 from hf_kd.models.loading import TASKS, capture_final_hidden, unwrap
 from hf_kd.models.sharding import check_world
 from hf_kd.objective.signals import StudentHidden
-from hf_kd.objective.terms import agreement, objective_terms, signal_of
+from hf_kd.objective.terms import agreement, objective_terms, sample_health, signal_of
 from hf_kd.teachers import Teacher, make_teacher
 from hf_kd.training.accounting import Accounting
 from hf_kd.training.batch import Batch
@@ -135,12 +135,16 @@ class DistillationTrainer(Trainer):
                 break
         if not batch_samples:
             return batch_samples, None
-        prepared = [self.prepare_batch(batch, index) for index, batch in enumerate(batch_samples)]
-        batch_samples = [Batch.of(batch, self.task_spec) for batch in prepared]
+        batch_samples = [self._batch_of(self.prepare_batch(batch, index)) for index, batch in enumerate(batch_samples)]
         for batch in batch_samples:
             self.teacher.prefetch(batch)  # a served teacher answers while the student runs its forward
         local = sum(batch.count for batch in batch_samples).to(device)  # after generation: the batch trained on
         return batch_samples, self.accounting.count_step(local)
+
+    def _batch_of(self, prepared: Mapping[str, Any]) -> Batch:
+        batch = Batch.of(prepared, self.task_spec)
+        batch.written_by = None if self.generation is None else self.generation.writer
+        return batch
 
     def prepare_batch(self, inputs: Mapping[str, Any], index: int) -> Mapping[str, Any]:
         """Micro-batch ``index`` of this optimizer step as the loss will see it: the dataset's completions, the
@@ -162,7 +166,8 @@ class DistillationTrainer(Trainer):
                 with self.teacher.generating() as teacher:
                     generated = self.generate_completions(teacher, inputs)
         seconds = time.perf_counter() - started
-        self.accounting.record_generation(completion_stats(generated, self.generation.eos), seconds)
+        max_new_tokens = self.args.generation_settings()["max_new_tokens"]
+        self.accounting.record_generation(completion_stats(generated, self.generation.eos, max_new_tokens), seconds)
         return generated
 
     def generate_completions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -264,6 +269,15 @@ class DistillationTrainer(Trainer):
             self.faults.check(f"step {self.state.global_step + 1}")
         if model.training:
             self.accounting.record_train(terms, None if num_items_in_batch is not None else batch.count)
+            if batch.written_by == "student":  # on-policy health, from the rows the loss read
+                health = sample_health(
+                    self._student_signal(student_outputs),
+                    self._teacher_signal(teacher_outputs),
+                    batch.targets,
+                    chunk_size=self.args.loss_chunk_size or None,
+                    vocab_size=self.vocab_size,
+                )
+                self.accounting.record_health(health)
         else:
             sums = agreement(
                 self._student_signal(student_outputs),
