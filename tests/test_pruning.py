@@ -18,7 +18,10 @@ def test_evenly_spaced_keeps_both_ends():
 def test_pruned_model_equals_a_model_built_from_the_kept_layers(tmp_path):
     teacher = load_model(save_tiny_llama(tmp_path / "t", vocab_size=40, seed=0, layers=5))
     keep = [0, 2, 4]
+    teacher.requires_grad_(False).eval()  # as a DistillationTrainer leaves its teacher
     pruned = prune_layers(teacher, keep)
+    assert all(p.requires_grad for p in pruned.parameters()) and pruned.training
+    pruned.eval()
     assert len(decoder_layers(teacher)) == 5 and len(decoder_layers(pruned)) == 3  # the teacher is left whole
     # the independent path: a fresh 3-layer model from the config, loaded with the kept layers' weights renamed
     config = teacher.config.to_dict()

@@ -78,9 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("recipe")
     demo = sub.add_parser(
-        "demo", help="a CPU-only end-to-end distillation run on synthetic data (a few minutes)", allow_abbrev=False
+        "demo",
+        help="distill SmolLM2-135M-Instruct into a student pruned from it, on a CPU (a few minutes); --synthetic: a "
+        "task with a known floor, no model needed",
+        allow_abbrev=False,
     )
     demo.add_argument("--output_dir", default="hf_kd_demo_output", help="where the results and best student go")
+    demo.add_argument(
+        "--teacher",
+        help="the SmolLM2-135M-Instruct directory (default: where `python scripts/real_models.py` caches it)",
+    )
+    demo.add_argument("--synthetic", action="store_true", help="the synthetic demo (an order-2 Markov chain)")
     demo.add_argument("--fast", action="store_true", help="a much smaller setting (seconds; used by the tests)")
     demo.add_argument("--seed", type=int, default=0)
     cache = sub.add_parser(
@@ -129,9 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        from hf_kd.cli.demo import run_demo
+        if args.synthetic:
+            from hf_kd.cli.demo import run_demo
 
-        run_demo(output_dir=args.output_dir, fast=args.fast, seed=args.seed)
+            run_demo(output_dir=args.output_dir, fast=args.fast, seed=args.seed)
+            return 0
+        from hf_kd.cli.real_demo import run_real_demo
+
+        try:
+            run_real_demo(args.teacher, output_dir=args.output_dir, fast=args.fast, seed=args.seed)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "init":
         if rest:

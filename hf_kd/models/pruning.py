@@ -34,7 +34,9 @@ def _layer_owner(model: nn.Module) -> nn.Module:
 def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     """A copy of ``model`` with only the decoder layers ``keep`` (indices, in order), everything else shared by value
     (embeddings, final norm, head). The config says the new depth, and each kept attention layer gets its new index:
-    the KV cache is indexed by it, so a stale index breaks ``generate``."""
+    the KV cache is indexed by it, so a stale index breaks ``generate``. The copy is trainable (every parameter
+    requires grad) and in train mode, whatever the model was: a teacher is frozen once a trainer holds it, and a
+    student copied from it afterwards would otherwise train nothing."""
     layers = decoder_layers(model)
     total = len(layers)
     if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= total:
@@ -51,4 +53,5 @@ def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     config.num_hidden_layers = len(keep)
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds (sliding / full) follow the layers
         config.layer_types = [config.layer_types[i] for i in keep]
-    return pruned
+    pruned.requires_grad_(True)
+    return pruned.train()
