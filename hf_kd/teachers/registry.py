@@ -30,12 +30,14 @@ Forward = Callable[[nn.Module, Mapping[str, Any]], Any]  # the trainer's forward
 
 class Teacher:
     """The interface. ``name``: an id, a path or ``"self"``; ``model``: the module to run (``None`` without one);
-    ``vocab_size``: ``None`` when teacher and student logits have the same width, else the shared prefix."""
+    ``vocab_size``: ``None`` when teacher and student logits have the same width, else the shared prefix;
+    ``columns``: dataset columns it reads beside the model inputs (a routed mixture's ``teacher_id``)."""
 
     kind: ClassVar[str] = ""
     name: str | None = None
     model: nn.Module | None = None
     vocab_size: int | None = None
+    columns: tuple[str, ...] = ()  # batch columns it reads that no model does (kept by the Trainer, never forwarded)
 
     @classmethod
     def check_setup(cls, trainer, source) -> None:
