@@ -27,7 +27,7 @@ from hf_kd.models.heads import LMHeadSpec, finish_logits, lm_head_spec  # noqa: 
 from hf_kd.objective.chunking import CHUNK_SIZE, SOURCES, ChunkPlan, ChunkTeacher, LogitRows, Scratch, kept_rows, run
 from hf_kd.objective.losses import Objective, check_label_ids, check_labels, normalizer, target_rows
 from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK
-from hf_kd.objective.sparse import check_cache_shapes, sparse_weights
+from hf_kd.objective.sparse import check_cache_shapes, sampled_buckets, sparse_weights
 
 
 def fused_distillation_loss(
@@ -332,7 +332,11 @@ def _autograd_divergence(
         divergence = ce = None
         if plan.need_divergence:
             with torch.set_grad_enabled(want_grad and objective.alpha > 0):
-                divergence = objective.divergence(teacher.student_side(logits), teacher.values).sum()
+                student_side, values, targets = teacher.student_side(logits), teacher.values, labels
+                if teacher.ids is not None and objective.reads_targets():  # the sampled token's own bucket
+                    log_p = torch.log_softmax(logits, dim=-1)
+                    student_side, values, targets = sampled_buckets(log_p, teacher.ids, values, labels)
+                divergence = objective.divergence(student_side, values, targets).sum()
         if plan.need_ce:
             with torch.set_grad_enabled(want_grad and objective.alpha < 1):
                 ce = F.cross_entropy(logits, labels, reduction="sum")  # at T = 1, as in distillation_loss
@@ -347,7 +351,7 @@ def _with_teacher_sums(divergence):
     def chunk(student, teacher, labels, plan: ChunkPlan, want_grad: bool, scratch: Scratch):
         sums = {}
         if teacher is not None and getattr(teacher, "sums", None) is not None:
-            sums = teacher.sums(finish_logits(student, plan.student_logit_scale, plan.student_softcap))
+            sums = teacher.sums(finish_logits(student, plan.student_logit_scale, plan.student_softcap), labels)
         div, ce, grad, *more = divergence(student, teacher, labels, plan, want_grad, scratch)
         return div, ce, grad, {**(more[0] if more else {}), **sums}
 

@@ -125,7 +125,7 @@ class TeacherMixture:
     def _dense_sums(self, student, teacher, members, labels, objective, num_items_in_batch) -> dict:
         """The per-teacher logs on full logits (the module docstring)."""
         vocab = student.shape[-1]
-        _, keep = target_rows(labels, objective.ignore_index)
+        flat, keep = target_rows(labels, objective.ignore_index)
 
         def pick(x: torch.Tensor) -> torch.Tensor:  # [..., V] -> the target rows [n, V]
             return x.reshape(-1, vocab) if keep is None else x.reshape(-1, vocab)[keep]
@@ -136,10 +136,10 @@ class TeacherMixture:
             if self.route is not None:
                 rows = self.route.view(-1, *[1] * (teacher.dim() - 2)).expand(teacher.shape[:-1]).reshape(-1)
                 rows = rows if keep is None else rows[keep]
-                per_row = objective.divergence(student, pick(teacher).to(student.dtype))
+                per_row = objective.divergence(student, pick(teacher).to(student.dtype), flat)
                 return _routed_sums(per_row, rows, self.names, denominator)
             return {
-                divergence_key(name): objective.divergence(student, pick(z).to(student.dtype)).sum() / denominator
+                divergence_key(name): objective.divergence(student, pick(z).to(student.dtype), flat).sum() / denominator
                 for name, z in zip(self.names, members)
             }
 
@@ -173,8 +173,9 @@ class TeacherMixture:
                 mixed = part if mixed is None else torch.logaddexp(mixed, part, out=mixed)
             out = scratch("teacher", mixed.shape[0]).copy_(mixed)
 
-            def sums(student: torch.Tensor) -> dict[str, torch.Tensor]:
-                return {divergence_key(n): objective.divergence(student, z).sum() for n, z in zip(mixture.names, kept)}
+            def sums(student: torch.Tensor, labels) -> dict[str, torch.Tensor]:
+                names = mixture.names
+                return {divergence_key(n): objective.divergence(student, z, labels).sum() for n, z in zip(names, kept)}
 
             return ChunkTeacher(out.mul_(temperature) if temperature != 1 else out, sums=sums)
 
@@ -215,8 +216,8 @@ def _routed_source(mixture: TeacherMixture, keep, plan):
             if b > a:  # the member's values land in the "teacher" buffer: copied out before the next member runs
                 out[here == index] = member(slice(a, b), scratch).values
 
-        def sums(student: torch.Tensor) -> dict[str, torch.Tensor]:
-            return _routed_sums(objective.divergence(student, out), here, mixture.names, 1)
+        def sums(student: torch.Tensor, labels) -> dict[str, torch.Tensor]:
+            return _routed_sums(objective.divergence(student, out, labels), here, mixture.names, 1)
 
         return ChunkTeacher(out, sums=sums)
 

@@ -95,6 +95,12 @@ def check_setup(trainer) -> None:
     check_targets(trainer)
     if args.generates:
         check_generation(trainer)
+    if trainer.objective.reads_targets() and args.lmbda < 1:
+        logger.warning(
+            "loss_type reverse_kl_sampled with lmbda=%s: the estimate is unbiased on the student's own samples only; "
+            "the other batches' tokens are not samples of the student (set lmbda: 1)",
+            args.lmbda,
+        )
 
 
 def check_targets(trainer) -> None:
