@@ -161,6 +161,9 @@ class MixtureTeacher(Teacher):
             f"({', '.join(self.names)}) in every example's {TEACHER_ID}"
         )
 
+    def modules(self) -> list:
+        return [module for member in self.members for module in member.modules()]
+
     def prefetch(self, batch) -> None:
         for member in self.members:
             member.prefetch(batch)

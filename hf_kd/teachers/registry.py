@@ -70,6 +70,10 @@ class Teacher:
             raise SetupError("seq_kd", f"a {self.kind} teacher cannot generate completions; distill from a model")
         yield self.model
 
+    def modules(self) -> list[nn.Module]:
+        """Every model this teacher runs (whether the fused loss applies reads their heads): its model, if any."""
+        return [] if self.model is None else [self.model]
+
     def describe(self) -> dict[str, str]:
         """What the model card (and the logs) add about this teacher beyond its name: ``{label: text}``."""
         return {"teacher kind": self.kind}
