@@ -141,6 +141,10 @@ def test_refusals():
     tail = torch.log1p(-top.exp().sum(-1))
     with pytest.raises(ValueError, match="reads the token sampled at each position"):
         distillation_loss(student, teacher, None, loss_type="reverse_kl_sampled")
+    with pytest.raises(ValueError, match="reads the token sampled at each position"):
+        fused_sparse_distillation_loss(
+            student, torch.eye(V, dtype=torch.float64), ids, top, tail, None, loss_type="reverse_kl_sampled"
+        )
     with pytest.raises(ValueError, match="splits the tail bucket at the sampled token"):
         labels = torch.zeros(N, dtype=torch.long)
         sparse_distillation_loss(student, ids, top, tail, labels, loss_type={"reverse_kl_sampled": 1, "jsd": 1})

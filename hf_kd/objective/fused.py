@@ -259,6 +259,8 @@ def _check(student: StudentHidden, teacher, labels, objective: Objective, chunk_
             f"vocab_size={min(s_vocab, t_vocab)} to distill over the shared prefix of padded vocabularies"
         )
     check_labels(labels, student.hidden.shape[:-1], objective.alpha, "student_hidden without its hidden dim")
+    if labels is None and objective.reads_targets():
+        raise ValueError("loss_type: reverse_kl_sampled reads the token sampled at each position: pass labels")
     return s_vocab
 
 
@@ -332,10 +334,11 @@ def _autograd_divergence(
         divergence = ce = None
         if plan.need_divergence:
             with torch.set_grad_enabled(want_grad and objective.alpha > 0):
-                student_side, values, targets = teacher.student_side(logits), teacher.values, labels
                 if teacher.ids is not None and objective.reads_targets():  # the sampled token's own bucket
                     log_p = torch.log_softmax(logits, dim=-1)
-                    student_side, values, targets = sampled_buckets(log_p, teacher.ids, values, labels)
+                    student_side, values, targets = sampled_buckets(log_p, teacher.ids, teacher.values, labels)
+                else:
+                    student_side, values, targets = teacher.student_side(logits), teacher.values, labels
                 divergence = objective.divergence(student_side, values, targets).sum()
         if plan.need_ce:
             with torch.set_grad_enabled(want_grad and objective.alpha < 1):
