@@ -124,6 +124,8 @@ def test_mixed_routing_against_a_per_row_float64_reference(tmp_path, tiny_dir, t
     assert shown["teacher/big/divergence"] == pytest.approx(
         float(per_teacher["big"] / per_teacher["big tokens"]), rel=1e-5
     )
+    unused = per_aligned_target({"teacher/x/divergence": 0.0, "teacher/x/token_share": 0.0})
+    assert unused == {"teacher/x/token_share": 0.0}  # no token routed to it in the window: no mean to show
 
 
 @pytest.mark.parametrize("chunk", [0, 8])
@@ -223,7 +225,7 @@ def test_routing_in_a_recipe(tmp_path, tiny_dir, capsys):
     write_jsonl(tmp_path / "train.jsonl", rows)
     assert main(["train", str(path), "--overwrite_output_dir"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "teacher_id: 'poetry' names no teacher" in err[-1]
+    assert "data.teacher_field: 'poetry' names no teacher" in err[-1]
     members[0]["weight"] = 2
     path = write_recipe(tmp_path / "recipe.yaml", tiny_dir, data, teacher_section=members, loss_chunk_size=8)
     assert main(["train", str(path)]) == 2

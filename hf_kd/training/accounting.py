@@ -47,7 +47,7 @@ def per_aligned_target(logs: dict[str, float], prefix: str = "") -> dict[str, fl
     """``shared_mass`` comes summed over one-to-one targets and divided like the loss: divided by
     ``aligned_fraction`` it is the teacher's mean mass on shared tokens per aligned target. Likewise a routed
     teacher's ``teacher/<name>/divergence`` (summed over its tokens) divided by its ``token_share`` is its mean
-    divergence per routed token (:mod:`hf_kd.teachers.mixing`)."""
+    divergence per routed token (:mod:`hf_kd.teachers.mixing`); left out of a window that routed it no token."""
     pairs = [(f"{prefix}shared_mass", f"{prefix}aligned_fraction")]
     pairs += [
         (key[: -len("token_share")] + "divergence", key)
@@ -55,8 +55,14 @@ def per_aligned_target(logs: dict[str, float], prefix: str = "") -> dict[str, fl
         if key.startswith(f"{prefix}teacher/") and key.endswith("/token_share")
     ]
     for value, fraction in pairs:
-        if value in logs and fraction in logs:
-            logs[value] = logs[value] / logs[fraction] if logs[fraction] > 0 else 0.0
+        if value not in logs or fraction not in logs:
+            continue
+        if logs[fraction] > 0:
+            logs[value] = logs[value] / logs[fraction]
+        elif value.endswith("/divergence"):  # a teacher routed no token in the window: its mean is undefined, not 0
+            del logs[value]
+        else:
+            logs[value] = 0.0
     return logs
 
 
