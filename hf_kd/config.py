@@ -52,6 +52,7 @@ class DistillationConfig(TrainingArguments):
         default="forward_kl",
         metadata={
             "help": f"Divergence between teacher and student token distributions: one of {', '.join(LOSS_TYPES)}, uld, "
+            "reverse_kl_sampled (reverse KL estimated at the sampled token: on-policy with a top-k teacher), "
             "a divergence registered with hf_kd.register_divergence, or a "
             'weighted mixture given as a mapping in YAML/Python, JSON (\'{"forward_kl": 0.5, "mse": 0.5}\') or '
             "forward_kl=0.5,mse=0.5 on the command line. "

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hf_kd.models.tasks import IGNORE_INDEX, Task
+from hf_kd.models.tasks import IGNORE_INDEX, TEACHER_ID, Task
 from hf_kd.recipe.schema import DATA_EXTENSIONS  # noqa: F401 (one table; recipe validation must not import torch)
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,8 @@ class DistillationCollator:
     """Pad ``input_ids`` / ``attention_mask`` / ``labels`` to the longest example (right padding).
 
     Works on pre-tokenized data with no tokenizer. Missing ``labels`` become the input ids; missing
-    ``attention_mask`` becomes all ones. Padding is masked by *position* (labels -100 where padded), never by token
+    ``attention_mask`` becomes all ones. A ``teacher_id`` per example (routing between several teachers) is passed
+    on: a ``[B]`` long tensor of indices, or the list of member names. Padding is masked by *position* (labels -100 where padded), never by token
     id, so an EOS token that doubles as the pad token is still a target where it really occurs.
     """
 
@@ -53,7 +54,22 @@ class DistillationCollator:
             batch["attention_mask"][row, :n] = mask
             # a position masked out of attention is padding inside the example: never a target
             batch["labels"][row, :n] = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        if any(TEACHER_ID in ex for ex in examples):
+            batch[TEACHER_ID] = teacher_ids([ex.get(TEACHER_ID) for ex in examples])
         return batch
+
+
+def teacher_ids(values: list) -> torch.Tensor | list[str]:
+    """The examples' ``teacher_id`` values -> a ``[B]`` long tensor (indices) or a list of names (strings); the
+    teacher checks each against its members."""
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return torch.tensor(values, dtype=torch.long)
+    if all(isinstance(v, str) for v in values):
+        return list(values)
+    raise ValueError(
+        f"{TEACHER_ID}: every example needs a member index (int) or a member name (str), one kind per dataset; "
+        f"got {sorted({type(v).__name__ for v in values})}"
+    )
 
 
 def default_collator(task: Task, processing_class):
@@ -211,7 +227,7 @@ def _required_columns(data) -> list[tuple[str, str]]:
         "tokenized": [("data.format", "input_ids")],
         "classification": [("data.text_field", data.text_field), ("data.label_field", data.label_field)]
         + ([("data.text_pair_field", data.text_pair_field)] if data.text_pair_field else []),
-    }[data.format]
+    }[data.format] + ([("data.teacher_field", data.teacher_field)] if getattr(data, "teacher_field", None) else [])
 
 
 def check_columns(dataset, data, tokenizer=None) -> None:
@@ -234,9 +250,16 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing", keep_pr
     ``keep_prompt_only``: every batch is generated, so a prompt is all an example needs)."""
     check_columns(dataset, data, tokenizer)
     max_length, packing = data.max_length, data.packing
+    routed = getattr(data, "teacher_field", None)  # each example's teacher travels with it, as teacher_id
+    if routed and packing:
+        raise DataError("data.packing", "a packed block mixes examples, and each example names its own teacher")
+
+    def with_teacher(example, encoded):
+        return {**encoded, TEACHER_ID: example[routed]} if routed else encoded
+
     if data.format == "classification":  # every example is one target: nothing to mask, truncate or drop
         return dataset.map(
-            lambda example: encode_example(example, tokenizer, data),
+            lambda example: with_teacher(example, encode_example(example, tokenizer, data)),
             remove_columns=dataset.column_names,
             num_proc=data.num_proc,
             desc=desc,
@@ -252,7 +275,7 @@ def tokenize_dataset(dataset, tokenizer, data, desc: str = "Tokenizing", keep_pr
             raise DataError(
                 "data", f"an example has {len(encoded['labels'])} labels for {len(encoded['input_ids'])} ids"
             )
-        return encoded
+        return with_teacher(example, encoded)
 
     tokenized = dataset.map(encode, remove_columns=dataset.column_names, num_proc=data.num_proc, desc=desc)
     if packing:

@@ -133,3 +133,17 @@ def test_several_teachers_in_a_recipe(tmp_path, tiny_dir, capsys):
     path = write_recipe(tmp_path / "recipe.yaml", tiny_dir, data, teacher_section=members, loss_chunk_size=8)
     assert main(["train", str(path)]) == 2
     assert "teachers[1].weight: must be a number >= 0" in capsys.readouterr().err
+
+
+def test_every_members_head_decides_the_fused_loss_and_a_served_member_has_no_other_kind(tmp_path, tiny_dir, caplog):
+    """A member whose head cannot be fused turns the fused loss off (it was checked for the trainer's one teacher
+    only); a member section with both url and another kind is refused, not silently served."""
+    student = load_model(tiny_dir["student"])
+    odd = load_model(tiny_dir["teacher"])
+    odd.config.model_type = "not_a_known_head"  # lm_head_spec cannot vouch for its logits
+    args = make_args(tmp_path, loss_chunk_size=8, teacher_kind="mixture")
+    trainer = DistillationTrainer(model=student, teacher_model=[tiny_dir["teacher"], odd], args=args)
+    assert not trainer.use_fused_loss and "not known to compute logits" in caplog.text
+    options = {"teachers": [{"name_or_path": tiny_dir["teacher"]}, {"url": "http://127.0.0.1:1", "kind": "model"}]}
+    with pytest.raises(SetupError, match=r"teachers\[1\] has url and kind 'model'"):
+        DistillationTrainer(model=student, args=make_args(tmp_path, teacher_kind="mixture", teacher_options=options))

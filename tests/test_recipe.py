@@ -423,3 +423,23 @@ def test_classification_recipe(tmp_path):
     assert load_recipe(write(tmp_path)).task == "causal_lm"
     packed = text + "  packing: true\n"
     assert "data.packing: a classification example has one label" in error(write(tmp_path, packed))
+
+
+def test_a_teacher_with_url_and_another_kind_is_refused(tmp_path):
+    """A url makes a served teacher: a kind beside it that says otherwise was silently overruled; now it is an error,
+    for one teacher and for a member of several. data.teacher_field needs several teachers."""
+    from test_cli import write_recipe
+
+    tiny = {"student": str(tmp_path), "tokenizer": str(tmp_path), "teacher": str(tmp_path)}
+    data = {"dataset": str(tmp_path / "train.jsonl")}
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    path = write_recipe(tmp_path / "r.yaml", tiny, data, teacher_section={"url": "http://h:1", "kind": "model"})
+    with pytest.raises(RecipeError, match="teacher.kind: a url makes a served teacher"):
+        load_recipe(path)
+    assert load_recipe(write_recipe(tmp_path / "r.yaml", tiny, data, teacher_section={"url": "http://h:1"}))
+    members = [{"url": "http://h:1"}, {"url": "http://h:2", "kind": "cache"}]
+    with pytest.raises(RecipeError, match="teacher.kind: a url makes a served teacher"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", tiny, data, teacher_section=members))
+    routed = {**data, "teacher_field": "expert"}
+    with pytest.raises(RecipeError, match="data.teacher_field: routes examples between several teachers"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", tiny, routed, teacher_section={"url": "http://h:1"}))

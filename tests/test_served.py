@@ -360,3 +360,58 @@ def test_a_mixture_object_made_in_python_trains_and_refuses_mse(tmp_path, tiny_d
     assert torch.allclose(
         trainer.compute_loss(student, batch), expected.compute_loss(student, batch), rtol=1e-5, atol=1e-7
     )
+
+
+def test_an_answer_cut_short_is_retried(monkeypatch):
+    """http.client.IncompleteRead (the server went away mid-answer) is retried like a refused connection."""
+    import http.client
+
+    import hf_kd.teachers.served.teacher as served
+
+    sleeps, calls = [], []
+    monkeypatch.setattr(served.time, "sleep", sleeps.append)
+
+    class Answer:
+        headers = {"X-Test": "1"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            calls.append(1)
+            if len(calls) == 1:
+                raise http.client.IncompleteRead(b"par", 10)
+            return b"whole"
+
+    monkeypatch.setattr(served.urllib.request, "urlopen", lambda request, timeout=None: Answer())
+    assert TeacherClient("http://127.0.0.1:1")._exchange("/info", None)[0] == b"whole"
+    assert len(calls) == 2 and sleeps == [1]
+
+
+def test_a_vllm_teacher_never_sends_an_empty_prompt():
+    """A fully masked row (and a one-token row) has no position to score: it is left out of the request, its rows are
+    the filler, and the other rows' answers land on their own rows."""
+    from hf_kd.teachers.served.vllm import VLLMTeacher
+
+    sent = []
+
+    class Client:
+        url = "http://vllm"
+
+        def post(self, path, payload):
+            sent.append(payload["prompt"])
+            entry = {str(t): {"rank": r + 1, "logprob": -1.0 - r} for r, t in enumerate((5, 6))}
+            return {"choices": [{"index": i, "prompt_logprobs": [None] + [entry] * 9} for i in range(2)][::-1]}
+
+    teacher = VLLMTeacher(Client(), "m", top_k=2, vocab=40)
+    ids = torch.arange(24).reshape(4, 6) + 3
+    mask = torch.tensor([[1] * 6, [0] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    signal = teacher.run({"input_ids": ids, "attention_mask": mask}, None, None)
+    assert sent == [[ids[0].tolist(), ids[2, :3].tolist()]]
+    assert signal.topk_ids[0].tolist() == [[5, 6]] * 5 and signal.topk_ids[2, :2].tolist() == [[5, 6]] * 2
+    assert signal.topk_ids[1].eq(0).all() and signal.topk_ids[3].eq(0).all()  # fillers, never read
+    teacher.run({"input_ids": ids[1:2], "attention_mask": mask[1:2]}, None, None)
+    assert len(sent) == 1  # nothing to score: no request at all

@@ -38,12 +38,8 @@ def check_recipe(recipe: Recipe) -> Report:
         if role == "teacher" and section.name_or_path == SELF_TEACHER:
             report.add("teacher self: the student's base model with its adapters disabled (self-distillation)")
             continue
-        if role == "teacher" and section.kind == "mixture":  # several teachers: each named with its weight
-            members, weights = section.options["teachers"], section.options["weights"]
-            total = sum(weights)
-            for index, (member, weight) in enumerate(zip(members, weights)):
-                where = member.get("url") or member.get("name_or_path")
-                report.add(f"teacher {index + 1} of {len(members)} (weight {weight / total:.3g}): {where}")
+        if role == "teacher" and section.kind == "mixture":  # several teachers: each named with its weight or route
+            _list_teachers(recipe, section.options, report)
             continue
         if role == "teacher" and not loads_teacher_model(section):
             kind = section.kind or ("vllm" if section.server == "vllm" else "served")
@@ -229,3 +225,17 @@ def run_check(recipe: Recipe) -> int:
         print(f"not checked: {line}")
     print(report.verdict())
     return 1 if report.failed else 0
+
+
+def _list_teachers(recipe, options: dict, report: Report) -> None:
+    """Several teachers, one line each: its weight, or (routed) its name and the data column that picks it."""
+    members = options["teachers"]
+    for index, member in enumerate(members):
+        where = member.get("url") or member.get("name_or_path")
+        if options.get("routed"):
+            name = member.get("name", str(index))
+            field = recipe.data.teacher_field
+            report.add(f"teacher {name} ({index + 1} of {len(members)}, routed by data.teacher_field {field}): {where}")
+        else:
+            weight = options["weights"][index] / sum(options["weights"])
+            report.add(f"teacher {index + 1} of {len(members)} (weight {weight:.3g}): {where}")

@@ -77,6 +77,8 @@ def check_data(recipe: Recipe, args, tokenizer, sample: list, report: Report) ->
     except DataError as err:
         report.fail(f"data: {err}")
         return
+    if data.teacher_field is not None and not _routes_known(recipe, sample, report):
+        return
     targets = (
         sum(count_targets(labels) for labels in tokenized["labels"])
         if data.format != "classification"
@@ -152,3 +154,20 @@ def _steps_per_epoch(recipe: Recipe, args, sampled: int, trainable: int, total: 
     else:
         line += f"; num_train_epochs={args.num_train_epochs:g} is {math.ceil(steps * args.num_train_epochs):,} steps"
     return line.replace("~", "") if exact else line
+
+
+def _routes_known(recipe: Recipe, sample: list, report: Report) -> bool:
+    """Every sampled ``data.teacher_field`` value names a teacher (an index from 0, or a member's name), as
+    `train` requires; a FAIL line otherwise."""
+    members = recipe.teacher.options["teachers"]
+    names = [member.get("name", str(index)) for index, member in enumerate(members)]
+    for example in sample:
+        value = example.get(recipe.data.teacher_field)
+        known = value in names if isinstance(value, str) else isinstance(value, int) and 0 <= value < len(names)
+        if not known:
+            report.fail(
+                f"data: data.teacher_field {recipe.data.teacher_field}: {value!r} names no teacher; use an index "
+                f"0..{len(names) - 1} or a member name ({', '.join(names)})"
+            )
+            return False
+    return True

@@ -94,6 +94,7 @@ _RECIPE_KEYS = {
     "teacher_tokenizer_name_or_path": "teacher.tokenizer",
     "peft_config": "peft",
     "train_dataset": "data",
+    "teacher_id": "data.teacher_field",  # several teachers, routed: the column a recipe names
 }
 
 
@@ -271,6 +272,7 @@ def run_train(recipe: Recipe, overwrite: bool = False) -> dict:
 def train_command(recipe: Recipe, overwrite: bool) -> int:
     """``run_train``; a NaN step or Ctrl-C ends it with one line (no traceback) that says what is kept and how to
     go on. Exit codes: 1 for a fault, 130 for an interrupt (as a shell reports Ctrl-C)."""
+    from hf_kd.errors import SetupError
     from hf_kd.teachers.served.teacher import TeacherUnavailable
     from hf_kd.training.faults import NonFiniteError
 
@@ -280,6 +282,10 @@ def train_command(recipe: Recipe, overwrite: bool) -> int:
     except NonFiniteError as err:
         print(f"error: {recipe.path}: training stopped: {err}", file=sys.stderr)
         return 1
+    except SetupError as err:  # found at a batch, not at setup (a routed teacher's id in streamed data): one line
+        _end_progress_bars()
+        print(f"error: {recipe.path}: {recipe_key(err.field)}: {err.problem.strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     except TeacherUnavailable as err:  # the step was not applied; the run resumes from its last checkpoint
         _end_progress_bars()
         out = recipe.training_args(check_hardware=False).output_dir

@@ -10,6 +10,9 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100  # the Trainer's and every HF loss's convention for "not a target"
+# the batch column that names each example's teacher (several teachers, routed): read by the teacher, never a model
+# input (the forward drops it, the Trainer's column filter keeps it)
+TEACHER_ID = "teacher_id"
 
 
 @dataclass(frozen=True)

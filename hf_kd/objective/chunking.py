@@ -74,6 +74,10 @@ class ChunkTeacher:
     # in the plan's dtype
     values: torch.Tensor
     ids: torch.Tensor | None = None  # [chunk, k] the teacher's top-k ids; None: dense logits
+    # (the chunk's student logits [chunk, V] after scale and softcap, read only; its labels [chunk] or None) ->
+    # {name: 0-dim sum} to log beside the loss (several teachers: each one's divergence); called before the
+    # divergence, which may overwrite values
+    sums: Callable[[torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]] | None = None
 
     def student_side(self, logits: torch.Tensor) -> torch.Tensor:
         """What ``values`` is compared with: the student's ``[chunk, V]`` logits themselves, or (top-k) its

@@ -74,6 +74,8 @@ class Divergence:
     on_buckets: ClassVar[bool] = True
     temperature_scaled: ClassVar[bool] = True
     uses_log_probs: ClassVar[bool] = True  # False: per_row reads only the raw logits (no log_softmax is made for it)
+    # True: per_row also takes targets= [N], each row's sampled token (its column in the rows), and needs labels
+    reads_targets: ClassVar[bool] = False
     knobs: ClassVar[dict[str, str]] = {}  # parameter -> the Objective field that sets it by default
 
     def per_row(
@@ -129,6 +131,36 @@ class ReverseKL(Divergence):
 
     def per_row(self, log_p_s, log_p_t, student, teacher):
         return kl(log_p_s, floored(log_p_t))
+
+
+@register_divergence
+@dataclass(frozen=True)
+class ReverseKLSampled(Divergence):
+    """KL(p_s || p_t) estimated at the token the student sampled: for teachers known only at a few tokens (a vLLM
+    server's or a cache's top-k, with a tail bucket), on-policy (each completion token y is a sample of p_s).
+
+    Value per position: ``r(y) = log p_s(y) - log p_t(y)``; its expectation over ``y ~ p_s`` is
+    ``sum_y p_s(y) r(y) = KL(p_s || p_t)``, exactly. Gradient (w.r.t. the student's logits z):
+
+        grad KL = sum_y grad p_s(y) r(y) + sum_y p_s(y) grad log p_s(y)
+                = E_{y ~ p_s}[r(y) grad log p_s(y)] + grad sum_y p_s(y)      (grad p = p grad log p)
+                = E_{y ~ p_s}[r(y) grad log p_s(y)]                          (sum_y p_s(y) = 1: its gradient is 0)
+
+    so each position backpropagates ``r(y).detach() * grad log p_s(y)`` (REINFORCE, the score function), whose
+    expectation is the exact gradient; the term ``grad log p_s(y)`` that differentiating ``r`` itself would add has
+    expectation 0 and only adds variance, so it is left out. The value is ``r(y)``: the loss logs the estimate.
+    A teacher log-probability of -inf is floored as in ``reverse_kl``. On a top-k teacher's buckets (:mod:`sparse`)
+    ``y`` outside the top-k gets the tail mass spread uniformly: ``log p_t(y) = tail - log(V - k)``.
+    """
+
+    name: ClassVar[str] = "reverse_kl_sampled"
+    reads_targets: ClassVar[bool] = True
+
+    def per_row(self, log_p_s, log_p_t, student, teacher, targets=None):
+        index = targets.unsqueeze(-1)
+        log_s = log_p_s.gather(-1, index).squeeze(-1)
+        ratio = (log_s - floored(log_p_t).gather(-1, index).squeeze(-1)).detach()
+        return ratio + ratio * (log_s - log_s.detach())  # the value r(y), the gradient r(y) * grad log p_s(y)
 
 
 @register_divergence

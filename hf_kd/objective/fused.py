@@ -27,7 +27,7 @@ from hf_kd.models.heads import LMHeadSpec, finish_logits, lm_head_spec  # noqa: 
 from hf_kd.objective.chunking import CHUNK_SIZE, SOURCES, ChunkPlan, ChunkTeacher, LogitRows, Scratch, kept_rows, run
 from hf_kd.objective.losses import Objective, check_label_ids, check_labels, normalizer, target_rows
 from hf_kd.objective.signals import StudentHidden, TeacherHidden, TeacherLogits, TeacherSignal, TeacherTopK
-from hf_kd.objective.sparse import check_cache_shapes, sparse_weights
+from hf_kd.objective.sparse import check_cache_shapes, sampled_buckets, sparse_weights
 
 
 def fused_distillation_loss(
@@ -178,6 +178,7 @@ def fused_objective(
     chunk_size: int = CHUNK_SIZE,
     vocab_size: int | None = None,
     return_components: bool = False,
+    return_extras: bool = False,
 ):
     """``objective`` between a student known by its final hidden states and any teacher signal, chunk by chunk.
 
@@ -192,6 +193,9 @@ def fused_objective(
         num_items_in_batch: the divisor, as in :func:`~hf_kd.objective.losses.distillation_loss` (``None``: the valid count).
         chunk_size: positions per chunk; peak memory grows with ``chunk_size * V``, not with N.
         vocab_size: cut both sides to their first ``vocab_size`` columns; without it ``V_s`` and ``V_t`` must agree.
+
+        return_extras: also return the sums a teacher source logs beside the loss (``ChunkTeacher.sums``: several
+            teachers' own divergences), normalized like the loss, as a last element ``{name: value}``.
 
     Returns:
         A scalar (float32, float64 for float64 student inputs), or ``(total, divergence, ce)`` with
@@ -222,14 +226,16 @@ def fused_objective(
     # a signal of its own kind (several teachers' mixture) brings its own source of chunk rows
     make_source = SOURCES.get(type(teacher)) or type(teacher).chunk_source
     teacher_chunk = make_source(teacher, keep, plan) if plan.need_divergence else None
-    divergence = _forward_kl_closed_form if _closed_form_applies(plan) else _autograd_divergence
+    divergence = _with_teacher_sums(_forward_kl_closed_form if _closed_form_applies(plan) else _autograd_divergence)
     # Normalization exactly as in distillation_loss: sum over valid positions / (num_items_in_batch or count).
     denominator = normalizer(s_hidden.shape[0], num_items_in_batch, device=s_hidden.device, dtype=dtype)
     rows = LogitRows(s_hidden, student.head, dtype, vocab)  # hidden, weight and bias receive a gradient
-    total, div, ce, _ = run(rows, teacher_chunk, flat_labels, plan, divergence, denominator)
-    if return_components:
-        return total, div if plan.need_divergence else None, ce if plan.need_ce else None
-    return total
+    total, div, ce, extras = run(rows, teacher_chunk, flat_labels, plan, divergence, denominator)
+    out = (
+        (total, div if plan.need_divergence else None, ce if plan.need_ce else None) if return_components else (total,)
+    )
+    out = (*out, extras) if return_extras else out
+    return out if len(out) > 1 else total
 
 
 # ---- checks: each names the argument that does not fit ------------------------------------------------------------
@@ -253,6 +259,8 @@ def _check(student: StudentHidden, teacher, labels, objective: Objective, chunk_
             f"vocab_size={min(s_vocab, t_vocab)} to distill over the shared prefix of padded vocabularies"
         )
     check_labels(labels, student.hidden.shape[:-1], objective.alpha, "student_hidden without its hidden dim")
+    if labels is None and objective.reads_targets():
+        raise ValueError("loss_type: reverse_kl_sampled reads the token sampled at each position: pass labels")
     return s_vocab
 
 
@@ -326,12 +334,31 @@ def _autograd_divergence(
         divergence = ce = None
         if plan.need_divergence:
             with torch.set_grad_enabled(want_grad and objective.alpha > 0):
-                divergence = objective.divergence(teacher.student_side(logits), teacher.values).sum()
+                if teacher.ids is not None and objective.reads_targets():  # the sampled token's own bucket
+                    log_p = torch.log_softmax(logits, dim=-1)
+                    student_side, values, targets = sampled_buckets(log_p, teacher.ids, teacher.values, labels)
+                else:
+                    student_side, values, targets = teacher.student_side(logits), teacher.values, labels
+                divergence = objective.divergence(student_side, values, targets).sum()
         if plan.need_ce:
             with torch.set_grad_enabled(want_grad and objective.alpha < 1):
                 ce = F.cross_entropy(logits, labels, reduction="sum")  # at T = 1, as in distillation_loss
         grad = torch.autograd.grad(objective.combine(divergence, ce), student)[0] if want_grad else None
     return (None if divergence is None else divergence.detach()), (None if ce is None else ce.detach()), grad
+
+
+def _with_teacher_sums(divergence):
+    """``divergence`` with the teacher side's own sums (:attr:`ChunkTeacher.sums`) added to its extras, computed
+    first: the divergence may overwrite the student's and the teacher's buffers."""
+
+    def chunk(student, teacher, labels, plan: ChunkPlan, want_grad: bool, scratch: Scratch):
+        sums = {}
+        if teacher is not None and getattr(teacher, "sums", None) is not None:
+            sums = teacher.sums(finish_logits(student, plan.student_logit_scale, plan.student_softcap), labels)
+        div, ce, grad, *more = divergence(student, teacher, labels, plan, want_grad, scratch)
+        return div, ce, grad, {**(more[0] if more else {}), **sums}
+
+    return chunk
 
 
 def _closed_form_applies(plan: ChunkPlan) -> bool:

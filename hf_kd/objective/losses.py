@@ -151,8 +151,20 @@ class Objective:
         cross-tokenizer span): ``mse`` and ``uld`` are not."""
         return all(divergence.on_buckets for divergence in self.divergences.values())
 
-    def divergence(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """``[N, V]`` student and teacher logits (or bucket log-probs) -> ``[N]`` weighted divergence per row."""
+    def reads_targets(self) -> bool:
+        """Whether a divergence of the objective reads each position's sampled token (``reverse_kl_sampled``)."""
+        return any(divergence.reads_targets for divergence in self.divergences.values())
+
+    def divergence(
+        self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[N, V]`` student and teacher logits (or bucket log-probs) -> ``[N]`` weighted divergence per row.
+        ``targets`` ``[N]``: each row's sampled token, as a column of the rows (needed by :meth:`reads_targets`)."""
+        if targets is None and self.reads_targets():
+            raise ValueError(
+                "loss_type: reverse_kl_sampled reads the token sampled at each position (the labels); it needs "
+                "labels, on a path that has them (not another tokenizer's)"
+            )
         teacher = teacher.detach()
         temperature = self.temperature
         total = student.new_zeros(student.shape[:-1])
@@ -165,7 +177,10 @@ class Objective:
             weight = self.weights[name]
             if weight == 0:
                 continue
-            value = divergence.per_row(log_p_s, log_p_t, student, teacher)
+            if divergence.reads_targets:
+                value = divergence.per_row(log_p_s, log_p_t, student, teacher, targets=targets)
+            else:
+                value = divergence.per_row(log_p_s, log_p_t, student, teacher)
             if divergence.temperature_scaled and self.temperature_scale != 1:
                 value = self.temperature_scale * value
             total = total + weight * value
@@ -295,7 +310,7 @@ def distillation_loss(
     with torch.set_grad_enabled(
         torch.is_grad_enabled() and objective.alpha > 0
     ):  # alpha = 0: CE only, divergence is logged
-        divergence = objective.divergence(student, teacher).sum() / denominator
+        divergence = objective.divergence(student, teacher, flat_labels).sum() / denominator
 
     ce = None
     if objective.needs_ce(labels is not None, return_components):

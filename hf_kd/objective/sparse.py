@@ -25,6 +25,7 @@ once by ``num_items_in_batch`` (or the local count), never 0/0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -63,6 +64,49 @@ def student_bucket_log_probs(student_log_probs: torch.Tensor, topk_ids: torch.Te
     return torch.cat([top, tail], dim=-1)
 
 
+def sampled_buckets(
+    student_log_probs: torch.Tensor, topk_ids: torch.Tensor, teacher_buckets: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k + 1`` buckets with the sampled token out of the tail in a bucket of its own, for ``reverse_kl_sampled``,
+    which reads both models' log-probability *of that token*.
+
+    Args:
+        student_log_probs: ``[N, V]`` the student's T = 1 log-probs; topk_ids: ``[N, k]``; teacher_buckets:
+            ``[N, k + 1]`` (:func:`teacher_bucket_log_probs`); targets: ``[N]`` each row's sampled id.
+
+    Returns:
+        ``(student [N, k + 2], teacher [N, k + 2], bucket [N])``: the top-k ids, the sampled token's own bucket, the
+        rest of the tail; ``bucket`` is the sampled token's column (its top-k column when it is one of them: its own
+        bucket is then empty on both sides). The teacher's tail is spread uniformly over the ``V - k`` ids outside
+        its top-k (all it tells of them): the sampled token gets ``tail - log(V - k)``, the rest the remainder, so
+        each side still sums to 1.
+    """
+    vocab, k = student_log_probs.shape[-1], topk_ids.shape[-1]
+    hit = topk_ids == targets.unsqueeze(-1)  # [N, k]
+    in_top = hit.any(-1)
+    own = student_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    rest = student_log_probs.scatter(-1, topk_ids, EMPTY_TAIL).scatter(-1, targets.unsqueeze(-1), EMPTY_TAIL)
+    student = torch.cat(
+        [
+            student_log_probs.gather(-1, topk_ids),
+            torch.where(in_top, EMPTY_TAIL, own).unsqueeze(-1),
+            rest.logsumexp(-1, keepdim=True),
+        ],
+        dim=-1,
+    )
+    tail, outside = teacher_buckets[:, k], max(vocab - k, 1)
+    share = math.log1p(-1 / outside) if outside > 1 else -math.inf  # the rest's part of the tail
+    teacher = torch.cat(
+        [
+            teacher_buckets[:, :k],
+            torch.where(in_top, EMPTY_TAIL, tail - math.log(outside)).unsqueeze(-1),
+            torch.where(in_top, tail, tail + share).clamp_min(EMPTY_TAIL).unsqueeze(-1),
+        ],
+        dim=-1,
+    )
+    return student, teacher, torch.where(in_top, hit.long().argmax(-1), k)
+
+
 def teacher_bucket_log_probs(topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor) -> torch.Tensor:
     """``[N, k]`` top-k log-probs and ``[N]`` tail log-mass (as cached) -> ``[N, k + 1]`` bucket log-probs.
 
@@ -75,6 +119,12 @@ def sparse_weights(loss_type: str | Mapping[str, float]) -> dict[str, float]:
     """:func:`hf_kd.objective.losses.normalize_loss_type`, refusing the divergences a top-k teacher cannot define
     (those not ``on_buckets``: ``mse`` compares raw logits, ``uld`` sorts a whole distribution)."""
     weights = normalize_loss_type(loss_type)
+    sampled = [name for name in weights if DIVERGENCES[name].reads_targets]
+    if sampled and len(weights) > 1:
+        raise ValueError(
+            f"loss_type: {sampled[0]} on a top-k teacher splits the tail bucket at the sampled token, which would "
+            "change the other divergences' buckets; use it alone"
+        )
     for name in weights:
         if not DIVERGENCES[name].on_buckets:
             usable = ", ".join(n for n, cls in DIVERGENCES.items() if cls.on_buckets)
@@ -169,7 +219,14 @@ def sparse_distillation_loss(
         torch.is_grad_enabled() and objective.alpha > 0
     ):  # alpha = 0: CE only, divergence is logged
         # per_position_divergence applies log_softmax(buckets / T) to both: temperature on the k + 1 buckets
-        divergence = objective.divergence(student_bucket_log_probs(log_p, ids), teacher).sum() / denominator
+        if objective.reads_targets():  # the sampled token's own bucket (k + 2): labels are needed
+            if flat_labels is None:
+                raise ValueError("loss_type: reverse_kl_sampled reads the token sampled at each position: pass labels")
+            check_label_ids(flat_labels, vocab, objective.ignore_index)
+            student_side, teacher, buckets = sampled_buckets(log_p, ids, teacher, flat_labels)
+            divergence = objective.divergence(student_side, teacher, buckets).sum() / denominator
+        else:
+            divergence = objective.divergence(student_bucket_log_probs(log_p, ids), teacher).sum() / denominator
 
     ce = None
     if objective.needs_ce(labels is not None, return_components):

@@ -184,6 +184,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
     config = recipe.training_args(check_hardware=False)
     _check_task(path, recipe)
+    if data.teacher_field is not None and teacher.kind != "mixture":
+        raise RecipeError(
+            path, "data.teacher_field", "routes examples between several teachers: list them in teachers:"
+        )
+    if data.teacher_field is not None and data.packing:
+        raise RecipeError(path, "data.packing", "a packed block mixes examples, and each example names its teacher")
     has_eval = data.eval_split is not None or data.eval_size > 0
     if config.eval_strategy != "no" and not has_eval:
         raise RecipeError(path, "training.eval_strategy", "evaluation needs data.eval_split or data.eval_size")
@@ -208,9 +214,17 @@ def _mixture_section(path: str, raw: dict) -> dict:
     members = raw["teachers"]
     if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
         raise RecipeError(path, "teachers", "expected a list of two teacher sections or more")
+    routed = isinstance(raw.get("data"), dict) and raw["data"].get("teacher_field") is not None
     sections, weights = [], []
     for index, member in enumerate(members):
         member = dict(member)
+        if routed and "weight" in member:
+            raise RecipeError(
+                path, f"teachers[{index}].weight", "data.teacher_field routes each example to one teacher: no weights"
+            )
+        name = member.pop("name", None)
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise RecipeError(path, f"teachers[{index}].name", f"must be a non-empty text without '/', got {name!r}")
         weights.append(member.pop("weight", 1.0))
         if not isinstance(weights[-1], (int, float)) or isinstance(weights[-1], bool) or weights[-1] < 0:
             raise RecipeError(path, f"teachers[{index}].weight", f"must be a number >= 0, got {weights[-1]!r}")
@@ -231,10 +245,14 @@ def _mixture_section(path: str, raw: dict) -> dict:
             spec["init_kwargs"] = {**spec.get("init_kwargs", {}), "dtype": spec.pop("dtype")}
         if loads_teacher_model(section) and section.name_or_path != "self":
             spec.setdefault("tokenizer", section.name_or_path)  # the teacher's own, as for one teacher
-        sections.append(spec)
+        sections.append({**spec, "name": name} if name is not None else spec)
+    names = [spec.get("name", str(index)) for index, spec in enumerate(sections)]
+    if len(set(names)) != len(names):
+        raise RecipeError(path, "teachers", f"two teachers share a name ({', '.join(names)}); name each one once")
     if sum(weights) == 0:
         raise RecipeError(path, "teachers", "every weight is 0")
-    return {"name_or_path": "mixture", "kind": "mixture", "options": {"teachers": sections, "weights": weights}}
+    options = {"teachers": sections, **({"routed": True} if routed else {"weights": weights})}
+    return {"name_or_path": "mixture", "kind": "mixture", "options": options}
 
 
 def _with_overrides(raw: dict, overrides: dict[str, dict[str, str]]) -> dict:

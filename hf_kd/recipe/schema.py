@@ -78,6 +78,9 @@ class DataSection:
     max_samples: int | None = None  # use only the first N training examples (smoke tests)
     max_eval_samples: int | None = None  # evaluate on the first N eval examples (evaluation runs every eval_steps)
     num_proc: int | None = None  # worker processes for tokenization
+    # several teachers (teachers:), routed: the column naming each example's teacher (an index from 0, or a member's
+    # name); it reaches the batch as teacher_id. None: the teachers are mixed by their weights
+    teacher_field: str | None = None
     tokenizer_check_samples: int = 64  # examples tokenized by both tokenizers to prove they agree
 
 
@@ -187,6 +190,10 @@ def check_model(path: str, name: str, model: ModelSection) -> None:
             raise RecipeError(path, "teacher.server", f"{model.server!r} is not hf_kd (hf-kd serve-teacher) or vllm")
         if model.token_file is not None and not os.path.isfile(os.path.expanduser(model.token_file)):
             raise RecipeError(path, "teacher.token_file", f"no such file: {os.path.abspath(model.token_file)}")
+        if model.kind is not None and model.kind != ("vllm" if model.server == "vllm" else "served"):
+            raise RecipeError(
+                path, "teacher.kind", f"a url makes a served teacher (server: {model.server}); remove kind or url"
+            )
         return  # a served teacher: nothing local to check
     if name == "teacher" and model.kind is not None:
         if not re.fullmatch(r"([\w.]+:)?\w+", model.kind):

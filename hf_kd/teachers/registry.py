@@ -30,12 +30,14 @@ Forward = Callable[[nn.Module, Mapping[str, Any]], Any]  # the trainer's forward
 
 class Teacher:
     """The interface. ``name``: an id, a path or ``"self"``; ``model``: the module to run (``None`` without one);
-    ``vocab_size``: ``None`` when teacher and student logits have the same width, else the shared prefix."""
+    ``vocab_size``: ``None`` when teacher and student logits have the same width, else the shared prefix;
+    ``columns``: dataset columns it reads beside the model inputs (a routed mixture's ``teacher_id``)."""
 
     kind: ClassVar[str] = ""
     name: str | None = None
     model: nn.Module | None = None
     vocab_size: int | None = None
+    columns: tuple[str, ...] = ()  # batch columns it reads that no model does (kept by the Trainer, never forwarded)
 
     @classmethod
     def check_setup(cls, trainer, source) -> None:
@@ -67,6 +69,10 @@ class Teacher:
         if self.model is None:
             raise SetupError("seq_kd", f"a {self.kind} teacher cannot generate completions; distill from a model")
         yield self.model
+
+    def modules(self) -> list[nn.Module]:
+        """Every model this teacher runs (whether the fused loss applies reads their heads): its model, if any."""
+        return [] if self.model is None else [self.model]
 
     def describe(self) -> dict[str, str]:
         """What the model card (and the logs) add about this teacher beyond its name: ``{label: text}``."""

@@ -32,21 +32,37 @@ RATES = (
 
 
 def component_names(terms: Mapping[str, torch.Tensor | None]) -> list[str]:
-    """The logged components of a ``distillation_terms`` result: every ``*_loss`` key but the total ``loss``, and the
-    cross-tokenizer rates."""
+    """The logged components of a ``distillation_terms`` result: every ``*_loss`` key but the total ``loss``, the
+    cross-tokenizer rates and the per-teacher ``teacher/<name>/...`` sums of several teachers."""
     return [
         name
         for name, value in terms.items()
-        if name != "loss" and (name.endswith("_loss") or name in RATES) and value is not None
+        if name != "loss"
+        and (name.endswith("_loss") or name in RATES or name.startswith("teacher/"))
+        and value is not None
     ]
 
 
 def per_aligned_target(logs: dict[str, float], prefix: str = "") -> dict[str, float]:
     """``shared_mass`` comes summed over one-to-one targets and divided like the loss: divided by
-    ``aligned_fraction`` it is the teacher's mean mass on shared tokens per aligned target."""
-    mass, fraction = f"{prefix}shared_mass", f"{prefix}aligned_fraction"
-    if mass in logs and fraction in logs:
-        logs[mass] = logs[mass] / logs[fraction] if logs[fraction] > 0 else 0.0
+    ``aligned_fraction`` it is the teacher's mean mass on shared tokens per aligned target. Likewise a routed
+    teacher's ``teacher/<name>/divergence`` (summed over its tokens) divided by its ``token_share`` is its mean
+    divergence per routed token (:mod:`hf_kd.teachers.mixing`); left out of a window that routed it no token."""
+    pairs = [(f"{prefix}shared_mass", f"{prefix}aligned_fraction")]
+    pairs += [
+        (key[: -len("token_share")] + "divergence", key)
+        for key in logs
+        if key.startswith(f"{prefix}teacher/") and key.endswith("/token_share")
+    ]
+    for value, fraction in pairs:
+        if value not in logs or fraction not in logs:
+            continue
+        if logs[fraction] > 0:
+            logs[value] = logs[value] / logs[fraction]
+        elif value.endswith("/divergence"):  # a teacher routed no token in the window: its mean is undefined, not 0
+            del logs[value]
+        else:
+            logs[value] = 0.0
     return logs
 
 

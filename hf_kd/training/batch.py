@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from hf_kd.models.tasks import Task
+from hf_kd.models.tasks import TEACHER_ID, Task
 
 
 class Batch(Mapping):
@@ -32,8 +32,8 @@ class Batch(Mapping):
     @property
     def model_inputs(self) -> dict[str, Any]:
         """What the models read: everything but the labels (a student's own CE over full logits would be a wasted
-        second pass)."""
-        return {key: value for key, value in self.tensors.items() if key != "labels"}
+        second pass) and the teacher routing column."""
+        return {key: value for key, value in self.tensors.items() if key not in ("labels", TEACHER_ID)}
 
     def moved(self, tensors: Mapping[str, Any], device) -> Batch:
         """This batch with ``tensors`` (its own, moved by the Trainer) and its targets on ``device``."""

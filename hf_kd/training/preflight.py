@@ -23,15 +23,17 @@ def fused_loss_applies(trainer) -> bool:
     if not trainer.args.loss_chunk_size or not trainer.task_spec.language_model:
         return False  # a classifier's logits are one row per example (or token): nothing to chunk, nothing to say
     reasons = []
-    teacher = trainer.teacher.model
-    teacher_task = None if teacher is None else detect_task(teacher)
-    if teacher is not None and (teacher_task is None or not TASKS[teacher_task].language_model):
-        reasons.append("the fused loss is for causal LMs")
+    teachers = trainer.teacher.modules()  # every teacher model (several teachers: each member's)
+    for teacher in teachers:
+        teacher_task = detect_task(teacher)
+        if teacher_task is None or not TASKS[teacher_task].language_model:
+            reasons.append("the fused loss is for causal LMs")
+            break
     if teacher_is_sharded(trainer.accelerator):
         reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")
-    for role, model in (("student", trainer.model), ("teacher", teacher)):
-        spec, reason = (None, "") if model is None else lm_head_spec(model)
-        if model is not None and spec is None:
+    for role, model in (("student", trainer.model), *(("teacher", teacher) for teacher in teachers)):
+        spec, reason = lm_head_spec(model)
+        if spec is None:
             reasons.append(f"{role}: {reason}")
     if reasons:
         logger.warning(
@@ -95,6 +97,12 @@ def check_setup(trainer) -> None:
     check_targets(trainer)
     if args.generates:
         check_generation(trainer)
+    if trainer.objective.reads_targets() and args.lmbda < 1:
+        logger.warning(
+            "loss_type reverse_kl_sampled with lmbda=%s: the estimate is unbiased on the student's own samples only; "
+            "the other batches' tokens are not samples of the student (set lmbda: 1)",
+            args.lmbda,
+        )
 
 
 def check_targets(trainer) -> None:

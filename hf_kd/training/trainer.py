@@ -24,6 +24,7 @@ from hf_kd.data import default_collator
 from hf_kd.models.heads import lm_head_spec
 from hf_kd.models.loading import TASKS, capture_final_hidden, unwrap
 from hf_kd.models.sharding import check_world
+from hf_kd.models.tasks import TEACHER_ID
 from hf_kd.objective.signals import StudentHidden
 from hf_kd.objective.terms import agreement, objective_terms, sample_health, signal_of
 from hf_kd.teachers import Teacher, make_teacher
@@ -118,6 +119,12 @@ class DistillationTrainer(Trainer):
         """The frozen teacher module (the student's own PeftModel for teacher 'self'; ``None`` without one)."""
         return self.teacher.model
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """The Trainer keeps the dataset columns the student's forward takes; a teacher's own columns (a routing
+        ``teacher_id``) are kept too, and dropped again before any forward (:meth:`_forward`)."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in self.teacher.columns if c not in self._signature_columns]
+
     def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return tensor
@@ -168,7 +175,8 @@ class DistillationTrainer(Trainer):
         seconds = time.perf_counter() - started
         max_new_tokens = self.args.generation_settings()["max_new_tokens"]
         self.accounting.record_generation(completion_stats(generated, self.generation.eos, max_new_tokens), seconds)
-        return generated
+        # one completion per example, in order: the example's own teacher (routing) scores it
+        return {**generated, **{c: inputs[c] for c in self.teacher.columns if c in inputs}}
 
     def generate_completions(self, model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The batch the loss sees after ``model`` completes each example's prompt (:meth:`Generation.complete`:
@@ -197,7 +205,7 @@ class DistillationTrainer(Trainer):
         return inputs.targets if isinstance(inputs, Batch) else self.task_spec.targets(inputs)
 
     def _forward(self, model: nn.Module, inputs: Mapping[str, Any]):
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", TEACHER_ID)}
         if not self.task_spec.language_model:
             return model(**model_inputs)
         if not self.use_fused_loss:

@@ -58,9 +58,11 @@ class CrossTokenizerTeacher(Teacher):
             )
         if args.seq_kd:
             raise SetupError("seq_kd", NO_COMPLETIONS)
-        unavailable = sorted(name for name, d in args.objective.divergences.items() if not d.on_buckets)
+        unavailable = sorted(
+            name for name, d in args.objective.divergences.items() if not d.on_buckets or d.reads_targets
+        )
         if unavailable:
-            usable = ", ".join(name for name, d in DIVERGENCES.items() if d.on_buckets)
+            usable = ", ".join(name for name, d in DIVERGENCES.items() if d.on_buckets and not d.reads_targets)
             raise SetupError(
                 "loss_type",
                 f"{', '.join(unavailable)} compares logits over one vocabulary, which a "

@@ -8,6 +8,7 @@ The request for a micro-batch is sent as soon as the batch exists (:meth:`Served
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import time
@@ -69,7 +70,8 @@ class TeacherClient:
                     raise SetupError(
                         "teacher_options", f"teacher server {self.url}{path}: HTTP {err.code}: {message}"
                     ) from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            # an answer cut short (IncompleteRead, a bad status line) is a server that went away mid-answer: retried
+            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as err:
                 if attempt == RETRIES:
                     reason = getattr(err, "reason", err)
                     raise SetupError(

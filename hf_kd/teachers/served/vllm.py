@@ -118,27 +118,32 @@ class VLLMTeacher(Teacher):
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         rows = [ids[b][mask[b].bool()].tolist() for b in range(ids.shape[0])]
+        # a row of fewer than 2 attended tokens (fully masked, or one token) has no position to score: not sent (vLLM
+        # refuses an empty prompt); its filler rows stay
+        scored = [b for b, row in enumerate(rows) if len(row) >= 2]
         payload = {
             "model": self.model_name,
-            "prompt": rows,
+            "prompt": [rows[b] for b in scored],
             "max_tokens": 1,
             "temperature": 0.0,
             "prompt_logprobs": self.top_k,
         }
-        try:
-            choices = sorted(self.client.post("/v1/completions", payload)["choices"], key=lambda c: c["index"])
-        except SetupError as err:  # in training: the step cannot be computed
-            raise TeacherUnavailable(err.problem) from None
+        answers = {}
+        if scored:
+            try:
+                choices = self.client.post("/v1/completions", payload)["choices"]
+            except SetupError as err:  # in training: the step cannot be computed
+                raise TeacherUnavailable(err.problem) from None
+            answers = {scored[choice["index"]]: choice for choice in choices}
         batch, width, k = ids.shape[0], ids.shape[1] - 1, self.top_k
         # non-target positions hold a uniform filler the loss never reads (as a cache's rows do)
         top_ids = torch.zeros(batch, width, k, dtype=torch.long)
         top_lp = torch.full((batch, width, k), -math.log(k + 1))
         tail = torch.full((batch, width), -math.log(k + 1))
-        for b, (row, choice) in enumerate(zip(rows, choices)):
+        for b, choice in answers.items():
+            row = rows[b]
             positions = mask[b].bool().nonzero().flatten().tolist()[: len(row) - 1]  # aligned rows of the real tokens
             row_ids, row_lp = prompt_top_k(choice["prompt_logprobs"], len(row), k)
-            if not positions:
-                continue
             top_ids[b, positions] = torch.tensor(row_ids, dtype=torch.long)
             values = torch.tensor(row_lp, dtype=torch.float64)
             top_lp[b, positions] = values.float()
