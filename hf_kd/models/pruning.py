@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 
@@ -55,3 +56,42 @@ def prune_layers(model: nn.Module, keep: list[int]) -> nn.Module:
         config.layer_types = [config.layer_types[i] for i in keep]
     pruned.requires_grad_(True)
     return pruned.train()
+
+
+@torch.no_grad()
+def drop_one_divergence(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """How much each decoder layer matters: per layer, the mean KL(model || model without that layer) per token on a
+    batch (float64 sums; every position counts where ``attention_mask`` is 1). The layers are skipped in place, one at
+    a time, and restored: no copy of the model is made."""
+    owner, config = _layer_owner(model), model.config
+    layers, depth, types = owner.layers, config.num_hidden_layers, getattr(config, "layer_types", None)
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+
+    def log_probs():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return torch.log_softmax(logits[mask].double(), -1)
+
+    was_training = model.training
+    model.eval()
+    full, scores = log_probs(), []
+    try:
+        for skipped in range(len(layers)):
+            owner.layers = nn.ModuleList(layer for i, layer in enumerate(layers) if i != skipped)
+            config.num_hidden_layers = len(layers) - 1
+            if types is not None:
+                config.layer_types = [kind for i, kind in enumerate(types) if i != skipped]
+            without = log_probs()
+            scores.append((full.exp() * (full - without)).sum(-1).mean().item())
+    finally:
+        owner.layers, config.num_hidden_layers = layers, depth
+        if types is not None:
+            config.layer_types = types
+        model.train(was_training)
+    return scores
+
+
+def most_important(scores: list[float], depth: int) -> list[int]:
+    """The ``depth`` layers whose removal alone costs most (:func:`drop_one_divergence`), in model order."""
+    if not 1 <= depth <= len(scores):
+        raise ValueError(f"depth must be in [1, {len(scores)}], got {depth}")
+    return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:depth])
