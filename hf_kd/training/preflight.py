@@ -27,10 +27,13 @@ def fused_loss_applies(trainer) -> bool:
     teacher_task = None if teacher is None else detect_task(teacher)
     if teacher is not None and (teacher_task is None or not TASKS[teacher_task].language_model):
         reasons.append("the fused loss is for causal LMs")
-    if teacher_is_sharded(trainer.accelerator):
-        reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")
+    sharded = teacher_is_sharded(trainer.accelerator)  # the heads are gathered for the loss (models/gathering)
+    if sharded and teacher is not None and trainer.teacher.kind != "model":
+        reasons.append(
+            f"teacher kind {trainer.teacher.kind!r} under FSDP / ZeRO-3 (only kind 'model' gathers its head)"
+        )
     for role, model in (("student", trainer.model), ("teacher", teacher)):
-        spec, reason = (None, "") if model is None else lm_head_spec(model)
+        spec, reason = (None, "") if model is None else lm_head_spec(model, sharded=sharded)
         if model is not None and spec is None:
             reasons.append(f"{role}: {reason}")
     if reasons:
