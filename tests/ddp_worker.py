@@ -7,7 +7,9 @@ Run as `torchrun --standalone --nproc_per_node N tests/ddp_worker.py TEACHER STU
 * ``--device``: ``cpu`` (default; gloo) or ``cuda`` (NCCL);
 * ``--tokenizer DIR``: passed as processing_class (needed when the vocabularies are padded differently);
 * ``--bf16``: the Trainer's bf16 (autocast; DeepSpeed's bf16 mode under ZeRO-3);
-* ``--teacher-url URL``: the teacher served by ``hf-kd serve-teacher`` at URL (every rank asks it) instead of loaded.
+* ``--teacher-url URL``: the teacher served by ``hf-kd serve-teacher`` at URL (every rank asks it) instead of loaded;
+* ``--generated onpolicy|seq_kd``: every batch completed greedily by the student (lmbda 1) or the teacher (seq_kd),
+  under any engine.
 
 Rank 0 writes ``logs.json``, and ``weights.pt`` (the student) for DDP; sharded engines save the student with
 save_model (gathered to a full state dict) into ``OUT/student``. Every rank writes ``teacher.RANK.json``: how many
@@ -47,7 +49,8 @@ ZERO3 = {
         "train_batch_size": "auto",
     }
 }
-ENGINES = {"ddp": {}, "onpolicy": dict(lmbda=1.0, max_new_tokens=5), "fsdp": FSDP2, "zero3": ZERO3}
+GENERATED = {"onpolicy": dict(lmbda=1.0, max_new_tokens=5), "seq_kd": dict(seq_kd=True, max_new_tokens=5)}
+ENGINES = {"ddp": {}, "onpolicy": GENERATED["onpolicy"], "fsdp": FSDP2, "zero3": ZERO3}
 SHARDED = ("fsdp", "zero3")
 
 
@@ -125,6 +128,7 @@ def main(argv=None):
     parser.add_argument("--tokenizer")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--teacher-url", help="a served teacher (hf-kd serve-teacher) instead of the local one")
+    parser.add_argument("--generated", choices=GENERATED, help="every batch completed greedily, under any engine")
     opts = parser.parse_args(argv)
 
     rows = variable_length_examples(12, seed=7, max_len=16)
@@ -136,7 +140,9 @@ def main(argv=None):
         allow_fsdp_on_cpu()
     if opts.device == "cpu" and opts.engine == "zero3":
         settings.update(zero3_on_cpu())
-    if opts.engine == "onpolicy":
+    if opts.generated:
+        settings.update(GENERATED[opts.generated])
+    if opts.engine == "onpolicy" or opts.generated:
         settings["generation_kwargs"] = {"do_sample": False, "eos_token_id": early_eos(load_model(opts.student), rows)}
     args = DistillationConfig(
         output_dir=opts.out,

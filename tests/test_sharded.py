@@ -1,5 +1,6 @@
-"""FSDP2 and DeepSpeed ZeRO-3 on two CPU processes (gloo): the sharded run is the plain run, and no process ever holds
-more than its share of the teacher.
+"""FSDP2 and DeepSpeed ZeRO-3 on two CPU processes (gloo): the sharded run is the plain run (the fused loss, and greedy
+on-policy / seq_kd completions, on gathered heads and weights), and no process ever holds more than its share of the
+teacher.
 
 The pair is the hard case: a padded-vocabulary pair of two architectures (a Qwen2 teacher with tied embeddings and 48
 rows, a Llama student with 44 rows, one 40-token tokenizer), so each model wraps its own decoder layers and the
@@ -52,8 +53,25 @@ def mixed_pair(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_run(mixed_pair, tmp_path_factory):
-    """One process, batch 4: what every sharded run must reproduce."""
-    return run(mixed_pair, tmp_path_factory.mktemp("plain"), nproc=1, batch=4, ga=1)
+    """One process, batch 4, the fused loss: what every sharded run must reproduce."""
+    out = tmp_path_factory.mktemp("plain")
+    result = run(mixed_pair, out, nproc=1, batch=4, ga=1)
+    assert json.loads((out / "teacher.0.json").read_text())["fused"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def plain_generated(mixed_pair, tmp_path_factory):
+    """One process, batch 4, every batch completed greedily (by the student, or the teacher for seq_kd)."""
+    runs = {}
+
+    def get(generated):
+        if generated not in runs:
+            out = tmp_path_factory.mktemp(f"plain_{generated}")
+            runs[generated] = run(mixed_pair, out, nproc=1, batch=4, ga=1, generated=generated)
+        return runs[generated]
+
+    return get
 
 
 def assert_like_plain(out, plain, processes, rel=1e-5, atol=1e-6):
@@ -84,6 +102,40 @@ def assert_like_plain(out, plain, processes, rel=1e-5, atol=1e-6):
 def test_sharded_run_matches_a_plain_run_and_each_rank_holds_its_share(tmp_path, mixed_pair, plain_run, engine):
     run(mixed_pair, tmp_path, nproc=PROCESSES, batch=4 // PROCESSES, ga=1, engine=engine)
     assert_like_plain(tmp_path, plain_run, PROCESSES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generated", ["onpolicy", "seq_kd"])
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_generation_on_sharded_weights_matches_a_plain_run(tmp_path, mixed_pair, plain_generated, engine, generated):
+    """Greedy completions by the sharded student (lmbda 1) or teacher (seq_kd), each forward of generate gathering
+    the weights on both ranks, of different lengths per rank (some end early): the plain run's, step for step."""
+    plain = plain_generated(generated)
+    run(mixed_pair, tmp_path, nproc=PROCESSES, batch=4 // PROCESSES, ga=1, engine=engine, generated=generated)
+    assert_like_plain(tmp_path, plain, PROCESSES)
+    logs = [row for row in json.loads((tmp_path / "logs.json").read_text()) if "loss" in row]
+    assert all(row["generated_fraction"] == 1.0 for row in logs)
+    for a, b in zip(plain[1], logs, strict=True):
+        for key in ("completion_length", "completion_eos_fraction"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), key
+    if generated == "onpolicy":  # completions of different lengths: the ranks' generate loops must stay in step
+        assert any(0 < row["completion_eos_fraction"] < 1 for row in logs)
+
+
+def test_fsdp1_falls_back_to_full_logits_with_a_reason(tmp_path, tiny_dir, monkeypatch, caplog):
+    """FSDP1's flat parameters are not gathered for the chunked loss: full logits, and the log says why."""
+    import hf_kd.training.preflight
+    from hf_kd import DistillationConfig, DistillationTrainer
+
+    monkeypatch.setattr(hf_kd.training.preflight, "sharded_engine", lambda accelerator: "fsdp1")
+    with caplog.at_level("WARNING", logger="hf_kd.training.preflight"):
+        trainer = DistillationTrainer(
+            model=load_model(tiny_dir["student"]),
+            teacher_model=load_model(tiny_dir["teacher"]),
+            args=DistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+        )
+    assert not trainer.use_fused_loss
+    assert "FSDP1 keeps the lm_head in flat parameters that the loss cannot gather; use fsdp_version 2" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero3"])
