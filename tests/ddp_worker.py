@@ -9,7 +9,8 @@ Run as `torchrun --standalone --nproc_per_node N tests/ddp_worker.py TEACHER STU
 * ``--bf16``: the Trainer's bf16 (autocast; DeepSpeed's bf16 mode under ZeRO-3);
 * ``--teacher-url URL``: the teacher served by ``hf-kd serve-teacher`` at URL (every rank asks it) instead of loaded;
 * ``--generated onpolicy|seq_kd``: every batch completed greedily by the student (lmbda 1) or the teacher (seq_kd),
-  under any engine.
+  under any engine;
+* ``--evaluate``: evaluate on 5 examples after training (its metrics in ``logs.json``).
 
 Rank 0 writes ``logs.json``, and ``weights.pt`` (the student) for DDP; sharded engines save the student with
 save_model (gathered to a full state dict) into ``OUT/student``. Every rank writes ``teacher.RANK.json``: how many
@@ -129,6 +130,7 @@ def main(argv=None):
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--teacher-url", help="a served teacher (hf-kd serve-teacher) instead of the local one")
     parser.add_argument("--generated", choices=GENERATED, help="every batch completed greedily, under any engine")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate on 5 examples after training")
     opts = parser.parse_args(argv)
 
     rows = variable_length_examples(12, seed=7, max_len=16)
@@ -191,6 +193,8 @@ def main(argv=None):
     if opts.engine in SHARDED and trainer.accelerator.num_processes > 1:
         assert before < full_teacher, f"the teacher is not sharded: {before} of {full_teacher} parameters on one rank"
     trainer.train()
+    if opts.evaluate:  # after training: the heads gathered without a gradient (sharded), 5 rows on 2 processes
+        trainer.evaluate(Dataset.from_list(rows[:5]))
     after = teacher_params_held(trainer)
     if opts.engine in SHARDED:
         trainer.save_model(f"{opts.out}/student")  # every rank takes part in gathering the full state dict

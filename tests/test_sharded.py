@@ -55,9 +55,15 @@ def mixed_pair(tiny_dir, tmp_path_factory):
 def plain_run(mixed_pair, tmp_path_factory):
     """One process, batch 4, the fused loss: what every sharded run must reproduce."""
     out = tmp_path_factory.mktemp("plain")
-    result = run(mixed_pair, out, nproc=1, batch=4, ga=1)
+    weights, logs = run(mixed_pair, out, nproc=1, batch=4, ga=1, evaluate=True)
     assert json.loads((out / "teacher.0.json").read_text())["fused"]
-    return result
+    return weights, logs, eval_metrics(out)
+
+
+def eval_metrics(out) -> dict:
+    """The evaluation's row of a run's logs (``--evaluate``)."""
+    (row,) = [row for row in json.loads((out / "logs.json").read_text()) if "eval_loss" in row]
+    return row
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +82,7 @@ def plain_generated(mixed_pair, tmp_path_factory):
 
 def assert_like_plain(out, plain, processes, rel=1e-5, atol=1e-6):
     """The sharded run in ``out`` against the plain run: losses, the saved student, the teacher's share per rank."""
-    plain_weights, plain_logs = plain
+    plain_weights, plain_logs = plain[:2]
     logs = [row for row in json.loads((out / "logs.json").read_text()) if "loss" in row]
     assert len(logs) == len(plain_logs) == 3
     for a, b in zip(plain_logs, logs, strict=True):
@@ -100,8 +106,12 @@ def assert_like_plain(out, plain, processes, rel=1e-5, atol=1e-6):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
 def test_sharded_run_matches_a_plain_run_and_each_rank_holds_its_share(tmp_path, mixed_pair, plain_run, engine):
-    run(mixed_pair, tmp_path, nproc=PROCESSES, batch=4 // PROCESSES, ga=1, engine=engine)
+    run(mixed_pair, tmp_path, nproc=PROCESSES, batch=4 // PROCESSES, ga=1, engine=engine, evaluate=True)
     assert_like_plain(tmp_path, plain_run, PROCESSES)
+    # evaluation (5 rows on 2 ranks): both heads gathered without a gradient, for the loss and the agreement metrics
+    sharded = eval_metrics(tmp_path)
+    for key in ("eval_loss", "eval_distill_loss", "eval_ce_loss", "eval_top1_agreement", "eval_teacher_kl"):
+        assert sharded[key] == pytest.approx(plain_run[2][key], rel=1e-5), key
 
 
 @pytest.mark.slow
