@@ -119,9 +119,12 @@ def test_sharded_run_matches_a_plain_run_and_each_rank_holds_its_share(tmp_path,
 @pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
 def test_generation_on_sharded_weights_matches_a_plain_run(tmp_path, mixed_pair, plain_generated, engine, generated):
     """Greedy completions by the sharded student (lmbda 1) or teacher (seq_kd), each forward of generate gathering
-    the weights on both ranks, of different lengths per rank (some end early): the plain run's, step for step."""
+    the weights on both ranks, of different lengths per rank (some end early): the plain run's, step for step, with
+    and without gradient accumulation."""
     plain = plain_generated(generated)
-    run(mixed_pair, tmp_path, nproc=PROCESSES, batch=4 // PROCESSES, ga=1, engine=engine, generated=generated)
+    # seq_kd in 2 micro-batches of 1 per process (gradient accumulation): still the one-process batch of 4
+    batch, ga = (4 // PROCESSES, 1) if generated == "onpolicy" else (1, 4 // PROCESSES)
+    run(mixed_pair, tmp_path, nproc=PROCESSES, batch=batch, ga=ga, engine=engine, generated=generated)
     assert_like_plain(tmp_path, plain, PROCESSES)
     logs = [row for row in json.loads((tmp_path / "logs.json").read_text()) if "loss" in row]
     assert all(row["generated_fraction"] == 1.0 for row in logs)
