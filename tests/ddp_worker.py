@@ -10,7 +10,8 @@ Run as `torchrun --standalone --nproc_per_node N tests/ddp_worker.py TEACHER STU
 * ``--teacher-url URL``: the teacher served by ``hf-kd serve-teacher`` at URL (every rank asks it) instead of loaded;
 * ``--generated onpolicy|seq_kd``: every batch completed greedily by the student (lmbda 1) or the teacher (seq_kd),
   under any engine;
-* ``--evaluate``: evaluate on 5 examples after training (its metrics in ``logs.json``).
+* ``--evaluate``: evaluate on 5 examples after training (its metrics in ``logs.json``);
+* ``--peft``: a LoRA student (its adapters train; ``weights.pt`` then holds the PeftModel's state dict).
 
 Rank 0 writes ``logs.json``, and ``weights.pt`` (the student) for DDP; sharded engines save the student with
 save_model (gathered to a full state dict) into ``OUT/student``. Every rank writes ``teacher.RANK.json``: how many
@@ -131,6 +132,7 @@ def main(argv=None):
     parser.add_argument("--teacher-url", help="a served teacher (hf-kd serve-teacher) instead of the local one")
     parser.add_argument("--generated", choices=GENERATED, help="every batch completed greedily, under any engine")
     parser.add_argument("--evaluate", action="store_true", help="evaluate on 5 examples after training")
+    parser.add_argument("--peft", action="store_true", help="a LoRA student (q_proj, v_proj; the head trains whole)")
     opts = parser.parse_args(argv)
 
     rows = variable_length_examples(12, seed=7, max_len=16)
@@ -176,7 +178,13 @@ def main(argv=None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer)
+    peft_config = None
+    if opts.peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     trainer = DistillationTrainer(
+        peft_config=peft_config,
         model=model,
         teacher_model=teacher_model,
         args=args,
@@ -213,7 +221,8 @@ def main(argv=None):
         )
     if accelerator.is_main_process:
         if opts.engine not in SHARDED:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{opts.out}/weights.pt")
+            student = trainer.model  # the PeftModel with --peft
+            torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, f"{opts.out}/weights.pt")
         with open(f"{opts.out}/logs.json", "w") as f:
             json.dump(trainer.state.log_history, f)
     del trainer, model, teacher_model

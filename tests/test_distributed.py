@@ -25,6 +25,7 @@ def run(
     teacher_url=None,
     generated=None,
     evaluate=False,
+    peft=False,
 ):
     """Train ``tiny_dir["teacher"]`` -> ``tiny_dir["student"]`` in ``nproc`` processes (tests/ddp_worker.py): rank 0's
     student weights (DDP engines; sharded ones save the student under ``out/student``) and training logs."""
@@ -56,6 +57,7 @@ def run(
         *(["--teacher-url", teacher_url] if teacher_url else []),
         *(["--generated", generated] if generated else []),
         *(["--evaluate"] if evaluate else []),
+        *(["--peft"] if peft else []),
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

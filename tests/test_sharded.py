@@ -68,14 +68,15 @@ def eval_metrics(out) -> dict:
 
 @pytest.fixture(scope="module")
 def plain_generated(mixed_pair, tmp_path_factory):
-    """One process, batch 4, every batch completed greedily (by the student, or the teacher for seq_kd)."""
+    """One process, batch 4, every batch completed greedily (by the student, or the teacher for seq_kd); with
+    ``peft``, a LoRA student."""
     runs = {}
 
-    def get(generated):
-        if generated not in runs:
-            out = tmp_path_factory.mktemp(f"plain_{generated}")
-            runs[generated] = run(mixed_pair, out, nproc=1, batch=4, ga=1, generated=generated)
-        return runs[generated]
+    def get(generated, peft=False):
+        if (generated, peft) not in runs:
+            out = tmp_path_factory.mktemp(f"plain_{generated}{'_peft' if peft else ''}")
+            runs[generated, peft] = run(mixed_pair, out, nproc=1, batch=4, ga=1, generated=generated, peft=peft)
+        return runs[generated, peft]
 
     return get
 
@@ -133,6 +134,22 @@ def test_generation_on_sharded_weights_matches_a_plain_run(tmp_path, mixed_pair,
             assert b[key] == pytest.approx(a[key], rel=1e-6), key
     if generated == "onpolicy":  # completions of different lengths: the ranks' generate loops must stay in step
         assert any(0 < row["completion_eos_fraction"] < 1 for row in logs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_peft_student_on_sharded_weights_matches_a_plain_run(tmp_path, mixed_pair, plain_generated, engine):
+    """A LoRA student, on-policy (greedy): generation through the PeftModel, the fused loss on its gathered head."""
+    _, plain_logs = plain_generated("onpolicy", peft=True)
+    out = tmp_path / engine
+    run(mixed_pair, out, nproc=PROCESSES, batch=4 // PROCESSES, ga=1, engine=engine, generated="onpolicy", peft=True)
+    logs = [row for row in json.loads((out / "logs.json").read_text()) if "loss" in row]
+    assert len(logs) == len(plain_logs) == 3
+    for a, b in zip(plain_logs, logs, strict=True):  # steps 2 and 3 score completions of the updated adapters
+        for key in ("loss", "distill_loss", "ce_loss", "completion_length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert all(json.loads((out / f"teacher.{rank}.json").read_text())["fused"] for rank in range(PROCESSES))
+    assert plain_logs[0]["loss"] != plain_logs[2]["loss"]  # the adapters moved
 
 
 def test_fsdp1_falls_back_to_full_logits_with_a_reason(tmp_path, tiny_dir, monkeypatch, caplog):
