@@ -7,7 +7,11 @@ Run as `torchrun --standalone --nproc_per_node N tests/ddp_worker.py TEACHER STU
 * ``--device``: ``cpu`` (default; gloo) or ``cuda`` (NCCL);
 * ``--tokenizer DIR``: passed as processing_class (needed when the vocabularies are padded differently);
 * ``--bf16``: the Trainer's bf16 (autocast; DeepSpeed's bf16 mode under ZeRO-3);
-* ``--teacher-url URL``: the teacher served by ``hf-kd serve-teacher`` at URL (every rank asks it) instead of loaded.
+* ``--teacher-url URL``: the teacher served by ``hf-kd serve-teacher`` at URL (every rank asks it) instead of loaded;
+* ``--generated onpolicy|seq_kd``: every batch completed greedily by the student (lmbda 1) or the teacher (seq_kd),
+  under any engine;
+* ``--evaluate``: evaluate on 5 examples after training (its metrics in ``logs.json``);
+* ``--peft``: a LoRA student (its adapters train; ``weights.pt`` then holds the PeftModel's state dict).
 
 Rank 0 writes ``logs.json``, and ``weights.pt`` (the student) for DDP; sharded engines save the student with
 save_model (gathered to a full state dict) into ``OUT/student``. Every rank writes ``teacher.RANK.json``: how many
@@ -47,7 +51,8 @@ ZERO3 = {
         "train_batch_size": "auto",
     }
 }
-ENGINES = {"ddp": {}, "onpolicy": dict(lmbda=1.0, max_new_tokens=5), "fsdp": FSDP2, "zero3": ZERO3}
+GENERATED = {"onpolicy": dict(lmbda=1.0, max_new_tokens=5), "seq_kd": dict(seq_kd=True, max_new_tokens=5)}
+ENGINES = {"ddp": {}, "onpolicy": GENERATED["onpolicy"], "fsdp": FSDP2, "zero3": ZERO3}
 SHARDED = ("fsdp", "zero3")
 
 
@@ -125,6 +130,9 @@ def main(argv=None):
     parser.add_argument("--tokenizer")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--teacher-url", help="a served teacher (hf-kd serve-teacher) instead of the local one")
+    parser.add_argument("--generated", choices=GENERATED, help="every batch completed greedily, under any engine")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate on 5 examples after training")
+    parser.add_argument("--peft", action="store_true", help="a LoRA student (q_proj, v_proj; the head trains whole)")
     opts = parser.parse_args(argv)
 
     rows = variable_length_examples(12, seed=7, max_len=16)
@@ -136,7 +144,9 @@ def main(argv=None):
         allow_fsdp_on_cpu()
     if opts.device == "cpu" and opts.engine == "zero3":
         settings.update(zero3_on_cpu())
-    if opts.engine == "onpolicy":
+    if opts.generated:
+        settings.update(GENERATED[opts.generated])
+    if opts.engine == "onpolicy" or opts.generated:
         settings["generation_kwargs"] = {"do_sample": False, "eos_token_id": early_eos(load_model(opts.student), rows)}
     args = DistillationConfig(
         output_dir=opts.out,
@@ -168,7 +178,13 @@ def main(argv=None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer)
+    peft_config = None
+    if opts.peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     trainer = DistillationTrainer(
+        peft_config=peft_config,
         model=model,
         teacher_model=teacher_model,
         args=args,
@@ -185,6 +201,8 @@ def main(argv=None):
     if opts.engine in SHARDED and trainer.accelerator.num_processes > 1:
         assert before < full_teacher, f"the teacher is not sharded: {before} of {full_teacher} parameters on one rank"
     trainer.train()
+    if opts.evaluate:  # after training: the heads gathered without a gradient (sharded), 5 rows on 2 processes
+        trainer.evaluate(Dataset.from_list(rows[:5]))
     after = teacher_params_held(trainer)
     if opts.engine in SHARDED:
         trainer.save_model(f"{opts.out}/student")  # every rank takes part in gathering the full state dict
@@ -203,7 +221,8 @@ def main(argv=None):
         )
     if accelerator.is_main_process:
         if opts.engine not in SHARDED:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{opts.out}/weights.pt")
+            student = trainer.model  # the PeftModel with --peft
+            torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, f"{opts.out}/weights.pt")
         with open(f"{opts.out}/logs.json", "w") as f:
             json.dump(trainer.state.log_history, f)
     del trainer, model, teacher_model

@@ -13,7 +13,20 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def run(tiny_dir, out, nproc, batch, ga, engine="ddp", device="cpu", bf16=False, teacher_url=None):
+def run(
+    tiny_dir,
+    out,
+    nproc,
+    batch,
+    ga,
+    engine="ddp",
+    device="cpu",
+    bf16=False,
+    teacher_url=None,
+    generated=None,
+    evaluate=False,
+    peft=False,
+):
     """Train ``tiny_dir["teacher"]`` -> ``tiny_dir["student"]`` in ``nproc`` processes (tests/ddp_worker.py): rank 0's
     student weights (DDP engines; sharded ones save the student under ``out/student``) and training logs."""
     env = {
@@ -42,6 +55,9 @@ def run(tiny_dir, out, nproc, batch, ga, engine="ddp", device="cpu", bf16=False,
         tiny_dir["tokenizer"],
         *(["--bf16"] if bf16 else []),
         *(["--teacher-url", teacher_url] if teacher_url else []),
+        *(["--generated", generated] if generated else []),
+        *(["--evaluate"] if evaluate else []),
+        *(["--peft"] if peft else []),
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -251,16 +251,13 @@ def test_refused_combinations(tmp_path, tiny_dir, rows):
     assert trainer.state.log_history[0]["completion_length"] > 0
 
 
-def test_sharded_engines_are_refused_with_one_line(tmp_path, tiny_dir, monkeypatch):
+def test_fsdp1_is_refused_with_one_line(tmp_path, tiny_dir, monkeypatch):
+    """FSDP2 and ZeRO-3 generate (tests/test_sharded.py); FSDP1 is the one sharded engine refused."""
     import hf_kd.training.preflight
 
-    monkeypatch.setattr(
-        hf_kd.training.preflight, "teacher_is_sharded", lambda accelerator: True
-    )  # as under FSDP / ZeRO-3
+    monkeypatch.setattr(hf_kd.training.preflight, "sharded_engine", lambda accelerator: "fsdp1")
     for field, overrides in (("lmbda", {"lmbda": 0.5}), ("seq_kd", {"seq_kd": True})):
-        with pytest.raises(
-            ValueError, match=f"^{field}: generation under FSDP / ZeRO-3 .* is not supported; train with DDP"
-        ):
+        with pytest.raises(ValueError, match=f"^{field}: generation under FSDP1 is not supported; use FSDP2"):
             DistillationTrainer(
                 model=load_model(tiny_dir["student"]),
                 teacher_model=load_model(tiny_dir["teacher"]),

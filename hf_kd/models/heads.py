@@ -52,11 +52,12 @@ class LMHeadSpec:
         return finish_logits(logits, self.logit_scale, self.softcap)
 
 
-def lm_head_spec(model: nn.Module) -> tuple[LMHeadSpec | None, str]:
+def lm_head_spec(model: nn.Module, sharded: bool = False) -> tuple[LMHeadSpec | None, str]:
     """``(spec, "")`` for a causal LM whose head is a plain linear layer, else ``(None, reason)``.
 
     ``model`` may be wrapped by DDP/accelerate (``.module``) and PEFT (``get_base_model()``). The reason is a sentence
-    meant for a log line when the caller falls back to full logits.
+    meant for a log line when the caller falls back to full logits. ``sharded``: a weight sharded by FSDP2 or ZeRO-3
+    is accepted, and the spec holds the shard: gather it before use (:mod:`hf_kd.models.gathering`).
     """
     model = unwrap(model)
     name = type(model).__name__
@@ -72,22 +73,34 @@ def lm_head_spec(model: nn.Module) -> tuple[LMHeadSpec | None, str]:
         return None, f"{name} has no output embeddings; using full logits"
     if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
         return None, f"{name}'s lm_head is wrapped by a PEFT adapter layer ({type(head).__name__}); using full logits"
-    if type(head) is not nn.Linear:  # subclasses include quantized layers (bitsandbytes) whose weight is packed
+    if _unsharded_class(head) is not nn.Linear:  # subclasses include quantized layers (bitsandbytes): packed weight
         return None, f"{name}'s lm_head is a {type(head).__name__}, not a plain nn.Linear; using full logits"
     weight = head.weight
-    if hasattr(weight, "ds_shape"):  # an empty placeholder; the rows live in partitions, gathered in forward only
+    if is_sharded(weight) and not sharded and (weight.numel() == 0 or hasattr(weight, "_local_tensor")):
         return None, (
-            f"{name}'s lm_head weight {tuple(weight.ds_shape)} is partitioned by DeepSpeed ZeRO-3; using full logits"
+            f"{name}'s lm_head weight is sharded by FSDP2 / DeepSpeed ZeRO-3 and not gathered now "
+            "(hf_kd.models.gathering); using full logits"
         )
-    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dim() != 2 or weight.numel() == 0:
-        # FSDP2 (DTensor) shards the weight outside the module's own forward
-        return None, (
-            f"{name}'s lm_head weight is a {type(weight).__name__} of shape {tuple(weight.shape)} (sharded or "
-            "quantized?); using full logits"
+    if not is_sharded(weight) and (type(weight) not in (torch.Tensor, nn.Parameter) or weight.dim() != 2):
+        return None, (  # e.g. a bitsandbytes layer's packed weight
+            f"{name}'s lm_head weight is a {type(weight).__name__} of shape {tuple(weight.shape)} (quantized?); "
+            "using full logits"
         )
     softcap = getattr(config, "final_logit_softcapping", None) if model_type in _SOFTCAPPED_HEADS else None
     scale = getattr(config, "logit_scale", None) if model_type in _SCALED_HEADS else None
     return LMHeadSpec(weight=weight, bias=head.bias, softcap=softcap, logit_scale=scale), ""
+
+
+def _unsharded_class(module: nn.Module) -> type:
+    """The module's class before FSDP2 (``fully_shard`` swaps it for ``FSDP<Class>(FSDPModule, Class)``)."""
+    cls = type(module)
+    return cls.__bases__[1] if len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule" else cls
+
+
+def is_sharded(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` belongs to a sharding engine: a ZeRO-3 partitioned parameter (gathered now or not: its
+    rows live in partitions, gathered only around its module's forward and backward) or an FSDP2 ``DTensor`` shard."""
+    return hasattr(weight, "ds_shape") or hasattr(weight, "_local_tensor")
 
 
 def finish_logits(logits, logit_scale, softcap, in_place=False):

@@ -60,6 +60,16 @@ def prepare_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
     return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
+def sharded_engine(accelerator: Accelerator) -> str | None:
+    """``"fsdp2"``, ``"fsdp1"`` or ``"zero3"``: the engine that shards parameters (the lm_head included); ``None``
+    when every process holds whole models (DDP, ZeRO-1/2, one process)."""
+    if not teacher_is_sharded(accelerator):
+        return None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "zero3"
+    return "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
+
+
 def teacher_is_sharded(accelerator: Accelerator) -> bool:
     """Whether parameters (the lm_head included) live in shards: FSDP, or DeepSpeed ZeRO stage 3."""
     if accelerator.distributed_type == DistributedType.FSDP:

@@ -9,11 +9,14 @@ teacher. The trainer never branches on the kind of teacher.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import dataclasses
+from collections.abc import Callable, Mapping
 
 import torch
 
-from hf_kd.models.heads import LMHeadSpec, lm_head_spec
+from hf_kd.models.gathering import as_head_forward, gathered_head
+from hf_kd.models.heads import LMHeadSpec, is_sharded, lm_head_spec
 from hf_kd.objective.chunking import CHUNK_SIZE
 from hf_kd.objective.fused import fused_objective
 from hf_kd.objective.losses import Objective, distillation_loss, target_rows
@@ -28,8 +31,29 @@ def signal_of(outputs, model, task) -> TeacherLogits | TeacherHidden:
     if not isinstance(outputs, Mapping):
         return outputs
     if "final_hidden_state" in outputs:
-        return TeacherHidden(task.aligned(outputs["final_hidden_state"]), lm_head_spec(model)[0])
+        # a sharded head (FSDP2 / ZeRO-3) is gathered when the loss reads it: with_heads_gathered
+        return TeacherHidden(task.aligned(outputs["final_hidden_state"]), lm_head_spec(model, sharded=True)[0])
     return TeacherLogits(task.aligned(outputs["logits"]))
+
+
+def with_heads_gathered(compute: Callable, student, teacher, student_model, teacher_model):
+    """``compute(student, teacher)`` with every sharded head in the two signals whole (FSDP2 / ZeRO-3); the signals
+    as they are otherwise. Every process must call it together (the gathers are collectives).
+
+    The teacher's head is gathered for the block, without a gradient. A student head that trains runs ``compute`` as
+    its module's forward (:func:`hf_kd.models.gathering.as_head_forward`), so that the engine reduces the gradient
+    the loss gives the weight into each process's shard; without a gradient it is gathered like the teacher's."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(teacher, TeacherHidden) and is_sharded(teacher.head.weight):
+            teacher = dataclasses.replace(teacher, head=stack.enter_context(gathered_head(teacher_model)))
+        if not (isinstance(student, StudentHidden) and is_sharded(student.head.weight)):
+            return compute(student, teacher)
+        if torch.is_grad_enabled():
+            return as_head_forward(
+                student_model, student.hidden, lambda hidden, head: compute(StudentHidden(hidden, head), teacher)
+            )
+        student = dataclasses.replace(student, head=stack.enter_context(gathered_head(student_model)))
+        return compute(student, teacher)
 
 
 def objective_terms(

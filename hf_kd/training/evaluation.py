@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import ModelOutput
 
-from hf_kd.models.heads import lm_head_spec
+from hf_kd.models.gathering import gathered_head
 from hf_kd.models.tasks import IGNORE_INDEX
 from hf_kd.objective.terms import full_logits
 
@@ -38,4 +38,5 @@ def prediction_outputs(student_outputs, model, wants_full_logits: bool, chunk_si
     if not wants_full_logits:
         return ModelOutput(logits=student_outputs["logits"])  # never read: the loop only wants the loss
     hidden = student_outputs["final_hidden_state"]
-    return ModelOutput(logits=full_logits(hidden, lm_head_spec(model)[0], chunk_size))
+    with gathered_head(model) as head:  # FSDP2 / ZeRO-3: the whole head, for this block only
+        return ModelOutput(logits=full_logits(hidden, head, chunk_size))

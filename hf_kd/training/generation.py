@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hf_kd.models.loading import unwrap
+from hf_kd.models.sharding import teacher_is_sharded
 from hf_kd.models.tasks import IGNORE_INDEX
 from hf_kd.training.vllm_engine import ColocatedEngine, check_backend, sampling_of
 
@@ -75,10 +76,17 @@ class _VocabularyLimit:
 
 @torch.no_grad()
 def complete(
-    model: nn.Module, prompts: Sequence[Sequence[int]], config, device, vocab_limit: int | None = None
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    config,
+    device,
+    vocab_limit: int | None = None,
+    synced: bool = False,
 ) -> list[list[int]]:
     """Each prompt's completion by ``model.generate``: up to and including its first EOS, nothing after it.
-    ``vocab_limit``: only ids below it (the vocabulary both models share) are generated."""
+    ``vocab_limit``: only ids below it (the vocabulary both models share) are generated. ``synced``: the weights are
+    sharded (FSDP2 / ZeRO-3) and each forward gathers them layer by layer, a collective: every process runs forwards
+    until the last one's completions end (``synced_gpus``), whatever its own prompts."""
     width = max(len(p) for p in prompts)
     pad = config.pad_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -98,6 +106,7 @@ def complete(
             generation_config=config,
             logits_processor=limit,
             use_cache=True,
+            synced_gpus=synced,
         )
     finally:
         model.train(was_training)
@@ -178,8 +187,10 @@ class Generation:
         pad_token_id: int | None,
         vocab_limit: int | None,
         engine: ColocatedEngine | None = None,
+        synced: bool = False,
     ):
         self.args = args
+        self.synced = synced  # FSDP2 / ZeRO-3: generate's forwards gather the weights, on every process together
         self.eos = eos  # the ids that end a completion (for the logs)
         self.pad_token_id = pad_token_id  # the student's (its tokenizer's, else its config's): completions are its ids
         self.vocab_limit = vocab_limit  # padded vocabularies: only ids both models share are generated
@@ -202,7 +213,8 @@ class Generation:
             # the precision generate runs in under bf16 / fp16 training; else the student's own dtype
             dtype = "bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else None
             engine = ColocatedEngine(dtype, trainer.args.vllm_gpu_memory_utilization)
-        return cls(trainer.args, eos_ids(config), pad, vocab_limit=trainer.vocab_size, engine=engine)
+        synced = teacher_is_sharded(trainer.accelerator) and trainer.accelerator.num_processes > 1
+        return cls(trainer.args, eos_ids(config), pad, vocab_limit=trainer.vocab_size, engine=engine, synced=synced)
 
     def turn(self, step: int, index: int) -> str | None:
         """Who writes micro-batch ``index`` of optimizer step ``step``: ``"student"`` (with probability
@@ -223,7 +235,7 @@ class Generation:
         if self.engine is not None and self.writer == "student":
             completions = self.engine.generate(model, prompts, sampling_of(config, eos_ids(config), self.vocab_limit))
         else:  # seq_kd's teacher too: a second engine, for frozen weights, is not built
-            completions = complete(model, prompts, config, device, vocab_limit=self.vocab_limit)
+            completions = complete(model, prompts, config, device, self.vocab_limit, self.synced)
         return completion_batch(prompts, completions, config.pad_token_id, device)
 
     # ---- the RNG of a resumed run: completions sampled after a resume must see the checkpoint's RNG state ---------

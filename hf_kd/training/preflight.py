@@ -12,7 +12,7 @@ from hf_kd.errors import SetupError
 from hf_kd.models.adapters import wrap_student
 from hf_kd.models.heads import lm_head_spec
 from hf_kd.models.loading import TASKS, detect_task, unwrap
-from hf_kd.models.sharding import teacher_is_sharded
+from hf_kd.models.sharding import sharded_engine
 from hf_kd.models.tasks import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -29,10 +29,14 @@ def fused_loss_applies(trainer) -> bool:
         if teacher_task is None or not TASKS[teacher_task].language_model:
             reasons.append("the fused loss is for causal LMs")
             break
-    if teacher_is_sharded(trainer.accelerator):
-        reasons.append("under FSDP / ZeRO-3 the lm_head weights are sharded across processes")
+    engine = sharded_engine(trainer.accelerator)
+    sharded = engine is not None  # FSDP2 / ZeRO-3: the heads are gathered for the loss (models/gathering)
+    if engine == "fsdp1":
+        reasons.append("FSDP1 keeps the lm_head in flat parameters that the loss cannot gather; use fsdp_version 2")
+    elif sharded and teachers and trainer.teacher.kind != "model":
+        reasons.append(f"teacher kind {trainer.teacher.kind!r} under FSDP / ZeRO-3: only kind 'model' gathers its head")
     for role, model in (("student", trainer.model), *(("teacher", teacher) for teacher in teachers)):
-        spec, reason = lm_head_spec(model)
+        spec, reason = lm_head_spec(model, sharded=sharded)
         if spec is None:
             reasons.append(f"{role}: {reason}")
     if reasons:
@@ -133,12 +137,8 @@ def check_generation(trainer) -> None:
     field = "lmbda" if trainer.args.lmbda > 0 else "seq_kd"
     if not trainer.task_spec.language_model:
         raise SetupError(field, f"generated completions are for causal LMs, not task {trainer.task!r}")
-    if teacher_is_sharded(trainer.accelerator):
-        raise SetupError(
-            field,
-            "generation under FSDP / ZeRO-3 (sharded weights) is not supported; train with "
-            "DDP (plain multi-GPU) or DeepSpeed ZeRO-1/2, or set lmbda 0 and seq_kd false",
-        )
+    if sharded_engine(trainer.accelerator) == "fsdp1":  # generate would run the unwrapped module, outside FSDP1's units
+        raise SetupError(field, "generation under FSDP1 is not supported; use FSDP2 (fsdp_version 2) or ZeRO-3")
 
 
 def _indexable(dataset) -> bool:

@@ -26,7 +26,7 @@ from hf_kd.models.loading import TASKS, capture_final_hidden, unwrap
 from hf_kd.models.sharding import check_world
 from hf_kd.models.tasks import TEACHER_ID
 from hf_kd.objective.signals import StudentHidden
-from hf_kd.objective.terms import agreement, objective_terms, sample_health, signal_of
+from hf_kd.objective.terms import agreement, objective_terms, sample_health, signal_of, with_heads_gathered
 from hf_kd.teachers import Teacher, make_teacher
 from hf_kd.training.accounting import Accounting
 from hf_kd.training.batch import Batch
@@ -235,7 +235,8 @@ class DistillationTrainer(Trainer):
     def _student_signal(self, outputs) -> torch.Tensor | StudentHidden:
         """The student's aligned full logits, or (fused) its final hidden states with its head."""
         if self.use_fused_loss and "final_hidden_state" in outputs:
-            return StudentHidden(self.task_spec.aligned(outputs["final_hidden_state"]), lm_head_spec(self.model)[0])
+            head = lm_head_spec(self.model, sharded=True)[0]  # FSDP2 / ZeRO-3: gathered by with_heads_gathered
+            return StudentHidden(self.task_spec.aligned(outputs["final_hidden_state"]), head)
         return self.task_spec.aligned(outputs["logits"])
 
     def _teacher_signal(self, outputs):
@@ -247,15 +248,24 @@ class DistillationTrainer(Trainer):
     ) -> dict[str, torch.Tensor]:
         """``{"loss", "distill_loss", "ce_loss"}``: the objective and its components, normalized alike (a teacher with
         another tokenizer adds ``aligned_fraction`` and ``shared_mass``, logged too)."""
-        return objective_terms(
-            self._student_signal(student_outputs),
-            self._teacher_signal(teacher_outputs),
-            labels,
-            self.objective,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=self.args.loss_chunk_size or None,
-            vocab_size=self.vocab_size,
-        )
+
+        def terms(student, teacher):
+            return objective_terms(
+                student,
+                teacher,
+                labels,
+                self.objective,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=self.args.loss_chunk_size or None,
+                vocab_size=self.vocab_size,
+            )
+
+        return self._with_heads(terms, student_outputs, teacher_outputs)
+
+    def _with_heads(self, compute, student_outputs, teacher_outputs):
+        """``compute(student_signal, teacher_signal)``, any head sharded by FSDP2 / ZeRO-3 gathered for it."""
+        student, teacher = self._student_signal(student_outputs), self._teacher_signal(teacher_outputs)
+        return with_heads_gathered(compute, student, teacher, self.model, self.teacher.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
@@ -278,22 +288,30 @@ class DistillationTrainer(Trainer):
         if model.training:
             self.accounting.record_train(terms, None if num_items_in_batch is not None else batch.count)
             if batch.written_by == "student":  # on-policy health, from the rows the loss read
-                health = sample_health(
-                    self._student_signal(student_outputs),
-                    self._teacher_signal(teacher_outputs),
-                    batch.targets,
-                    chunk_size=self.args.loss_chunk_size or None,
-                    vocab_size=self.vocab_size,
+                health = self._with_heads(
+                    lambda student, teacher: sample_health(
+                        student,
+                        teacher,
+                        batch.targets,
+                        chunk_size=self.args.loss_chunk_size or None,
+                        vocab_size=self.vocab_size,
+                    ),
+                    student_outputs,
+                    teacher_outputs,
                 )
                 self.accounting.record_health(health)
         else:
-            sums = agreement(
-                self._student_signal(student_outputs),
-                self._teacher_signal(teacher_outputs),
-                batch.targets,
-                chunk_size=self.args.loss_chunk_size or None,
-                vocab_size=self.vocab_size,
-                calibration=not self.task_spec.language_model,
+            sums = self._with_heads(
+                lambda student, teacher: agreement(
+                    student,
+                    teacher,
+                    batch.targets,
+                    chunk_size=self.args.loss_chunk_size or None,
+                    vocab_size=self.vocab_size,
+                    calibration=not self.task_spec.language_model,
+                ),
+                student_outputs,
+                teacher_outputs,
             )
             self.accounting.record_eval(terms, batch.count, sums)
         if not return_outputs:
