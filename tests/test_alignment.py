@@ -34,6 +34,8 @@ MULTILINGUAL = [
     "café naïve Ünïcödé",
     "def f(x):\n    return x**2  # 平方 ✓",
     "Привет, мир. مرحبا",
+    "x = 1234567 + 89 * 3.14159 - 1e-5, 2024-06-30",
+    "a  \n\n\t  b    c\n\n\n   ",
 ]
 
 
@@ -77,6 +79,20 @@ def real():
     return {name: AutoTokenizer.from_pretrained(real_tokenizer_dir(name)) for name in REAL_TOKENIZERS}
 
 
+@pytest.fixture(scope="module")
+def shared_of(real):
+    """``shared_of(student, teacher)``: the pair's shared vocabulary, built once per module (seconds for 150k
+    tokens)."""
+    built = {}
+
+    def get(student: str, teacher: str):
+        if (student, teacher) not in built:
+            built[student, teacher] = shared_vocabulary(real[student], real[teacher])
+        return built[student, teacher]
+
+    return get
+
+
 def byte_tokens(tokenizer, text: str) -> list[int]:
     """``text`` as one byte-level token per UTF-8 byte: a sampled (non-canonical) tokenization of it."""
     from hf_kd.teachers.cross_tokenizer.vocabulary import _byte_decoder
@@ -100,9 +116,9 @@ def check_groups(student, teacher, shared, ids: list[int], text: str) -> None:
 
 @pytest.mark.parametrize("pair", list(itertools.permutations(REAL_TOKENIZERS, 2)), ids="->".join)
 @pytest.mark.parametrize("sampled", [False, True], ids=["canonical", "sampled"])
-def test_real_tokenizers_align_multilingual_text(real, pair, sampled):
+def test_real_tokenizers_align_multilingual_text(real, shared_of, pair, sampled):
     student, teacher = real[pair[0]], real[pair[1]]
-    shared = shared_vocabulary(student, teacher)
+    shared = shared_of(*pair)
     for text in MULTILINGUAL:
         ids = byte_tokens(student, text) if sampled else student(text, add_special_tokens=False)["input_ids"]
         check_groups(student, teacher, shared, ids, text)
@@ -114,6 +130,67 @@ def test_real_tokenizers_align_multilingual_text(real, pair, sampled):
     alignment = align_batch(input_ids, mask, labels, student, teacher, shared)
     assert alignment.targets == int(mask[:, 1:].sum())
     assert alignment.pairs.shape[1] + alignment.span_student.shape[1] <= alignment.targets
+
+
+CHAT = [
+    {"role": "system", "content": "You answer in   two languages."},
+    {"role": "user", "content": "What is 12 * 34? 你好 😀"},
+    {"role": "assistant", "content": "408.\n\n答案是 408 ✓"},
+]
+# what each student chat marker becomes for each teacher (docs/teachers.md, "Another tokenizer"): the teacher's
+# special token of the same content, else of the same role (SmolLM2 calls <|im_start|> its BOS and <|im_end|> its
+# EOS; Qwen3's <|im_end|> is its EOS, its <|im_start|> has no role), else nothing
+MARKERS = {
+    ("smollm2", "qwen3"): {"<|im_start|>": "<|im_start|>", "<|im_end|>": "<|im_end|>"},
+    ("smollm2", "llama3.1"): {"<|im_start|>": "<|begin_of_text|>", "<|im_end|>": "<|eot_id|>"},
+    ("qwen3", "smollm2"): {"<|im_start|>": "<|im_start|>", "<|im_end|>": "<|im_end|>"},
+    ("qwen3", "llama3.1"): {"<|im_start|>": None, "<|im_end|>": "<|eot_id|>"},
+}
+
+
+@pytest.mark.parametrize("pair", list(MARKERS), ids="->".join)
+def test_a_real_chat_template_reaches_the_teacher_with_its_markers_mapped_or_dropped(real, shared_of, pair):
+    """A system/user/assistant chat rendered with the student's real chat template (assistant turns the targets, as
+    the `messages` format makes them) reaches the teacher as the teacher's tokens of each stretch of text between
+    markers, each marker replaced by its counterpart (MARKERS) or left out; a teacher that puts a BOS before every
+    text (Llama 3) gets one unless the chat starts with a marker that maps to it. Each mapped marker aligns one to one
+    with its counterpart, and the teacher's probability of the counterpart is credited to the student's marker."""
+    import re
+
+    from hf_kd.data import _encode_messages
+
+    student, teacher = real[pair[0]], real[pair[1]]
+    shared = shared_of(*pair)
+    markers = MARKERS[pair]
+    example = _encode_messages(CHAT, student, completion_only=True, chat_template=None)
+    ids, labels = example["input_ids"], example["labels"]
+    text = student.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nYou answer in   two languages.<|im_end|>\n<|im_start|>user\n")
+    assert student.convert_tokens_to_ids(list(markers)) == [i for i in ids if i in student.all_special_ids][:2]
+
+    expected = [] if pair[1] != "llama3.1" or markers["<|im_start|>"] == "<|begin_of_text|>" else [teacher.bos_token_id]
+    for piece in re.split(r"(<\|im_start\|>|<\|im_end\|>)", text):  # the reference: marker by marker
+        if piece in markers:
+            expected += [teacher.convert_tokens_to_ids(markers[piece])] if markers[piece] is not None else []
+        elif piece:
+            expected += teacher(piece, add_special_tokens=False)["input_ids"]
+    alignment = align_batch(
+        torch.tensor([ids]), None, torch.tensor([labels[1:]]), student, teacher, shared
+    )  # labels[i] is the target predicted at position i
+    assert alignment.teacher_inputs["input_ids"][0].tolist() == expected
+
+    teacher_ids = alignment.teacher_inputs["input_ids"][0]
+    paired = {  # the special tokens among the one-to-one targets: (student's, teacher's)
+        (ids[s + 1], int(teacher_ids[t + 1]))
+        for s, t in alignment.pairs.T.tolist()
+        if ids[s + 1] in student.all_special_ids
+    }
+    im_end = student.convert_tokens_to_ids("<|im_end|>")  # the assistant turn's end: the only marker that is a target
+    assert paired == {(im_end, teacher.convert_tokens_to_ids(markers["<|im_end|>"]))}
+    for marker, counterpart in markers.items():
+        if counterpart is not None:
+            credited = int(shared.projection[teacher.convert_tokens_to_ids(counterpart)])
+            assert credited == student.convert_tokens_to_ids(marker)
 
 
 def test_cross_tokenizer_training_on_multilingual_data_through_the_cli(tmp_path, real, capsys):

@@ -12,11 +12,11 @@ tokenizes that text, and each side's token boundaries (character offsets of wher
   student tokens read since that token began (``Alignment.inner``). What the loss makes of each is in
   :mod:`hf_kd.teachers.cross_tokenizer.loss`; what each token spells, in :mod:`hf_kd.teachers.cross_tokenizer.vocabulary`.
 
-Special tokens are never text: the student's EOS (BOS, PAD, UNK) becomes the teacher's token of the same role, a
-special token whose content the teacher also has maps to it, and any other one (a chat-template marker the teacher
-does not know) is left out of the teacher's input and aligns with nothing. Prompt masking carries over: a group is used
-only if every student token in it is a target (``labels != -100``), so a teacher position counts only if its
-characters are in the student's targets. Tokens whose character span cannot be placed (a byte-level token that ends
+Special tokens are never text: one whose content the teacher also has as a special token maps to it, else the
+student's EOS (BOS, PAD, UNK) becomes the teacher's token of the same role, and any other one (a chat-template marker
+the teacher does not know) is left out of the teacher's input and aligns with nothing
+(``SharedVocabulary.special_map``). Prompt masking carries over: a group is used only if every student token in it is
+a target (``labels != -100``), so a teacher position counts only if its characters are in the student's targets. Tokens whose character span cannot be placed (a byte-level token that ends
 inside a multi-byte character) have no boundary of their own and join the next token's group.
 """
 

@@ -141,10 +141,7 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
         if partner is not None and partner not in taken:
             pairs.append((token_id, partner))
             taken.add(partner)
-    special_map = {}
-    for token_id, string in student.items():
-        if isinstance(string, tuple):
-            special_map[token_id] = by_string.get(string)
+    special_map = _special_map(student_tokenizer, teacher_tokenizer, student, by_string)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return SharedVocabulary(
         ids[:, 0].contiguous(),
@@ -153,10 +150,31 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> SharedVocabulary:
         student,
         len(student),
         len(teacher),
-        _segmentation(student, teacher, student_tokenizer),
+        _segmentation(student, teacher, student_tokenizer, special_map),
         extensions(student),
         extensions(teacher),
     )
+
+
+def _special_map(
+    student_tokenizer, teacher_tokenizer, student: dict[int, object], by_string: dict
+) -> dict[int, int | None]:
+    """Each student special token -> the teacher's special token of the same content (SmolLM2's ``<|im_start|>`` is
+    Qwen3's, though SmolLM2 calls it BOS and Qwen3 has no BOS), else of the same role (Qwen's EOS ``<|im_end|>`` is
+    Llama 3's ``<|eot_id|>``), else None (the teacher has no counterpart). ``by_string``: the teacher's
+    :func:`token_strings` inverted, where a role token is keyed by its role only."""
+    teacher_specials = set(teacher_tokenizer.all_special_ids) | {
+        token_id for token_id, added in getattr(teacher_tokenizer, "added_tokens_decoder", {}).items() if added.special
+    }
+    teacher_specials |= {getattr(teacher_tokenizer, f"{role}_id", None) for role in ROLES} - {None}
+    by_content: dict[str, int] = {}
+    for token_id in sorted(teacher_specials):
+        by_content.setdefault(teacher_tokenizer.convert_ids_to_tokens(token_id), token_id)
+    return {
+        token_id: by_content.get(student_tokenizer.convert_ids_to_tokens(token_id), by_string.get(string))
+        for token_id, string in student.items()
+        if isinstance(string, tuple)
+    }
 
 
 @dataclass(frozen=True)
@@ -189,20 +207,27 @@ def extensions(strings: dict[int, object]) -> Extensions:
     return Extensions(torch.tensor(order, dtype=torch.long), lo, hi)
 
 
-def _segmentation(student: dict[int, object], teacher: dict[int, object], student_tokenizer) -> torch.Tensor:
+def _segmentation(
+    student: dict[int, object], teacher: dict[int, object], student_tokenizer, special_map: dict[int, int | None]
+) -> torch.Tensor:
     """``[teacher ids, DEPTH + 1]``: each teacher token's text spelled with student tokens, longest first (a special
-    token: the student's of the same role or content), -1 past its end or where nothing matches. Column 0 is the
+    token: the student's that ``special_map`` maps to it, else the student's of the same role or content), -1 past
+    its end or where nothing matches. Column 0 is the
     student token the text starts with: a teacher token that spells several (" the cat") credits its probability to
     the first (" the"), the event the student's next token is about -- "the text goes on with this token"; the next
     columns say what it spells after that, for targets inside a teacher token."""
     by_string: dict[object, int] = {}
     for token_id in _preferred_order(student_tokenizer):
         by_string.setdefault(student[token_id], token_id)
+    counterpart: dict[int, int] = {}  # teacher special id -> the first student special id mapped to it
+    for student_id in sorted(special_map):
+        if special_map[student_id] is not None:
+            counterpart.setdefault(special_map[student_id], student_id)
     longest = max((len(k) for k in by_string if not isinstance(k, tuple)), default=0)
     table = torch.full((max(teacher, default=-1) + 1, DEPTH + 1), -1, dtype=torch.long)
     for token_id, string in teacher.items():
         if isinstance(string, tuple):  # a special token: only its counterpart
-            table[token_id, 0] = by_string.get(string, -1)
+            table[token_id, 0] = counterpart.get(token_id, by_string.get(string, -1))
             continue
         rest = string
         for column in range(DEPTH + 1):
