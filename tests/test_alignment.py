@@ -226,3 +226,108 @@ def test_cross_tokenizer_training_on_multilingual_data_through_the_cli(tmp_path,
     assert main(["train", str(path)]) == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "out" / COMPLETE_MARKER).read_text())["metrics"]
     assert 0 < metrics["train"]["train_aligned_fraction"] < 1
+
+
+# ---- a teacher whose real vocabulary is the student's, permuted ------------------------------------------------------
+
+
+def permuted_tokenizer(source: str, path, seed: int) -> tuple[str, list[int]]:
+    """The tokenizer in ``source`` with every id moved by one random bijection (text tokens, added and special tokens
+    alike; merges are by string and stay), saved to ``path``; returns the directory and ``new_id_of[old_id]``."""
+    import shutil
+    from pathlib import Path
+
+    source, path = Path(source), Path(path)
+    spec = json.loads((source / "tokenizer.json").read_text())
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    size = max([*spec["model"]["vocab"].values(), *(t["id"] for t in spec["added_tokens"])]) + 1
+    new_id_of = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    spec["model"]["vocab"] = {piece: new_id_of[i] for piece, i in spec["model"]["vocab"].items()}
+    for token in spec["added_tokens"]:  # into the model's vocabulary too: else loading renumbers them from its end
+        token["id"] = new_id_of[token["id"]]
+        spec["model"]["vocab"][token["content"]] = token["id"]
+    assert "special_tokens" not in json.dumps(spec["post_processor"]) or not spec["post_processor"].get(
+        "special_tokens"
+    )
+    config["added_tokens_decoder"] = {
+        str(new_id_of[int(i)]): t for i, t in config.get("added_tokens_decoder", {}).items()
+    }
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # tokenizer.json as it is (Qwen2Tokenizer rebuilds its ids)
+    path.mkdir(parents=True)
+    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    for extra in ("chat_template.jinja",):
+        if (source / extra).exists():
+            shutil.copy(source / extra, path / extra)
+    return str(path), new_id_of
+
+
+# every token of these ends on a character boundary in Qwen3's tokenization (asserted below): CJK, emoji, code,
+# numbers, whitespace runs, an EOS
+PERMUTED_TEXTS = [
+    "Hello 你好 world, 数据 and more 😀 ok<|im_end|>",
+    "def f(x):\n    return x**2  # 你好\n\n\tprint(1234567 + 3.14159)",
+    "café naïve Привет, мир. مرحبا    end",
+]
+
+
+def test_a_teacher_with_a_permuted_real_vocabulary_gives_the_same_tokenizer_loss(tmp_path, real):
+    """Qwen3's real tokenizer (151k tokens) and a copy with every id permuted, loaded back through from_pretrained; a
+    tiny teacher on the copy has its embedding and head rows permuted to match, so it is the same function of text.
+    The cross-tokenizer loss (exact term only, the default weights 1 and 0: ULD compares sorted distributions
+    wherever a group is merged, and here none is) equals the same-tokenizer loss with the unpermuted teacher: loss,
+    logged components and every student gradient, in float64."""
+    from conftest import load_model
+    from test_cross_tokenizer import permuted_teacher
+    from test_trainer import make_args
+
+    from hf_kd import DistillationCollator, DistillationTrainer
+    from hf_kd.teachers.cross_tokenizer.alignment import _ends_from_offsets
+
+    student_tok = real["qwen3"]
+    perm_dir, new_id_of = permuted_tokenizer(real_tokenizer_dir("qwen3"), tmp_path / "perm", seed=5)
+    perm_tok = AutoTokenizer.from_pretrained(perm_dir)
+    rows = []
+    for text in PERMUTED_TEXTS:
+        encoded = student_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert None not in _ends_from_offsets(encoded["offset_mapping"]), text  # no token ends inside a character
+        permuted_ids = perm_tok(text, add_special_tokens=False)["input_ids"]
+        assert permuted_ids == [new_id_of[i] for i in encoded["input_ids"]]  # the same tokenizer, ids moved
+        rows.append(encoded["input_ids"])
+    assert student_tok.eos_token_id in rows[0]
+    batch = DistillationCollator(pad_token_id=student_tok.pad_token_id)(
+        [{"input_ids": r, "labels": [-100] * 3 + r[3:]} for r in rows]  # a short prompt, masked
+    )
+    save_tiny_llama(tmp_path / "teacher", len(student_tok), seed=1, hidden=16, layers=1)
+    save_tiny_llama(tmp_path / "student", len(student_tok), seed=2, hidden=16, layers=1)
+    teacher = load_model(tmp_path / "teacher").double()
+    permuted = permuted_teacher(teacher, new_id_of).double()
+    results = []
+    for teacher_model, teacher_tok in ((teacher, None), (permuted, perm_dir)):
+        student = load_model(tmp_path / "student").double()
+        args = make_args(
+            tmp_path,
+            loss_type={"forward_kl": 0.5, "jsd": 0.5},
+            temperature=2.0,
+            alpha=0.6,
+            loss_chunk_size=16,  # the fused path, 16 rows a chunk (tests/test_cross_tokenizer.py: fused == full)
+            teacher_tokenizer_name_or_path=teacher_tok,
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher_model, args=args, processing_class=student_tok
+        )
+        assert (type(trainer.teacher).__name__ == "CrossTokenizerTeacher") == (teacher_tok is not None)
+        student.train()
+        targets = (batch["labels"][:, 1:] != -100).sum()
+        loss = trainer.compute_loss(student, dict(batch), num_items_in_batch=targets)
+        loss.backward()
+        terms = dict(trainer.accounting._window)
+        results.append((loss.detach(), terms, [p.grad.clone() for p in student.parameters()]))
+    (loss_a, terms_a, grads_a), (loss_b, terms_b, grads_b) = results
+    assert loss_a.dtype == torch.float64
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-10, atol=1e-12)
+    for name in ("distill_loss", "ce_loss"):
+        torch.testing.assert_close(terms_b[name], terms_a[name], rtol=1e-10, atol=1e-12)
+    assert float(terms_b["aligned_fraction"]) == pytest.approx(1.0)  # every target aligned one to one
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
