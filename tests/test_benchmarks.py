@@ -1,6 +1,8 @@
-"""benchmarks/peers.py, quality.py and onpolicy_speed.py: the arithmetic behind their tables, and small end-to-end runs.
+"""benchmarks/peers.py, quality.py, onpolicy_speed.py and generation_speed.py: the arithmetic behind their tables, and
+small end-to-end runs.
 
-Only the loss check against TRL needs TRL (the ``bench`` extra); everything else runs without it.
+Only the loss check against TRL needs TRL (the ``bench`` extra); everything else runs without it. generation_speed.py
+measures in the vLLM environment only: here its table is checked on made-up cells, and its refusal without vLLM.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +33,7 @@ def _load(name: str):
 peers = _load("peers")
 quality = _load("quality")
 onpolicy_speed = _load("onpolicy_speed")
+generation_speed = _load("generation_speed")
 
 
 @pytest.fixture(autouse=True)
@@ -196,3 +200,31 @@ def test_onpolicy_speed_quick_runs_and_its_table_is_consistent(tmp_path):
     assert len(rows) == 2 + 1 + 2 + 2  # (a, b): header, rule, one student; (c): header, rule, teacher and student
     ratio = cell["on-policy"]["step_s"] / cell["off-policy"]["step_s"]
     assert "| on / off (CPU) |" in rows[0] and rows[2].split("|")[4].strip().startswith(f"{ratio:.2f}x")
+
+
+def test_generation_speed_table_ratios_from_synthetic_cells():
+    def cell(s, cpu_s, tokens):
+        return {"s": s, "cpu_s": cpu_s, "tok_s": tokens / s, "cpu_tok_s": tokens / cpu_s, "best_tok_s": tokens / s}
+
+    step = {"step_s": 4.0, "step_cpu_s": 5.0, "generation_share": 0.5}
+    results = {
+        **{"machine": "m", "threads": 2, "vllm": "0", "torch": "0", "new_tokens": 8, "step_tokens": 4, "steps": 2},
+        **{"repeats": 1, "step_repeats": 1},
+        "throughput": {
+            **{"start_s": 10.0, "start_cpu_s": 9.0, "push_s": 0.5, "push_cpu_s": 0.4, "threads_after_start": 2},
+            "batches": {"2": {"agree": 0.75, "generate": cell(2.0, 4.0, 16), "vllm": cell(0.5, 2.0, 16)}},
+        },
+        "onpolicy": {"generate": step, "vllm": {**step, "step_s": 3.0, "step_cpu_s": 2.5, "push_s": 0.25}},
+    }
+    rows = [line for line in generation_speed.markdown(results, "cmd").splitlines() if line.startswith("|")]
+    assert len(rows) == 3 + 4 and len({row.count("|") for row in rows[:3]}) == 1
+    assert rows[2] == "| 2 | 8 (4) | 32 (8) | 4.00x (2.00x) | 4.00x | 75% |"  # tokens/s: 16 / 2.0 wall, 16 / 4.0 CPU
+    assert rows[5] == "| generate | 4.00 (5.00) | 50% | - | 1.00x (1.00x) |"
+    assert rows[6] == "| vllm | 3.00 (2.50) | 50% | 0.25 | 0.75x (0.50x) |"
+
+
+def test_generation_speed_without_vllm_refuses_in_one_line():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the benchmark would run")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "generation_speed.py")], capture_output=True, text=True)
+    assert done.returncode == 1 and "make vllm" in done.stderr and len(done.stderr.strip().splitlines()) == 1
