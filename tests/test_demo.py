@@ -1,4 +1,4 @@
-"""`hf-kd demo --fast`: runs offline, reports every objective, and its numbers are reproducible from what it saves;
+"""`hf-kd demo --synthetic --fast`: runs offline, reports every objective, and its numbers are reproducible from what it saves;
 the sample-quality score against hand-computed values."""
 
 import json
@@ -26,7 +26,7 @@ from hf_kd.cli.demo import (
 
 def test_fast_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--fast", "--output_dir", str(out)]) == 0
+    assert main(["demo", "--synthetic", "--fast", "--output_dir", str(out)]) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
 

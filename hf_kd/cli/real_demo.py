@@ -36,17 +36,17 @@ PROMPTS = (
 
 @dataclass(frozen=True)
 class RealSettings:
-    depth: int = 15  # decoder layers the student keeps
+    kept_fraction: float = 0.5  # of the teacher's decoder layers the student keeps (15 of SmolLM2's 30)
     importance_windows: int = 8  # training windows the layers' importance is measured on
     steps: int = 40
     batch_size: int = 4
     learning_rate: float = 2e-4
     prompt_tokens: int = 32
     completion_tokens: int = 32
-    eval_windows: int = 48  # held-out windows in the table (and as many for choosing the best student)
-    curve_windows: int = 12  # held-out windows scored during training, for the picture
+    eval_windows: int = 32  # held-out windows in the table
+    curve_windows: int = 12  # validation windows scored during training: the picture, and the best student
     curve_points: int = 4
-    answer_tokens: int = 32
+    answer_tokens: int = 24
     warmup_fraction: float = 0.5  # of the on-policy run's steps trained off-policy first
 
 
@@ -110,7 +110,7 @@ def _run(teacher_dir: str, output_dir: str, s: RealSettings, seed: int) -> dict:
         data[name] = tokenize_dataset(load_raw_dataset(path), tokenizer, spec, desc=f"Tokenizing {name}")
     windows = DistillationCollator()([data["train"][i] for i in range(s.importance_windows)])
     importance = drop_one_divergence(teacher, windows["input_ids"], windows["attention_mask"])
-    keep = most_important(importance, min(s.depth, len(importance)))
+    keep = most_important(importance, max(1, round(s.kept_fraction * len(importance))))
     pruned = prune_layers(teacher, keep)
     print(
         f"teacher: {teacher_dir} ({len(importance)} layers, {_millions(teacher)}M parameters); student: layers {keep} of it "
@@ -123,6 +123,7 @@ def _run(teacher_dir: str, output_dir: str, s: RealSettings, seed: int) -> dict:
     answers = {"teacher": _answers(teacher, tokenizer, s), "pruned student (before)": _answers(pruned, tokenizer, s)}
     curves, valid_kl, students = {}, {}, {}
     curve_set = data["valid"].select(range(min(s.curve_windows, len(data["valid"]))))
+    start_kl = held_out_metrics(pruned, curve_set, teacher)["kl"]  # where every curve starts
     for name, settings in OBJECTIVES.items():
         student = prune_layers(teacher, keep)  # the same init for every student
         extra = dict(settings)
@@ -147,8 +148,8 @@ def _run(teacher_dir: str, output_dir: str, s: RealSettings, seed: int) -> dict:
             callbacks=[curve],
         )
         seconds = time.time() - clock
-        curves[name] = [(0, rows[1]["kl"])] + curve.points if curve.points else []
-        valid_kl[name] = held_out_metrics(student, data["valid"], teacher)["kl"]
+        curves[name] = [(0, start_kl)] + curve.points
+        valid_kl[name] = curve.points[-1][1]  # the last step's validation KL
         rows.append({**_row(f"student: {name}", student, data["test"], teacher), "seconds": round(seconds, 1)})
         answers[name] = _answers(student, tokenizer, s)
         students[name] = student
@@ -174,6 +175,8 @@ def _run(teacher_dir: str, output_dir: str, s: RealSettings, seed: int) -> dict:
     }
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(format_markdown(results))
     print(f"demo finished in {results['seconds']:.0f} s; results in {os.path.join(output_dir, 'results.json')}")
     return results
 
@@ -257,6 +260,39 @@ def format_rows(rows: list[dict]) -> str:
             f"{row['model']:<40} {row['params_m']:>6}M {row['nll']:>6.3f} {row['kl']:>13.3f} "
             f"{100 * row['top1']:>10.1f}% {seconds:>8}"
         )
+    return "\n".join(lines)
+
+
+def format_markdown(results: dict) -> str:
+    """``results.md``: the table and the answers, for the docs."""
+    import platform
+
+    s = results["settings"]
+    lines = [
+        "# hf-kd demo: SmolLM2-135M-Instruct into a student pruned from it",
+        "",
+        f"{s['steps']} steps x batch {s['batch_size']} x {s['prompt_tokens']}+{s['completion_tokens']} tokens of the "
+        f"Python reference topics, AdamW lr {s['learning_rate']}, cosine; layers kept: {results['kept_layers']}; "
+        f"{results['seconds']:.0f} s in all on {platform.machine()} ({os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads). Held-out: {s['eval_windows']} windows of topics never trained on.",
+        "",
+        "| model | parameters | NLL | KL(teacher ‖ model) | top-1 agreement | training s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        seconds = f"{row['seconds']:.0f}" if "seconds" in row else ""
+        lines.append(
+            f"| {row['model']} | {row['params_m']}M | {row['nll']:.3f} | {row['kl']:.3f} | {row['top1']:.3f} | "
+            f"{seconds} |"
+        )
+    lines += ["", "## Answers (greedy, through the chat template)", ""]
+    for index, prompt in enumerate(PROMPTS):
+        lines += [f"**{prompt}**", ""]
+        lines += [
+            f"* {name}: {json.dumps(replies[index], ensure_ascii=False)}"
+            for name, replies in results["answers"].items()
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
