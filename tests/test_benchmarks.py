@@ -105,13 +105,19 @@ def test_peak_memory_sees_an_allocation_made_after_start():
             pass
     except OSError:
         pytest.skip("no writable /proc/self/clear_refs: the CPU peak cannot be reset here")
-    memory = peers.PeakMemory("cpu")
-    memory.start()
-    block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched
-    # half of it at least: the resident set also holds file pages (mapped weights, tokenizers) that a busy machine's
-    # kernel may drop meanwhile, which lowers the high-water mark it reports (seen in full runs on a shared machine)
-    assert memory.peak() >= 64 * 2**20
-    del block
+    # The resident set also holds file pages (mapped weights, tokenizers) that a busy machine's kernel may drop while
+    # the block is allocated, lowering the high-water mark by as much (seen: a full run beside other jobs measured 0).
+    # Three fresh tries: a PeakMemory that missed allocations made after start would miss them all three times.
+    seen = []
+    for _ in range(3):
+        memory = peers.PeakMemory("cpu")
+        memory.start()
+        block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched
+        seen.append(memory.peak())
+        del block
+        if seen[-1] >= 64 * 2**20:
+            break
+    assert max(seen) >= 64 * 2**20, seen
 
 
 def test_kd_cells_run_and_agree_on_the_first_batch_loss():
