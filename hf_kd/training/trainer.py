@@ -267,6 +267,13 @@ class DistillationTrainer(Trainer):
         student, teacher = self._student_signal(student_outputs), self._teacher_signal(teacher_outputs)
         return with_heads_gathered(compute, student, teacher, self.model, self.teacher.model)
 
+    def _metric_sums(self, metric, student_outputs, teacher_outputs, targets, **kwargs):
+        """``metric(student_signal, teacher_signal, targets, ...)`` (teacher agreement, on-policy health), chunked as
+        the loss is and with any sharded head gathered."""
+        chunk, vocab = self.args.loss_chunk_size or None, self.vocab_size
+        compute = lambda s, t: metric(s, t, targets, chunk_size=chunk, vocab_size=vocab, **kwargs)  # noqa: E731
+        return self._with_heads(compute, student_outputs, teacher_outputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             inputs = without_eval_repeats(self.accelerator, inputs)
@@ -288,30 +295,12 @@ class DistillationTrainer(Trainer):
         if model.training:
             self.accounting.record_train(terms, None if num_items_in_batch is not None else batch.count)
             if batch.written_by == "student":  # on-policy health, from the rows the loss read
-                health = self._with_heads(
-                    lambda student, teacher: sample_health(
-                        student,
-                        teacher,
-                        batch.targets,
-                        chunk_size=self.args.loss_chunk_size or None,
-                        vocab_size=self.vocab_size,
-                    ),
-                    student_outputs,
-                    teacher_outputs,
-                )
+                health = self._metric_sums(sample_health, student_outputs, teacher_outputs, batch.targets)
                 self.accounting.record_health(health)
         else:
-            sums = self._with_heads(
-                lambda student, teacher: agreement(
-                    student,
-                    teacher,
-                    batch.targets,
-                    chunk_size=self.args.loss_chunk_size or None,
-                    vocab_size=self.vocab_size,
-                    calibration=not self.task_spec.language_model,
-                ),
-                student_outputs,
-                teacher_outputs,
+            calibration = not self.task_spec.language_model
+            sums = self._metric_sums(
+                agreement, student_outputs, teacher_outputs, batch.targets, calibration=calibration
             )
             self.accounting.record_eval(terms, batch.count, sums)
         if not return_outputs:
