@@ -189,8 +189,8 @@ class DistillationConfig(TrainingArguments):
     lmbda_ramp_steps: int = field(
         default=0,
         metadata={
-            "help": "After lmbda_warmup_steps, the on-policy probability rises linearly from 0 to lmbda over this "
-            "many optimizer steps (0: lmbda at once). "
+            "help": "After lmbda_warmup_steps, the on-policy probability rises linearly to lmbda over this many "
+            "optimizer steps: lmbda * (r + 1) / lmbda_ramp_steps at ramp step r (0: lmbda at once). "
         },
     )
     seq_kd: bool = field(
@@ -296,6 +296,10 @@ class DistillationConfig(TrainingArguments):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            if value and self.lmbda == 0:
+                raise ValueError(
+                    f"{name}={value} schedules on-policy batches, but lmbda is 0: set lmbda > 0 or drop it"
+                )
         if self.teacher_cache is not None and self.generates:
             raise ValueError(
                 f"lmbda: a teacher cache cannot score new samples (lmbda={self.lmbda:g}, seq_kd="

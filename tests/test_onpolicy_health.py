@@ -121,3 +121,9 @@ def test_logged_health_is_the_students_entropy_and_teacher_mass_on_its_own_sampl
     lengths = keep.sum(-1)
     assert logged["completion_truncated_fraction"] == pytest.approx((lengths == 6).float().mean().item())
     assert 0 <= logged["completion_repeated_4gram_fraction"] <= 1
+
+
+def test_a_schedule_without_on_policy_batches_is_refused(tmp_path):
+    for name in ("lmbda_warmup_steps", "lmbda_ramp_steps"):
+        with pytest.raises(ValueError, match=f"{name}=5 schedules on-policy batches, but lmbda is 0"):
+            make_args(tmp_path, **{name: 5})

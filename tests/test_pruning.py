@@ -75,3 +75,10 @@ def test_drop_one_divergence_is_the_kl_to_each_copy_without_one_layer(tmp_path):
     assert len(set(scores)) == 4 and len(decoder_layers(model)) == 4 and model.config.num_hidden_layers == 4
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())  # restored as it was
     assert most_important(scores, 2) == sorted(sorted(range(4), key=lambda i: scores[i])[2:])
+
+
+def test_drop_one_divergence_restores_the_mode_when_a_forward_fails(tmp_path):
+    model = load_model(save_tiny_llama(tmp_path / "m", vocab_size=40, seed=1, layers=2)).train()
+    with pytest.raises(IndexError):
+        drop_one_divergence(model, torch.tensor([[1, 99]]))  # an id past the vocabulary: the first forward fails
+    assert model.training and len(decoder_layers(model)) == 2

@@ -241,3 +241,31 @@ def test_on_policy_completions_keep_each_examples_teacher(tmp_path, tiny_dir, te
     batch = trainer.prepare_batch(DistillationCollator()(rows), 0)
     assert batch["teacher_id"].tolist() == [1, 0, 1, 1]
     assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["weights", "routed"])
+def test_every_per_teacher_key_is_logged_for_a_micro_batch_without_targets(routed):
+    """Every process's logs must hold the same keys (they are all-reduced as one vector): a micro-batch whose targets
+    are all masked runs no chunk, and still returns each teacher's keys, as 0 (the dense path too)."""
+    from hf_kd.models.heads import LMHeadSpec
+    from hf_kd.objective.losses import Objective
+    from hf_kd.objective.signals import StudentHidden, TeacherHidden
+    from hf_kd.teachers.mixing import TeacherMixture
+
+    torch.manual_seed(0)
+    heads = [LMHeadSpec(torch.randn(12, 6), None, None, None) for _ in range(3)]
+    hidden = [torch.randn(2, 5, 6) for _ in range(3)]
+    mixture = TeacherMixture(
+        signals=(TeacherHidden(hidden[1], heads[1]), TeacherHidden(hidden[2], heads[2])),
+        weights=(0.0, 0.0) if routed else (0.5, 0.5),
+        names=("a", "b"),
+        route=torch.tensor([0, 1]) if routed else None,
+    )
+    labels = torch.full((2, 5), -100)
+    expected = {"teacher/a/divergence", "teacher/b/divergence"}
+    expected |= {"teacher/a/token_share", "teacher/b/token_share"} if routed else set()
+    objective = Objective(loss_type="forward_kl", alpha=1.0, temperature=1.0)
+    fused = mixture.terms(StudentHidden(hidden[0], heads[0]), labels, objective, chunk_size=4)
+    dense = mixture.terms(hidden[0] @ heads[0].weight.T, labels, objective)
+    assert expected <= fused.keys() and fused.keys() == dense.keys()
+    assert all(float(fused[key]) == 0 for key in expected)

@@ -60,11 +60,15 @@ def as_head_forward(model: nn.Module, hidden: torch.Tensor, fn: Callable[[torch.
     def forward(rows):
         return fn(rows, lm_head_spec(model)[0])
 
+    previous = head.__dict__.get("forward")  # a forward set on the object (Accelerate's device hooks, a patch)
     head.forward = forward  # an instance attribute: nn.Module.__call__ runs the hooks, then this
     try:
         return head(hidden)
     finally:
-        del head.forward  # the class's forward again
+        if previous is None:
+            del head.forward  # the class's forward again
+        else:
+            head.forward = previous
 
 
 def fsdp_unit(model: nn.Module, module: nn.Module) -> nn.Module:

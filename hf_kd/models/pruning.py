@@ -73,8 +73,9 @@ def drop_one_divergence(model: nn.Module, input_ids: torch.Tensor, attention_mas
 
     was_training = model.training
     model.eval()
-    full, scores = log_probs(), []
+    scores = []
     try:
+        full = log_probs()
         for skipped in range(len(layers)):
             owner.layers = nn.ModuleList(layer for i, layer in enumerate(layers) if i != skipped)
             config.num_hidden_layers = len(layers) - 1

@@ -14,7 +14,7 @@ import torch
 from hf_kd.objective.losses import per_position_divergence, target_rows
 
 CALIBRATION_BINS = 15  # the usual equal-width ECE binning (Guo et al., 2017)
-HEALTH_TOP_K = 8  # the student's top-8 ids per position: where its samples come from at temperature 1
+HEALTH_TOP_K = 8  # the student's top-8 ids per position (at T = 1; its samples are drawn at generation_temperature)
 
 
 @torch.no_grad()

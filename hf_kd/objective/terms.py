@@ -163,7 +163,8 @@ def sample_health(
 ) -> dict[str, torch.Tensor]:
     """The on-policy health sums of :func:`hf_kd.objective.metrics.health_sums` over the target positions of a batch
     the student wrote, ``chunk_size`` rows at a time (one more head matmul per chunk and side, no forward). Against a
-    teacher without full rows of the student's vocabulary (top-k, another tokenizer) only the student's entropy."""
+    teacher without one full row of the student's vocabulary per position (top-k, another tokenizer, several teachers)
+    only the student's entropy."""
     dense = not (isinstance(teacher, TeacherTopK) or hasattr(teacher, "terms"))
     student_rows = student.hidden if isinstance(student, StudentHidden) else student
     student_rows = student_rows.reshape(-1, student_rows.shape[-1])

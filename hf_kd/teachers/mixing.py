@@ -7,7 +7,8 @@
   ``mse`` compares raw logits, which a mixture does not have: refused.
 * **Routing**: ``route`` ``[B]`` names each example's teacher (a member index); every target position of the example
   is distilled from that member's own logits, so every divergence works (``mse`` too). Each row's teacher head runs
-  once (the fused path computes a member's logits for its own rows only).
+  once (the fused path computes a member's logits for its own rows only); every member's forward (or request to
+  its server) still runs on every example, so routing saves head matmuls, not teacher forwards.
 
 Per-teacher logs (``teacher/<name>/divergence``, and with routing ``teacher/<name>/token_share``), normalized like
 the loss and summed like any logged component (:mod:`hf_kd.training.accounting`):
@@ -104,7 +105,10 @@ class TeacherMixture:
                 return_components=True,
                 return_extras=True,
             )
-            return {**dict(zip(names, values)), **sums}
+            # a micro-batch without a target row runs no chunk and so no sum: every key all the same, for the logs
+            # of every process must hold the same keys (they are all-reduced as one vector)
+            zero = values[0].detach() * 0
+            return {**dict(zip(names, values)), **{key: zero for key in self.log_keys()}, **sums}
         members = [s.logits if isinstance(s, TeacherLogits) else full_logits(s.hidden, s.head) for s in self.signals]
         members = [z[..., :vocab_size].float() for z in members]
         if self.route is None:
@@ -121,6 +125,11 @@ class TeacherMixture:
         )
         sums = self._dense_sums(student[..., :vocab_size], teacher, members, labels, objective, num_items_in_batch)
         return {**dict(zip(names, values)), **sums}
+
+    def log_keys(self) -> list[str]:
+        """The per-teacher log keys of every batch: each member's divergence, and with routing its token share."""
+        keys = [divergence_key(name) for name in self.names]
+        return keys + ([share_key(name) for name in self.names] if self.route is not None else [])
 
     def _dense_sums(self, student, teacher, members, labels, objective, num_items_in_batch) -> dict:
         """The per-teacher logs on full logits (the module docstring)."""

@@ -101,11 +101,14 @@ def check_setup(trainer) -> None:
     check_targets(trainer)
     if args.generates:
         check_generation(trainer)
-    if trainer.objective.reads_targets() and args.lmbda < 1:
+    if trainer.objective.reads_targets() and (args.lmbda < 1 or args.lmbda_warmup_steps or args.lmbda_ramp_steps):
         logger.warning(
-            "loss_type reverse_kl_sampled with lmbda=%s: the estimate is unbiased on the student's own samples only; "
-            "the other batches' tokens are not samples of the student (set lmbda: 1)",
+            "loss_type reverse_kl_sampled with lmbda=%s, lmbda_warmup_steps=%s, lmbda_ramp_steps=%s: the estimate is "
+            "unbiased on the student's own samples only; the off-policy batches' tokens are not samples of the "
+            "student (set lmbda: 1 without a schedule)",
             args.lmbda,
+            args.lmbda_warmup_steps,
+            args.lmbda_ramp_steps,
         )
 
 

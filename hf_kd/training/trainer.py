@@ -295,7 +295,8 @@ class DistillationTrainer(Trainer):
         if model.training:
             self.accounting.record_train(terms, None if num_items_in_batch is not None else batch.count)
             if batch.written_by == "student":  # on-policy health, from the rows the loss read
-                health = self._metric_sums(sample_health, student_outputs, teacher_outputs, batch.targets)
+                with torch.no_grad():  # the heads gathered without a gradient, as the teacher's (no hooked forward)
+                    health = self._metric_sums(sample_health, student_outputs, teacher_outputs, batch.targets)
                 self.accounting.record_health(health)
         else:
             calibration = not self.task_spec.language_model
