@@ -234,3 +234,25 @@ def test_generation_speed_without_vllm_refuses_in_one_line():
         pytest.skip("vLLM is installed here: the benchmark would run")
     done = subprocess.run([sys.executable, str(BENCHMARKS / "generation_speed.py")], capture_output=True, text=True)
     assert done.returncode == 1 and "make vllm" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_real_cross_tokenizer_transplant_spells_each_qwen3_token_with_smollm2_rows():
+    """Each Qwen3 token's row is the mean of SmolLM2's rows for the tokens spelling it; specials by name, else the mean.
+    (The benchmark's --quick run takes over a minute on a CPU: too slow for the suite, so only the transplant is here.)"""
+    from assets import real_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    bench = _load("real_cross_tokenizer")
+    smol, qwen = (AutoTokenizer.from_pretrained(real_tokenizer_dir(name)) for name in ("smollm2", "qwen3"))
+    embedding = torch.randn(len(smol), 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows = bench.transplant_embeddings(embedding, smol, qwen)
+    assert rows.shape == (len(qwen), 4)
+    s_vocab, q_vocab = smol.get_vocab(), qwen.get_vocab()
+    torch.testing.assert_close(rows[q_vocab["Ġdef"]], embedding[s_vocab["Ġdef"]])  # one token in both
+    torch.testing.assert_close(rows[q_vocab["<|im_start|>"]], embedding[s_vocab["<|im_start|>"]])  # a special by name
+    torch.testing.assert_close(rows[q_vocab["<|vision_start|>"]], embedding.mean(0))  # a special SmolLM2 lacks
+    spelled = [t for t in q_vocab if t.startswith("Ġ") and t[1:].isascii() and t[1:].isalpha() and t not in s_vocab]
+    token = sorted(spelled)[0]  # a word SmolLM2 spells with several tokens
+    pieces = smol(qwen.convert_tokens_to_string([token]), add_special_tokens=False)["input_ids"]
+    assert len(pieces) > 1
+    torch.testing.assert_close(rows[q_vocab[token]], embedding[pieces].mean(0))
