@@ -148,3 +148,24 @@ def test_refusals():
     with pytest.raises(ValueError, match="splits the tail bucket at the sampled token"):
         labels = torch.zeros(N, dtype=torch.long)
         sparse_distillation_loss(student, ids, top, tail, labels, loss_type={"reverse_kl_sampled": 1, "jsd": 1})
+
+
+def test_an_out_of_range_sampled_id_is_the_one_line_error_on_the_dense_and_fused_paths():
+    """The estimator gathers at the label ids: an id past the vocabulary is refused by name, not an IndexError."""
+    from hf_kd.models.heads import LMHeadSpec
+    from hf_kd.objective.fused import fused_objective
+    from hf_kd.objective.losses import distillation_loss
+    from hf_kd.objective.signals import StudentHidden, TeacherLogits
+
+    torch.manual_seed(0)
+    hidden, weight, teacher = torch.randn(1, 3, 4), torch.randn(6, 4), torch.randn(1, 3, 6)
+    labels = torch.tensor([[1, 9, -100]])  # 9 >= V = 6
+    with pytest.raises(ValueError, match=r"labels: ids must be in \[0, 6\)"):
+        distillation_loss(hidden @ weight.T, teacher, labels, loss_type="reverse_kl_sampled")
+    with pytest.raises(ValueError, match=r"labels: ids must be in \[0, 6\)"):
+        fused_objective(
+            StudentHidden(hidden, LMHeadSpec(weight, None, None, None)),
+            TeacherLogits(teacher),
+            labels,
+            Objective(loss_type="reverse_kl_sampled"),
+        )

@@ -220,8 +220,8 @@ def fused_objective(
         student_logit_scale=student.head.logit_scale,
         dense_teacher=not isinstance(teacher, TeacherTopK),
     )
-    if plan.need_ce:
-        check_label_ids(flat_labels, vocab, objective.ignore_index)
+    if plan.need_ce or (plan.need_divergence and objective.reads_targets() and flat_labels is not None):
+        check_label_ids(flat_labels, vocab, objective.ignore_index)  # the sampled estimator gathers at them too
     # alpha = 0 and nothing logged: the teacher is never read (a hidden teacher's weight is not even cast)
     # a signal of its own kind (several teachers' mixture) brings its own source of chunk rows
     make_source = SOURCES.get(type(teacher)) or type(teacher).chunk_source

@@ -306,6 +306,8 @@ def distillation_loss(
     student, teacher = student.to(dtype), teacher.to(dtype)
 
     denominator = normalizer(count, num_items_in_batch, device=student.device, dtype=dtype)
+    if objective.reads_targets() and flat_labels is not None:  # the sampled estimator gathers at the label ids
+        check_label_ids(flat_labels, vocab, objective.ignore_index)
 
     with torch.set_grad_enabled(
         torch.is_grad_enabled() and objective.alpha > 0
