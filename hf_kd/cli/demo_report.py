@@ -59,14 +59,25 @@ def y_range(curves: dict, floor: float, teacher: float) -> tuple[float, float]:
     return bottom - 0.05 * span, top + 0.25 * span
 
 
-def plot(curves: dict, floor: float, teacher: float, path: str) -> str:
+NO_MATPLOTLIB = "plot: matplotlib is not installed, no PNG written (pip install matplotlib)"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files (the Agg backend, no display), or ``None`` without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "plot: matplotlib is not installed, no PNG written (pip install matplotlib)"
+        return None
+    return plt
+
+
+def plot(curves: dict, floor: float, teacher: float, path: str) -> str:
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, points in curves.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)

@@ -307,13 +307,11 @@ def format_answers(answers: dict[str, list[str]]) -> str:
 
 
 def plot_curves(curves: dict, path: str) -> str:
-    try:
-        import matplotlib
+    from hf_kd.cli.demo_report import NO_MATPLOTLIB, pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "plot: matplotlib is not installed, no PNG written (pip install matplotlib)"
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, points in curves.items():
         if points:

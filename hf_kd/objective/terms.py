@@ -129,25 +129,11 @@ def agreement(
 ) -> dict[str, torch.Tensor]:
     """The teacher-agreement sums of :func:`hf_kd.objective.metrics.agreement_sums` over the valid positions, built
     ``chunk_size`` rows at a time from hidden states (never ``[N, V]`` at once); ``{}`` for a top-k teacher."""
-    if isinstance(teacher, TeacherTopK) or hasattr(teacher, "terms"):
-        return {}  # top-k rows hold no full distribution; a signal of its own kind (another tokenizer's positions) has
-        # no rows that are the student's
-    student_rows = student.hidden if isinstance(student, StudentHidden) else student
-    teacher_rows = teacher.hidden if isinstance(teacher, TeacherHidden) else teacher.logits
-    student_rows = student_rows.reshape(-1, student_rows.shape[-1])
-    teacher_rows = teacher_rows.reshape(-1, teacher_rows.shape[-1])
-    flat, keep = target_rows(labels, ignore_index)
-    if keep is not None:
-        student_rows, teacher_rows = student_rows[keep], teacher_rows[keep]
-    count = student_rows.shape[0]
-    chunk = chunk_size or max(count, 1)
+    if not _has_full_rows(teacher):
+        return {}
     sums: dict[str, torch.Tensor] = {}
-    for start in range(0, max(count, 1), chunk):
-        rows = slice(start, start + chunk)
-        s_logits = _logits(student, student_rows[rows], vocab_size)
-        t_logits = _logits(teacher, teacher_rows[rows], vocab_size)
-        part = agreement_sums(s_logits, t_logits, None if flat is None else flat[rows], calibration=calibration)
-        add_sums(sums, part)
+    for s_logits, t_logits, flat in _chunks(student, teacher, labels, chunk_size, vocab_size, ignore_index):
+        add_sums(sums, agreement_sums(s_logits, t_logits, flat, calibration=calibration))
     return sums
 
 
@@ -165,25 +151,38 @@ def sample_health(
     the student wrote, ``chunk_size`` rows at a time (one more head matmul per chunk and side, no forward). Against a
     teacher without one full row of the student's vocabulary per position (top-k, another tokenizer, several teachers)
     only the student's entropy."""
-    dense = not (isinstance(teacher, TeacherTopK) or hasattr(teacher, "terms"))
+    teacher = teacher if _has_full_rows(teacher) else None
+    sums: dict[str, torch.Tensor] = {}
+    for s_logits, t_logits, _ in _chunks(student, teacher, labels, chunk_size, vocab_size, ignore_index):
+        add_sums(sums, health_sums(s_logits, t_logits))
+    return sums
+
+
+def _has_full_rows(teacher: TeacherSignal) -> bool:
+    """Whether the teacher signal holds one full row of the student's vocabulary per position: not top-k buckets,
+    not a signal of its own kind (another tokenizer's positions, several teachers)."""
+    return not (isinstance(teacher, TeacherTopK) or hasattr(teacher, "terms"))
+
+
+def _chunks(student, teacher, labels, chunk_size, vocab_size, ignore_index):
+    """``(student logits, teacher logits or None, labels or None)`` of the target rows, ``chunk_size`` at a time
+    (hidden states projected chunk by chunk: never ``[N, V]`` at once); one chunk, possibly empty, when none."""
     student_rows = student.hidden if isinstance(student, StudentHidden) else student
     student_rows = student_rows.reshape(-1, student_rows.shape[-1])
     teacher_rows = None
-    if dense:
+    if teacher is not None:
         teacher_rows = teacher.hidden if isinstance(teacher, TeacherHidden) else teacher.logits
         teacher_rows = teacher_rows.reshape(-1, teacher_rows.shape[-1])
-    _, keep = target_rows(labels, ignore_index)
+    flat, keep = target_rows(labels, ignore_index)
     if keep is not None:
         student_rows = student_rows[keep]
         teacher_rows = None if teacher_rows is None else teacher_rows[keep]
     count = student_rows.shape[0]
     chunk = chunk_size or max(count, 1)
-    sums: dict[str, torch.Tensor] = {}
     for start in range(0, max(count, 1), chunk):
         rows = slice(start, start + chunk)
         t_logits = None if teacher_rows is None else _logits(teacher, teacher_rows[rows], vocab_size)
-        add_sums(sums, health_sums(_logits(student, student_rows[rows], vocab_size), t_logits))
-    return sums
+        yield _logits(student, student_rows[rows], vocab_size), t_logits, None if flat is None else flat[rows]
 
 
 def _logits(signal, rows: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
