@@ -127,3 +127,20 @@ def test_a_schedule_without_on_policy_batches_is_refused(tmp_path):
     for name in ("lmbda_warmup_steps", "lmbda_ramp_steps"):
         with pytest.raises(ValueError, match=f"{name}=5 schedules on-policy batches, but lmbda is 0"):
             make_args(tmp_path, **{name: 5})
+
+
+@pytest.mark.parametrize(
+    "schedule, warned",
+    [({"lmbda": 1.0}, False), ({"lmbda": 0.5}, True), ({"lmbda": 1.0, "lmbda_warmup_steps": 2}, True)],
+    ids=["on-policy", "mixed", "warm-up"],
+)
+def test_the_sampled_estimator_warns_when_some_batches_are_not_the_students_samples(
+    tmp_path, tiny_dir, caplog, schedule, warned
+):
+    caplog.set_level("WARNING", logger="hf_kd.training.preflight")
+    DistillationTrainer(
+        model=load_model(tiny_dir["student"]),
+        teacher_model=load_model(tiny_dir["teacher"]),
+        args=make_args(tmp_path, loss_type="reverse_kl_sampled", **schedule),
+    )
+    assert any("unbiased on the student's own samples only" in r.message for r in caplog.records) == warned
